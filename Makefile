@@ -1,0 +1,54 @@
+# Two commands do all set-up on a fresh machine:  `make train`  and  `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-installed
+BUILT := $(VENV)/.fastlenet-built
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
+CLANG_FILES = $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh tests/cuda_sim/*.cpp tests/cuda_sim/*.h)
+TRAIN_ARGS ?=
+
+.PHONY: venv deps build train test lint format bench plot clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS): requirements.txt | $(PY)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+deps: $(DEPS)
+
+$(BUILT): $(DEPS) setup.py $(CSRC)
+	$(PY) -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3
+	touch $@
+
+build: $(BUILT)
+
+train: $(BUILT)
+	$(PY) -m fastlenet train $(TRAIN_ARGS)
+
+lint: $(DEPS)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CLANG_FILES)
+
+format: $(DEPS)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CLANG_FILES)
+
+test: $(BUILT) lint
+	$(PY) -m pytest tests
+
+bench: $(BUILT)
+	$(PY) -m pytest benchmarks
+	$(PY) benchmarks/report.py
+
+plot: $(DEPS)
+	$(PY) benchmarks/plot.py
+
+
+clean:
+	rm -rf build *.egg-info fastlenet/*.so $(BUILT)

@@ -1,0 +1,119 @@
+// Argument checks shared by every fastlenet kernel binding (the Python side has its own, in
+// fastlenet/_checks.py). Each TORCH_CHECK names the argument and what was expected.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace fastlenet {
+
+// Window positions are stored in one byte; this value means "no gradient flows".
+constexpr uint8_t kNoGrad = 255;
+
+// Geometry of conv2d -> ReLU -> max_pool2d on NCHW input.
+struct ConvPoolGeometry {
+  int64_t n, c, h, w;          // input
+  int64_t o, kh, kw;           // weight (O, C, KH, KW)
+  int64_t sh, sw, padh, padw;  // conv stride and padding
+  int64_t oh, ow;              // conv output
+  int64_t poolh, poolw, psh, psw;
+  int64_t ph, pw;  // pooled output
+};
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& input, const char* name) {
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), name, " has dtype ", t.scalar_type(),
+              " but input has dtype ", input.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), name, " is on ", t.device(), " but input is on ",
+              input.device());
+}
+
+inline ConvPoolGeometry conv_pool_geometry(const at::Tensor& input, const at::Tensor& weight,
+                                           at::IntArrayRef stride, at::IntArrayRef padding,
+                                           at::IntArrayRef pool_size, at::IntArrayRef pool_stride) {
+  TORCH_CHECK(input.dim() == 4, "input must be 4-D (N, C, H, W), got ", input.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 4, "weight must be 4-D (O, C, KH, KW), got ", weight.dim(), "-D");
+  check_float(input, "input");
+  check_like(weight, input, "weight");
+  TORCH_CHECK(
+      stride.size() == 2 && padding.size() == 2 && pool_size.size() == 2 && pool_stride.size() == 2,
+      "stride, padding, pool_size and pool_stride must each have 2 values");
+  ConvPoolGeometry g{};
+  g.n = input.size(0);
+  g.c = input.size(1);
+  g.h = input.size(2);
+  g.w = input.size(3);
+  g.o = weight.size(0);
+  g.kh = weight.size(2);
+  g.kw = weight.size(3);
+  TORCH_CHECK(weight.size(1) == g.c, "input has ", g.c, " channels but weight expects ",
+              weight.size(1));
+  TORCH_CHECK(g.o >= 1 && g.kh >= 1 && g.kw >= 1, "weight must have no zero-size dimension, got ",
+              weight.sizes());
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.padh = padding[0];
+  g.padw = padding[1];
+  g.poolh = pool_size[0];
+  g.poolw = pool_size[1];
+  g.psh = pool_stride[0];
+  g.psw = pool_stride[1];
+  TORCH_CHECK(g.sh >= 1 && g.sw >= 1, "stride must be >= 1, got ", stride);
+  TORCH_CHECK(g.padh >= 0 && g.padw >= 0, "padding must be >= 0, got ", padding);
+  TORCH_CHECK(g.poolh >= 1 && g.poolw >= 1, "pool_size must be >= 1, got ", pool_size);
+  TORCH_CHECK(g.poolh * g.poolw <= kNoGrad, "pool_size must have at most ", int(kNoGrad),
+              " positions, got ", pool_size);
+  TORCH_CHECK(g.psh >= 1 && g.psw >= 1, "pool_stride must be >= 1, got ", pool_stride);
+  g.oh = (g.h + 2 * g.padh - g.kh) / g.sh + 1;
+  g.ow = (g.w + 2 * g.padw - g.kw) / g.sw + 1;
+  TORCH_CHECK(g.h + 2 * g.padh >= g.kh && g.w + 2 * g.padw >= g.kw, "input of size (", g.h, ", ",
+              g.w, ") with padding ", padding, " is smaller than the kernel (", g.kh, ", ", g.kw,
+              ")");
+  TORCH_CHECK(g.oh >= g.poolh && g.ow >= g.poolw, "convolution output (", g.oh, ", ", g.ow,
+              ") is smaller than the pooling window ", pool_size);
+  g.ph = (g.oh - g.poolh) / g.psh + 1;
+  g.pw = (g.ow - g.poolw) / g.psw + 1;
+  return g;
+}
+
+inline void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& input,
+                       int64_t out_features) {
+  if (!bias.has_value()) return;
+  check_like(*bias, input, "bias");
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "bias must have shape (",
+              out_features, "), got ", bias->sizes());
+}
+
+// grad_out and argmax of the backward ops: shaped like the pooled output.
+inline void check_pooled_grad(const at::Tensor& grad_out, const at::Tensor& argmax,
+                              const at::Tensor& input, const ConvPoolGeometry& g) {
+  check_like(grad_out, input, "grad_out");
+  const std::vector<int64_t> shape{g.n, g.o, g.ph, g.pw};
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(shape), "grad_out must have shape ",
+              at::IntArrayRef(shape), ", got ", grad_out.sizes());
+  TORCH_CHECK(argmax.scalar_type() == at::kByte, "argmax must be uint8, got ",
+              argmax.scalar_type());
+  TORCH_CHECK(argmax.device() == input.device(), "argmax is on ", argmax.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK(argmax.sizes() == at::IntArrayRef(shape), "argmax must have shape ",
+              at::IntArrayRef(shape), ", got ", argmax.sizes());
+}
+
+// Linear: input (B, in), weight (out, in).
+inline void check_linear(const at::Tensor& input, const at::Tensor& weight) {
+  TORCH_CHECK(input.dim() == 2, "input must be 2-D (batch, in_features), got ", input.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (out_features, in_features), got ",
+              weight.dim(), "-D");
+  check_float(input, "input");
+  check_like(weight, input, "weight");
+  TORCH_CHECK(input.size(1) == weight.size(1), "input has ", input.size(1),
+              " features but weight expects ", weight.size(1));
+}
+
+}  // namespace fastlenet

@@ -1,0 +1,40 @@
+// The fastlenet operator library: every schema is written here, once.
+// Device sources add only TORCH_LIBRARY_IMPL(fastlenet, CPU|CUDA, m); fake
+// (meta) kernels and autograd live beside the Python wrappers in fastlenet/.
+#include <torch/extension.h>
+
+TORCH_LIBRARY(fastlenet, m) {
+  // conv2d -> ReLU -> max_pool2d. `argmax` (uint8, shaped like the output)
+  // holds the row-major position of the max inside each pooling window, or
+  // 255 where the window's pre-activation max is <= 0 or NaN (no gradient).
+  m.def(
+      "conv_relu_pool_fwd(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] pool_size, int[2] pool_stride) -> (Tensor out, Tensor argmax)");
+  m.def(
+      "conv_relu_pool_bwd_input(Tensor grad_out, Tensor argmax, Tensor input, Tensor weight, "
+      "int[2] stride, int[2] padding, int[2] pool_size, int[2] pool_stride) -> Tensor");
+  m.def(
+      "conv_relu_pool_bwd_weight(Tensor grad_out, Tensor argmax, Tensor input, Tensor weight, "
+      "int[2] stride, int[2] padding, int[2] pool_size, int[2] pool_stride) "
+      "-> (Tensor grad_weight, Tensor grad_bias)");
+  // linear (-> ReLU when `relu`). Backward masks grad_out by `out > 0` when
+  // `relu`; grad_bias is always returned (the caller drops it without bias).
+  m.def("linear_relu_fwd(Tensor input, Tensor weight, Tensor? bias, bool relu) -> Tensor");
+  m.def(
+      "linear_relu_bwd(Tensor grad_out, Tensor out, Tensor input, Tensor weight, bool relu) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+}
+
+namespace {
+bool cuda_built() {
+#ifdef FASTLENET_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cuda_built", &cuda_built, "True when the CUDA kernels were compiled into this build");
+}

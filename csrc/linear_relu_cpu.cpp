@@ -1,0 +1,99 @@
+// linear -> ReLU on the CPU (also plain linear, `relu` = false).
+//
+// Forward:  out = relu(input @ weight^T + bias)            input (B, I), weight (O, I), out (B, O)
+// Backward: g = grad_out * (out > 0)    (g = grad_out without ReLU)
+//           grad_input = g @ weight;  grad_weight = g^T @ input;  grad_bias = sum_b g
+// Saved for backward (by the autograd Function): input, weight and out; out > 0 is the mask.
+//
+// The products go through ATen/BLAS; what is fused is everything around them: bias and ReLU in
+// one pass over the product, and the mask, the masked gradient and grad_bias in one pass.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace fastlenet {
+namespace {
+
+// Columns per parallel task of the elementwise passes: enough work to pay for a task.
+constexpr int64_t kColumnGrain = 16;
+
+at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, bool relu) {
+  check_linear(input_, weight);
+  check_bias(bias, input_, weight.size(0));
+  TORCH_CHECK(input_.device().is_cpu(), "input must be a CPU tensor, got ", input_.device());
+  const at::Tensor input = input_.contiguous();
+  at::Tensor out = at::mm(input, weight.t());
+  const int64_t rows = out.size(0), cols = out.size(1);
+  if (!relu && !bias.has_value()) return out;
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "linear_relu_fwd_cpu", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* row = o + r * cols;
+        for (int64_t c = 0; c < cols; ++c) {
+          const scalar_t v = bp ? row[c] + bp[c] : row[c];
+          // `v <= 0` is false for NaN, so NaN propagates as in torch.relu.
+          row[c] = (relu && v <= scalar_t(0)) ? scalar_t(0) : v;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Tensor& grad_out_,
+                                                                   const at::Tensor& out_,
+                                                                   const at::Tensor& input_,
+                                                                   const at::Tensor& weight,
+                                                                   bool relu) {
+  check_linear(input_, weight);
+  const int64_t rows = input_.size(0), cols = weight.size(0);
+  check_like(grad_out_, input_, "grad_out");
+  TORCH_CHECK(grad_out_.dim() == 2 && grad_out_.size(0) == rows && grad_out_.size(1) == cols,
+              "grad_out must have shape (", rows, ", ", cols, "), got ", grad_out_.sizes());
+  if (relu) {
+    check_like(out_, input_, "out");
+    TORCH_CHECK(out_.sizes() == grad_out_.sizes(), "out must have shape ", grad_out_.sizes(),
+                ", got ", out_.sizes());
+  }
+  const at::Tensor grad_out = grad_out_.contiguous();
+  const at::Tensor out = relu ? out_.contiguous() : at::Tensor();
+  const at::Tensor input = input_.contiguous();
+  at::Tensor g = relu ? at::empty_like(grad_out) : grad_out;
+  at::Tensor grad_bias = at::empty({cols}, grad_out.options());
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "linear_relu_bwd_cpu", [&] {
+    const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* op = relu ? out.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* gb = grad_bias.data_ptr<scalar_t>();
+    // Each task owns a column range and sums its rows in order: deterministic grad_bias.
+    at::parallel_for(0, cols, kColumnGrain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) gb[c] = scalar_t(0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t base = r * cols;
+        for (int64_t c = c0; c < c1; ++c) {
+          const scalar_t v = (op && !(op[base + c] > scalar_t(0))) ? scalar_t(0) : go[base + c];
+          if (op) gp[base + c] = v;
+          gb[c] += v;
+        }
+      }
+    });
+  });
+  at::Tensor grad_input = at::mm(g, weight);
+  at::Tensor grad_weight = at::mm(g.t(), input);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlenet, CPU, m) {
+  m.impl("linear_relu_fwd", &linear_relu_fwd_cpu);
+  m.impl("linear_relu_bwd", &linear_relu_bwd_cpu);
+}
+
+}  // namespace fastlenet

@@ -1,0 +1,25 @@
+"""fastlenet: fused conv+ReLU+max-pool and linear+ReLU kernels for training small CNNs.
+
+import fastlenet
+layer = fastlenet.ConvReLUPool2d(1, 6, 5)          # drop-in for nn.Conv2d + ReLU + pool
+y = fastlenet.functional.conv_relu_pool2d(x, w, b)  # the same op as a function
+fastlenet.available_backends()                      # which kernels run here, and why not
+"""
+
+from fastlenet import functional, nn
+from fastlenet.backends import available_backends
+from fastlenet.models import FashionCNN, LeNet5
+from fastlenet.nn import ConvReLUPool2d, Linear, LinearReLU
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvReLUPool2d",
+    "FashionCNN",
+    "LeNet5",
+    "Linear",
+    "LinearReLU",
+    "available_backends",
+    "functional",
+    "nn",
+]

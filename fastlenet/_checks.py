@@ -1,0 +1,120 @@
+"""Argument checks and output-shape arithmetic shared by every fastlenet op.
+
+One set of checks for the Python side (csrc/checks.h is the C++ one). Errors name the
+argument and what was expected: TypeError for a wrong type, ValueError for a wrong value.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+#: argmax byte meaning "this window passes no gradient" (max pre-activation <= 0 or NaN);
+#: so a pooling window holds at most 255 positions.
+NO_GRAD = 255
+MAX_POOL_WINDOW = 255
+
+
+def pair(value, name: str) -> tuple[int, int]:
+    """An int or a pair of ints as a tuple of two ints."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got a bool")
+    if isinstance(value, int):
+        return (value, value)
+    if (
+        isinstance(value, Sequence)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return (int(value[0]), int(value[1]))
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def check_geometry(stride, padding, pool_size, pool_stride) -> None:
+    """Convolution and pooling settings that the kernels support."""
+    if min(stride) < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if min(padding) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if min(pool_size) < 1:
+        raise ValueError(f"pool_size must be >= 1, got {pool_size}")
+    if pool_size[0] * pool_size[1] > MAX_POOL_WINDOW:
+        raise ValueError(
+            f"pool_size {pool_size} has more than {MAX_POOL_WINDOW} positions "
+            "(the argmax of a window is stored in one byte)"
+        )
+    if min(pool_stride) < 1:
+        raise ValueError(f"pool_stride must be >= 1, got {pool_stride}")
+
+
+def conv_pool_shapes(in_hw, kernel_hw, stride, padding, pool_size, pool_stride):
+    """(conv output H, W), (pooled output H, W) for floor-mode conv and pooling."""
+    oh = (in_hw[0] + 2 * padding[0] - kernel_hw[0]) // stride[0] + 1
+    ow = (in_hw[1] + 2 * padding[1] - kernel_hw[1]) // stride[1] + 1
+    ph = (oh - pool_size[0]) // pool_stride[0] + 1
+    pw = (ow - pool_size[1]) // pool_stride[1] + 1
+    return (oh, ow), (ph, pw)
+
+
+def _tensor(value, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_params(input, weight, bias, weight_rank: int) -> None:
+    """Types, dtypes and devices of input, weight and bias."""
+    _tensor(input, "input")
+    _tensor(weight, "weight")
+    if bias is not None:
+        _tensor(bias, "bias")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {input.dtype}")
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if weight.dim() != weight_rank:
+        raise ValueError(f"weight must be {weight_rank}-D, got shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}"
+        )
+
+
+def check_conv_input(input, weight, stride, padding, pool_size, pool_stride):
+    """Checks a 4-D conv input against weight; returns the pooled output (H, W)."""
+    if input.dim() != 4:
+        raise ValueError(
+            f"input must be 3-D (C, H, W) or 4-D (N, C, H, W), got shape {tuple(input.shape)}"
+        )
+    if input.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"input has {input.shape[1]} channels but weight expects {weight.shape[1]} "
+            f"(weight shape {tuple(weight.shape)})"
+        )
+    (oh, ow), (ph, pw) = conv_pool_shapes(
+        input.shape[-2:], weight.shape[-2:], stride, padding, pool_size, pool_stride
+    )
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"input of spatial size {tuple(input.shape[-2:])} (padding {padding}) is smaller "
+            f"than the kernel {tuple(weight.shape[-2:])}"
+        )
+    if ph < 1 or pw < 1:
+        raise ValueError(
+            f"convolution output {(oh, ow)} is smaller than the pooling window {pool_size}"
+        )
+    return ph, pw
+
+
+def check_linear_input(input, weight) -> None:
+    if input.dim() < 1:
+        raise ValueError("input must have at least 1 dimension (..., in_features), got a scalar")
+    if input.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"input has {input.shape[-1]} features in its last dimension but weight expects "
+            f"{weight.shape[1]} (weight shape {tuple(weight.shape)})"
+        )

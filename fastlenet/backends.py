@@ -1,0 +1,104 @@
+"""Which backend runs an op: the one place where that is decided.
+
+Backends: "cpu" (C++), "cuda" (C++/CUDA), "triton", "reference" (pure PyTorch, the oracle).
+"auto" picks the fastest available for the input's device; the environment variable
+FASTLENET_BACKEND overrides "auto".
+"""
+
+import dataclasses
+import functools
+import importlib.util
+import os
+
+import torch
+
+from fastlenet import _ext
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+CHOICES = ("auto", *BACKENDS)
+ENV_VAR = "FASTLENET_BACKEND"
+
+# Preference order of "auto" per device type. On CUDA the hand-written kernels come before
+# Triton; neither has been timed on a GPU by this project yet (see README).
+_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    reason: str = ""
+
+    def __repr__(self) -> str:
+        return "available" if self.available else f"unavailable ({self.reason})"
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _status(name: str) -> BackendStatus:
+    if name == "reference":
+        return BackendStatus(True)
+    if name == "cpu":
+        return BackendStatus(_ext.LOADED, _ext.LOAD_ERROR or "")
+    if name == "cuda":
+        if not _ext.LOADED:
+            return BackendStatus(False, _ext.LOAD_ERROR)
+        if not _ext.cuda_built():
+            return BackendStatus(
+                False, "fastlenet._C was built without CUDA (FASTLENET_CUDA=0 or no nvcc)"
+            )
+        if not torch.cuda.is_available():
+            return BackendStatus(False, "no CUDA device")
+        return BackendStatus(True)
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return BackendStatus(False, "triton is not installed")
+        if not (torch.cuda.is_available() or triton_interpreted()):
+            return BackendStatus(
+                False, "no CUDA device (set TRITON_INTERPRET=1 for the slow CPU interpreter)"
+            )
+        return BackendStatus(True)
+    raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Every backend with whether it works here and, if not, why."""
+    return {name: _status(name) for name in BACKENDS}
+
+
+def check_choice(backend) -> str:
+    if not isinstance(backend, str) or backend not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+    return backend
+
+
+def _runs_on(name: str, device_type: str) -> bool:
+    if name == "reference":
+        return True
+    if name == "triton":
+        return device_type == "cuda" or (device_type == "cpu" and triton_interpreted())
+    return name == device_type
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend for a tensor on `device`; raises if it cannot run there."""
+    check_choice(backend)
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto")
+        if backend not in CHOICES:
+            raise ValueError(f"{ENV_VAR} must be one of {CHOICES}, got {backend!r}")
+    if backend == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            if _status(name).available:
+                return name
+    status = _status(backend)
+    if not status.available:
+        raise RuntimeError(f"backend {backend!r} is unavailable: {status.reason}")
+    if not _runs_on(backend, device.type):
+        raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors")
+    return backend

@@ -1,0 +1,98 @@
+"""linear -> ReLU (and plain linear): public functions, autograd Function and fake kernels.
+
+Forward: out = relu(input @ weight.T + bias) (no ReLU when `relu` is false).
+Saved for backward: input, weight and out (out is the ReLU mask: out > 0).
+Backward: g = grad_out * (out > 0); grad_input = g @ weight; grad_weight = g.T @ input;
+grad_bias = g.sum(0).
+"""
+
+from types import SimpleNamespace
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from fastlenet import _checks, _ext, backends, reference
+
+
+def _cpp_ops():
+    ops = torch.ops.fastlenet
+    return SimpleNamespace(fwd=ops.linear_relu_fwd, bwd=ops.linear_relu_bwd)
+
+
+def _triton_ops():
+    from fastlenet.kernels import linear_relu as triton_linear  # imports triton
+
+    return triton_linear.OPS
+
+
+_REFERENCE_OPS = SimpleNamespace(fwd=reference.linear_relu_fwd, bwd=reference.linear_relu_bwd)
+
+
+def _ops(backend: str):
+    if backend == "reference":
+        return _REFERENCE_OPS
+    if backend == "triton":
+        return _triton_ops()
+    return _cpp_ops()
+
+
+class LinearReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, relu, backend):
+        out = _ops(backend).fwd(input, weight, bias, relu)
+        ctx.save_for_backward(input, weight, out)
+        ctx.relu = relu
+        ctx.backend = backend
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        input, weight, out = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = _ops(ctx.backend).bwd(
+            grad_out.contiguous(), out, input, weight, ctx.relu
+        )
+        needs = ctx.needs_input_grad
+        return (
+            grad_input if needs[0] else None,
+            grad_weight if needs[1] else None,
+            grad_bias if ctx.has_bias and needs[2] else None,
+            None,
+            None,
+        )
+
+
+def _apply(input, weight, bias, relu, backend):
+    _checks.check_params(input, weight, bias, weight_rank=2)
+    _checks.check_linear_input(input, weight)
+    name = backends.resolve(backend, input.device)
+    lead = input.shape[:-1]
+    flat = input.reshape(-1, input.shape[-1])
+    out = LinearReLUFunction.apply(flat, weight, bias, relu, name)
+    return out.reshape(*lead, weight.shape[0])
+
+
+def linear_relu(input, weight, bias=None, *, backend="auto"):
+    """relu(input @ weight.T + bias). input: (*, in_features); weight: (out, in); bias: (out,)."""
+    return _apply(input, weight, bias, True, backend)
+
+
+def linear(input, weight, bias=None, *, backend="auto"):
+    """input @ weight.T + bias on fastlenet's kernels (the last layer of a fused model)."""
+    return _apply(input, weight, bias, False, backend)
+
+
+if _ext.LOADED:
+
+    @torch.library.register_fake("fastlenet::linear_relu_fwd")
+    def _(input, weight, bias, relu):
+        return input.new_empty(input.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("fastlenet::linear_relu_bwd")
+    def _(grad_out, out, input, weight, relu):
+        return (
+            torch.empty_like(input, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            weight.new_empty(weight.shape[0]),
+        )

@@ -1,0 +1,6 @@
+"""Drop-in layers: parameters and state_dicts interchangeable with the stock layers."""
+
+from fastlenet.nn.conv_relu_pool import ConvReLUPool2d
+from fastlenet.nn.linear_relu import Linear, LinearReLU
+
+__all__ = ["ConvReLUPool2d", "Linear", "LinearReLU"]

@@ -1,0 +1,83 @@
+"""ConvReLUPool2d: a drop-in for nn.Conv2d followed by ReLU and max_pool2d."""
+
+import math
+
+import torch
+from torch import nn
+
+from fastlenet import _checks, backends
+from fastlenet.conv_relu_pool import conv_relu_pool2d
+
+
+class ConvReLUPool2d(nn.Module):
+    """max_pool2d(relu(conv2d(x))) with parameters named, shaped and initialised as nn.Conv2d's,
+    so state_dicts are interchangeable with `nn.Conv2d(in_channels, out_channels, kernel_size,
+    stride, padding, bias=bias)`."""
+
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        bias=True,
+        pool_size=2,
+        pool_stride=None,
+        *,
+        backend="auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _checks.pair(kernel_size, "kernel_size")
+        if min(self.kernel_size) < 1:
+            raise ValueError(f"kernel_size must be >= 1, got {self.kernel_size}")
+        self.stride = _checks.pair(stride, "stride")
+        self.padding = _checks.pair(padding, "padding")
+        self.pool_size = _checks.pair(pool_size, "pool_size")
+        self.pool_stride = (
+            self.pool_size if pool_stride is None else _checks.pair(pool_stride, "pool_stride")
+        )
+        _checks.check_geometry(self.stride, self.padding, self.pool_size, self.pool_stride)
+        self.backend = backends.check_choice(backend)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels, *self.kernel_size, **factory)
+        )
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The same calls, in the same order, as nn.Conv2d.reset_parameters.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            if fan_in != 0:
+                bound = 1 / math.sqrt(fan_in)
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input):
+        return conv_relu_pool2d(
+            input,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.pool_size,
+            self.pool_stride,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
+            f"pool_size={self.pool_size}, pool_stride={self.pool_stride}, "
+            f"backend={self.backend!r}"
+        )
