@@ -1,0 +1,49 @@
+"""Shared test settings.
+
+Without a CUDA device the Triton kernels run on CPU tensors through Triton's interpreter,
+which must be switched on before triton is first imported: that happens here, before any
+test module is collected. Tests marked `gpu` need a CUDA device: without one they are
+deselected (reported as such, never counted as passed); `pytest -m gpu` runs them on a GPU.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastlenet  # noqa: E402
+
+#: backends that run on CPU tensors here, in the order the tests use them.
+CPU_BACKENDS = [
+    name for name in ("cpu", "triton", "reference") if fastlenet.available_backends()[name]
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64 (0 when both are zero)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff / denom if denom > 0 else diff
