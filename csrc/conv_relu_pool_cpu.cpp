@@ -314,6 +314,8 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_fwd_cpu(
   const at::Tensor bias = bias_.has_value() ? bias_->contiguous() : at::Tensor();
   at::Tensor out = at::empty({g.n, g.o, g.ph, g.pw}, input.options());
   at::Tensor argmax = at::empty({g.n, g.o, g.ph, g.pw}, input.options().dtype(at::kByte));
+  maybe_poison(out);
+  maybe_poison(argmax);
   if (g.n == 0) return {out, argmax};
   // Narrow vectors when few output channels would leave most lanes of a wide one empty.
   if (input.scalar_type() == at::kFloat) {
@@ -348,6 +350,7 @@ at::Tensor conv_relu_pool_bwd_input_cpu(const at::Tensor& grad_out, const at::Te
   const ConvPoolGeometry g =
       check_backward(grad_out, argmax, input, weight, stride, padding, pool_size, pool_stride);
   at::Tensor grad_input = at::empty({g.n, g.c, g.h, g.w}, input.options());
+  maybe_poison(grad_input);
   if (g.n == 0) return grad_input;
   const at::Tensor go = grad_out.contiguous(), am = argmax.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_bwd_input_cpu", [&] {
@@ -364,6 +367,8 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_bwd_weight_cpu(
       check_backward(grad_out, argmax, input, weight, stride, padding, pool_size, pool_stride);
   at::Tensor grad_weight = at::empty({g.o, g.c, g.kh, g.kw}, weight.options());
   at::Tensor grad_bias = at::empty({g.o}, weight.options());
+  maybe_poison(grad_weight);
+  maybe_poison(grad_bias);
   const at::Tensor go = grad_out.contiguous(), am = argmax.contiguous(), x = input.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_bwd_weight_cpu", [&] {
     backward_weight_kernel<scalar_t>(go, am, x, g, grad_weight, grad_bias);

@@ -66,6 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
   const at::Tensor input = input_.contiguous();
   at::Tensor g = relu ? at::empty_like(grad_out) : grad_out;
   at::Tensor grad_bias = at::empty({cols}, grad_out.options());
+  maybe_poison(grad_bias);
+  if (relu) maybe_poison(g);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "linear_relu_bwd_cpu", [&] {
     const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* op = relu ? out.const_data_ptr<scalar_t>() : nullptr;

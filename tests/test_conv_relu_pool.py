@@ -1,0 +1,197 @@
+"""conv_relu_pool2d on the C++ CPU and reference backends: parity with stock PyTorch on
+forward and every gradient, float64 gradcheck, opcheck of the registered ops, determinism."""
+
+import pytest
+import torch
+from conftest import rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastlenet import _ext, reference
+from fastlenet.functional import conv_relu_pool2d
+
+BACKENDS = [b for b in ("cpu", "reference") if b == "reference" or _ext.LOADED]
+
+# (N, C, H, W, O, KH, KW, stride, padding, pool_size, pool_stride)
+GEOMETRIES = [
+    (4, 1, 32, 32, 6, 5, 5, 1, 0, 2, 2),  # LeNet-5 conv1
+    (3, 6, 14, 14, 16, 5, 5, 1, 0, 2, 2),  # LeNet-5 conv2
+    (2, 16, 28, 28, 32, 5, 5, 1, 2, 2, 2),  # Fashion-MNIST CNN conv2 (padding)
+    (2, 3, 11, 9, 20, 3, 2, (2, 1), (1, 0), 3, 2),  # odd sizes, overlapping pools
+    (1, 2, 7, 8, 5, 3, 3, 1, 1, 1, 1),  # pool_size=1: conv + ReLU alone
+    (3, 2, 13, 10, 9, 4, 3, 2, 2, (2, 3), (3, 1)),  # strides everywhere
+    (2, 1, 5, 5, 3, 5, 5, 1, 0, 1, 1),  # 1x1 conv output
+    (0, 3, 8, 8, 4, 3, 3, 1, 0, 2, 2),  # empty batch
+]
+# float32 kernels are compared with a float64 reference: sums of up to a few hundred terms.
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+def _inputs(geometry, dtype, requires_grad=True):
+    n, c, h, w, o, kh, kw, *conv = geometry
+    x = torch.randn(n, c, h, w, dtype=dtype, requires_grad=requires_grad)
+    weight = torch.randn(o, c, kh, kw, dtype=dtype, requires_grad=requires_grad)
+    bias = torch.randn(o, dtype=dtype, requires_grad=requires_grad)
+    return x, weight, bias, conv
+
+
+def _pairs(conv):
+    return [(v, v) if isinstance(v, int) else v for v in conv]
+
+
+def _check_parity(x, weight, bias, conv, backend, tol):
+    out = conv_relu_pool2d(x, weight, bias, *conv, backend=backend)
+    grad = torch.randn_like(out)
+    leaves = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, leaves, grad) if leaves and out.numel() else []
+    ref_leaves = [
+        None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+        for t in (x, weight, bias)
+    ]
+    ref = reference.conv_relu_pool2d(*ref_leaves, *_pairs(conv))
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert rel_err(out, ref) < tol
+    if grads:
+        needed = [t for t in ref_leaves if t is not None and t.requires_grad]
+        ref_grads = torch.autograd.grad(ref, needed, grad.double())
+        for got, want in zip(grads, ref_grads, strict=True):
+            assert got.shape == want.shape
+            assert rel_err(got, want) < tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_parity_with_stock(geometry, dtype, backend):
+    x, weight, bias, conv = _inputs(geometry, dtype)
+    _check_parity(x, weight, bias, conv, backend, TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("geometry", GEOMETRIES[3:7])
+def test_gradcheck_float64(geometry, backend):
+    x, weight, bias, conv = _inputs(geometry, torch.float64)
+    # Random inputs keep every window's max and every pre-activation away from the kinks
+    # by far more than gradcheck's eps (1e-6), so the finite differences are exact.
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: conv_relu_pool2d(a, b, c, *conv, backend=backend), (x, weight, bias)
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 3),
+    c=st.integers(1, 3),
+    o=st.integers(1, 19),
+    kh=st.integers(1, 4),
+    kw=st.integers(1, 4),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    pool=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    pool_stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    extra=st.tuples(st.integers(0, 6), st.integers(0, 6)),
+    bias=st.booleans(),
+)
+def test_random_geometry_float64(n, c, o, kh, kw, stride, padding, pool, pool_stride, extra, bias):
+    if not _ext.LOADED:
+        pytest.fail(_ext.LOAD_ERROR)
+    # The smallest input whose conv output holds one pooling window, plus `extra`.
+    h = max(1, (pool[0] - 1) * stride[0] + kh - 2 * padding[0]) + extra[0]
+    w = max(1, (pool[1] - 1) * stride[1] + kw - 2 * padding[1]) + extra[1]
+    if h + 2 * padding[0] < kh or w + 2 * padding[1] < kw:
+        h, w = h + kh, w + kw
+    x = torch.randn(n, c, h, w, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(o, c, kh, kw, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(o, dtype=torch.float64, requires_grad=True) if bias else None
+    conv = [stride, padding, pool, pool_stride]
+    out = conv_relu_pool2d(x, weight, b, *conv, backend="cpu")
+    ref = reference.conv_relu_pool2d(x, weight, b, *conv)
+    assert rel_err(out, ref) < 1e-12
+    if out.numel():
+        grad = torch.randn_like(out)
+        leaves = [t for t in (x, weight, b) if t is not None]
+        got = torch.autograd.grad(out, leaves, grad)
+        want = torch.autograd.grad(ref, leaves, grad)
+        for g1, g2 in zip(got, want, strict=True):
+            assert rel_err(g1, g2) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("subset", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (1, 1, 0)])
+def test_requires_grad_subsets(subset, backend):
+    x, weight, bias, conv = _inputs(GEOMETRIES[1], torch.float32, requires_grad=False)
+    for t, flag in zip((x, weight, bias), subset, strict=True):
+        t.requires_grad_(bool(flag))
+    _check_parity(x, weight, bias, conv, backend, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_bias_and_unbatched(backend):
+    x, weight, _, conv = _inputs(GEOMETRIES[0], torch.float32)
+    _check_parity(x, weight, None, conv, backend, TOL[torch.float32])
+    single = x[0].detach().requires_grad_()
+    out = conv_relu_pool2d(single, weight, None, *conv, backend=backend)
+    ref = reference.conv_relu_pool2d(
+        single.unsqueeze(0).double(), weight.double(), None, *_pairs(conv)
+    )
+    assert out.shape == ref.shape[1:]
+    assert rel_err(out, ref[0]) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_noncontiguous_input(layout, backend):
+    x, weight, bias, conv = _inputs(GEOMETRIES[2], torch.float32, requires_grad=False)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(2, 16, 28, 56)[..., ::2]
+    assert not x.is_contiguous()
+    x.requires_grad_()
+    weight.requires_grad_()
+    _check_parity(x, weight, bias, conv, backend, TOL[torch.float32])
+
+
+def _op_args(geometry, dtype):
+    x, weight, bias, conv = _inputs(geometry, dtype, requires_grad=False)
+    conv = _pairs(conv)
+    out, argmax = torch.ops.fastlenet.conv_relu_pool_fwd(x, weight, bias, *conv)
+    grad = torch.randn_like(out)
+    return x, weight, bias, conv, grad, argmax
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+@pytest.mark.parametrize("geometry", GEOMETRIES[:6])
+def test_opcheck(geometry):
+    # The ops run inside ConvReLUPoolFunction with grad mode off, so they are checked on
+    # tensors that do not require grad (autograd is the Function's, tested above).
+    x, weight, bias, conv, grad, argmax = _op_args(geometry, torch.float32)
+    ops = torch.ops.fastlenet
+    torch.library.opcheck(ops.conv_relu_pool_fwd, (x, weight, bias, *conv))
+    torch.library.opcheck(ops.conv_relu_pool_fwd, (x, weight, None, *conv))
+    torch.library.opcheck(ops.conv_relu_pool_bwd_input, (grad, argmax, x, weight, *conv))
+    torch.library.opcheck(ops.conv_relu_pool_bwd_weight, (grad, argmax, x, weight, *conv))
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+def test_saved_state_matches_reference():
+    x, weight, bias, conv, _, argmax = _op_args(GEOMETRIES[3], torch.float64)
+    _, ref_argmax = reference.conv_relu_pool_fwd(x, weight, bias, *conv)
+    assert argmax.dtype == torch.uint8
+    assert torch.equal(argmax, ref_argmax)
+    assert (argmax == 255).any() and (argmax != 255).any()  # both kinds of window occur
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backward_is_deterministic(threads):
+    torch.set_num_threads(threads)
+    x, weight, _, conv, grad, argmax = _op_args(
+        (64, 6, 14, 14, 16, 5, 5, 1, 0, 2, 2), torch.float32
+    )
+    ops = torch.ops.fastlenet
+    first = ops.conv_relu_pool_bwd_weight(grad, argmax, x, weight, *conv)
+    for _ in range(3):
+        again = ops.conv_relu_pool_bwd_weight(grad, argmax, x, weight, *conv)
+        for a, b in zip(first, again, strict=True):
+            assert torch.equal(a, b)
