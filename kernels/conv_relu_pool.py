@@ -1,0 +1,482 @@
+# conv2d -> ReLU -> max_pool2d in Triton, forward and backward.
+#
+# Layouts (all contiguous, NCHW): input x (N, C, H, W); weight w (O, C, KH, KW), read as the
+# (O, K) matrix with K = C * KH * KW and k = (c * KH + kh) * KW + kw; bias b (O,); conv output
+# y (N, O, OH, OW), never stored; pooled output and argmax (N, O, PH, PW).
+#
+# Forward, one program per (BLOCK_M pooled outputs) x (BLOCK_N output channels) tile:
+#   y[n,o,oh,ow] = b[o] + sum_k x[n, c, oh*sh - padh + kh, ow*sw - padw + kw] * w[o, k]
+#   for each window position p = i * pool_w + j (row-major), the conv tile at
+#   oh = ph * pool_sh + i, ow = pw * pool_sw + j is an implicit GEMM (tl.dot over K blocks of
+#   the im2col rows gathered on the fly); the running max and its position stay in registers:
+#   the first maximum in row-major order wins a tie, a NaN wins over any number (max_pool2d).
+#   out = relu(max) (NaN stays NaN); argmax = p of the max, or 255 where max <= 0 or NaN.
+# Saved for backward (by the caller): input, weight and argmax (uint8, one byte per output).
+# Backward, with the sparse conv-output gradient
+#   dy[n,o,oh,ow] = sum over windows (ph, pw) whose argmax points at (oh, ow) of grad_out[...]:
+#   grad_input = conv_transpose(dy, w): implicit GEMM over rows (n, ih, iw), columns c and
+#     depth (o, kh, kw), dy gathered from argmax and grad_out inside the operand load (each
+#     conv position lies in at most ceil(pool/pool_stride) windows per axis).
+#   grad_weight[o, k] = sum over (p, n, ph, pw) of [argmax == p] grad_out * x_patch(k) at the
+#     position p of the window: rows of the reduction are (window position, pooled output),
+#     which covers each conv position once per window holding it; grad_bias[o] is the sum of
+#     the same operand. Deterministic two-stage reduction: each of S splits of the rows writes
+#     a partial (O, K) and (O,) in the accumulation dtype, a second kernel sums the splits in
+#     order. No atomics.
+# Dtypes: float16/bfloat16 operands with float32 accumulation; float32 (TF32 off unless
+# launch.set_allow_tf32(True)); float64 accumulates in float64.
+from types import SimpleNamespace
+
+import torch
+import triton
+import triton.language as tl
+from fastlenet.kernels import launch
+from torch.library import wrap_triton
+
+from fastlenet import _checks
+
+NO_GRAD = _checks.NO_GRAD
+
+
+@triton.jit
+def _fwd_kernel(
+    x_ptr,  # (N, C, H, W) input
+    w_ptr,  # (O, K) weight
+    b_ptr,  # (O,) bias (unused when not HAS_BIAS)
+    out_ptr,  # (N, O, PH, PW) pooled output, input dtype
+    argmax_ptr,  # (N, O, PH, PW) uint8 window position of the max, or 255
+    M,  # N * PH * PW: pooled outputs per channel
+    C,
+    H,
+    W,
+    O,
+    PH,
+    PW,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    pool_sh,  # pool strides
+    pool_sw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    POOL_H: tl.constexpr,
+    POOL_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC_FP64: tl.constexpr,  # accumulate in float64 (float64 inputs)
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+    BLOCK_M: tl.constexpr,  # pooled outputs per program
+    BLOCK_N: tl.constexpr,  # output channels per program
+    BLOCK_K: tl.constexpr,  # depth (c, kh, kw) per step
+):
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    K = C * KH * KW
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    chans = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    chan_ok = chans < O
+    n = rows // (PH * PW)
+    rem = rows % (PH * PW)
+    ph = rem // PW
+    pw = rem % PW
+    x_base = n.to(tl.int64) * C * H * W
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + chans, mask=chan_ok, other=0.0).to(acc_dtype)
+    best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), acc_dtype)
+    best_pos = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+    for i in range(POOL_H):
+        ih0 = (ph * pool_sh + i) * stride_h - pad_h
+        for j in range(POOL_W):
+            iw0 = (pw * pool_sw + j) * stride_w - pad_w
+            acc = tl.zeros((BLOCK_M, BLOCK_N), acc_dtype)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < K
+                c = ks // (KH * KW)
+                kh = (ks // KW) % KH
+                kw = ks % KW
+                ih = ih0[:, None] + kh[None, :]
+                iw = iw0[:, None] + kw[None, :]
+                a_mask = (
+                    row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                )
+                a_off = x_base[:, None] + (c[None, :] * H + ih) * W + iw
+                a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
+                b_off = chans[None, :] * K + ks[:, None]
+                b = tl.load(w_ptr + b_off, mask=chan_ok[None, :] & k_ok[:, None], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            if HAS_BIAS:
+                acc += bias[None, :]
+            # strictly greater keeps the first max; a NaN replaces a number, never a NaN
+            take = (acc > best) | ((acc != acc) & (best == best))
+            best = tl.where(take, acc, best)
+            best_pos = tl.where(take, i * POOL_W + j, best_pos)
+    out = best.to(out_ptr.dtype.element_ty)
+    # the reference decides on the rounded max: a tiny positive float32 max that rounds to 0
+    # in float16 passes no gradient there either
+    rounded = out.to(acc_dtype)
+    relu = tl.where(rounded <= 0, 0.0, rounded).to(out_ptr.dtype.element_ty)
+    argmax = tl.where(rounded > 0, best_pos, 255).to(tl.uint8)
+    off = (n.to(tl.int64)[:, None] * O + chans[None, :]) * (PH * PW) + rem[:, None]
+    mask = row_ok[:, None] & chan_ok[None, :]
+    tl.store(out_ptr + off, relu, mask=mask)
+    tl.store(argmax_ptr + off, argmax, mask=mask)
+
+
+@triton.jit
+def _bwd_input_kernel(
+    g_ptr,  # (N, O, PH, PW) grad_out
+    argmax_ptr,  # (N, O, PH, PW) uint8
+    w_ptr,  # (O, C, KH, KW) weight
+    gx_ptr,  # (N, C, H, W) grad_input
+    M,  # N * H * W
+    C,
+    H,
+    W,
+    O,
+    OH,  # conv output size
+    OW,
+    PH,
+    PW,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    pool_sh,
+    pool_sw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    POOL_H: tl.constexpr,
+    POOL_W: tl.constexpr,
+    WIN_H: tl.constexpr,  # ceil(POOL_H / pool_sh): windows holding one conv row, at most
+    WIN_W: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # input positions (n, ih, iw) per program
+    BLOCK_N: tl.constexpr,  # input channels per program
+    BLOCK_K: tl.constexpr,  # depth (o, kh, kw) per step
+):
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    K = O * KH * KW
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    chans = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    chan_ok = chans < C
+    n = rows // (H * W)
+    rem = rows % (H * W)
+    ih = rem // W
+    iw = rem % W
+    g_base = n.to(tl.int64) * O * PH * PW
+    acc = tl.zeros((BLOCK_M, BLOCK_N), acc_dtype)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        o = ks // (KH * KW)
+        kh = (ks // KW) % KH
+        kw = ks % KW
+        # conv output position that input (ih, iw) meets through tap (kh, kw)
+        sh = ih[:, None] + pad_h - kh[None, :]
+        sw = iw[:, None] + pad_w - kw[None, :]
+        ok = row_ok[:, None] & k_ok[None, :] & (sh >= 0) & (sw >= 0)
+        sh = tl.where(ok, sh, 0)
+        sw = tl.where(ok, sw, 0)
+        oh = sh // stride_h
+        ow = sw // stride_w
+        ok = ok & (sh % stride_h == 0) & (sw % stride_w == 0) & (oh < OH) & (ow < OW)
+        # dy at (oh, ow): the grad_out of every window holding it whose argmax points there
+        dy = tl.zeros((BLOCK_M, BLOCK_K), acc_dtype)
+        for a in range(WIN_H):
+            ph = oh // pool_sh - a
+            di = oh - ph * pool_sh
+            ok_h = ok & (ph >= 0) & (ph < PH) & (di < POOL_H)
+            for b in range(WIN_W):
+                pw = ow // pool_sw - b
+                dj = ow - pw * pool_sw
+                ok_w = ok_h & (pw >= 0) & (pw < PW) & (dj < POOL_W)
+                off = g_base[:, None] + (o[None, :] * PH + ph) * PW + pw
+                am = tl.load(argmax_ptr + off, mask=ok_w, other=255).to(tl.int32)
+                g = tl.load(g_ptr + off, mask=ok_w, other=0.0).to(acc_dtype)
+                dy += tl.where(am == di * POOL_W + dj, g, 0.0)
+        a_tile = dy.to(w_ptr.dtype.element_ty)
+        b_off = (o[:, None] * C + chans[None, :]) * (KH * KW) + (kh * KW + kw)[:, None]
+        b_tile = tl.load(w_ptr + b_off, mask=k_ok[:, None] & chan_ok[None, :], other=0.0)
+        acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
+    off = (n.to(tl.int64)[:, None] * C + chans[None, :]) * (H * W) + rem[:, None]
+    tl.store(gx_ptr + off, acc.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None] & chan_ok[None, :])
+
+
+@triton.jit
+def _bwd_weight_kernel(
+    g_ptr,  # (N, O, PH, PW) grad_out
+    argmax_ptr,  # (N, O, PH, PW) uint8
+    x_ptr,  # (N, C, H, W) input
+    part_w_ptr,  # (S, O, K) partial grad_weight, accumulation dtype
+    part_b_ptr,  # (S, O) partial grad_bias, accumulation dtype
+    NPOOL,  # N * PH * PW pooled outputs per channel
+    CHUNK,  # reduction rows per split, a multiple of BLOCK_K
+    C,
+    H,
+    W,
+    O,
+    PH,
+    PW,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    pool_sh,
+    pool_sw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    POOL_H: tl.constexpr,
+    POOL_W: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # output channels o per program
+    BLOCK_N: tl.constexpr,  # weight columns k = (c, kh, kw) per program
+    BLOCK_K: tl.constexpr,  # reduction rows t = (p, n, ph, pw) per step
+):
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    K = C * KH * KW
+    T = POOL_H * POOL_W * NPOOL
+    chans = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    chan_ok = chans < O
+    col_ok = cols < K
+    c = cols // (KH * KW)
+    kh = (cols // KW) % KH
+    kw = cols % KW
+    acc = tl.zeros((BLOCK_M, BLOCK_N), acc_dtype)
+    bias_acc = tl.zeros((BLOCK_M,), acc_dtype)
+    start = split * CHUNK
+    for t0 in range(start, start + CHUNK, BLOCK_K):
+        ts = t0 + tl.arange(0, BLOCK_K)
+        t_ok = ts < T
+        p = ts // NPOOL
+        m = ts % NPOOL
+        n = m // (PH * PW)
+        rem = m % (PH * PW)
+        ph = rem // PW
+        pw = rem % PW
+        # operand A (o, t): grad_out where the window's argmax is this row's position p
+        g_off = (n.to(tl.int64)[None, :] * O + chans[:, None]) * (PH * PW) + rem[None, :]
+        g_mask = chan_ok[:, None] & t_ok[None, :]
+        am = tl.load(argmax_ptr + g_off, mask=g_mask, other=255).to(tl.int32)
+        g = tl.load(g_ptr + g_off, mask=g_mask, other=0.0)
+        a_tile = tl.where(am == p[None, :], g, 0.0).to(g_ptr.dtype.element_ty)
+        bias_acc += tl.sum(a_tile.to(acc_dtype), axis=1)
+        # operand B (t, k): the input patch under the conv position p of the window
+        ih = ((ph * pool_sh + p // POOL_W) * stride_h - pad_h)[:, None] + kh[None, :]
+        iw = ((pw * pool_sw + p % POOL_W) * stride_w - pad_w)[:, None] + kw[None, :]
+        x_mask = t_ok[:, None] & col_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_off = (n.to(tl.int64)[:, None] * C + c[None, :]) * (H * W) + ih * W + iw
+        b_tile = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)
+        acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
+    part_off = (split * O + chans[:, None]).to(tl.int64) * K + cols[None, :]
+    tl.store(part_w_ptr + part_off, acc, mask=chan_ok[:, None] & col_ok[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(part_b_ptr + split * O + chans, bias_acc, mask=chan_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: tensors in, tensors out, registered as fastlenet::triton_conv_relu_pool_<pass>.
+# ---------------------------------------------------------------------------------------------
+def _shapes(input, weight, stride, padding, pool_size, pool_stride):
+    return _checks.conv_pool_shapes(
+        input.shape[-2:], weight.shape[-2:], stride, padding, pool_size, pool_stride
+    )
+
+
+def _common(input, weight):
+    return {
+        "KH": weight.shape[2],
+        "KW": weight.shape[3],
+        "ACC_FP64": launch.acc_is_fp64(input.dtype),
+        "DOT_PRECISION": launch.dot_precision(input.dtype),
+    }
+
+
+def _fwd_fake(input, weight, bias, stride, padding, pool_size, pool_stride):
+    _, (ph, pw) = _shapes(input, weight, stride, padding, pool_size, pool_stride)
+    shape = (input.shape[0], weight.shape[0], ph, pw)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8)
+
+
+@launch.register("triton_conv_relu_pool_fwd", _fwd_fake)
+def conv_relu_pool_fwd(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    pool_size: list[int],
+    pool_stride: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    launch.check_device(input, weight, bias)
+    input, weight = input.contiguous(), weight.contiguous()
+    n, c, h, w = input.shape
+    o = weight.shape[0]
+    _, (ph, pw) = _shapes(input, weight, stride, padding, pool_size, pool_stride)
+    out = launch.new_output((n, o, ph, pw), input.dtype, input.device)
+    argmax = launch.new_output((n, o, ph, pw), torch.uint8, input.device)
+    rows, depth = n * ph * pw, c * weight.shape[2] * weight.shape[3]
+    if out.numel() == 0:
+        return out, argmax
+    cfg = launch.gemm_blocks(rows, o, depth)
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(o, cfg["BLOCK_N"]))
+    wrap_triton(_fwd_kernel)[grid](
+        input,
+        weight,
+        weight if bias is None else bias.contiguous(),
+        out,
+        argmax,
+        rows,
+        c,
+        h,
+        w,
+        o,
+        ph,
+        pw,
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        pool_stride[0],
+        pool_stride[1],
+        POOL_H=pool_size[0],
+        POOL_W=pool_size[1],
+        HAS_BIAS=bias is not None,
+        **_common(input, weight),
+        **cfg,
+    )
+    return out, argmax
+
+
+def _bwd_input_fake(grad_out, argmax, input, weight, stride, padding, pool_size, pool_stride):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@launch.register("triton_conv_relu_pool_bwd_input", _bwd_input_fake)
+def conv_relu_pool_bwd_input(
+    grad_out: torch.Tensor,
+    argmax: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    pool_size: list[int],
+    pool_stride: list[int],
+) -> torch.Tensor:
+    launch.check_device(grad_out, argmax, input, weight)
+    grad_out, argmax, weight = grad_out.contiguous(), argmax.contiguous(), weight.contiguous()
+    n, c, h, w = input.shape
+    o = weight.shape[0]
+    (oh, ow), (ph, pw) = _shapes(input, weight, stride, padding, pool_size, pool_stride)
+    grad_input = launch.new_output((n, c, h, w), input.dtype, input.device)
+    rows, depth = n * h * w, o * weight.shape[2] * weight.shape[3]
+    if grad_input.numel() == 0:
+        return grad_input
+    cfg = launch.gemm_blocks(rows, c, depth)
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(c, cfg["BLOCK_N"]))
+    wrap_triton(_bwd_input_kernel)[grid](
+        grad_out,
+        argmax,
+        weight,
+        grad_input,
+        rows,
+        c,
+        h,
+        w,
+        o,
+        oh,
+        ow,
+        ph,
+        pw,
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        pool_stride[0],
+        pool_stride[1],
+        POOL_H=pool_size[0],
+        POOL_W=pool_size[1],
+        WIN_H=triton.cdiv(pool_size[0], pool_stride[0]),
+        WIN_W=triton.cdiv(pool_size[1], pool_stride[1]),
+        **_common(input, weight),
+        **cfg,
+    )
+    return grad_input
+
+
+def _bwd_weight_fake(grad_out, argmax, input, weight, stride, padding, pool_size, pool_stride):
+    return (
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        weight.new_empty(weight.shape[0]),
+    )
+
+
+@launch.register("triton_conv_relu_pool_bwd_weight", _bwd_weight_fake)
+def conv_relu_pool_bwd_weight(
+    grad_out: torch.Tensor,
+    argmax: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    pool_size: list[int],
+    pool_stride: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    launch.check_device(grad_out, argmax, input, weight)
+    grad_out, argmax, input = grad_out.contiguous(), argmax.contiguous(), input.contiguous()
+    n, c, h, w = input.shape
+    o, _, kh, kw = weight.shape
+    _, (ph, pw) = _shapes(input, weight, stride, padding, pool_size, pool_stride)
+    depth = c * kh * kw
+    npool = n * ph * pw
+    rows = pool_size[0] * pool_size[1] * npool
+    if rows == 0 or o * depth == 0:  # nothing reaches the weights: the gradient is zero
+        return torch.zeros_like(weight, memory_format=torch.contiguous_format), weight.new_zeros(o)
+    grad_weight = launch.new_output((o, c, kh, kw), weight.dtype, weight.device)
+    grad_bias = launch.new_output((o,), weight.dtype, weight.device)
+    cfg = launch.gemm_blocks(o, depth, rows)
+    tiles = (triton.cdiv(o, cfg["BLOCK_M"]), triton.cdiv(depth, cfg["BLOCK_N"]))
+    splits = launch.num_splits(rows, cfg["BLOCK_K"], tiles[0] * tiles[1], input.device)
+    chunk, splits = launch.split_chunk(rows, splits, cfg["BLOCK_K"])
+    acc_dtype = torch.float64 if launch.acc_is_fp64(input.dtype) else torch.float32
+    part_w = launch.new_output((splits, o, depth), acc_dtype, input.device)
+    part_b = launch.new_output((splits, o), acc_dtype, input.device)
+    wrap_triton(_bwd_weight_kernel)[(*tiles, splits)](
+        grad_out,
+        argmax,
+        input,
+        part_w,
+        part_b,
+        npool,
+        chunk,
+        c,
+        h,
+        w,
+        o,
+        ph,
+        pw,
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        pool_stride[0],
+        pool_stride[1],
+        POOL_H=pool_size[0],
+        POOL_W=pool_size[1],
+        **_common(input, weight),
+        **cfg,
+    )
+    launch.sum_splits(part_w, grad_weight)
+    launch.sum_splits(part_b, grad_bias)
+    return grad_weight, grad_bias
+
+
+#: The three passes with the signatures of fastlenet.reference.conv_relu_pool_*.
+OPS = SimpleNamespace(
+    fwd=conv_relu_pool_fwd, bwd_input=conv_relu_pool_bwd_input, bwd_weight=conv_relu_pool_bwd_weight
+)

@@ -1,0 +1,188 @@
+"""Launch settings of the Triton kernels, in one place, plus the pieces both kernel files share.
+
+Nothing here touches the GPU at import. Block sizes depend only on the problem shape and on
+whether Triton runs natively or through its CPU interpreter (TRITON_INTERPRET=1, read once
+when this module is imported, which is also when triton decides). The split count of the
+two-stage weight-gradient reduction depends on the shape and, on a GPU, on its number of
+SMs, queried at the first launch on that device and cached.
+
+Registration: natively every op is a `torch.library.triton_op` whose kernels are launched
+through `torch.library.wrap_triton`, so torch.compile traces into the kernels. Under the
+interpreter `wrap_triton` hands back the bare interpreted kernel, which cannot run on the
+fake tensors of tracing, so there the same function is registered with
+`torch.library.custom_op` and an explicit fake kernel instead (same name, same schema).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlenet import backends
+
+#: True when the kernels run through Triton's CPU interpreter (decided at import).
+INTERPRETED = backends.triton_interpreted()
+
+#: Environment switch for TF32 tensor-core products of float32 inputs (off by default so
+#: results match stock float32; `set_allow_tf32` changes it at run time).
+TF32_ENV = "FASTLENET_TRITON_TF32"
+_allow_tf32 = os.environ.get(TF32_ENV, "0") == "1"
+
+#: Fill freshly allocated outputs with NaN (uint8 outputs with 254, not a value the kernels
+#: write for the window sizes the tests use) before a kernel writes them, so a position a
+#: kernel forgets shows up in the tests. On under the interpreter, where the fill is free
+#: next to the interpreter's cost; FASTLENET_TRITON_POISON=1 turns it on natively.
+POISON = INTERPRETED or os.environ.get("FASTLENET_TRITON_POISON", "0") == "1"
+_UINT8_POISON = 254
+
+
+def set_allow_tf32(enabled: bool) -> None:
+    """Let float32 products use TF32 tensor cores (10-bit mantissa inputs, about 1e-3
+    relative error) instead of full float32. Read when an op launches; a graph already
+    compiled by torch.compile keeps the setting it was traced with."""
+    global _allow_tf32
+    _allow_tf32 = bool(enabled)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`input_precision` of tl.dot: "tf32" only for float32 inputs with TF32 allowed."""
+    return "tf32" if dtype == torch.float32 and _allow_tf32 else "ieee"
+
+
+def acc_is_fp64(dtype: torch.dtype) -> bool:
+    """float64 inputs accumulate in float64 (gradcheck needs it); all others in float32."""
+    return dtype == torch.float64
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    if not POISON:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = _UINT8_POISON if dtype == torch.uint8 else float("nan")
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def check_device(*tensors) -> None:
+    """Natively the kernels need CUDA tensors; the interpreter runs on CPU tensors."""
+    want = "cpu" if INTERPRETED else "cuda"
+    for t in tensors:
+        if t is not None and t.device.type != want:
+            raise ValueError(
+                f"the Triton kernels {'under TRITON_INTERPRET=1 ' if INTERPRETED else ''}"
+                f"need {want} tensors, got a tensor on {t.device}"
+            )
+
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Block sizes
+#
+# tl.dot needs every block dimension >= 16. Natively: 64 rows by up to 64 columns with 32-deep
+# K steps is the usual tile of a small-channel implicit GEMM (about 24 KB of fp32 operands in
+# shared memory per stage, 4 warps); the column block follows the channel count because LeNet's
+# layers have 6 to 120 output channels. Under the interpreter every program and every K step
+# costs Python overhead while numpy does the block math, so blocks are as large as the shape
+# allows: a 64x400 by 400x120 product took 1.5 s with 16-wide blocks and 15 ms with 64-wide
+# ones (issue 6).
+# ---------------------------------------------------------------------------------------------
+_NATIVE = {"rows": 64, "cols_max": 64, "k_max": 32, "num_warps": 4}
+_INTERP = {"rows": 64, "cols_max": 64, "k_max": 64, "num_warps": 4}
+
+
+def gemm_blocks(rows: int, cols: int, depth: int) -> dict:
+    """Block sizes of a (rows x depth) @ (depth x cols) tile loop: BLOCK_M, BLOCK_N, BLOCK_K."""
+    cfg = _INTERP if INTERPRETED else _NATIVE
+    return {
+        "BLOCK_M": _pow2_clamp(rows, 16, cfg["rows"]),
+        "BLOCK_N": _pow2_clamp(cols, 16, cfg["cols_max"]),
+        "BLOCK_K": _pow2_clamp(depth, 16, cfg["k_max"]),
+        "num_warps": cfg["num_warps"],
+    }
+
+
+# Split count of the first stage of a weight-gradient reduction over `length` rows.
+# Natively: enough programs for about two waves over the SMs, but every split keeps at least
+# _MIN_SPLIT_BLOCKS row blocks so the second stage stays negligible. Under the interpreter at
+# most _INTERP_SPLITS, small enough to stay fast and large enough that the small test shapes
+# run the multi-split path.
+_MIN_SPLIT_BLOCKS = 4
+_MAX_SPLITS = 256
+_INTERP_SPLITS = 3
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_counts.setdefault(
+        index, torch.cuda.get_device_properties(index).multi_processor_count
+    )
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def num_splits(length: int, block_rows: int, tiles: int, device: torch.device) -> int:
+    """How many row chunks the first reduction stage uses (a function of shape and device
+    only, so results are bitwise reproducible). `tiles`: output tiles per split."""
+    blocks = triton.cdiv(max(length, 1), block_rows)
+    if INTERPRETED:
+        return min(blocks, _INTERP_SPLITS)
+    wanted = triton.cdiv(2 * _sm_count(device), max(tiles, 1))
+    return max(1, min(wanted, triton.cdiv(blocks, _MIN_SPLIT_BLOCKS), _MAX_SPLITS))
+
+
+def split_chunk(length: int, splits: int, block_rows: int) -> tuple[int, int]:
+    """(rows per split, a multiple of block_rows; the split count actually needed)."""
+    chunk = triton.cdiv(triton.cdiv(max(length, 1), splits), block_rows) * block_rows
+    return chunk, triton.cdiv(max(length, 1), chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Second stage of the deterministic reductions: out[j] = sum over s (in order) of part[s, j].
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _sum_splits_kernel(
+    part_ptr,  # (S, L) partial sums, accumulation dtype, contiguous
+    out_ptr,  # (L,) result, output dtype
+    S,  # number of splits
+    L,  # number of sums
+    BLOCK: tl.constexpr,  # sums per program
+):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < L
+    total = tl.load(part_ptr + cols, mask=mask, other=0.0)
+    for s in range(1, S):
+        total += tl.load(part_ptr + s * L + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# 1024 sums per program: a whole LeNet weight gradient (at most 48k values) in a few dozen
+# programs natively, and few Python-level programs under the interpreter.
+_SUM_BLOCK = 1024
+
+
+def sum_splits(part: torch.Tensor, out: torch.Tensor) -> None:
+    """out.view(-1)[j] = part[:, j].sum() in a fixed order (part: (S, out.numel()))."""
+    length = out.numel()
+    if length == 0:
+        return
+    grid = (triton.cdiv(length, _SUM_BLOCK),)
+    torch.library.wrap_triton(_sum_splits_kernel)[grid](
+        part, out, part.shape[0], length, BLOCK=_SUM_BLOCK
+    )
+
+
+def register(name: str, fake):
+    """Decorator registering a launcher as `fastlenet::<name>` (see the module docstring)."""
+
+    def wrap(fn):
+        qualname = f"fastlenet::{name}"
+        if not INTERPRETED:
+            return torch.library.triton_op(qualname, fn, mutates_args=())
+        op = torch.library.custom_op(qualname, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+
+    return wrap
