@@ -6,7 +6,6 @@ FASTLENET_BACKEND overrides "auto".
 """
 
 import dataclasses
-import functools
 import importlib.util
 import os
 
@@ -39,8 +38,17 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.cache
+_STATUS: dict[str, BackendStatus] = {}
+
+
 def _status(name: str) -> BackendStatus:
+    # A plain dict cache: torch.compile traces through it (it warns on functools caches).
+    if name not in _STATUS:
+        _STATUS[name] = _probe(name)
+    return _STATUS[name]
+
+
+def _probe(name: str) -> BackendStatus:
     if name == "reference":
         return BackendStatus(True)
     if name == "cpu":

@@ -15,14 +15,15 @@ from torch.autograd.function import once_differentiable
 
 from fastlenet import _checks, _ext, backends, reference
 
-
-def _cpp_ops():
-    ops = torch.ops.fastlenet
-    return SimpleNamespace(
-        fwd=ops.conv_relu_pool_fwd,
-        bwd_input=ops.conv_relu_pool_bwd_input,
-        bwd_weight=ops.conv_relu_pool_bwd_weight,
+_CPP_OPS = (
+    SimpleNamespace(
+        fwd=torch.ops.fastlenet.conv_relu_pool_fwd,
+        bwd_input=torch.ops.fastlenet.conv_relu_pool_bwd_input,
+        bwd_weight=torch.ops.fastlenet.conv_relu_pool_bwd_weight,
     )
+    if _ext.LOADED
+    else None
+)
 
 
 def _triton_ops():
@@ -43,7 +44,7 @@ def _ops(backend: str):
         return _REFERENCE_OPS
     if backend == "triton":
         return _triton_ops()
-    return _cpp_ops()
+    return _CPP_OPS
 
 
 class ConvReLUPoolFunction(torch.autograd.Function):

@@ -13,10 +13,13 @@ from torch.autograd.function import once_differentiable
 
 from fastlenet import _checks, _ext, backends, reference
 
-
-def _cpp_ops():
-    ops = torch.ops.fastlenet
-    return SimpleNamespace(fwd=ops.linear_relu_fwd, bwd=ops.linear_relu_bwd)
+_CPP_OPS = (
+    SimpleNamespace(
+        fwd=torch.ops.fastlenet.linear_relu_fwd, bwd=torch.ops.fastlenet.linear_relu_bwd
+    )
+    if _ext.LOADED
+    else None
+)
 
 
 def _triton_ops():
@@ -33,7 +36,7 @@ def _ops(backend: str):
         return _REFERENCE_OPS
     if backend == "triton":
         return _triton_ops()
-    return _cpp_ops()
+    return _CPP_OPS
 
 
 class LinearReLUFunction(torch.autograd.Function):
