@@ -36,6 +36,7 @@ from torch.library import wrap_triton
 from fastlenet import _checks
 
 NO_GRAD = _checks.NO_GRAD
+_dot = launch.dot
 
 
 @triton.jit
@@ -65,6 +66,7 @@ def _fwd_kernel(
     HAS_BIAS: tl.constexpr,
     ACC_FP64: tl.constexpr,  # accumulate in float64 (float64 inputs)
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+    DOT_UPCAST: tl.constexpr,  # bfloat16 operands as float32 (interpreter only)
     BLOCK_M: tl.constexpr,  # pooled outputs per program
     BLOCK_N: tl.constexpr,  # output channels per program
     BLOCK_K: tl.constexpr,  # depth (c, kh, kw) per step
@@ -104,7 +106,7 @@ def _fwd_kernel(
                 a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
                 b_off = chans[None, :] * K + ks[:, None]
                 b = tl.load(w_ptr + b_off, mask=chan_ok[None, :] & k_ok[:, None], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                acc = _dot(a, b, acc, DOT_PRECISION, DOT_UPCAST)
             if HAS_BIAS:
                 acc += bias[None, :]
             # strictly greater keeps the first max; a NaN replaces a number, never a NaN
@@ -152,6 +154,7 @@ def _bwd_input_kernel(
     WIN_W: tl.constexpr,
     ACC_FP64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,  # input positions (n, ih, iw) per program
     BLOCK_N: tl.constexpr,  # input channels per program
     BLOCK_K: tl.constexpr,  # depth (o, kh, kw) per step
@@ -200,7 +203,7 @@ def _bwd_input_kernel(
         a_tile = dy.to(w_ptr.dtype.element_ty)
         b_off = (o[:, None] * C + chans[None, :]) * (KH * KW) + (kh * KW + kw)[:, None]
         b_tile = tl.load(w_ptr + b_off, mask=k_ok[:, None] & chan_ok[None, :], other=0.0)
-        acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
+        acc = _dot(a_tile, b_tile, acc, DOT_PRECISION, DOT_UPCAST)
     off = (n.to(tl.int64)[:, None] * C + chans[None, :]) * (H * W) + rem[:, None]
     tl.store(gx_ptr + off, acc.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None] & chan_ok[None, :])
 
@@ -232,6 +235,7 @@ def _bwd_weight_kernel(
     POOL_W: tl.constexpr,
     ACC_FP64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,  # output channels o per program
     BLOCK_N: tl.constexpr,  # weight columns k = (c, kh, kw) per program
     BLOCK_K: tl.constexpr,  # reduction rows t = (p, n, ph, pw) per step
@@ -263,16 +267,17 @@ def _bwd_weight_kernel(
         g_off = (n.to(tl.int64)[None, :] * O + chans[:, None]) * (PH * PW) + rem[None, :]
         g_mask = chan_ok[:, None] & t_ok[None, :]
         am = tl.load(argmax_ptr + g_off, mask=g_mask, other=255).to(tl.int32)
-        g = tl.load(g_ptr + g_off, mask=g_mask, other=0.0)
-        a_tile = tl.where(am == p[None, :], g, 0.0).to(g_ptr.dtype.element_ty)
-        bias_acc += tl.sum(a_tile.to(acc_dtype), axis=1)
+        g = tl.load(g_ptr + g_off, mask=g_mask, other=0.0).to(acc_dtype)
+        g = tl.where(am == p[None, :], g, 0.0)
+        bias_acc += tl.sum(g, axis=1)
+        a_tile = g.to(x_ptr.dtype.element_ty)
         # operand B (t, k): the input patch under the conv position p of the window
         ih = ((ph * pool_sh + p // POOL_W) * stride_h - pad_h)[:, None] + kh[None, :]
         iw = ((pw * pool_sw + p % POOL_W) * stride_w - pad_w)[:, None] + kw[None, :]
         x_mask = t_ok[:, None] & col_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_off = (n.to(tl.int64)[:, None] * C + c[None, :]) * (H * W) + ih * W + iw
         b_tile = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)
-        acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PRECISION)
+        acc = _dot(a_tile, b_tile, acc, DOT_PRECISION, DOT_UPCAST)
     part_off = (split * O + chans[:, None]).to(tl.int64) * K + cols[None, :]
     tl.store(part_w_ptr + part_off, acc, mask=chan_ok[:, None] & col_ok[None, :])
     if tl.program_id(1) == 0:
@@ -294,6 +299,7 @@ def _common(input, weight):
         "KW": weight.shape[3],
         "ACC_FP64": launch.acc_is_fp64(input.dtype),
         "DOT_PRECISION": launch.dot_precision(input.dtype),
+        "DOT_UPCAST": launch.dot_upcast(input.dtype),
     }
 
 

@@ -29,11 +29,10 @@ INTERPRETED = backends.triton_interpreted()
 TF32_ENV = "FASTLENET_TRITON_TF32"
 _allow_tf32 = os.environ.get(TF32_ENV, "0") == "1"
 
-#: Fill freshly allocated outputs with NaN (uint8 outputs with 254, not a value the kernels
-#: write for the window sizes the tests use) before a kernel writes them, so a position a
-#: kernel forgets shows up in the tests. On under the interpreter, where the fill is free
-#: next to the interpreter's cost; FASTLENET_TRITON_POISON=1 turns it on natively.
-POISON = INTERPRETED or os.environ.get("FASTLENET_TRITON_POISON", "0") == "1"
+#: Fill freshly allocated outputs with NaN (uint8 outputs with 254, a window position no test
+#: geometry reaches) before a kernel writes them, so a position a kernel forgets shows up in
+#: the tests. The same switch as the C++ kernels' (tests/conftest.py sets it).
+POISON = os.environ.get("FASTLENET_POISON", "0") == "1"
 _UINT8_POISON = 254
 
 
@@ -48,6 +47,14 @@ def set_allow_tf32(enabled: bool) -> None:
 def dot_precision(dtype: torch.dtype) -> str:
     """`input_precision` of tl.dot: "tf32" only for float32 inputs with TF32 allowed."""
     return "tf32" if dtype == torch.float32 and _allow_tf32 else "ieee"
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """Whether tl.dot gets its bfloat16 operands as float32. Only under the interpreter,
+    whose dot multiplies bfloat16 (stored as uint16 in numpy) as raw integers; a product of
+    two bfloat16 values is exact in float32, so the result is the same as the native
+    bfloat16 dot with float32 accumulation."""
+    return INTERPRETED and dtype == torch.bfloat16
 
 
 def acc_is_fp64(dtype: torch.dtype) -> bool:
@@ -137,6 +144,15 @@ def split_chunk(length: int, splits: int, block_rows: int) -> tuple[int, int]:
     """(rows per split, a multiple of block_rows; the split count actually needed)."""
     chunk = triton.cdiv(triton.cdiv(max(length, 1), splits), block_rows) * block_rows
     return chunk, triton.cdiv(max(length, 1), chunk)
+
+
+@triton.jit
+def dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b (see dot_precision and dot_upcast)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
