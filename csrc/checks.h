@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -13,6 +14,10 @@ namespace fastlenet {
 
 // Window positions are stored in one byte; this value means "no gradient flows".
 constexpr uint8_t kNoGrad = 255;
+
+// Largest padding accepted: a plane padded by more than this (over 2^42 elements) could never
+// be allocated, and the bound keeps every size product of the kernels far from int64 overflow.
+constexpr int64_t kMaxPadding = int64_t{1} << 20;
 
 // FASTLENET_POISON=1 (set by the test suite) fills every output with garbage before a kernel
 // writes it, so an element a kernel forgets to write shows up as a mismatch, not as a stale 0.
@@ -86,9 +91,12 @@ inline ConvPoolGeometry conv_pool_geometry(const at::Tensor& input, const at::Te
   g.psw = pool_stride[1];
   TORCH_CHECK(g.sh >= 1 && g.sw >= 1, "stride must be >= 1, got ", stride);
   TORCH_CHECK(g.padh >= 0 && g.padw >= 0, "padding must be >= 0, got ", padding);
+  TORCH_CHECK(g.padh <= kMaxPadding && g.padw <= kMaxPadding, "padding must be at most ",
+              kMaxPadding, ", got ", padding);
   TORCH_CHECK(g.poolh >= 1 && g.poolw >= 1, "pool_size must be >= 1, got ", pool_size);
-  TORCH_CHECK(g.poolh * g.poolw <= kNoGrad, "pool_size must have at most ", int(kNoGrad),
-              " positions, got ", pool_size);
+  // Each side is bounded first, so that the product cannot overflow.
+  TORCH_CHECK(g.poolh <= kNoGrad && g.poolw <= kNoGrad && g.poolh * g.poolw <= kNoGrad,
+              "pool_size must have at most ", int(kNoGrad), " positions, got ", pool_size);
   TORCH_CHECK(g.psh >= 1 && g.psw >= 1, "pool_stride must be >= 1, got ", pool_stride);
   g.oh = (g.h + 2 * g.padh - g.kh) / g.sh + 1;
   g.ow = (g.w + 2 * g.padw - g.kw) / g.sw + 1;
@@ -110,6 +118,23 @@ inline void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& 
               out_features, "), got ", bias->sizes());
 }
 
+// The backward kernels index the conv output with each argmax byte: a byte that is neither a
+// window position nor kNoGrad would make them read and write out of bounds. One pass over one
+// byte per pooled output; CPU tensors only (on a GPU the check would cost a device sync, so the
+// CUDA kernels must skip such bytes themselves).
+inline void check_argmax_values(const at::Tensor& argmax, const ConvPoolGeometry& g) {
+  if (!argmax.device().is_cpu()) return;
+  const at::Tensor am = argmax.contiguous();
+  const uint8_t* p = am.const_data_ptr<uint8_t>();
+  const int64_t positions = g.poolh * g.poolw;
+  const uint8_t* end = p + am.numel();
+  const uint8_t* bad =
+      std::find_if(p, end, [&](uint8_t q) { return q != kNoGrad && q >= positions; });
+  TORCH_CHECK(bad == end, "argmax holds ", int(bad == end ? 0 : *bad), " at flat index ", bad - p,
+              " but a pooling window has ", positions, " positions (", int(kNoGrad),
+              " means no gradient)");
+}
+
 // grad_out and argmax of the backward ops: shaped like the pooled output.
 inline void check_pooled_grad(const at::Tensor& grad_out, const at::Tensor& argmax,
                               const at::Tensor& input, const ConvPoolGeometry& g) {
@@ -123,6 +148,7 @@ inline void check_pooled_grad(const at::Tensor& grad_out, const at::Tensor& argm
               " but input is on ", input.device());
   TORCH_CHECK(argmax.sizes() == at::IntArrayRef(shape), "argmax must have shape ",
               at::IntArrayRef(shape), ", got ", argmax.sizes());
+  check_argmax_values(argmax, g);
 }
 
 // Linear: input (B, in), weight (out, in).

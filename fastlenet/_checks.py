@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-#: argmax byte meaning "this window passes no gradient" (max pre-activation <= 0 or NaN);
+#: argmax byte meaning "this window passes no gradient" (its max pre-activation is <= 0);
 #: so a pooling window holds at most 255 positions.
 NO_GRAD = 255
 MAX_POOL_WINDOW = 255
@@ -89,6 +89,10 @@ def check_conv_input(input, weight, stride, padding, pool_size, pool_stride):
     if input.dim() != 4:
         raise ValueError(
             f"input must be 3-D (C, H, W) or 4-D (N, C, H, W), got shape {tuple(input.shape)}"
+        )
+    if 0 in weight.shape:
+        raise ValueError(
+            f"weight must have no zero-size dimension, got shape {tuple(weight.shape)}"
         )
     if input.shape[1] != weight.shape[1]:
         raise ValueError(
