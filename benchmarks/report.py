@@ -1,0 +1,294 @@
+"""Prints the table of one benchmark run from results/bench.csv (default: the latest run).
+
+    python benchmarks/report.py [--csv PATH] [--run RUN_ID] [--save]
+
+--save also writes the table to results/table_<device>.md (what the README quotes).
+
+The tables are Markdown (pipes aligned), so the output reads in a terminal and pastes into
+the README as it is. Reads only the CSV files: no torch import, no timing.
+"""
+
+import argparse
+import csv
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SAVED_NAME = "saved_for_backward.csv"
+OPS = ("lenet5", "conv_relu_pool", "linear_relu")  # the order of the sections
+PASS_ORDER = {"train_step": 0, "inference": 1, "forward": 2, "backward": 3, "full": 4}
+#: LeNet-5's useful FLOPs per sample (2 x dense MACs; see harness.py), quoted in the header.
+LENET_FWD_MFLOP = 0.833040
+LENET_BWD_MFLOP = 1.430880
+
+
+def read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def num(row: dict, key: str) -> float | None:
+    value = row.get(key, "")
+    return float(value) if value not in ("", None) else None
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def ms(value: float | None) -> str:
+    """Milliseconds with 4 significant digits for the usual range, no exponent."""
+    if value is None:
+        return ""
+    return f"{value:.1f}" if value >= 100 else f"{value:.3f}" if value >= 1 else f"{value:.4f}"
+
+
+def table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells):
+        out = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(out) + " |"
+
+    sep = ["-" * (w - 1) + (":" if i in right else "-") for i, w in enumerate(widths)]
+    return "\n".join([line(headers), "| " + " | ".join(sep) + " |", *map(line, rows)])
+
+
+def provider_label(row: dict, alloc_tags: dict[str, str]) -> str:
+    tag = alloc_tags.get(row["alloc"], "")
+    return f"{row['provider']} {tag}".strip()
+
+
+def timing_table(rows: list[dict], alloc_tags) -> str:
+    rows = sorted(
+        rows,
+        key=lambda r: (
+            PASS_ORDER.get(r["pass"], 9),
+            int(r["batch"]),
+            r["alloc"] != "default",
+            not r["provider"].startswith("fastlenet-"),
+            r["provider"] == "compile",
+        ),
+    )
+    headers = [
+        "pass",
+        "batch",
+        "provider",
+        "median ms",
+        "p20-p80 ms",
+        "samples/s",
+        "GFLOP/s",
+        "% peak",
+        "x eager",
+        "x compile",
+        "compile s",
+    ]
+    body = []
+    for r in rows:
+        body.append(
+            [
+                r["pass"],
+                r["batch"],
+                provider_label(r, alloc_tags),
+                ms(num(r, "median_ms")),
+                f"{ms(num(r, 'p20_ms'))}-{ms(num(r, 'p80_ms'))}",
+                fmt(num(r, "samples_per_s"), ",.0f"),
+                fmt(num(r, "gflops"), ".1f"),
+                fmt(100 * num(r, "peak_frac") if num(r, "peak_frac") is not None else None, ".1f"),
+                fmt(num(r, "vs_eager"), ".2f"),
+                fmt(num(r, "vs_compile"), ".2f"),
+                fmt(num(r, "compile_s"), ".1f"),
+            ]
+        )
+    return table(headers, body, right={1, 3, 4, 5, 6, 7, 8, 9, 10})
+
+
+def saved_table(rows: list[dict]) -> str:
+    by_shape = defaultdict(dict)
+    for r in rows:
+        by_shape[r["shape"]][r["provider"]] = r
+    headers = [
+        "layer",
+        "provider",
+        "bytes/sample",
+        "stock/this",
+        "excl. input",
+        "stock/this",
+        "saved tensors (batch)",
+    ]
+    body = []
+    for shape, provs in by_shape.items():
+        stock = provs.get("eager")
+        for name, r in provs.items():
+            batch = int(r["batch"])
+            total = int(r["saved_bytes"]) / batch
+            excl = int(r["saved_bytes_excl_input"]) / batch
+            ratio = ratio_excl = ""
+            if stock:
+                ratio = f"{int(stock['saved_bytes']) / int(r['saved_bytes']):.1f}x"
+                excl_ratio = int(stock["saved_bytes_excl_input"]) / int(r["saved_bytes_excl_input"])
+                ratio_excl = f"{excl_ratio:.1f}x"
+            body.append(
+                [shape, name, f"{total:,.0f}", ratio, f"{excl:,.0f}", ratio_excl, r["tensors"]]
+            )
+    return table(headers, body, right={2, 3, 4, 5})
+
+
+def targets(rows: list[dict], saved: list[dict]) -> list[str]:
+    """The issue's targets on this machine, read off the run (2 threads, CPU)."""
+    out = []
+
+    def find(op, pass_, batch, shape=None):
+        return [
+            r
+            for r in rows
+            if r["op"] == op
+            and r["pass"] == pass_
+            and int(r["batch"]) == batch
+            and r["alloc"] == "default"
+            and r["provider"].startswith("fastlenet-")
+            and (shape is None or r["shape"].startswith(shape))
+        ]
+
+    for batch in (64, 256):
+        for r in find("lenet5", "train_step", batch):
+            e, c = num(r, "vs_eager"), num(r, "vs_compile")
+            ok = e is not None and c is not None and e >= 3 and c >= 3
+            out.append(
+                f"- LeNet-5 train step, batch {batch}, {r['provider']}: {fmt(e, '.2f')}x eager, "
+                f"{fmt(c, '.2f')}x torch.compile (target >= 3x both): {'met' if ok else 'NOT met'}"
+            )
+    for batch in (64, 256):
+        for layer in ("conv1", "conv2"):
+            for r in find("conv_relu_pool", "full", batch, layer):
+                e = num(r, "vs_eager")
+                ok = e is not None and e >= 3
+                out.append(
+                    f"- conv_relu_pool fwd+bwd {r['shape']}, batch {batch}, {r['provider']}: "
+                    f"{fmt(e, '.2f')}x eager (target >= 3x): {'met' if ok else 'NOT met'}"
+                )
+    by_shape = defaultdict(dict)
+    for r in saved:
+        by_shape[r["shape"]][r["provider"]] = r
+    for shape, provs in by_shape.items():
+        stock = provs.get("eager")
+        for name, r in provs.items():
+            if not name.startswith("fastlenet-") or not stock:
+                continue
+            ratio = int(stock["saved_bytes"]) / int(r["saved_bytes"])
+            excl = int(stock["saved_bytes_excl_input"]) / int(r["saved_bytes_excl_input"])
+            verdict = (
+                "met" if ratio >= 4 else "met only without the input" if excl >= 4 else "NOT met"
+            )
+            out.append(
+                f"- saved for backward, {shape}, {name}: {ratio:.1f}x smaller than stock "
+                f"counting the layer input, {excl:.1f}x without it (target >= 4x): {verdict}"
+            )
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--csv", type=Path, default=RESULTS / "bench.csv")
+    parser.add_argument("--run", help="run id (column `run`); default: the latest in the file")
+    parser.add_argument("--save", action="store_true", help="also write results/table_<device>.md")
+    args = parser.parse_args(argv)
+    rows = read(args.csv)
+    if not rows:
+        print(f"no benchmark rows in {args.csv}: run `make bench` first", file=sys.stderr)
+        return 1
+    run = args.run or rows[-1]["run"]
+    rows = [r for r in rows if r["run"] == run]
+    if not rows:
+        print(f"run {run!r} is not in {args.csv}", file=sys.stderr)
+        return 1
+    saved = [r for r in read(args.csv.with_name(SAVED_NAME)) if r["run"] == run]
+
+    lines_out: list[str] = []
+
+    def emit(text: str) -> None:
+        lines_out.append(text)
+        print(text)
+
+    first = rows[0]
+    allocs = sorted({r["alloc"] for r in rows} - {"default"})
+    alloc_tags = {a: f"[env{i + 1}]" for i, a in enumerate(allocs)}
+    peaks = [r for r in rows if r["op"] == "mm_peak"]
+    emit(
+        f"# fastlenet benchmarks: run {run}"
+        + (f" ({first['label']})" if first["label"] else "")
+        + f", rev {first['git_rev']}\n"
+    )
+    emit(
+        f"Machine: {first['machine']} ({first['device']}), {first['threads']} threads, "
+        f"torch {first['torch']}, triton {first['triton'] or '-'}, float32."
+    )
+    for p in peaks:
+        tag = alloc_tags.get(p["alloc"], "")
+        emit(
+            f"torch.mm peak{' ' + tag if tag else ''}: {num(p, 'gflops'):.0f} GFLOP/s "
+            f"(float32 {p['shape']}, fastest of {p['rounds']}, same run, same thread count)"
+        )
+    emit(
+        "\nHow it is timed: in each case (op or model, pass, batch) every provider is timed in "
+        "the same loop, round by round, in an order rotated each round; a sample is k "
+        "back-to-back calls (k per provider, >= 5 ms), the garbage collector paused. "
+        "median/p20/p80 are over rounds. `x eager` and `x compile` are the median over rounds "
+        "of the paired ratio t_stock[r] / t_fastlenet[r] (both times of a pair a few ms "
+        "apart, so background load hits both): > 1 means fastlenet is faster. Every provider "
+        "is first checked against the float64 reference (outputs and gradients). "
+        "forward = forward with autograd recording; backward = backward alone (graphs built "
+        "untimed); full = both. train_step = zero_grad, forward, cross-entropy, backward, "
+        "SGD(momentum 0.9) step; inference = forward under torch.inference_mode. "
+        "compile = torch.compile(dynamic=False) of the stock model/composition, steady state; "
+        "`compile s` = its first call(s) (compilation) from a fresh inductor cache."
+    )
+    emit(
+        "\nFLOPs: useful = 2 x the dense multiply-adds of convolutions and matmuls (bias, "
+        "ReLU, pool, loss, optimizer free). Backward = dense grad_weight + dense grad_input "
+        "(conv1 has no input gradient). LeNet-5: forward "
+        f"{LENET_FWD_MFLOP:.3f} MFLOP/sample, backward {LENET_BWD_MFLOP:.3f}. The fused "
+        "backward skips windows that pass no gradient but is credited the dense FLOPs. "
+        "% peak = GFLOP/s over the torch.mm peak above."
+    )
+    for alloc, tag in alloc_tags.items():
+        emit(
+            f"\n{tag} rows: a separate pytest run in the same `make bench` with the "
+            f"environment `{alloc}` (glibc keeps freed activation buffers instead of "
+            "returning them to the OS each step); their ratios pair them with each other, "
+            "never with the default rows. Rows without a tag use the default allocator, "
+            "as users run it."
+        )
+
+    for op in OPS:
+        op_rows = [r for r in rows if r["op"] == op]
+        for shape in dict.fromkeys(r["shape"] for r in op_rows):
+            emit(f"\n## {op} {shape}\n")
+            emit(timing_table([r for r in op_rows if r["shape"] == shape], alloc_tags))
+    if saved:
+        emit("\n## Saved for backward (conv layers, measured with saved_tensors_hooks)\n")
+        emit(
+            "Distinct storages autograd keeps from forward to backward, per sample, "
+            "parameters excluded; `excl. input` also leaves out the layer's input, which "
+            "the previous layer's output keeps alive anyway.\n"
+        )
+        emit(saved_table(saved))
+    lines = targets(rows, saved)
+    if lines:
+        emit("\n## Targets of issue 5\n")
+        emit("\n".join(lines))
+    if args.save:
+        path = args.csv.with_name(f"table_{first['device']}.md")
+        path.write_text("\n".join(lines_out) + "\n")
+        print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
