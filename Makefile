@@ -42,9 +42,18 @@ format: $(DEPS)
 test: $(BUILT) lint
 	$(PY) -m pytest tests
 
+# Benchmarks (benchmarks/harness.py has every setting): fastlenet against stock eager and
+# torch.compile, providers timed alternately; prints the table, appends rows to
+# benchmarks/results/*.csv, writes the PNG and the table there. ~10 min on this 2-core machine;
+# quick run: FASTLENET_BENCH_BATCHES=64 make bench. The second pytest run times LeNet-5 again
+# with glibc told to keep freed activation buffers; the table shows it as separate rows.
+BENCH_MALLOC_ENV ?= MALLOC_TRIM_THRESHOLD_=268435456 MALLOC_MMAP_THRESHOLD_=33554432
+bench: export FASTLENET_BENCH_RUN := $(shell date -u +%Y-%m-%dT%H:%M:%SZ)
 bench: $(BUILT)
 	$(PY) -m pytest benchmarks
-	$(PY) benchmarks/report.py
+	$(BENCH_MALLOC_ENV) $(PY) -m pytest benchmarks/bench_lenet5.py
+	$(PY) benchmarks/report.py --save
+	$(PY) benchmarks/plot.py
 
 plot: $(DEPS)
 	$(PY) benchmarks/plot.py
