@@ -52,6 +52,14 @@ inline void check_float(const at::Tensor& t, const char* name) {
               " must be float32 or float64, got ", t.scalar_type());
 }
 
+// The CUDA kernels also take float16 and bfloat16 (accumulating in float32).
+inline void check_float(const at::Tensor& t, const char* name, bool reduced_precision) {
+  if (!reduced_precision) return check_float(t, name);
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, name,
+              " must be float32, float64, float16 or bfloat16, got ", s);
+}
+
 inline void check_like(const at::Tensor& t, const at::Tensor& input, const char* name) {
   TORCH_CHECK(t.scalar_type() == input.scalar_type(), name, " has dtype ", t.scalar_type(),
               " but input has dtype ", input.scalar_type());
@@ -61,10 +69,11 @@ inline void check_like(const at::Tensor& t, const at::Tensor& input, const char*
 
 inline ConvPoolGeometry conv_pool_geometry(const at::Tensor& input, const at::Tensor& weight,
                                            at::IntArrayRef stride, at::IntArrayRef padding,
-                                           at::IntArrayRef pool_size, at::IntArrayRef pool_stride) {
+                                           at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
+                                           bool reduced_precision = false) {
   TORCH_CHECK(input.dim() == 4, "input must be 4-D (N, C, H, W), got ", input.dim(), "-D");
   TORCH_CHECK(weight.dim() == 4, "weight must be 4-D (O, C, KH, KW), got ", weight.dim(), "-D");
-  check_float(input, "input");
+  check_float(input, "input", reduced_precision);
   check_like(weight, input, "weight");
   TORCH_CHECK(
       stride.size() == 2 && padding.size() == 2 && pool_size.size() == 2 && pool_stride.size() == 2,
@@ -152,11 +161,12 @@ inline void check_pooled_grad(const at::Tensor& grad_out, const at::Tensor& argm
 }
 
 // Linear: input (B, in), weight (out, in).
-inline void check_linear(const at::Tensor& input, const at::Tensor& weight) {
+inline void check_linear(const at::Tensor& input, const at::Tensor& weight,
+                         bool reduced_precision = false) {
   TORCH_CHECK(input.dim() == 2, "input must be 2-D (batch, in_features), got ", input.dim(), "-D");
   TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (out_features, in_features), got ",
               weight.dim(), "-D");
-  check_float(input, "input");
+  check_float(input, "input", reduced_precision);
   check_like(weight, input, "weight");
   TORCH_CHECK(input.size(1) == weight.size(1), "input has ", input.size(1),
               " features but weight expects ", weight.size(1));

@@ -1,0 +1,271 @@
+// conv2d -> ReLU -> max_pool2d on CUDA: kernel bodies (launchers in conv_relu_pool_cuda.cu).
+// The same source runs in the CPU simulator of tests/cuda_sim/ (see cuda_common.cuh).
+//
+// Shapes (all contiguous, row-major): input x (N, C, H, W); weight w (O, C, KH, KW); bias b (O);
+// conv output y (N, O, OH, OW), never stored; pooled output out and argmax (N, O, PH, PW).
+//
+// Forward:  y[n,o,oh,ow] = b[o] + sum_{c,kh,kw} w[o,c,kh,kw] * xpad[n,c,oh*SH+kh,ow*SW+kw]
+//           m = max over the window (i, j) of y[n,o,ph*PSH+i,pw*PSW+j]   (first max in row-major
+//               order wins ties; NaN wins over numbers, as max_pool2d)
+//           out = relu(m);  argmax = i*POOLW+j of m if m > 0, else 255 (no gradient)
+// Saved for backward (by the caller): x, w and argmax: one byte per pooled output.
+// Backward: only (oh, ow) = the argmax of a window with argmax != 255 gets g = grad_out:
+//           grad_b[o] = sum g;  grad_w[o,c,kh,kw] = sum g * xpad[n,c,oh*SH+kh,ow*SW+kw]
+//           grad_x[n,c,y,x] = sum over (o, kh, kw) whose conv output (oh, ow) is the argmax of
+//                             a window it belongs to: g * w[o,c,kh,kw]
+// Accumulation is in acc_t<T> (float32, or float64 for float64 data).
+//
+// Kernels:
+//  - conv_relu_pool_fwd_kernel: one block = one sample, OCB output channels, a tile of
+//    blockDim.y x blockDim.x pooled outputs (one per thread). The input patch under the tile
+//    and the weights of the OCB channels are staged in shared memory, a chunk of channels at
+//    a time; each thread keeps OCB conv accumulators in registers, visits the window positions
+//    one after the other and keeps max/argmax in registers. When the channel chunk does not
+//    cover all channels, it is re-staged for every window position (only for wide layers).
+//    Without staging (Stage = false: a patch of one channel does not fit) it reads global
+//    memory directly.
+//  - conv_relu_pool_bwd_input_kernel: one thread per input element, gathering from every conv
+//    output its weights touch: no atomics, a fixed summation order.
+//  - conv_relu_pool_bwd_weight_partial_kernel: block (s, o) sums the contributions of a fixed
+//    slice s of the N*PH*PW pooled positions to every grad_w[o] element (and grad_b[o], as
+//    element K = C*KH*KW with input 1); threads along y split the slice, a shared-memory tree
+//    adds their sums; the block writes its partial sums (or atomically adds them, opt-in).
+//    conv_relu_pool_bwd_weight_reduce_kernel adds the partials of each element in slice
+//    order: bitwise reproducible from run to run.
+#pragma once
+
+#include "cuda_common.cuh"
+
+namespace fastlenet::cuda {
+
+constexpr uint8_t kNoGrad = 255;  // argmax byte: no gradient flows through this window
+
+template <typename T, int OCB, bool Stage>
+__global__ void conv_relu_pool_fwd_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                          const T* __restrict__ bias, T* __restrict__ out,
+                                          uint8_t* __restrict__ argmax, ConvGeom g,
+                                          int64_t chunk,  // channels staged at once (Stage)
+                                          int64_t tiles_w) {
+  using A = acc_t<T>;
+  FASTLENET_DYNAMIC_SMEM(smem_raw);
+  A* xs = reinterpret_cast<A*>(smem_raw);  // [chunk][tih][tiw]
+  const int64_t tph = blockDim.y, tpw = blockDim.x;
+  const int64_t tih = ((tph - 1) * g.psh + g.poolh - 1) * g.sh + g.kh;
+  const int64_t tiw = ((tpw - 1) * g.psw + g.poolw - 1) * g.sw + g.kw;
+  const int64_t ksize = g.kh * g.kw;
+  A* ws = xs + chunk * tih * tiw;  // [chunk][OCB][kh][kw]
+
+  const int64_t tile = blockIdx.x;
+  const int64_t ph0 = (tile / tiles_w) * tph, pw0 = (tile % tiles_w) * tpw;
+  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * OCB;
+  const int64_t ph = ph0 + threadIdx.y, pw = pw0 + threadIdx.x;
+  const bool active = ph < g.ph && pw < g.pw;
+  const int64_t nthreads = tph * tpw;
+  const int64_t tid = threadIdx.y * tpw + threadIdx.x;
+  // Top-left input row/column of the tile (may be negative: padding).
+  const int64_t iy0 = ph0 * g.psh * g.sh - g.padh, ix0 = pw0 * g.psw * g.sw - g.padw;
+  const int64_t qn = g.poolh * g.poolw;
+  const bool single_chunk = chunk >= g.c;
+
+  for (int64_t n = blockIdx.z; n < g.n; n += gridDim.z) {
+    const T* xn = x + n * g.c * g.h * g.w;
+    A best[OCB];
+    int pos[OCB];
+    for (int64_t q = 0; q < qn; ++q) {
+      const int64_t i = q / g.poolw, j = q % g.poolw;
+      A acc[OCB];
+      for (int k = 0; k < OCB; ++k)
+        acc[k] = (bias != nullptr && o0 + k < g.o) ? to_acc(bias[o0 + k]) : A(0);
+      // Tile coordinates of this thread's conv output's top-left input.
+      const int64_t ry = (threadIdx.y * g.psh + i) * g.sh, rx = (threadIdx.x * g.psw + j) * g.sw;
+      for (int64_t c0 = 0; c0 < g.c; c0 += (Stage ? chunk : g.c)) {
+        const int64_t cn = Stage ? imin(chunk, g.c - c0) : g.c;
+        if (Stage && (!single_chunk || q == 0)) {
+          __syncthreads();  // the previous chunk is no longer read
+          for (int64_t e = tid; e < cn * tih * tiw; e += nthreads) {
+            const int64_t cc = e / (tih * tiw), r = (e / tiw) % tih, s = e % tiw;
+            const int64_t iy = iy0 + r, ix = ix0 + s;
+            xs[e] = (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w)
+                        ? to_acc(xn[((c0 + cc) * g.h + iy) * g.w + ix])
+                        : A(0);
+          }
+          for (int64_t e = tid; e < cn * OCB * ksize; e += nthreads) {
+            const int64_t cc = e / (OCB * ksize), k = (e / ksize) % OCB, t = e % ksize;
+            ws[e] = (o0 + k < g.o) ? to_acc(w[((o0 + k) * g.c + c0 + cc) * ksize + t]) : A(0);
+          }
+          __syncthreads();
+        }
+        if (!active) continue;
+        for (int64_t cc = 0; cc < cn; ++cc) {
+          for (int64_t kh = 0; kh < g.kh; ++kh) {
+            for (int64_t kw = 0; kw < g.kw; ++kw) {
+              A xv;
+              if constexpr (Stage) {
+                xv = xs[(cc * tih + ry + kh) * tiw + rx + kw];
+              } else {
+                const int64_t iy = iy0 + ry + kh, ix = ix0 + rx + kw;
+                xv = (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w)
+                         ? to_acc(xn[((c0 + cc) * g.h + iy) * g.w + ix])
+                         : A(0);
+              }
+              for (int k = 0; k < OCB; ++k) {
+                A wv;
+                if constexpr (Stage)
+                  wv = ws[((cc * OCB + k) * g.kh + kh) * g.kw + kw];
+                else
+                  wv = (o0 + k < g.o)
+                           ? to_acc(w[((o0 + k) * g.c + c0 + cc) * ksize + kh * g.kw + kw])
+                           : A(0);
+                acc[k] += wv * xv;
+              }
+            }
+          }
+        }
+      }
+      if (!active) continue;
+      for (int k = 0; k < OCB; ++k) {
+        // max_pool2d's rule: the first value, then a strictly larger value or a NaN.
+        const A v = acc[k];
+        if (q == 0 || v > best[k] || v != v) {
+          best[k] = v;
+          pos[k] = static_cast<int>(q);
+        }
+      }
+    }
+    if (active) {
+      for (int k = 0; k < OCB; ++k) {
+        if (o0 + k >= g.o) break;
+        const int64_t idx = ((n * g.o + o0 + k) * g.ph + ph) * g.pw + pw;
+        const A m = best[k];
+        out[idx] = from_acc<T>(m <= A(0) ? A(0) : m);  // NaN stays NaN
+        argmax[idx] = m > A(0) ? static_cast<uint8_t>(pos[k]) : kNoGrad;
+      }
+    }
+    __syncthreads();  // the next sample re-stages shared memory
+  }
+}
+
+template <typename T>
+__global__ void conv_relu_pool_bwd_input_kernel(const T* __restrict__ grad_out,
+                                                const uint8_t* __restrict__ argmax,
+                                                const T* __restrict__ w, T* __restrict__ grad_in,
+                                                ConvGeom g) {
+  using A = acc_t<T>;
+  const int64_t total = g.n * g.c * g.h * g.w;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += step) {
+    const int64_t xx = e % g.w, yy = (e / g.w) % g.h, c = (e / (g.w * g.h)) % g.c;
+    const int64_t n = e / (g.w * g.h * g.c);
+    const int64_t py = yy + g.padh, px = xx + g.padw;  // position in the padded input
+    // Conv outputs touching (py, px): oh*SH + kh = py with 0 <= kh < KH, 0 <= oh < OH.
+    const int64_t oh_lo = py >= g.kh ? ceil_div(py - g.kh + 1, g.sh) : 0;
+    const int64_t oh_hi = imin(py / g.sh, g.oh - 1);
+    const int64_t ow_lo = px >= g.kw ? ceil_div(px - g.kw + 1, g.sw) : 0;
+    const int64_t ow_hi = imin(px / g.sw, g.ow - 1);
+    A acc = A(0);
+    for (int64_t o = 0; o < g.o; ++o) {
+      const int64_t plane = (n * g.o + o) * g.ph * g.pw;
+      const T* wo = w + (o * g.c + c) * g.kh * g.kw;
+      for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
+        const int64_t kh = py - oh * g.sh;
+        // Pooled rows whose window holds conv row oh: ph*PSH <= oh < ph*PSH + POOLH.
+        const int64_t ph_lo = oh >= g.poolh ? ceil_div(oh - g.poolh + 1, g.psh) : 0;
+        const int64_t ph_hi = imin(oh / g.psh, g.ph - 1);
+        for (int64_t ow = ow_lo; ow <= ow_hi; ++ow) {
+          const int64_t kw = px - ow * g.sw;
+          const int64_t pw_lo = ow >= g.poolw ? ceil_div(ow - g.poolw + 1, g.psw) : 0;
+          const int64_t pw_hi = imin(ow / g.psw, g.pw - 1);
+          for (int64_t ph = ph_lo; ph <= ph_hi; ++ph) {
+            for (int64_t pw = pw_lo; pw <= pw_hi; ++pw) {
+              const int64_t idx = plane + ph * g.pw + pw;
+              const int q = argmax[idx];
+              // kNoGrad and bytes that are no window position never match.
+              if (q == (oh - ph * g.psh) * g.poolw + (ow - pw * g.psw))
+                acc += to_acc(grad_out[idx]) * to_acc(wo[kh * g.kw + kw]);
+            }
+          }
+        }
+      }
+    }
+    grad_in[e] = from_acc<T>(acc);
+  }
+}
+
+// blockDim = (KT, PY), PY a power of two; grid = (slices, O). partial: [slices][O][K + 1].
+template <typename T, int KT, int PY>
+__global__ void conv_relu_pool_bwd_weight_partial_kernel(const T* __restrict__ grad_out,
+                                                         const uint8_t* __restrict__ argmax,
+                                                         const T* __restrict__ x,
+                                                         acc_t<T>* __restrict__ partial, ConvGeom g,
+                                                         bool atomics) {
+  using A = acc_t<T>;
+  __shared__ A red[PY][KT];
+  const int64_t o = blockIdx.y, slice = blockIdx.x, slices = gridDim.x;
+  const int64_t tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t ksize = g.kh * g.kw, K = g.c * ksize;
+  const int64_t plane = g.ph * g.pw, P = g.n * plane, qn = g.poolh * g.poolw;
+  const int64_t p0 = slice * P / slices, p1 = (slice + 1) * P / slices;
+  A* dst = partial + (atomics ? 0 : slice * g.o * (K + 1)) + o * (K + 1);
+  for (int64_t k0 = 0; k0 < K + 1; k0 += KT) {
+    const int64_t k = k0 + tx;
+    const int64_t c = k / ksize, kh = (k % ksize) / g.kw, kw = k % g.kw;
+    A acc = A(0);
+    if (k <= K) {
+      for (int64_t p = p0 + ty; p < p1; p += PY) {
+        const int64_t n = p / plane, r = p % plane;
+        const int64_t idx = (n * g.o + o) * plane + r;
+        const int q = argmax[idx];
+        // kNoGrad, or a byte that is no window position (never written by the forward; the
+        // CPU binding rejects it, checking here would cost a device sync): no gradient.
+        if (q >= qn) continue;
+        const A gv = to_acc(grad_out[idx]);
+        if (k == K) {  // the bias "weight": input 1
+          acc += gv;
+          continue;
+        }
+        const int64_t oh = (r / g.pw) * g.psh + q / g.poolw;
+        const int64_t ow = (r % g.pw) * g.psw + q % g.poolw;
+        const int64_t iy = oh * g.sh + kh - g.padh, ix = ow * g.sw + kw - g.padw;
+        if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w)
+          acc += gv * to_acc(x[((n * g.c + c) * g.h + iy) * g.w + ix]);
+      }
+    }
+    red[ty][tx] = acc;
+    __syncthreads();
+    for (int s = PY / 2; s > 0; s /= 2) {
+      if (ty < s) red[ty][tx] += red[ty + s][tx];
+      __syncthreads();
+    }
+    if (ty == 0 && k <= K) {
+      if (atomics)
+        atomicAdd(dst + k, red[0][tx]);
+      else
+        dst[k] = red[0][tx];
+    }
+    __syncthreads();  // red[0] is read above before the next chunk overwrites it
+  }
+}
+
+// One thread per element e of [O][K + 1]: the sum of its `slices` partials, in slice order.
+template <typename T>
+__global__ void conv_relu_pool_bwd_weight_reduce_kernel(const acc_t<T>* __restrict__ partial,
+                                                        T* __restrict__ grad_w,
+                                                        T* __restrict__ grad_b, ConvGeom g,
+                                                        int64_t slices) {
+  using A = acc_t<T>;
+  const int64_t K = g.c * g.kh * g.kw, total = g.o * (K + 1);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += step) {
+    A sum = A(0);
+    for (int64_t s = 0; s < slices; ++s) sum += partial[s * total + e];
+    const int64_t o = e / (K + 1), k = e % (K + 1);
+    if (k == K)
+      grad_b[o] = from_acc<T>(sum);
+    else
+      grad_w[o * K + k] = from_acc<T>(sum);
+  }
+}
+
+}  // namespace fastlenet::cuda

@@ -1,0 +1,113 @@
+// conv2d -> ReLU -> max_pool2d on CUDA: tensor checks, allocation and the
+// TORCH_LIBRARY_IMPL(fastlenet, CUDA) registration. The math and the kernels are described in
+// conv_relu_pool_cuda.cuh; the launchers (no torch header) are in conv_relu_pool_cuda.cu.
+// Every launch runs on the current stream of the input's device and is checked.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda_checks.h"
+
+namespace fastlenet {
+namespace {
+
+cuda::ConvGeom to_launcher(const ConvPoolGeometry& g) {
+  return {g.n,    g.c,  g.h,  g.w,     g.o,     g.kh,  g.kw,  g.sh, g.sw, g.padh,
+          g.padw, g.oh, g.ow, g.poolh, g.poolw, g.psh, g.psw, g.ph, g.pw};
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_relu_pool_fwd_cuda(
+    const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
+    at::IntArrayRef pool_stride) {
+  const ConvPoolGeometry g = conv_pool_geometry(input_, weight_, stride, padding, pool_size,
+                                                pool_stride, /*reduced_precision=*/true);
+  check_bias(bias_, input_, g.o);
+  check_cuda(input_, "input");
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor weight = weight_.contiguous();
+  const at::Tensor bias = bias_.has_value() ? bias_->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({g.n, g.o, g.ph, g.pw}, input.options());
+  at::Tensor argmax = at::empty({g.n, g.o, g.ph, g.pw}, input.options().dtype(at::kByte));
+  maybe_poison(out);
+  maybe_poison(argmax);
+  check_launch(
+      cuda::conv_relu_pool_fwd(cuda_dtype(input), input.const_data_ptr(), weight.const_data_ptr(),
+                               bias.defined() ? bias.const_data_ptr() : nullptr, out.data_ptr(),
+                               argmax.data_ptr<uint8_t>(), to_launcher(g),
+                               c10::cuda::getCurrentCUDAStream().stream()),
+      "conv_relu_pool_fwd");
+  return {out, argmax};
+}
+
+ConvPoolGeometry check_backward(const at::Tensor& grad_out, const at::Tensor& argmax,
+                                const at::Tensor& input, const at::Tensor& weight,
+                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef pool_size, at::IntArrayRef pool_stride) {
+  const ConvPoolGeometry g = conv_pool_geometry(input, weight, stride, padding, pool_size,
+                                                pool_stride, /*reduced_precision=*/true);
+  check_cuda(input, "input");
+  // On CUDA tensors this checks dtypes, devices and shapes; argmax bytes that are no window
+  // position are skipped by the kernels (reading them here would cost a device sync).
+  check_pooled_grad(grad_out, argmax, input, g);
+  return g;
+}
+
+at::Tensor conv_relu_pool_bwd_input_cuda(const at::Tensor& grad_out_, const at::Tensor& argmax_,
+                                         const at::Tensor& input, const at::Tensor& weight_,
+                                         at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef pool_size, at::IntArrayRef pool_stride) {
+  const ConvPoolGeometry g =
+      check_backward(grad_out_, argmax_, input, weight_, stride, padding, pool_size, pool_stride);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor grad_out = grad_out_.contiguous(), argmax = argmax_.contiguous();
+  const at::Tensor weight = weight_.contiguous();
+  at::Tensor grad_input = at::empty({g.n, g.c, g.h, g.w}, input.options());
+  maybe_poison(grad_input);
+  check_launch(cuda::conv_relu_pool_bwd_input(
+                   cuda_dtype(input), grad_out.const_data_ptr(), argmax.const_data_ptr<uint8_t>(),
+                   weight.const_data_ptr(), grad_input.data_ptr(), to_launcher(g),
+                   c10::cuda::getCurrentCUDAStream().stream()),
+               "conv_relu_pool_bwd_input");
+  return grad_input;
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_relu_pool_bwd_weight_cuda(
+    const at::Tensor& grad_out_, const at::Tensor& argmax_, const at::Tensor& input_,
+    const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef pool_size, at::IntArrayRef pool_stride) {
+  const ConvPoolGeometry g =
+      check_backward(grad_out_, argmax_, input_, weight, stride, padding, pool_size, pool_stride);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const at::Tensor grad_out = grad_out_.contiguous(), argmax = argmax_.contiguous();
+  const at::Tensor input = input_.contiguous();
+  at::Tensor grad_weight = at::empty({g.o, g.c, g.kh, g.kw}, weight.options());
+  at::Tensor grad_bias = at::empty({g.o}, weight.options());
+  maybe_poison(grad_weight);
+  maybe_poison(grad_bias);
+  const cuda::DType dtype = cuda_dtype(input);
+  const bool atomics = cuda_atomics_enabled();
+  const cuda::ConvGeom cg = to_launcher(g);
+  at::Tensor workspace = at::empty(
+      {static_cast<int64_t>(cuda::conv_relu_pool_bwd_weight_workspace(dtype, cg, atomics))},
+      input.options().dtype(at::kByte));
+  check_launch(cuda::conv_relu_pool_bwd_weight(
+                   dtype, grad_out.const_data_ptr(), argmax.const_data_ptr<uint8_t>(),
+                   input.const_data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(),
+                   workspace.data_ptr(), cg, atomics, c10::cuda::getCurrentCUDAStream().stream()),
+               "conv_relu_pool_bwd_weight");
+  return {grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlenet, CUDA, m) {
+  m.impl("conv_relu_pool_fwd", &conv_relu_pool_fwd_cuda);
+  m.impl("conv_relu_pool_bwd_input", &conv_relu_pool_bwd_input_cuda);
+  m.impl("conv_relu_pool_bwd_weight", &conv_relu_pool_bwd_weight_cuda);
+}
+
+}  // namespace fastlenet

@@ -1,0 +1,78 @@
+// Host-side interface of fastlenet's CUDA kernels: plain structs and launchers that take raw
+// device pointers, sizes and a cudaStream_t. No torch header here or in the .cu files (nvcc
+// compiles them in about a second); the tensor checks and the op registration live in
+// csrc/*_cuda_ops.cpp. Under FASTLENET_CUDA_SIM the same declarations compile against the CPU
+// simulator of tests/cuda_sim/ (cuda_sim.h), which runs the kernels with one std::thread per
+// CUDA thread.
+//
+// Every launcher returns the first error of its launches (cudaGetLastError() after each one),
+// cudaSuccess otherwise; the caller turns it into a TORCH_CHECK.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#ifdef FASTLENET_CUDA_SIM
+#include "cuda_sim.h"
+#else
+#include <cuda_runtime.h>
+#endif
+
+namespace fastlenet::cuda {
+
+// Element type of every floating tensor argument of one call; accumulation is float32 for the
+// three 32-bit-or-less types and float64 for float64.
+enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
+
+// conv2d -> ReLU -> max_pool2d geometry (same fields as ConvPoolGeometry in checks.h).
+struct ConvGeom {
+  int64_t n, c, h, w;          // input (N, C, H, W)
+  int64_t o, kh, kw;           // weight (O, C, KH, KW)
+  int64_t sh, sw, padh, padw;  // conv stride and padding
+  int64_t oh, ow;              // conv output
+  int64_t poolh, poolw, psh, psw;
+  int64_t ph, pw;  // pooled output
+};
+
+// Shared memory one block of the conv forward kernel may use: 48 KiB is what every GPU since
+// sm_20 grants without cudaFuncSetAttribute opt-in. Tests pass smaller budgets to reach the
+// channel-chunked and the unstaged paths on small shapes.
+constexpr int64_t kConvSmemBudget = 48 * 1024;
+
+// out, argmax: (N, O, PH, PW). bias may be null.
+cudaError_t conv_relu_pool_fwd(DType dtype, const void* input, const void* weight, const void* bias,
+                               void* out, uint8_t* argmax, const ConvGeom& g, cudaStream_t stream,
+                               int64_t smem_budget = kConvSmemBudget);
+
+// grad_input (N, C, H, W) from grad_out and argmax (N, O, PH, PW) and weight.
+cudaError_t conv_relu_pool_bwd_input(DType dtype, const void* grad_out, const uint8_t* argmax,
+                                     const void* weight, void* grad_input, const ConvGeom& g,
+                                     cudaStream_t stream);
+
+// Bytes of device workspace conv_relu_pool_bwd_weight needs (per-block partial sums).
+size_t conv_relu_pool_bwd_weight_workspace(DType dtype, const ConvGeom& g, bool atomics);
+
+// grad_weight (O, C, KH, KW) and grad_bias (O). Deterministic (partial sums per block, added
+// in a fixed order) unless `atomics`, which adds the block sums with float atomics instead.
+cudaError_t conv_relu_pool_bwd_weight(DType dtype, const void* grad_out, const uint8_t* argmax,
+                                      const void* input, void* grad_weight, void* grad_bias,
+                                      void* workspace, const ConvGeom& g, bool atomics,
+                                      cudaStream_t stream);
+
+// GEMM tile edge of the linear kernels: 0 chooses by size; tests force 32 or 64.
+constexpr int kAutoTile = 0;
+
+// out (B, O) = relu?(input (B, I) @ weight (O, I)^T + bias (O)); bias may be null.
+cudaError_t linear_relu_fwd(DType dtype, const void* input, const void* weight, const void* bias,
+                            void* out, int64_t batch, int64_t in_features, int64_t out_features,
+                            bool relu, cudaStream_t stream, int tile = kAutoTile);
+
+// g = grad_out * (out > 0) (grad_out when !relu; out may then be null);
+// grad_input = g @ weight, grad_weight = g^T @ input, grad_bias = sum over rows of g.
+cudaError_t linear_relu_bwd(DType dtype, const void* grad_out, const void* out, const void* input,
+                            const void* weight, void* grad_input, void* grad_weight,
+                            void* grad_bias, int64_t batch, int64_t in_features,
+                            int64_t out_features, bool relu, cudaStream_t stream,
+                            int tile = kAutoTile);
+
+}  // namespace fastlenet::cuda
