@@ -9,20 +9,25 @@
 #   for each window position p = i * pool_w + j (row-major), the conv tile at
 #   oh = ph * pool_sh + i, ow = pw * pool_sw + j is an implicit GEMM (tl.dot over K blocks of
 #   the im2col rows gathered on the fly); the running max and its position stay in registers:
-#   the first maximum in row-major order wins a tie, a NaN wins over any number (max_pool2d).
-#   out = relu(max) (NaN stays NaN); argmax = p of the max, or 255 where max <= 0 or NaN.
+#   the first maximum in row-major order wins a tie, a NaN replaces the max (the last NaN
+#   of the window wins, as in max_pool2d).
+#   out = relu(max) (NaN stays NaN); argmax = p of the max, or 255 where max <= 0 (ReLU passes
+#   no gradient there; a NaN max passes gradient, as stock's ReLU backward does).
 # Saved for backward (by the caller): input, weight and argmax (uint8, one byte per output).
 # Backward, with the sparse conv-output gradient
-#   dy[n,o,oh,ow] = sum over windows (ph, pw) whose argmax points at (oh, ow) of grad_out[...]:
+#   dy[n,o,oh,ow] = sum over windows (ph, pw) whose argmax points at (oh, ow) of grad_out[...]
+#   gathered from argmax and grad_out inside the operand loads (never stored; each conv
+#   position lies in at most ceil(pool / pool_stride) windows per axis):
 #   grad_input = conv_transpose(dy, w): implicit GEMM over rows (n, ih, iw), columns c and
-#     depth (o, kh, kw), dy gathered from argmax and grad_out inside the operand load (each
-#     conv position lies in at most ceil(pool/pool_stride) windows per axis).
-#   grad_weight[o, k] = sum over (p, n, ph, pw) of [argmax == p] grad_out * x_patch(k) at the
-#     position p of the window: rows of the reduction are (window position, pooled output),
-#     which covers each conv position once per window holding it; grad_bias[o] is the sum of
-#     the same operand. Deterministic two-stage reduction: each of S splits of the rows writes
-#     a partial (O, K) and (O,) in the accumulation dtype, a second kernel sums the splits in
-#     order. No atomics.
+#     depth (o, kh, kw).
+#   grad_weight[o, k] = sum over conv positions (n, oh, ow) of dy * x_patch(k);
+#     grad_bias[o] = sum of dy. Every conv position is a reduction row, as in the stock dense
+#     backward, so an Inf/NaN in the input reaches grad_weight exactly where it does in stock.
+#     Deterministic two-stage reduction: each of S splits of the rows writes a partial (O, K)
+#     and (O,) in the accumulation dtype, a second kernel sums the splits in order. No atomics.
+# Non-finite weights: the implicit GEMM of grad_input multiplies taps that fall outside the
+# conv output by zero, so a NaN/Inf weight can make grad_input NaN at positions where stock's
+# transposed convolution leaves it finite.
 # Dtypes: float16/bfloat16 operands with float32 accumulation; float32 (TF32 off unless
 # launch.set_allow_tf32(True)); float64 accumulates in float64.
 from types import SimpleNamespace
@@ -109,8 +114,8 @@ def _fwd_kernel(
                 acc = _dot(a, b, acc, DOT_PRECISION, DOT_UPCAST)
             if HAS_BIAS:
                 acc += bias[None, :]
-            # strictly greater keeps the first max; a NaN replaces a number, never a NaN
-            take = (acc > best) | ((acc != acc) & (best == best))
+            # strictly greater keeps the first max; every NaN replaces it (max_pool2d's rule)
+            take = (acc > best) | (acc != acc)
             best = tl.where(take, acc, best)
             best_pos = tl.where(take, i * POOL_W + j, best_pos)
     out = best.to(out_ptr.dtype.element_ty)
@@ -118,11 +123,49 @@ def _fwd_kernel(
     # in float16 passes no gradient there either
     rounded = out.to(acc_dtype)
     relu = tl.where(rounded <= 0, 0.0, rounded).to(out_ptr.dtype.element_ty)
-    argmax = tl.where(rounded > 0, best_pos, 255).to(tl.uint8)
+    argmax = tl.where(rounded <= 0, 255, best_pos).to(tl.uint8)
     off = (n.to(tl.int64)[:, None] * O + chans[None, :]) * (PH * PW) + rem[:, None]
     mask = row_ok[:, None] & chan_ok[None, :]
     tl.store(out_ptr + off, relu, mask=mask)
     tl.store(argmax_ptr + off, argmax, mask=mask)
+
+
+@triton.jit
+def _conv_grad(
+    g_ptr,
+    argmax_ptr,
+    chan_base,  # (n * O + o) as int64, broadcast to the tile
+    oh,  # conv output position, broadcast to the tile
+    ow,
+    ok,  # tile mask: (oh, ow) is a conv output position of a real row
+    PH,
+    PW,
+    pool_sh,
+    pool_sw,
+    POOL_H: tl.constexpr,
+    POOL_W: tl.constexpr,
+    WIN_H: tl.constexpr,  # ceil(POOL_H / pool_sh): windows holding one conv row, at most
+    WIN_W: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
+    """dy[n, o, oh, ow]: the grad_out of every window holding (oh, ow) whose argmax points
+    there (argmax 255 never matches: a window holds at most 255 positions, 0..254)."""
+    dy = tl.zeros(oh.shape, tl.float64 if ACC_FP64 else tl.float32)
+    oh = tl.where(ok, oh, 0)
+    ow = tl.where(ok, ow, 0)
+    for a in range(WIN_H):
+        ph = oh // pool_sh - a
+        di = oh - ph * pool_sh
+        ok_h = ok & (ph >= 0) & (ph < PH) & (di < POOL_H)
+        for b in range(WIN_W):
+            pw = ow // pool_sw - b
+            dj = ow - pw * pool_sw
+            ok_w = ok_h & (pw >= 0) & (pw < PW) & (dj < POOL_W)
+            off = (chan_base * PH + ph) * PW + pw
+            am = tl.load(argmax_ptr + off, mask=ok_w, other=255).to(tl.int32)
+            g = tl.load(g_ptr + off, mask=ok_w, other=0.0).to(dy.dtype)
+            dy += tl.where(am == di * POOL_W + dj, g, 0.0)
+    return dy
 
 
 @triton.jit
@@ -150,7 +193,7 @@ def _bwd_input_kernel(
     KW: tl.constexpr,
     POOL_H: tl.constexpr,
     POOL_W: tl.constexpr,
-    WIN_H: tl.constexpr,  # ceil(POOL_H / pool_sh): windows holding one conv row, at most
+    WIN_H: tl.constexpr,  # ceil(POOL_H / pool_sh)
     WIN_W: tl.constexpr,
     ACC_FP64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -169,7 +212,6 @@ def _bwd_input_kernel(
     rem = rows % (H * W)
     ih = rem // W
     iw = rem % W
-    g_base = n.to(tl.int64) * O * PH * PW
     acc = tl.zeros((BLOCK_M, BLOCK_N), acc_dtype)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -186,20 +228,11 @@ def _bwd_input_kernel(
         oh = sh // stride_h
         ow = sw // stride_w
         ok = ok & (sh % stride_h == 0) & (sw % stride_w == 0) & (oh < OH) & (ow < OW)
-        # dy at (oh, ow): the grad_out of every window holding it whose argmax points there
-        dy = tl.zeros((BLOCK_M, BLOCK_K), acc_dtype)
-        for a in range(WIN_H):
-            ph = oh // pool_sh - a
-            di = oh - ph * pool_sh
-            ok_h = ok & (ph >= 0) & (ph < PH) & (di < POOL_H)
-            for b in range(WIN_W):
-                pw = ow // pool_sw - b
-                dj = ow - pw * pool_sw
-                ok_w = ok_h & (pw >= 0) & (pw < PW) & (dj < POOL_W)
-                off = g_base[:, None] + (o[None, :] * PH + ph) * PW + pw
-                am = tl.load(argmax_ptr + off, mask=ok_w, other=255).to(tl.int32)
-                g = tl.load(g_ptr + off, mask=ok_w, other=0.0).to(acc_dtype)
-                dy += tl.where(am == di * POOL_W + dj, g, 0.0)
+        chan_base = n.to(tl.int64)[:, None] * O + o[None, :]
+        dy = _conv_grad(
+            g_ptr, argmax_ptr, chan_base, oh, ow, ok, PH, PW, pool_sh, pool_sw,
+            POOL_H, POOL_W, WIN_H, WIN_W, ACC_FP64,
+        )  # fmt: skip
         a_tile = dy.to(w_ptr.dtype.element_ty)
         b_off = (o[:, None] * C + chans[None, :]) * (KH * KW) + (kh * KW + kw)[:, None]
         b_tile = tl.load(w_ptr + b_off, mask=k_ok[:, None] & chan_ok[None, :], other=0.0)
@@ -215,12 +248,14 @@ def _bwd_weight_kernel(
     x_ptr,  # (N, C, H, W) input
     part_w_ptr,  # (S, O, K) partial grad_weight, accumulation dtype
     part_b_ptr,  # (S, O) partial grad_bias, accumulation dtype
-    NPOOL,  # N * PH * PW pooled outputs per channel
-    CHUNK,  # reduction rows per split, a multiple of BLOCK_K
+    R,  # N * OH * OW reduction rows (conv output positions)
+    CHUNK,  # rows per split, a multiple of BLOCK_K
     C,
     H,
     W,
     O,
+    OH,
+    OW,
     PH,
     PW,
     stride_h,
@@ -233,16 +268,17 @@ def _bwd_weight_kernel(
     KW: tl.constexpr,
     POOL_H: tl.constexpr,
     POOL_W: tl.constexpr,
+    WIN_H: tl.constexpr,  # ceil(POOL_H / pool_sh)
+    WIN_W: tl.constexpr,
     ACC_FP64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,  # output channels o per program
     BLOCK_N: tl.constexpr,  # weight columns k = (c, kh, kw) per program
-    BLOCK_K: tl.constexpr,  # reduction rows t = (p, n, ph, pw) per step
+    BLOCK_K: tl.constexpr,  # reduction rows (n, oh, ow) per step
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     K = C * KH * KW
-    T = POOL_H * POOL_W * NPOOL
     chans = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
@@ -254,27 +290,27 @@ def _bwd_weight_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), acc_dtype)
     bias_acc = tl.zeros((BLOCK_M,), acc_dtype)
     start = split * CHUNK
-    for t0 in range(start, start + CHUNK, BLOCK_K):
-        ts = t0 + tl.arange(0, BLOCK_K)
-        t_ok = ts < T
-        p = ts // NPOOL
-        m = ts % NPOOL
-        n = m // (PH * PW)
-        rem = m % (PH * PW)
-        ph = rem // PW
-        pw = rem % PW
-        # operand A (o, t): grad_out where the window's argmax is this row's position p
-        g_off = (n.to(tl.int64)[None, :] * O + chans[:, None]) * (PH * PW) + rem[None, :]
-        g_mask = chan_ok[:, None] & t_ok[None, :]
-        am = tl.load(argmax_ptr + g_off, mask=g_mask, other=255).to(tl.int32)
-        g = tl.load(g_ptr + g_off, mask=g_mask, other=0.0).to(acc_dtype)
-        g = tl.where(am == p[None, :], g, 0.0)
-        bias_acc += tl.sum(g, axis=1)
-        a_tile = g.to(x_ptr.dtype.element_ty)
-        # operand B (t, k): the input patch under the conv position p of the window
-        ih = ((ph * pool_sh + p // POOL_W) * stride_h - pad_h)[:, None] + kh[None, :]
-        iw = ((pw * pool_sw + p % POOL_W) * stride_w - pad_w)[:, None] + kw[None, :]
-        x_mask = t_ok[:, None] & col_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    for r0 in range(start, start + CHUNK, BLOCK_K):
+        rs = r0 + tl.arange(0, BLOCK_K)
+        r_ok = rs < R
+        n = rs // (OH * OW)
+        rem = rs % (OH * OW)
+        oh = rem // OW
+        ow = rem % OW
+        # operand A (o, r): dy
+        chan_base = n.to(tl.int64)[None, :] * O + chans[:, None]
+        ok = chan_ok[:, None] & r_ok[None, :]
+        zero = tl.zeros((BLOCK_M, BLOCK_K), tl.int32)
+        dy = _conv_grad(
+            g_ptr, argmax_ptr, chan_base, oh[None, :] + zero, ow[None, :] + zero, ok,
+            PH, PW, pool_sh, pool_sw, POOL_H, POOL_W, WIN_H, WIN_W, ACC_FP64,
+        )  # fmt: skip
+        bias_acc += tl.sum(dy, axis=1)
+        a_tile = dy.to(x_ptr.dtype.element_ty)
+        # operand B (r, k): the input patch under conv position (oh, ow)
+        ih = (oh * stride_h - pad_h)[:, None] + kh[None, :]
+        iw = (ow * stride_w - pad_w)[:, None] + kw[None, :]
+        x_mask = r_ok[:, None] & col_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_off = (n.to(tl.int64)[:, None] * C + c[None, :]) * (H * W) + ih * W + iw
         b_tile = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)
         acc = _dot(a_tile, b_tile, acc, DOT_PRECISION, DOT_UPCAST)
@@ -437,10 +473,9 @@ def conv_relu_pool_bwd_weight(
     grad_out, argmax, input = grad_out.contiguous(), argmax.contiguous(), input.contiguous()
     n, c, h, w = input.shape
     o, _, kh, kw = weight.shape
-    _, (ph, pw) = _shapes(input, weight, stride, padding, pool_size, pool_stride)
+    (oh, ow), (ph, pw) = _shapes(input, weight, stride, padding, pool_size, pool_stride)
     depth = c * kh * kw
-    npool = n * ph * pw
-    rows = pool_size[0] * pool_size[1] * npool
+    rows = n * oh * ow
     if rows == 0 or o * depth == 0:  # nothing reaches the weights: the gradient is zero
         return torch.zeros_like(weight, memory_format=torch.contiguous_format), weight.new_zeros(o)
     grad_weight = launch.new_output((o, c, kh, kw), weight.dtype, weight.device)
@@ -458,12 +493,14 @@ def conv_relu_pool_bwd_weight(
         input,
         part_w,
         part_b,
-        npool,
+        rows,
         chunk,
         c,
         h,
         w,
         o,
+        oh,
+        ow,
         ph,
         pw,
         stride[0],
@@ -474,6 +511,8 @@ def conv_relu_pool_bwd_weight(
         pool_stride[1],
         POOL_H=pool_size[0],
         POOL_W=pool_size[1],
+        WIN_H=triton.cdiv(pool_size[0], pool_stride[0]),
+        WIN_W=triton.cdiv(pool_size[1], pool_stride[1]),
         **_common(input, weight),
         **cfg,
     )
@@ -484,5 +523,7 @@ def conv_relu_pool_bwd_weight(
 
 #: The three passes with the signatures of fastlenet.reference.conv_relu_pool_*.
 OPS = SimpleNamespace(
-    fwd=conv_relu_pool_fwd, bwd_input=conv_relu_pool_bwd_input, bwd_weight=conv_relu_pool_bwd_weight
+    fwd=torch.ops.fastlenet.triton_conv_relu_pool_fwd,
+    bwd_input=torch.ops.fastlenet.triton_conv_relu_pool_bwd_input,
+    bwd_weight=torch.ops.fastlenet.triton_conv_relu_pool_bwd_weight,
 )

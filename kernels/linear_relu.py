@@ -264,4 +264,6 @@ def linear_relu_bwd(
 
 
 #: The two passes with the signatures of fastlenet.reference.linear_relu_*.
-OPS = SimpleNamespace(fwd=linear_relu_fwd, bwd=linear_relu_bwd)
+OPS = SimpleNamespace(
+    fwd=torch.ops.fastlenet.triton_linear_relu_fwd, bwd=torch.ops.fastlenet.triton_linear_relu_bwd
+)

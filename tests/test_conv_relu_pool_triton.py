@@ -1,0 +1,355 @@
+"""conv_relu_pool2d on the Triton backend: parity with the float64 reference on forward and
+every gradient, float64 gradcheck, ties, NaN, all-negative windows, empty batch, low
+precision, opcheck of the three registered ops, determinism and torch.compile.
+
+Without a GPU every test runs on CPU tensors through Triton's interpreter (tests/conftest.py
+sets TRITON_INTERPRET=1 before triton is imported), on small shapes. The `gpu` versions run
+the same checks natively on CUDA tensors: `pytest -m gpu tests/test_conv_relu_pool_triton.py`.
+"""
+
+import pytest
+import torch
+from conftest import rel_err
+from fastlenet.kernels import conv_relu_pool as triton_conv
+from fastlenet.kernels import launch
+
+import fastlenet
+from fastlenet import backends, reference
+from fastlenet.functional import conv_relu_pool2d
+
+if not backends.available_backends()["triton"]:
+    pytest.skip(
+        f"triton backend: {backends.available_backends()['triton']}", allow_module_level=True
+    )
+
+INTERPRETED = backends.triton_interpreted()
+# CPU tensors only through the interpreter; CUDA tensors only natively (with a GPU).
+DEVICES = ["cpu"] if INTERPRETED else [pytest.param("cuda", marks=pytest.mark.gpu)]
+
+# (N, C, H, W, O, KH, KW, stride, padding, pool_size, pool_stride), small enough for the
+# interpreter (each one runs in well under a second there).
+GEOMETRIES = [
+    (2, 1, 16, 16, 6, 5, 5, 1, 0, 2, 2),  # LeNet-5 conv1 on a smaller image; 2 reduction splits
+    (3, 6, 14, 14, 16, 5, 5, 1, 0, 2, 2),  # LeNet-5 conv2: K = 150 (3 K blocks), 75 rows
+    (2, 3, 11, 9, 20, 3, 2, (2, 1), (1, 0), 3, 2),  # odd sizes, overlapping pools
+    (1, 2, 7, 8, 5, 3, 3, 1, 1, 1, 1),  # pool_size=1: conv + ReLU alone
+    (3, 2, 13, 10, 9, 4, 3, 2, 2, (2, 3), (3, 1)),  # strides everywhere
+    (2, 2, 10, 11, 4, 3, 3, 1, 0, 2, 3),  # pool_stride > pool_size: gaps between windows
+    (1, 2, 6, 6, 70, 3, 3, 1, 1, 2, 2),  # 70 channels: two channel blocks
+    (2, 1, 5, 5, 3, 5, 5, 1, 0, 1, 1),  # 1x1 conv output
+    (0, 3, 8, 8, 4, 3, 3, 1, 0, 2, 2),  # empty batch
+]
+# float32 kernels against the float64 reference: sums of at most a few hundred products
+# (measured rel_err ~1e-7); float64 against float64: rounding only.
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+def _pairs(conv):
+    return [(v, v) if isinstance(v, int) else tuple(v) for v in conv]
+
+
+def _inputs(geometry, dtype, device, requires_grad=True):
+    n, c, h, w, o, kh, kw, *conv = geometry
+    make = dict(dtype=dtype, device=device, requires_grad=requires_grad)
+    x = torch.randn(n, c, h, w, **make)
+    weight = torch.randn(o, c, kh, kw, **make)
+    bias = torch.randn(o, **make)
+    return x, weight, bias, _pairs(conv)
+
+
+def _check_parity(x, weight, bias, conv, tol):
+    """Forward and the gradient of every leaf against the stock float64 composition."""
+    out = conv_relu_pool2d(x, weight, bias, *conv, backend="triton")
+    ref_leaves = [
+        None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+        for t in (x, weight, bias)
+    ]
+    ref = reference.conv_relu_pool2d(*ref_leaves, *conv)
+    assert out.shape == ref.shape and out.dtype == x.dtype and out.device == x.device
+    assert rel_err(out, ref) < tol
+    leaves = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    if not leaves:
+        return
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+    want = torch.autograd.grad(
+        ref, [t for t in ref_leaves if t is not None and t.requires_grad], grad.double()
+    )
+    for g, r in zip(got, want, strict=True):
+        g = torch.zeros_like(r) if g is None else g  # empty batch: nothing reaches a leaf
+        assert g.shape == r.shape
+        assert rel_err(g, r) < tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_parity_with_reference(geometry, dtype, device):
+    x, weight, bias, conv = _inputs(geometry, dtype, device)
+    _check_parity(x, weight, bias, conv, TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_bias_unbatched_and_grad_subsets(device):
+    x, weight, _, conv = _inputs(GEOMETRIES[2], torch.float32, device)
+    _check_parity(x, weight, None, conv, TOL[torch.float32])
+    single = x[0].detach().requires_grad_()
+    out = conv_relu_pool2d(single, weight, None, *conv, backend="triton")
+    ref = reference.conv_relu_pool2d(single[None].double(), weight.double(), None, *conv)
+    assert out.shape == ref.shape[1:] and rel_err(out, ref[0]) < TOL[torch.float32]
+    for subset in [(1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)]:
+        leaves = _inputs(GEOMETRIES[4], torch.float32, device, requires_grad=False)
+        for t, flag in zip(leaves[:3], subset, strict=True):
+            t.requires_grad_(bool(flag))
+        _check_parity(*leaves, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noncontiguous_input(device):
+    x, weight, bias, conv = _inputs(GEOMETRIES[1], torch.float32, device, requires_grad=False)
+    x = x.to(memory_format=torch.channels_last).requires_grad_()
+    assert not x.is_contiguous()
+    _check_parity(x, weight.requires_grad_(), bias, conv, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("geometry", [GEOMETRIES[2], GEOMETRIES[3], GEOMETRIES[5]])
+def test_gradcheck_float64(geometry, device):
+    _, c, h, w, _, kh, kw, *conv = geometry
+    # Random inputs keep every window's max and pre-activation far (>> eps = 1e-6) from a
+    # kink, so finite differences are exact. fast_mode compares one random projection of the
+    # Jacobian: the full one costs two forward passes per input element, 10-50 s each here
+    # under the interpreter (the full check runs on the tiny shape below).
+    x, weight, bias, conv = _inputs((1, c, h, w, 2, kh, kw, *conv), torch.float64, device)
+    assert torch.autograd.gradcheck(
+        lambda a, b, bb: conv_relu_pool2d(a, b, bb, *conv, backend="triton"),
+        (x, weight, bias),
+        fast_mode=True,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64_full_jacobian(device):
+    x, weight, bias, conv = _inputs((1, 1, 6, 5, 2, 2, 2, 1, 1, 2, (2, 1)), torch.float64, device)
+    assert torch.autograd.gradcheck(
+        lambda a, b, bb: conv_relu_pool2d(a, b, bb, *conv, backend="triton"), (x, weight, bias)
+    )
+
+
+def _op_state(geometry, dtype, device):
+    """Inputs, the reference's saved argmax and a random grad_out for the raw ops."""
+    x, weight, bias, conv = _inputs(geometry, dtype, device, requires_grad=False)
+    ref_out, ref_argmax = reference.conv_relu_pool_fwd(
+        x.double(), weight.double(), bias.double(), *conv
+    )
+    grad = torch.randn_like(ref_out)
+    return x, weight, bias, conv, ref_out, ref_argmax, grad
+
+
+def _check_ops(x, weight, bias, conv, tol):
+    """Every pass of the raw ops against the float64 reference, backward fed the
+    reference's saved argmax. Returns the kernel's (out, argmax)."""
+    args64 = (x.double(), weight.double(), None if bias is None else bias.double())
+    ref_out, ref_argmax = reference.conv_relu_pool_fwd(*args64, *conv)
+    out, argmax = triton_conv.OPS.fwd(x, weight, bias, *conv)
+    assert out.dtype == x.dtype and argmax.dtype == torch.uint8
+    assert rel_err(out, ref_out) < tol
+    grad = torch.randn_like(ref_out)
+    bwd_args = (grad.to(x.dtype), ref_argmax, x, weight, *conv)
+    grad_input = triton_conv.OPS.bwd_input(*bwd_args)
+    grad_weight, grad_bias = triton_conv.OPS.bwd_weight(*bwd_args)
+    ref_bwd = (grad, ref_argmax, args64[0], args64[1], *conv)
+    assert rel_err(grad_input, reference.conv_relu_pool_bwd_input(*ref_bwd)) < tol
+    ref_gw, ref_gb = reference.conv_relu_pool_bwd_weight(*ref_bwd)
+    assert rel_err(grad_weight, ref_gw) < tol
+    assert rel_err(grad_bias, ref_gb) < tol
+    return out, argmax, ref_argmax
+
+
+# float32 accumulation of float16 / bfloat16 operands: the error is the rounding of the inputs
+# and outputs (2^-11 and 2^-8 relative), measured rel_err ~3e-4 (float16) and ~3e-3 (bfloat16)
+# against float64 on the rounded inputs; tolerances leave a factor of about 3.
+LOW_TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("geometry", GEOMETRIES[1:3])
+def test_low_precision_against_float64(geometry, dtype, device):
+    x, weight, bias, conv = _inputs(geometry, dtype, device, requires_grad=False)
+    _, argmax, ref_argmax = _check_ops(x, weight, bias, conv, LOW_TOL[dtype])
+    # Near-ties may resolve differently once the products are summed in another order.
+    assert (argmax != ref_argmax).float().mean().item() < 0.02
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_saved_argmax_matches_reference(dtype, device):
+    x, weight, bias, conv = _inputs(GEOMETRIES[2], dtype, device, requires_grad=False)
+    _, argmax, ref_argmax = _check_ops(x, weight, bias, conv, TOL[dtype])
+    assert torch.equal(argmax, ref_argmax)
+    assert (argmax == 255).any() and (argmax != 255).any()  # both kinds of window occur
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[2]])
+def test_ties_pick_first_max(geometry, dtype, device):
+    # Small integers make every conv sum exact in any order, so windows tie often and the
+    # kernel must pick the first maximum in row-major order exactly as max_pool2d does.
+    n, c, h, w, o, kh, kw, *conv = geometry
+    conv = _pairs(conv)
+    x = torch.randint(-1, 2, (n, c, h, w), device=device).to(dtype)
+    weight = torch.randint(-1, 2, (o, c, kh, kw), device=device).to(dtype)
+    bias = torch.randint(-1, 2, (o,), device=device).to(dtype)
+    out, argmax, ref_argmax = _check_ops(x, weight, bias, conv, TOL[dtype])
+    assert torch.equal(argmax, ref_argmax)
+    ref_out, _ = reference.conv_relu_pool_fwd(x.double(), weight.double(), bias.double(), *conv)
+    assert torch.equal(out.double(), ref_out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_tied_windows(device):
+    # Each 2x2 block of the image repeats one value and the kernel is 1x1: every window of
+    # the 2x2 pool is a 4-way tie, so the argmax is 0 wherever the max is positive.
+    blocks = torch.randn(2, 3, 4, 5, device=device)
+    x = blocks.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    weight = torch.randn(4, 3, 1, 1, device=device)
+    conv = _pairs([1, 0, 2, 2])
+    out, argmax = triton_conv.OPS.fwd(x, weight, None, *conv)
+    positive = out > 0
+    assert positive.any() and (~positive).any()
+    assert torch.equal(argmax[positive], torch.zeros_like(argmax[positive]))
+    assert torch.equal(argmax[~positive], torch.full_like(argmax[~positive], 255))
+
+
+def _same_with_nan(got, want, tol):
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert rel_err(got[~nan], want[~nan]) < tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["inside", "outside"])
+def test_nan_input(where, device):
+    # Pools of 2 with stride 3 leave every third conv row in no window. "outside" puts NaNs
+    # only there (a 1x1 kernel maps input rows to conv rows): the output and grad_input stay
+    # finite, grad_weight is NaN as in stock's dense backward (0 * NaN).
+    geometry = GEOMETRIES[5] if where == "inside" else (2, 2, 8, 9, 4, 1, 1, 1, 0, 2, 3)
+    x, weight, bias, conv = _inputs(geometry, torch.float32, device, requires_grad=False)
+    if where == "inside":
+        x[0, 1, 4, 4] = float("nan")
+        x[1, 0, 2, 3] = float("nan")  # two NaNs in some windows: the last one wins
+        x[1, 0, 3, 4] = float("nan")
+    else:
+        x[0, 0, 2, 1:6] = float("nan")
+    out, argmax = triton_conv.OPS.fwd(x, weight, bias, *conv)
+    ref_out, ref_argmax = reference.conv_relu_pool_fwd(x, weight, bias, *conv)
+    assert ref_out.isnan().any() == (where == "inside")
+    _same_with_nan(out, ref_out, TOL[torch.float32])
+    # max_pool2d's choice (last NaN of the window); a NaN max passes gradient
+    assert torch.equal(argmax, ref_argmax)
+    grad = torch.randn_like(out)
+    args = (grad, argmax, x, weight, *conv)
+    _same_with_nan(
+        triton_conv.OPS.bwd_input(*args),
+        reference.conv_relu_pool_bwd_input(*args),
+        TOL[torch.float32],
+    )
+    got_w, got_b = triton_conv.OPS.bwd_weight(*args)
+    want_w, want_b = reference.conv_relu_pool_bwd_weight(*args)
+    assert want_w.isnan().any()
+    _same_with_nan(got_w, want_w, TOL[torch.float32])
+    _same_with_nan(got_b, want_b, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_negative_windows_pass_no_gradient(device):
+    x, weight, bias, conv = _inputs(GEOMETRIES[1], torch.float32, device, requires_grad=False)
+    bias[::2] = -1e4  # every pre-activation of the even channels is negative
+    out, argmax = triton_conv.OPS.fwd(x, weight, bias, *conv)
+    assert (out[:, ::2] == 0).all() and (argmax[:, ::2] == 255).all()
+    assert (argmax[:, 1::2] != 255).any()
+    grad = torch.randn_like(out)
+    grad_weight, grad_bias = triton_conv.OPS.bwd_weight(grad, argmax, x, weight, *conv)
+    assert (grad_weight[::2] == 0).all() and (grad_bias[::2] == 0).all()
+    assert (grad_bias[1::2] != 0).all()
+    x.requires_grad_()
+    _check_parity(x, weight.requires_grad_(), bias.requires_grad_(), conv, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    x, weight, bias, conv = _inputs(GEOMETRIES[-1], torch.float32, device)
+    out = conv_relu_pool2d(x, weight, bias, *conv, backend="triton")
+    assert out.shape == (0, 4, 3, 3)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    assert torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("geometry", GEOMETRIES[2:6])
+def test_opcheck(geometry, device):
+    # The ops run inside ConvReLUPoolFunction with grad mode off, so they are checked on
+    # tensors that do not require grad (autograd is the Function's, tested above).
+    x, weight, bias, conv, _, argmax, grad = _op_state(geometry, torch.float32, device)
+    grad = grad.float()
+    ops = torch.ops.fastlenet
+    torch.library.opcheck(ops.triton_conv_relu_pool_fwd, (x, weight, bias, *conv))
+    torch.library.opcheck(ops.triton_conv_relu_pool_fwd, (x, weight, None, *conv))
+    torch.library.opcheck(ops.triton_conv_relu_pool_bwd_input, (grad, argmax, x, weight, *conv))
+    torch.library.opcheck(ops.triton_conv_relu_pool_bwd_weight, (grad, argmax, x, weight, *conv))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_gradient_is_deterministic(device):
+    x, weight, _, conv, _, argmax, grad = _op_state(GEOMETRIES[1], torch.float32, device)
+    args = (grad.float(), argmax, x, weight, *conv)
+    first = triton_conv.OPS.bwd_weight(*args)
+    for _ in range(2):
+        for a, b in zip(first, triton_conv.OPS.bwd_weight(*args), strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the split count is the GPU's choice natively")
+def test_small_shapes_run_the_multi_split_reduction():
+    # LeNet conv1 of GEOMETRIES[0]: 4 window positions x 2 x 6 x 6 pooled outputs = 288 rows.
+    cfg = launch.gemm_blocks(6, 25, 288)
+    assert launch.num_splits(288, cfg["BLOCK_K"], 1, torch.device("cpu")) > 1
+
+
+@pytest.mark.gpu
+def test_tf32_option():
+    x, weight, bias, conv = _inputs(GEOMETRIES[1], torch.float32, "cuda", requires_grad=False)
+    ref, _ = reference.conv_relu_pool_fwd(x.double(), weight.double(), bias.double(), *conv)
+    assert launch.dot_precision(torch.float32) == "ieee"
+    launch.set_allow_tf32(True)
+    try:
+        assert launch.dot_precision(torch.float32) == "tf32"
+        out, _ = triton_conv.OPS.fwd(x, weight, bias, *conv)
+    finally:
+        launch.set_allow_tf32(False)
+    # TF32 rounds the operands to 10 mantissa bits: ~1e-3 relative error, not ~1e-7.
+    assert rel_err(out, ref) < 5e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
+    # Under the interpreter the ops are opaque custom ops (inductor calls them); natively they
+    # are triton_ops and inductor traces into their kernels.
+    model = torch.nn.Sequential(
+        fastlenet.ConvReLUPool2d(1, 4, 3, backend="triton"),
+        torch.nn.Flatten(),
+        fastlenet.LinearReLU(4 * 3 * 3, 5, backend="triton"),
+    ).to(device)
+    x = torch.randn(3, 1, 8, 8, device=device)
+    eager = model(x)
+    eager_grads = torch.autograd.grad(eager.sum(), list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.sum(), list(model.parameters()))
+    assert rel_err(out, eager) < 1e-6
+    for got, want in zip(grads, eager_grads, strict=True):
+        assert rel_err(got, want) < 1e-6
