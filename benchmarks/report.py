@@ -233,7 +233,8 @@ def main(argv=None) -> int:
         tag = alloc_tags.get(p["alloc"], "")
         emit(
             f"torch.mm peak{' ' + tag if tag else ''}: {num(p, 'gflops'):.0f} GFLOP/s "
-            f"(float32 {p['shape']}, fastest of {p['rounds']}, same run, same thread count)"
+            f"(float32 {p['shape']}, fastest of {p['rounds']} products at the start or the end of "
+            "the same run, same thread count)"
         )
     emit(
         "\nHow it is timed: in each case (op or model, pass, batch) every provider is timed in "
