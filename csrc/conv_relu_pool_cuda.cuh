@@ -7,7 +7,8 @@
 // Forward:  y[n,o,oh,ow] = b[o] + sum_{c,kh,kw} w[o,c,kh,kw] * xpad[n,c,oh*SH+kh,ow*SW+kw]
 //           m = max over the window (i, j) of y[n,o,ph*PSH+i,pw*PSW+j]   (first max in row-major
 //               order wins ties; NaN wins over numbers, as max_pool2d)
-//           out = relu(m);  argmax = i*POOLW+j of m if m > 0, else 255 (no gradient)
+//           out = relu(m);  argmax = i*POOLW+j of m (the last NaN when m is NaN), or 255 where
+//           m <= 0 (no gradient; a NaN m passes gradient, as stock ReLU's backward does)
 // Saved for backward (by the caller): x, w and argmax: one byte per pooled output.
 // Backward: only (oh, ow) = the argmax of a window with argmax != 255 gets g = grad_out:
 //           grad_b[o] = sum g;  grad_w[o,c,kh,kw] = sum g * xpad[n,c,oh*SH+kh,ow*SW+kw]
@@ -124,7 +125,8 @@ __global__ void conv_relu_pool_fwd_kernel(const T* __restrict__ x, const T* __re
       }
       if (!active) continue;
       for (int k = 0; k < OCB; ++k) {
-        // max_pool2d's rule: the first value, then a strictly larger value or a NaN.
+        // max_pool2d's rule: the first value, then a strictly larger value or a NaN (so the
+        // first of tied values and the last NaN win).
         const A v = acc[k];
         if (q == 0 || v > best[k] || v != v) {
           best[k] = v;
@@ -137,8 +139,10 @@ __global__ void conv_relu_pool_fwd_kernel(const T* __restrict__ x, const T* __re
         if (o0 + k >= g.o) break;
         const int64_t idx = ((n * g.o + o0 + k) * g.ph + ph) * g.pw + pw;
         const A m = best[k];
-        out[idx] = from_acc<T>(m <= A(0) ? A(0) : m);  // NaN stays NaN
-        argmax[idx] = m > A(0) ? static_cast<uint8_t>(pos[k]) : kNoGrad;
+        // `m <= 0` is false for NaN: a NaN max stays NaN and passes gradient, as stock
+        // ReLU's backward (which zeroes only where out <= 0).
+        out[idx] = from_acc<T>(m <= A(0) ? A(0) : m);
+        argmax[idx] = m <= A(0) ? kNoGrad : static_cast<uint8_t>(pos[k]);
       }
     }
     __syncthreads();  // the next sample re-stages shared memory
