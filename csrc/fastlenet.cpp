@@ -5,8 +5,9 @@
 
 TORCH_LIBRARY(fastlenet, m) {
   // conv2d -> ReLU -> max_pool2d. `argmax` (uint8, shaped like the output)
-  // holds the row-major position of the max inside each pooling window, or
-  // 255 where the window's pre-activation max is <= 0 or NaN (no gradient).
+  // holds the row-major position of the max inside each pooling window (max_pool2d's
+  // choice: first of ties, last NaN), or 255 where that max is <= 0 (ReLU passes no
+  // gradient). A NaN max passes gradient, as stock ReLU's backward does.
   m.def(
       "conv_relu_pool_fwd(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] pool_size, int[2] pool_stride) -> (Tensor out, Tensor argmax)");

@@ -7,7 +7,9 @@ Two layers of reference live here:
 
 Shapes: input (N, C, H, W), weight (O, C, KH, KW), conv output (N, O, OH, OW), pooled output
 and argmax (N, O, PH, PW). argmax holds the row-major position i * pool_w + j of the max in
-each pooling window, or 255 (`NO_GRAD`) where that max is <= 0 or NaN.
+each pooling window (max_pool2d's choice: the first of tied values, the last NaN), or 255
+(`NO_GRAD`) where that max is <= 0: ReLU passes no gradient there. A NaN max passes
+gradient, as stock's ReLU backward does (`threshold_backward` zeroes only where out <= 0).
 """
 
 import torch
@@ -40,7 +42,7 @@ def conv_relu_pool_fwd(input, weight, bias, stride, padding, pool_size, pool_str
     base = _window_index(pool_size, pool_stride, y.shape[-2:], pooled.shape[-2:], y.device)
     rel = flat - base
     pos = torch.div(rel, y.shape[-1], rounding_mode="floor") * pool_size[1] + rel % y.shape[-1]
-    argmax = torch.where(pooled > 0, pos, NO_GRAD).to(torch.uint8)
+    argmax = torch.where(pooled <= 0, NO_GRAD, pos).to(torch.uint8)
     return torch.relu(pooled), argmax
 
 

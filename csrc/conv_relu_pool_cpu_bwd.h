@@ -1,0 +1,325 @@
+// Backward kernels of conv2d -> ReLU -> max_pool2d on the CPU (math in conv_relu_pool_cpu.cpp).
+//
+// Both work on a channels-last, zero-padded copy of each sample, where a patch row (KW * C
+// values) is contiguous: the patch of a window's argmax is KH rows of NV full vectors. For
+// grad_w the accumulators of one output channel stay in registers across its windows; for
+// grad_x the weight rows of one output channel do. grad_w/grad_b: samples are split into a
+// fixed number of chunks (one per thread), each summing into its own buffer, added in chunk
+// order: bitwise identical run to run for a given thread count.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "checks.h"
+#include "cpu_vec.h"
+
+namespace fastlenet::cpu {
+
+// Backward vectors are 64 bytes (16 floats, 8 doubles): a patch row of LeNet-5's conv2
+// (KW * C = 30 values) takes two.
+constexpr int kBwdBytes = 64;
+// Patch shapes with a register-blocked backward: KH <= 7 rows of NV <= 4 vectors.
+constexpr int kMaxKH = 7;
+constexpr int kMaxNV = 4;
+
+// What the backward kernels share: strides into a channels-last, zero-padded sample
+// buf[y][x][c] (y < HP, x < WP) and, per window position q, the offset of its conv
+// output's first tap relative to the window's first (q = 255 maps to 0 with no gradient).
+template <typename T>
+struct BwdLayout {
+  static constexpr int VW = VecOf<T, kBwdBytes>::kLanes;
+  int64_t wpc;      // elements per padded row: WP * C
+  int64_t rowlen;   // one patch row: KW * C
+  int64_t nv;       // vectors per patch row
+  int64_t rowstep;  // between pooled rows: PSH * SH * WP * C
+  int64_t colstep;  // between pooled columns: PSW * SW * C
+  int64_t size;     // buffer elements, with a tail so full-vector loads stay in bounds
+  std::array<int64_t, 256> qoff{};
+
+  explicit BwdLayout(const ConvPoolGeometry& g) {
+    const int64_t wp = g.w + 2 * g.padw;
+    wpc = wp * g.c;
+    rowlen = g.kw * g.c;
+    nv = (rowlen + VW - 1) / VW;
+    rowstep = g.psh * g.sh * wpc;
+    colstep = g.psw * g.sw * g.c;
+    size = (g.h + 2 * g.padh) * wpc + nv * VW;
+    for (int64_t q = 0; q < g.poolh * g.poolw; ++q)
+      qoff[q] = (q / g.poolw) * g.sh * wpc + (q % g.poolw) * g.sw * g.c;
+  }
+};
+
+template <typename T>
+void to_padded_cl(const T* xs, const ConvPoolGeometry& g, const BwdLayout<T>& L, T* dst) {
+  for (int64_t c = 0; c < g.c; ++c)
+    for (int64_t y = 0; y < g.h; ++y) {
+      T* row = dst + (y + g.padh) * L.wpc + g.padw * g.c + c;
+      const T* src = xs + (c * g.h + y) * g.w;
+      for (int64_t x = 0; x < g.w; ++x) row[x * g.c] = src[x];
+    }
+}
+
+// True when every value is finite (x * 0 is 0 for finite x, NaN for Inf and NaN).
+template <typename T>
+bool all_finite(const at::Tensor& t) {
+  const T* p = t.const_data_ptr<T>();
+  const int64_t n = t.numel();
+  // Elements per task: a parallel task must outweigh its start-up cost.
+  constexpr int64_t kGrain = 1 << 16;
+  std::vector<char> ok((n + kGrain - 1) / kGrain + 1, 1);
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = b; i < e; ++i) acc += p[i] * T(0);
+    ok[b / kGrain] = acc == T(0);
+  });
+  return std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; });
+}
+
+// grad_w/grad_b of one sample, all output channels, accumulated into gw ([O][KH][NV*VW]) and
+// gb ([O]). A window with no gradient is visited with g = 0 (branch-free: x is finite here).
+template <typename T, int KH, int NV>
+void bwd_weight_sample(const T* xcl, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
+                       const BwdLayout<T>& L, T* gw, T* gb) {
+  using V = typename VecOf<T, kBwdBytes>::type;
+  constexpr int VW = VecOf<T, kBwdBytes>::kLanes;
+  const int64_t plane = g.ph * g.pw;
+  for (int64_t o = 0; o < g.o; ++o) {
+    V acc[KH][NV];
+    T* gwo = gw + o * KH * NV * VW;
+    for (int kh = 0; kh < KH; ++kh)
+      for (int v = 0; v < NV; ++v) acc[kh][v] = load<V>(gwo + (kh * NV + v) * VW);
+    T bsum = gb[o];
+    const T* gop = go + o * plane;
+    const uint8_t* amo = am + o * plane;
+    for (int64_t ph = 0; ph < g.ph; ++ph) {
+      for (int64_t pw = 0; pw < g.pw; ++pw) {
+        const uint8_t q = amo[ph * g.pw + pw];
+        const T gv = q == kNoGrad ? T(0) : gop[ph * g.pw + pw];
+        const T* base = xcl + ph * L.rowstep + pw * L.colstep + L.qoff[q];
+        bsum += gv;
+        for (int kh = 0; kh < KH; ++kh)
+          for (int v = 0; v < NV; ++v) acc[kh][v] += gv * load<V>(base + kh * L.wpc + v * VW);
+      }
+    }
+    for (int kh = 0; kh < KH; ++kh)
+      for (int v = 0; v < NV; ++v) std::memcpy(gwo + (kh * NV + v) * VW, &acc[kh][v], sizeof(V));
+    gb[o] = bsum;
+  }
+}
+
+// grad_x of one sample into dx (channels-last, padded); wcl is the weight as
+// [O][KH][NV*VW], zero beyond each patch row, so full vectors add exact zeros past it (g is
+// finite here).
+template <typename T, int KH, int NV>
+void bwd_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
+                      const BwdLayout<T>& L, const T* wcl) {
+  using V = typename VecOf<T, kBwdBytes>::type;
+  constexpr int VW = VecOf<T, kBwdBytes>::kLanes;
+  const int64_t plane = g.ph * g.pw;
+  for (int64_t o = 0; o < g.o; ++o) {
+    V w[KH][NV];
+    for (int kh = 0; kh < KH; ++kh)
+      for (int v = 0; v < NV; ++v) w[kh][v] = load<V>(wcl + ((o * KH + kh) * NV + v) * VW);
+    const T* gop = go + o * plane;
+    const uint8_t* amo = am + o * plane;
+    for (int64_t ph = 0; ph < g.ph; ++ph) {
+      for (int64_t pw = 0; pw < g.pw; ++pw) {
+        const uint8_t q = amo[ph * g.pw + pw];
+        if (q == kNoGrad) continue;
+        const T gv = gop[ph * g.pw + pw];
+        T* base = dx + ph * L.rowstep + pw * L.colstep + L.qoff[q];
+        for (int kh = 0; kh < KH; ++kh)
+          for (int v = 0; v < NV; ++v) {
+            T* p = base + kh * L.wpc + v * VW;
+            const V r = load<V>(p) + gv * w[kh][v];
+            std::memcpy(p, &r, sizeof(V));
+          }
+      }
+    }
+  }
+}
+
+template <typename T>
+using WeightSampleFn = void (*)(const T*, const T*, const uint8_t*, const ConvPoolGeometry&,
+                                const BwdLayout<T>&, T*, T*);
+template <typename T>
+using InputSampleFn = void (*)(T*, const T*, const uint8_t*, const ConvPoolGeometry&,
+                               const BwdLayout<T>&, const T*);
+
+template <typename T, int KH, int... NVs>
+constexpr void fill_row(std::integer_sequence<int, NVs...>,
+                        std::array<std::array<WeightSampleFn<T>, kMaxNV>, kMaxKH>& wt,
+                        std::array<std::array<InputSampleFn<T>, kMaxNV>, kMaxKH>& it) {
+  ((wt[KH - 1][NVs] = &bwd_weight_sample<T, KH, NVs + 1>), ...);
+  ((it[KH - 1][NVs] = &bwd_input_sample<T, KH, NVs + 1>), ...);
+}
+
+template <typename T>
+struct BwdTables {
+  std::array<std::array<WeightSampleFn<T>, kMaxNV>, kMaxKH> weight{};
+  std::array<std::array<InputSampleFn<T>, kMaxNV>, kMaxKH> input{};
+  BwdTables() { fill<1, 2, 3, 4, 5, 6, 7>(); }
+  template <int... KHs>
+  void fill() {
+    (fill_row<T, KHs>(std::make_integer_sequence<int, kMaxNV>{}, weight, input), ...);
+  }
+};
+
+template <typename T>
+const BwdTables<T>& bwd_tables() {
+  static const BwdTables<T> tables;
+  return tables;
+}
+
+inline bool register_blocked(const ConvPoolGeometry& g, int64_t nv) {
+  return g.kh <= kMaxKH && nv <= kMaxNV;
+}
+
+// The conv output's gradient, dense: grad_out at each window's argmax, 0 elsewhere. Used
+// where Inf/NaN must propagate exactly as in the stock composition's dense backward.
+inline at::Tensor dense_grad(const at::Tensor& grad_out, const at::Tensor& argmax,
+                             const ConvPoolGeometry& g) {
+  const at::Tensor valid = argmax != kNoGrad;
+  const at::Tensor pos = at::where(valid, argmax.to(at::kLong), 0);
+  const auto lopt = argmax.options().dtype(at::kLong);
+  const at::Tensor base =
+      at::arange(g.ph, lopt).view({-1, 1}) * (g.psh * g.ow) + at::arange(g.pw, lopt) * g.psw;
+  const at::Tensor flat = base + at::div(pos, g.poolw, "floor") * g.ow + pos.remainder(g.poolw);
+  at::Tensor dense = at::zeros({g.n, g.o, g.oh * g.ow}, grad_out.options());
+  dense.scatter_add_(2, flat.view({g.n, g.o, -1}),
+                     at::where(valid, grad_out, 0).view({g.n, g.o, -1}));
+  return dense.view({g.n, g.o, g.oh, g.ow});
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
+    const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& input,
+    const at::Tensor& weight, const ConvPoolGeometry& g, std::array<bool, 3> mask) {
+  return at::convolution_backward(dense_grad(grad_out, argmax, g), input, weight,
+                                  at::IntArrayRef{g.o}, {g.sh, g.sw}, {g.padh, g.padw}, {1, 1},
+                                  false, {0, 0}, 1, mask);
+}
+
+template <typename T>
+void backward_weight_kernel(const at::Tensor& grad_out, const at::Tensor& argmax,
+                            const at::Tensor& input, const ConvPoolGeometry& g,
+                            at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  constexpr int VW = BwdLayout<T>::VW;
+  const BwdLayout<T> L(g);
+  const bool blocked = register_blocked(g, L.nv);
+  // Accumulators as [O][KH][NV*VW] (register-blocked) or [O][KH][rowlen] (generic).
+  const int64_t rowsize = blocked ? L.nv * VW : L.rowlen;
+  const int64_t wsize = g.o * g.kh * rowsize;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.n));
+  std::vector<T> partial(chunks * (wsize + g.o), T(0));
+  const T* x = input.const_data_ptr<T>();
+  const T* gop = grad_out.const_data_ptr<T>();
+  const uint8_t* amp = argmax.const_data_ptr<uint8_t>();
+  const int64_t plane_out = g.ph * g.pw;
+  const auto fn = blocked ? bwd_tables<T>().weight[g.kh - 1][L.nv - 1] : nullptr;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<T> xcl(L.size, T(0));
+    for (int64_t chunk = c0; chunk < c1; ++chunk) {
+      T* gw = partial.data() + chunk * (wsize + g.o);
+      T* gb = gw + wsize;
+      for (int64_t n = chunk * g.n / chunks; n < (chunk + 1) * g.n / chunks; ++n) {
+        to_padded_cl(x + n * g.c * g.h * g.w, g, L, xcl.data());
+        const T* go = gop + n * g.o * plane_out;
+        const uint8_t* am = amp + n * g.o * plane_out;
+        if (fn) {
+          fn(xcl.data(), go, am, g, L, gw, gb);
+          continue;
+        }
+        for (int64_t o = 0; o < g.o; ++o)
+          for (int64_t k = 0; k < plane_out; ++k) {
+            const uint8_t q = am[o * plane_out + k];
+            if (q == kNoGrad) continue;
+            const T gv = go[o * plane_out + k];
+            const T* base =
+                xcl.data() + (k / g.pw) * L.rowstep + (k % g.pw) * L.colstep + L.qoff[q];
+            gb[o] += gv;
+            for (int64_t kh = 0; kh < g.kh; ++kh) {
+              T* dst = gw + (o * g.kh + kh) * rowsize;
+              const T* src = base + kh * L.wpc;
+              for (int64_t t = 0; t < L.rowlen; ++t) dst[t] += gv * src[t];
+            }
+          }
+      }
+    }
+  });
+  for (int64_t chunk = 1; chunk < chunks; ++chunk)
+    for (int64_t k = 0; k < wsize + g.o; ++k) partial[k] += partial[chunk * (wsize + g.o) + k];
+  // [O][KH][KW][C] (rows padded to rowsize) -> [O][C][KH][KW]
+  T* gwp = grad_weight.data_ptr<T>();
+  for (int64_t o = 0; o < g.o; ++o)
+    for (int64_t kh = 0; kh < g.kh; ++kh)
+      for (int64_t kw = 0; kw < g.kw; ++kw)
+        for (int64_t c = 0; c < g.c; ++c)
+          gwp[((o * g.c + c) * g.kh + kh) * g.kw + kw] =
+              partial[(o * g.kh + kh) * rowsize + kw * g.c + c];
+  std::memcpy(grad_bias.data_ptr<T>(), partial.data() + wsize, g.o * sizeof(T));
+}
+
+template <typename T>
+void backward_input_kernel(const at::Tensor& grad_out, const at::Tensor& argmax,
+                           const at::Tensor& weight, const ConvPoolGeometry& g,
+                           at::Tensor& grad_input) {
+  constexpr int VW = BwdLayout<T>::VW;
+  const BwdLayout<T> L(g);
+  const bool blocked = register_blocked(g, L.nv);
+  const int64_t rowsize = blocked ? L.nv * VW : L.rowlen;
+  // weight as [O][KH][KW][C], each patch row padded with zeros to rowsize.
+  std::vector<T> wcl(g.o * g.kh * rowsize, T(0));
+  const T* w = weight.const_data_ptr<T>();
+  for (int64_t o = 0; o < g.o; ++o)
+    for (int64_t c = 0; c < g.c; ++c)
+      for (int64_t kh = 0; kh < g.kh; ++kh)
+        for (int64_t kw = 0; kw < g.kw; ++kw)
+          wcl[(o * g.kh + kh) * rowsize + kw * g.c + c] =
+              w[((o * g.c + c) * g.kh + kh) * g.kw + kw];
+  const T* gop = grad_out.const_data_ptr<T>();
+  const uint8_t* amp = argmax.const_data_ptr<uint8_t>();
+  T* gi = grad_input.data_ptr<T>();
+  const int64_t plane_out = g.ph * g.pw;
+  const auto fn = blocked ? bwd_tables<T>().input[g.kh - 1][L.nv - 1] : nullptr;
+  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<T> dx(L.size);
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(dx.begin(), dx.end(), T(0));
+      const T* go = gop + n * g.o * plane_out;
+      const uint8_t* am = amp + n * g.o * plane_out;
+      if (fn) {
+        fn(dx.data(), go, am, g, L, wcl.data());
+      } else {
+        for (int64_t o = 0; o < g.o; ++o)
+          for (int64_t k = 0; k < plane_out; ++k) {
+            const uint8_t q = am[o * plane_out + k];
+            if (q == kNoGrad) continue;
+            const T gv = go[o * plane_out + k];
+            T* base = dx.data() + (k / g.pw) * L.rowstep + (k % g.pw) * L.colstep + L.qoff[q];
+            for (int64_t kh = 0; kh < g.kh; ++kh) {
+              T* dst = base + kh * L.wpc;
+              const T* src = wcl.data() + (o * g.kh + kh) * rowsize;
+              for (int64_t t = 0; t < L.rowlen; ++t) dst[t] += gv * src[t];
+            }
+          }
+      }
+      T* gis = gi + n * g.c * g.h * g.w;
+      for (int64_t c = 0; c < g.c; ++c)
+        for (int64_t y = 0; y < g.h; ++y) {
+          const T* row = dx.data() + (y + g.padh) * L.wpc + g.padw * g.c + c;
+          T* dst = gis + (c * g.h + y) * g.w;
+          for (int64_t xx = 0; xx < g.w; ++xx) dst[xx] = row[xx * g.c];
+        }
+    }
+  });
+}
+
+}  // namespace fastlenet::cpu

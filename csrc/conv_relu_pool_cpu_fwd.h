@@ -1,0 +1,317 @@
+// Forward kernels of conv2d -> ReLU -> max_pool2d on the CPU (math in conv_relu_pool_cpu.cpp).
+//
+// Two ways to fill the vector lanes, chosen per layer by conv_relu_pool_cpu.cpp:
+// - forward_channels: lanes over output channels (weight repacked [O/VW][C][KH][KW][VW]); a
+//   register block holds R conv outputs of one conv row; each (c, kh, kw) loads one weight
+//   vector and broadcasts R inputs. Conv rows of one pooled row go to a per-thread tile (L1)
+//   and are reduced to max/argmax at once. Best with many output channels (LeNet-5 conv2).
+// - forward_columns: lanes over pooled output columns, every window position and up to
+//   kColumnsMaxOut output channels in registers at once; the input is split by column
+//   phase so that the inputs of 16 pooled columns are one contiguous load. Max/argmax never
+//   leave registers. Best with few output channels and wide outputs (LeNet-5 conv1).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "checks.h"
+#include "cpu_vec.h"
+
+namespace fastlenet::cpu {
+
+// Most conv outputs one register block holds: 14 accumulators + the weight vector fit the 16
+// (AVX2) or 32 (AVX-512) vector registers, and 14 covers half of LeNet-5's 28-wide conv1 row.
+constexpr int kMaxBlock = 14;
+
+struct Plane {
+  int64_t chan;  // elements between channels of the (padded) input plane
+  int64_t row;   // elements between rows
+};
+
+// R conv outputs at columns ow0 .. ow0+R-1 of one conv row, for VW output channels:
+// acc[r] = bias + sum_{c,kh,kw} wt[c,kh,kw,:] * x[c, kh, r*SW + kw], x pointing at the top-left
+// input of the first output.
+template <typename T, int Bytes, int R, bool UnitStride>
+void conv_block(const T* x, Plane p, int64_t sw, const T* wt, int64_t C, int64_t KH, int64_t KW,
+                const T* bias, T* dst) {
+  using V = typename VecOf<T, Bytes>::type;
+  constexpr int VW = VecOf<T, Bytes>::kLanes;
+  V acc[R];
+  const V b = load<V>(bias);
+  for (int r = 0; r < R; ++r) acc[r] = b;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      const T* xr = x + c * p.chan + kh * p.row;
+      const T* wr = wt + (c * KH + kh) * KW * VW;
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const V w = load<V>(wr + kw * VW);
+        for (int r = 0; r < R; ++r) acc[r] += w * xr[(UnitStride ? r : r * sw) + kw];
+      }
+    }
+  }
+  std::memcpy(dst, acc, sizeof(acc));
+}
+
+template <typename T, int Bytes, bool UnitStride>
+using BlockFn = void (*)(const T*, Plane, int64_t, const T*, int64_t, int64_t, int64_t, const T*,
+                         T*);
+
+template <typename T, int Bytes, bool UnitStride, int... Rs>
+constexpr auto block_table(std::integer_sequence<int, Rs...>) {
+  return std::array<BlockFn<T, Bytes, UnitStride>, sizeof...(Rs)>{
+      &conv_block<T, Bytes, Rs + 1, UnitStride>...};
+}
+
+// Computes conv row `oh` for output channels [ob*VW, ob*VW+VW) into tile[ow][VW], ow < width.
+template <typename T, int Bytes, bool UnitStride>
+void conv_row(const T* xpad, Plane p, const ConvPoolGeometry& g, int64_t oh, int64_t width,
+              const T* wt, const T* bias, T* tile) {
+  constexpr int VW = VecOf<T, Bytes>::kLanes;
+  static constexpr auto table =
+      block_table<T, Bytes, UnitStride>(std::make_integer_sequence<int, kMaxBlock>{});
+  const int64_t blocks = (width + kMaxBlock - 1) / kMaxBlock;
+  const int64_t step = (width + blocks - 1) / blocks;  // even blocks: 28 -> 14 + 14
+  for (int64_t ow0 = 0; ow0 < width; ow0 += step) {
+    const int64_t r = std::min(step, width - ow0);
+    const T* x = xpad + oh * g.sh * p.row + ow0 * g.sw;
+    table[r - 1](x, p, g.sw, wt, g.c, g.kh, g.kw, bias, tile + ow0 * VW);
+  }
+}
+
+template <typename T, int Bytes>
+void forward_channels(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                      const ConvPoolGeometry& g, at::Tensor& out, at::Tensor& argmax) {
+  constexpr int VW = VecOf<T, Bytes>::kLanes;
+  using V = typename VecOf<T, Bytes>::type;
+  using M = typename VecOf<T, Bytes>::mask;
+  using MI = typename VecOf<T, Bytes>::mask_int;
+  const int64_t oblocks = (g.o + VW - 1) / VW;
+  // Weight repacked to [O/VW][C][KH][KW][VW] and bias to [O/VW][VW], zero-padded lanes.
+  std::vector<T> wt(oblocks * g.c * g.kh * g.kw * VW, T(0));
+  std::vector<T> bt(oblocks * VW, T(0));
+  const T* w = weight.const_data_ptr<T>();
+  for (int64_t o = 0; o < g.o; ++o) {
+    const int64_t ob = o / VW, lane = o % VW;
+    for (int64_t k = 0; k < g.c * g.kh * g.kw; ++k)
+      wt[(ob * g.c * g.kh * g.kw + k) * VW + lane] = w[o * g.c * g.kh * g.kw + k];
+    bt[ob * VW + lane] = bias.defined() ? bias.const_data_ptr<T>()[o] : T(0);
+  }
+  const bool padded = g.padh > 0 || g.padw > 0;
+  const int64_t hp = g.h + 2 * g.padh, wp = g.w + 2 * g.padw;
+  // The last pooled window's right edge: conv columns beyond it are never computed.
+  const int64_t width = (g.pw - 1) * g.psw + g.poolw;
+  const Plane p{hp * wp, wp};
+  const T* x = input.const_data_ptr<T>();
+  T* outp = out.data_ptr<T>();
+  uint8_t* amp = argmax.data_ptr<uint8_t>();
+  const int64_t plane_out = g.ph * g.pw;
+  const bool unit = g.sw == 1;
+
+  at::parallel_for(0, g.n * oblocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> pad_buf(padded ? g.c * hp * wp : 0, T(0));
+    std::vector<T> tile(g.poolh * width * VW);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / oblocks, ob = t % oblocks;
+      const T* xs = x + n * g.c * g.h * g.w;
+      if (padded) {
+        for (int64_t c = 0; c < g.c; ++c)
+          for (int64_t y = 0; y < g.h; ++y)
+            std::memcpy(&pad_buf[(c * hp + y + g.padh) * wp + g.padw], xs + (c * g.h + y) * g.w,
+                        g.w * sizeof(T));
+        xs = pad_buf.data();
+      }
+      const T* wtb = wt.data() + ob * g.c * g.kh * g.kw * VW;
+      const T* btb = bt.data() + ob * VW;
+      const int64_t lanes = std::min<int64_t>(VW, g.o - ob * VW);
+      for (int64_t ph = 0; ph < g.ph; ++ph) {
+        for (int64_t i = 0; i < g.poolh; ++i) {
+          T* rowtile = tile.data() + i * width * VW;
+          if (unit)
+            conv_row<T, Bytes, true>(xs, p, g, ph * g.psh + i, width, wtb, btb, rowtile);
+          else
+            conv_row<T, Bytes, false>(xs, p, g, ph * g.psh + i, width, wtb, btb, rowtile);
+        }
+        for (int64_t pw = 0; pw < g.pw; ++pw) {
+          const T* first = tile.data() + pw * g.psw * VW;
+          V best = load<V>(first);
+          M pos = M{} + 0;
+          for (int64_t i = 0; i < g.poolh; ++i) {
+            for (int64_t j = 0; j < g.poolw; ++j) {
+              const V v = load<V>(tile.data() + (i * width + pw * g.psw + j) * VW);
+              // max_pool2d's rule: a strictly larger value or a NaN replaces the max.
+              const M take = (v > best) | (v != v);
+              best = take ? v : best;
+              pos = take ? M{} + static_cast<MI>(i * g.poolw + j) : pos;
+            }
+          }
+          const M dead = best <= V{};        // ReLU passes no gradient; false for a NaN max
+          const V relu = dead ? V{} : best;  // NaN stays NaN, as torch.relu
+          const int64_t base = (n * g.o + ob * VW) * plane_out + ph * g.pw + pw;
+          for (int64_t l = 0; l < lanes; ++l) {
+            outp[base + l * plane_out] = relu[l];
+            amp[base + l * plane_out] = dead[l] ? kNoGrad : static_cast<uint8_t>(pos[l]);
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// forward_columns
+
+// Column kernel vectors: 64 bytes (16 floats): LeNet-5's conv1 has 14 pooled columns.
+constexpr int kColumnsBytes = 64;
+// Accumulators of one block: output channels x window positions; 24 of the 32 AVX-512
+// registers, leaving room for the input vector and the pooling temporaries.
+constexpr int kColumnsAccumulators = 24;
+constexpr int kColumnsMaxWindow = 4;
+constexpr int kColumnsMaxOut = kColumnsAccumulators / kColumnsMaxWindow;
+
+// One pooled row's block of VW pooled columns for OB output channels and NQ window positions.
+// xs: the sample split by column phase, [C][HP][S][M]; xoff[q][kw]: offset of window position
+// q, tap kw (row part included) relative to the block's first input; wt: [C][KH][KW][OB].
+template <typename T, int OB, int NQ>
+void columns_block(const T* xs, int64_t chan, int64_t row, const int64_t* xoff, const T* wt,
+                   int64_t C, int64_t KH, int64_t KW, const T* bias, T* out, uint8_t* am,
+                   int64_t plane, int64_t lanes) {
+  using Vec = VecOf<T, kColumnsBytes>;
+  using V = typename Vec::type;
+  using M = typename Vec::mask;
+  using MI = typename Vec::mask_int;
+  constexpr int VW = Vec::kLanes;
+  V acc[OB][NQ];
+  for (int o = 0; o < OB; ++o)
+    for (int q = 0; q < NQ; ++q) acc[o][q] = V{} + bias[o];
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      const T* xr = xs + c * chan + kh * row;
+      const T* wr = wt + (c * KH + kh) * KW * OB;
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        for (int q = 0; q < NQ; ++q) {
+          const V x = load<V>(xr + xoff[q * KW + kw]);
+          for (int o = 0; o < OB; ++o) acc[o][q] += wr[kw * OB + o] * x;
+        }
+      }
+    }
+  }
+  for (int o = 0; o < OB; ++o) {
+    V best = acc[o][0];
+    M pos = M{};
+    for (int q = 1; q < NQ; ++q) {
+      // max_pool2d's rule: a strictly larger value or a NaN replaces the max.
+      const M take = (acc[o][q] > best) | (acc[o][q] != acc[o][q]);
+      best = take ? acc[o][q] : best;
+      pos = take ? M{} + static_cast<MI>(q) : pos;
+    }
+    const M dead = best <= V{};  // ReLU passes no gradient; false for a NaN max
+    const V relu = dead ? V{} : best;
+    const M code = dead ? M{} + static_cast<MI>(kNoGrad) : pos;
+    T vals[VW];
+    store(vals, relu);
+    std::memcpy(out + o * plane, vals, lanes * sizeof(T));
+    for (int64_t l = 0; l < lanes; ++l) am[o * plane + l] = static_cast<uint8_t>(code[l]);
+  }
+}
+
+template <typename T>
+using ColumnsFn = void (*)(const T*, int64_t, int64_t, const int64_t*, const T*, int64_t, int64_t,
+                           int64_t, const T*, T*, uint8_t*, int64_t, int64_t);
+
+template <typename T, int NQ, int... OBs>
+constexpr std::array<ColumnsFn<T>, sizeof...(OBs)> columns_row(std::integer_sequence<int, OBs...>) {
+  return {&columns_block<T, OBs + 1, NQ>...};
+}
+
+template <typename T>
+const ColumnsFn<T>& columns_fn(int64_t ob, int64_t nq) {
+  static const std::array<std::array<ColumnsFn<T>, kColumnsMaxOut>, kColumnsMaxWindow> table{
+      columns_row<T, 1>(std::make_integer_sequence<int, kColumnsMaxOut>{}),
+      columns_row<T, 2>(std::make_integer_sequence<int, kColumnsMaxOut>{}),
+      columns_row<T, 3>(std::make_integer_sequence<int, kColumnsMaxOut>{}),
+      columns_row<T, 4>(std::make_integer_sequence<int, kColumnsMaxOut>{})};
+  return table[nq - 1][ob - 1];
+}
+
+// Whether forward_columns handles this layer, and fills its lanes at least as well as
+// forward_channels would.
+template <typename T>
+bool columns_suits(const ConvPoolGeometry& g, int channel_lanes) {
+  const int64_t nq = g.poolh * g.poolw;
+  if (nq > kColumnsMaxWindow) return false;
+  const int64_t vw = VecOf<T, kColumnsBytes>::kLanes;
+  const double col_fill = double(g.pw) / double((g.pw + vw - 1) / vw * vw);
+  const double chan_fill =
+      double(g.o) / double((g.o + channel_lanes - 1) / channel_lanes * channel_lanes);
+  return col_fill >= chan_fill;
+}
+
+template <typename T>
+void forward_columns(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                     const ConvPoolGeometry& g, at::Tensor& out, at::Tensor& argmax) {
+  constexpr int VW = VecOf<T, kColumnsBytes>::kLanes;
+  const int64_t nq = g.poolh * g.poolw;
+  const int64_t ob_max = std::min<int64_t>(kColumnsAccumulators / nq, kColumnsMaxOut);
+  const int64_t hp = g.h + 2 * g.padh, wp = g.w + 2 * g.padw;
+  const int64_t S = g.psw * g.sw;  // input columns between neighbouring pooled columns
+  const int64_t col_blocks = (g.pw + VW - 1) / VW;
+  // Phase-split row: m < M covers every pooled column block plus the taps past its end.
+  const int64_t M = col_blocks * VW + (g.poolw * g.sw + g.kw) / S + 1;
+  const int64_t row = S * M, chan = hp * row;
+  // xoff[q][kw] relative to (pooled row's first input row, block's first pooled column).
+  std::vector<int64_t> xoff(nq * g.kw);
+  for (int64_t q = 0; q < nq; ++q)
+    for (int64_t kw = 0; kw < g.kw; ++kw) {
+      const int64_t i = q / g.poolw, j = q % g.poolw, col = j * g.sw + kw;
+      xoff[q * g.kw + kw] = i * g.sh * row + (col % S) * M + col / S;
+    }
+  // Weight as [O-block][C][KH][KW][ob] for each block of ob_max output channels.
+  const int64_t ckk = g.c * g.kh * g.kw;
+  std::vector<T> wt(g.o * ckk);
+  const T* w = weight.const_data_ptr<T>();
+  for (int64_t o0 = 0; o0 < g.o; o0 += ob_max) {
+    const int64_t ob = std::min(ob_max, g.o - o0);
+    for (int64_t k = 0; k < ckk; ++k)
+      for (int64_t o = 0; o < ob; ++o) wt[o0 * ckk + k * ob + o] = w[(o0 + o) * ckk + k];
+  }
+  std::vector<T> bvec(g.o, T(0));
+  if (bias.defined()) std::copy_n(bias.const_data_ptr<T>(), g.o, bvec.begin());
+  const T* x = input.const_data_ptr<T>();
+  T* outp = out.data_ptr<T>();
+  uint8_t* amp = argmax.data_ptr<uint8_t>();
+  const int64_t plane = g.ph * g.pw;
+  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<T> xs(g.c * chan + VW, T(0));
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* src = x + n * g.c * g.h * g.w;
+      for (int64_t c = 0; c < g.c; ++c)
+        for (int64_t y = 0; y < g.h; ++y) {
+          T* dst = xs.data() + c * chan + (y + g.padh) * row;
+          for (int64_t xx = 0; xx < g.w; ++xx) {
+            const int64_t col = xx + g.padw;
+            dst[(col % S) * M + col / S] = src[(c * g.h + y) * g.w + xx];
+          }
+        }
+      for (int64_t o0 = 0; o0 < g.o; o0 += ob_max) {
+        const int64_t ob = std::min(ob_max, g.o - o0);
+        const auto fn = columns_fn<T>(ob, nq);
+        for (int64_t ph = 0; ph < g.ph; ++ph)
+          for (int64_t cb = 0; cb < col_blocks; ++cb) {
+            const int64_t pw0 = cb * VW;
+            const int64_t at = (n * g.o + o0) * plane + ph * g.pw + pw0;
+            fn(xs.data() + ph * g.psh * g.sh * row + pw0, chan, row, xoff.data(),
+               wt.data() + o0 * ckk, g.c, g.kh, g.kw, bvec.data() + o0, outp + at, amp + at, plane,
+               std::min<int64_t>(VW, g.pw - pw0));
+          }
+      }
+    }
+  });
+}
+
+}  // namespace fastlenet::cpu
