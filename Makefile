@@ -42,6 +42,11 @@ format: $(DEPS)
 test: $(BUILT) lint
 	$(PY) -m pytest tests
 
+# The C++ CPU kernels under ASan + UBSan, built apart in build/sanitize (see the script).
+.PHONY: sanitize
+sanitize: $(DEPS)
+	tests/run_sanitized.sh $(PY)
+
 # Benchmarks (benchmarks/harness.py has every setting): fastlenet against stock eager and
 # torch.compile, providers timed alternately; prints the table, appends rows to
 # benchmarks/results/*.csv, writes the PNG and the table there. ~10 min on this 2-core machine;
