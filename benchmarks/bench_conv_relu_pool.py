@@ -133,12 +133,25 @@ SAVED_BATCH = 64
 
 
 @pytest.mark.parametrize("layer", list(SHAPES))
-def test_conv_relu_pool_saved_bytes(saved_recorder, layer):
-    """Bytes autograd keeps for backward, per provider, measured with saved_tensors_hooks."""
+def test_conv_relu_pool_saved_bytes(saved_recorder, compiled, layer):
+    """Bytes autograd keeps for backward, per provider, measured with saved_tensors_hooks.
+
+    A saved tensor counts as the layer's input (or a parameter) only when it shares that
+    tensor's storage: a copy that a compiled graph saves (another layout, say) is counted
+    as an activation, since it is memory held for backward on top of the input.
+    """
     shape = SHAPES[layer]
-    x, w, b, _ = make_inputs(shape, SAVED_BATCH)
+    x, w, b, g = make_inputs(shape, SAVED_BATCH)
     fns = {n: fused(n.removeprefix("fastlenet-")) for n in S.fastlenet_providers}
     fns["eager"] = stock
+    if "compile" in S.providers:
+
+        def build():
+            c = torch.compile(stock, dynamic=False)
+            c(x, w, b).backward(g)
+            return c
+
+        fns["compile"] = compiled((OP, "saved", layer), build)
     results = {}
     for name, f in fns.items():
         saved = harness.saved_for_backward(

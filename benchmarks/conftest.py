@@ -188,7 +188,8 @@ class Bench:
 
 def record_saved(*, provider, op, shape, batch, saved, dtype="float32"):
     """Records the result of harness.saved_for_backward for one provider."""
-    activations = [v for v in saved.values() if v[2] in ("activation", "input")]
+    # Parameters are not per-sample and alive anyway; copies of them are held for backward.
+    activations = [v for v in saved.values() if v[2] not in ("weight", "bias")]
     _RECORDER.saved_rows.append(
         {
             **_RECORDER.common(),

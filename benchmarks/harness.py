@@ -376,23 +376,27 @@ def saved_for_backward(run: Callable[[], object], exclude: dict[str, torch.Tenso
     """Distinct storages that autograd saves while `run()` builds its graph.
 
     Returns {storage key: (bytes, description, role)}; role is the name in `exclude` when the
-    storage is one of those tensors (parameters, the layer's input), else "activation".
+    storage is one of those tensors (parameters, the layer's input), "<name>-copy" for a
+    tensor of another storage holding the same values, else "activation".
     Tensors saved twice (a ReLU output that max_pool2d saves again) count once.
     """
     known = {t.untyped_storage().data_ptr(): role for role, t in exclude.items()}
     saved: dict[int, tuple[int, str, str]] = {}
 
+    def role_of(t, key):
+        if key in known:
+            return known[key]
+        for role, e in exclude.items():  # a copy (another storage) of the input or a parameter
+            if t.shape == e.shape and t.dtype == e.dtype and torch.equal(t.detach(), e.detach()):
+                return f"{role}-copy"
+        return "activation"
+
     def pack(t):
         storage = t.untyped_storage()
         key = storage.data_ptr()
-        saved.setdefault(
-            key,
-            (
-                storage.nbytes(),
-                f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}",
-                known.get(key, "activation"),
-            ),
-        )
+        if key not in saved:
+            desc = f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+            saved[key] = (storage.nbytes(), desc, role_of(t, key))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

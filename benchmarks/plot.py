@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # files only, no display
 
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-from report import RESULTS, num, read
+from report import default_csv, num, read
 
 PASSES = ("forward", "backward", "full")
 #: The issue's speed target (3x over stock) drawn on every panel.
@@ -56,7 +56,7 @@ def series(rows, provider, alloc, column):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--csv", type=Path, default=RESULTS / "bench.csv")
+    parser.add_argument("--csv", type=Path, default=default_csv())
     parser.add_argument("--run", help="run id (column `run`); default: the latest in the file")
     parser.add_argument("--out", type=Path, help="default: results/speedup_<device>.png")
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ the README as it is. Reads only the CSV files: no torch import, no timing.
 
 import argparse
 import csv
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +22,11 @@ PASS_ORDER = {"train_step": 0, "inference": 1, "forward": 2, "backward": 3, "ful
 #: LeNet-5's useful FLOPs per sample (2 x dense MACs; see harness.py), quoted in the header.
 LENET_FWD_MFLOP = 0.833040
 LENET_BWD_MFLOP = 1.430880
+
+
+def default_csv() -> Path:
+    """FASTLENET_BENCH_CSV when set (as for the benchmarks), else results/bench.csv."""
+    return Path(os.environ.get("FASTLENET_BENCH_CSV") or RESULTS / "bench.csv")
 
 
 def read(path: Path) -> list[dict]:
@@ -195,7 +201,7 @@ def targets(rows: list[dict], saved: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--csv", type=Path, default=RESULTS / "bench.csv")
+    parser.add_argument("--csv", type=Path, default=default_csv())
     parser.add_argument("--run", help="run id (column `run`); default: the latest in the file")
     parser.add_argument("--save", action="store_true", help="also write results/table_<device>.md")
     args = parser.parse_args(argv)
@@ -277,7 +283,9 @@ def main(argv=None) -> int:
         emit(
             "Distinct storages autograd keeps from forward to backward, per sample, "
             "parameters excluded; `excl. input` also leaves out the layer's input, which "
-            "the previous layer's output keeps alive anyway.\n"
+            "the previous layer's output keeps alive anyway. A tensor counts as the input "
+            "only if it shares the input's storage: the copies a compiled graph saves are "
+            "counted as activations.\n"
         )
         emit(saved_table(saved))
     lines = targets(rows, saved)
