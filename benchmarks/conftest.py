@@ -22,6 +22,8 @@ import harness
 import pytest
 import torch
 
+import fastlenet
+
 # A fresh inductor cache, so that the compile times in the table are cold-start times that do
 # not depend on what earlier runs left in ~/.cache or /tmp.
 _INDUCTOR_CACHE = None
@@ -41,6 +43,11 @@ def pytest_report_header(config):
         f"fastlenet bench: providers={s.providers} batches={s.batches} passes={s.passes} "
         f"case budget={s.case_s}s rounds={s.min_rounds}..{s.max_rounds} "
         f"csv={s.csv or '(none)'} label={s.label!r} run={s.run}",
+        *(
+            f"fastlenet bench: backend {name!r} not timed: {status!r}"
+            for name, status in fastlenet.available_backends().items()
+            if name != "reference" and not status
+        ),
     ]
 
 

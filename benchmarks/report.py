@@ -288,7 +288,7 @@ def main(argv=None) -> int:
             "counted as activations.\n"
         )
         emit(saved_table(saved))
-    lines = targets(rows, saved)
+    lines = targets(rows, saved) if first["device"] == "cpu" else []  # the issue's CPU targets
     if lines:
         emit("\n## Targets of issue 5\n")
         emit("\n".join(lines))
