@@ -254,7 +254,10 @@ def main(argv=None) -> int:
         "untimed); full = both. train_step = zero_grad, forward, cross-entropy, backward, "
         "SGD(momentum 0.9) step; inference = forward under torch.inference_mode. "
         "compile = torch.compile(dynamic=False) of the stock model/composition, steady state; "
-        "`compile s` = its first call(s) (compilation) from a fresh inductor cache."
+        "`compile s` = its first call(s) (compilation) from a fresh inductor cache. "
+        "Inputs are seeded standard-normal tensors; LeNet-5 uses random labels and SGD with "
+        "lr=0, so every timed step sees the same weights (the fused backward skips windows "
+        "that pass no gradient, so drifting weights would change its work)."
     )
     emit(
         "\nFLOPs: useful = 2 x the dense multiply-adds of convolutions and matmuls (bias, "
