@@ -52,6 +52,13 @@ def ms(value: float | None) -> str:
     return f"{value:.1f}" if value >= 100 else f"{value:.3f}" if value >= 1 else f"{value:.4f}"
 
 
+def small(value: float | None) -> str:
+    """One decimal, or three significant digits below 1 (batch-1 GFLOP/s, % of peak)."""
+    if value is None:
+        return ""
+    return f"{value:.1f}" if value >= 1 else f"{value:.3g}"
+
+
 def table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
@@ -105,8 +112,8 @@ def timing_table(rows: list[dict], alloc_tags) -> str:
                 ms(num(r, "median_ms")),
                 f"{ms(num(r, 'p20_ms'))}-{ms(num(r, 'p80_ms'))}",
                 fmt(num(r, "samples_per_s"), ",.0f"),
-                fmt(num(r, "gflops"), ".1f"),
-                fmt(100 * num(r, "peak_frac") if num(r, "peak_frac") is not None else None, ".1f"),
+                small(num(r, "gflops")),
+                small(100 * num(r, "peak_frac") if num(r, "peak_frac") is not None else None),
                 fmt(num(r, "vs_eager"), ".2f"),
                 fmt(num(r, "vs_compile"), ".2f"),
                 fmt(num(r, "compile_s"), ".1f"),
