@@ -1,0 +1,209 @@
+"""conv_relu_pool2d on the CUDA backend (hand-written kernels, csrc/conv_relu_pool_cuda.cuh) with
+CUDA tensors: parity with stock PyTorch and with the reference's saved state, float64
+gradcheck, opcheck, float16/bfloat16, determinism, the atomics opt-in, streams and CUDA graphs.
+Needs a GPU: run with `pytest -m gpu` (deselected elsewhere; tests/test_cuda_sim.py runs the
+same kernels in the CPU simulator).
+"""
+
+import pytest
+import torch
+from conftest import rel_err
+
+from fastlenet import reference
+from fastlenet.functional import conv_relu_pool2d
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda"
+BACKEND = "cuda"
+
+# (N, C, H, W, O, KH, KW, stride, padding, pool_size, pool_stride)
+GEOMETRIES = [
+    (4, 1, 32, 32, 6, 5, 5, 1, 0, 2, 2),  # LeNet-5 conv1
+    (3, 6, 14, 14, 16, 5, 5, 1, 0, 2, 2),  # LeNet-5 conv2
+    (2, 16, 28, 28, 32, 5, 5, 1, 2, 2, 2),  # Fashion-MNIST CNN conv2 (padding)
+    (2, 3, 11, 9, 20, 3, 2, (2, 1), (1, 0), 3, 2),  # odd sizes, overlapping pools
+    (1, 2, 7, 8, 5, 3, 3, 1, 1, 1, 1),  # pool_size=1: conv + ReLU alone
+    (3, 2, 13, 10, 9, 4, 3, 2, 2, (2, 3), (3, 1)),  # strides everywhere
+    (2, 1, 5, 5, 3, 5, 5, 1, 0, 1, 1),  # 1x1 conv output
+    (2, 64, 20, 20, 8, 7, 7, 1, 3, 2, 2),  # 64 channels of 7x7: several staged channel chunks
+    (0, 3, 8, 8, 4, 3, 3, 1, 0, 2, 2),  # empty batch
+]
+# Against the float64 reference on the same (rounded) inputs: float32 sums of up to a few
+# thousand terms; float16/bfloat16 accumulate in float32 and round the result (2^-11, 2^-8).
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _pairs(conv):
+    return [(v, v) if isinstance(v, int) else tuple(v) for v in conv]
+
+
+def _inputs(geometry, dtype, requires_grad=True):
+    n, c, h, w, o, kh, kw, *conv = geometry
+    x = torch.randn(n, c, h, w, device=DEVICE).to(dtype).requires_grad_(requires_grad)
+    weight = torch.randn(o, c, kh, kw, device=DEVICE).to(dtype).requires_grad_(requires_grad)
+    bias = torch.randn(o, device=DEVICE).to(dtype).requires_grad_(requires_grad)
+    return x, weight, bias, _pairs(conv)
+
+
+def _check_parity(x, weight, bias, conv, tol):
+    out = conv_relu_pool2d(x, weight, bias, *conv, backend=BACKEND)
+    ref_leaves = [
+        None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+        for t in (x, weight, bias)
+    ]
+    ref = reference.conv_relu_pool2d(*ref_leaves, *conv)
+    assert out.shape == ref.shape and out.dtype == x.dtype and out.device == x.device
+    assert rel_err(out, ref) < tol
+    leaves = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    if not leaves or out.numel() == 0:
+        return
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, grad)
+    needed = [t for t in ref_leaves if t is not None and t.requires_grad]
+    want = torch.autograd.grad(ref, needed, grad.double())
+    for g, r in zip(got, want, strict=True):
+        assert g.shape == r.shape and g.dtype == x.dtype
+        assert rel_err(g, r) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_parity_with_stock(geometry, dtype):
+    _check_parity(*_inputs(geometry, dtype), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("geometry", GEOMETRIES[:4])
+def test_parity_half(geometry, dtype):
+    _check_parity(*_inputs(geometry, dtype), TOL[dtype])
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[3:7])
+def test_gradcheck_float64(geometry):
+    x, weight, bias, conv = _inputs(geometry, torch.float64)
+    # Random inputs keep every window's max and every pre-activation away from the kinks
+    # by far more than gradcheck's eps (1e-6), so the finite differences are exact.
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: conv_relu_pool2d(a, b, c, *conv, backend=BACKEND), (x, weight, bias)
+    )
+
+
+def _op_args(geometry, dtype):
+    x, weight, bias, conv = _inputs(geometry, dtype, requires_grad=False)
+    out, argmax = torch.ops.fastlenet.conv_relu_pool_fwd(x, weight, bias, *conv)
+    return x, weight, bias, conv, torch.randn_like(out), argmax
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("geometry", GEOMETRIES[:6])
+def test_opcheck(geometry, dtype):
+    x, weight, bias, conv, grad, argmax = _op_args(geometry, dtype)
+    ops = torch.ops.fastlenet
+    torch.library.opcheck(ops.conv_relu_pool_fwd, (x, weight, bias, *conv))
+    torch.library.opcheck(ops.conv_relu_pool_fwd, (x, weight, None, *conv))
+    torch.library.opcheck(ops.conv_relu_pool_bwd_input, (grad, argmax, x, weight, *conv))
+    torch.library.opcheck(ops.conv_relu_pool_bwd_weight, (grad, argmax, x, weight, *conv))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[:6])
+def test_saved_state_and_gradients_match_reference(geometry):
+    x, weight, bias, conv, grad, argmax = _op_args(geometry, torch.float64)
+    _, ref_argmax = reference.conv_relu_pool_fwd(x, weight, bias, *conv)
+    assert argmax.dtype == torch.uint8 and torch.equal(argmax, ref_argmax)
+    ops = torch.ops.fastlenet
+    args = (grad, argmax, x, weight, *conv)
+    want = reference.conv_relu_pool_bwd_input(*args)
+    assert rel_err(ops.conv_relu_pool_bwd_input(*args), want) < 1e-12
+    for got, want in zip(
+        ops.conv_relu_pool_bwd_weight(*args),
+        reference.conv_relu_pool_bwd_weight(*args),
+        strict=True,
+    ):
+        assert rel_err(got, want) < 1e-12
+
+
+def test_ties_nan_and_dead_windows():
+    """Integer data makes exact ties (the first max wins); NaN wins (the last one) and passes
+    gradient; windows with max <= 0 pass none: argmax equal to the reference's."""
+    x = torch.randint(-2, 3, (3, 6, 14, 14), device=DEVICE).double()
+    weight = torch.randint(-1, 2, (16, 6, 5, 5), device=DEVICE).double()
+    bias = torch.randint(-1, 2, (16,), device=DEVICE).double()
+    x.view(-1)[torch.randperm(x.numel(), device=DEVICE)[:4]] = float("nan")
+    conv = _pairs((1, 0, 2, 2))
+    out, argmax = torch.ops.fastlenet.conv_relu_pool_fwd(x, weight, bias, *conv)
+    ref_out, ref_argmax = reference.conv_relu_pool_fwd(x, weight, bias, *conv)
+    assert torch.equal(argmax, ref_argmax)
+    assert torch.equal(out.isnan(), ref_out.isnan()) and out.isnan().any()
+    assert torch.equal(out.nan_to_num(), ref_out.nan_to_num())
+    assert (argmax == 255).any()
+
+
+def test_backward_is_deterministic():
+    x, weight, _, conv, grad, argmax = _op_args(
+        (256, 6, 14, 14, 16, 5, 5, 1, 0, 2, 2), torch.float32
+    )
+    ops = torch.ops.fastlenet
+    first = ops.conv_relu_pool_bwd_weight(grad, argmax, x, weight, *conv)
+    first_input = ops.conv_relu_pool_bwd_input(grad, argmax, x, weight, *conv)
+    for _ in range(3):
+        again = ops.conv_relu_pool_bwd_weight(grad, argmax, x, weight, *conv)
+        for a, b in zip(first, again, strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(
+            first_input, ops.conv_relu_pool_bwd_input(grad, argmax, x, weight, *conv)
+        )
+
+
+def test_atomics_opt_in(monkeypatch):
+    x, weight, _, conv, grad, argmax = _op_args(
+        (256, 6, 14, 14, 16, 5, 5, 1, 0, 2, 2), torch.float32
+    )
+    args = (grad, argmax, x, weight, *conv)
+    want = reference.conv_relu_pool_bwd_weight(
+        grad.double(), argmax, x.double(), weight.double(), *conv
+    )
+    monkeypatch.setenv("FASTLENET_CUDA_ATOMICS", "1")
+    for got, ref in zip(torch.ops.fastlenet.conv_relu_pool_bwd_weight(*args), want, strict=True):
+        assert rel_err(got, ref) < TOL[torch.float32]
+
+
+def test_batch_beyond_the_grid_limit():
+    """70000 samples: more than the 65535 blocks of grid z, so the forward loops over them."""
+    _check_parity(*_inputs((70000, 1, 6, 6, 2, 3, 3, 1, 0, 2, 2), torch.float32), 2e-5)
+
+
+def test_noncontiguous_input():
+    x, weight, bias, conv = _inputs(GEOMETRIES[2], torch.float32, requires_grad=False)
+    x = x.to(memory_format=torch.channels_last).requires_grad_()
+    assert not x.is_contiguous()
+    _check_parity(x, weight.requires_grad_(), bias, conv, TOL[torch.float32])
+
+
+def test_runs_on_the_current_stream_and_in_a_cuda_graph():
+    x, weight, bias, conv = _inputs(GEOMETRIES[1], torch.float32, requires_grad=False)
+    want = reference.conv_relu_pool2d(x.double(), weight.double(), bias.double(), *conv)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = conv_relu_pool2d(x, weight, bias, *conv, backend=BACKEND)  # warm-up, side stream
+    torch.cuda.current_stream().wait_stream(side)
+    assert rel_err(out, want) < TOL[torch.float32]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = conv_relu_pool2d(x, weight, bias, *conv, backend=BACKEND)
+    x.copy_(torch.randn_like(x))  # new data in the captured input
+    graph.replay()
+    torch.cuda.synchronize()
+    want = reference.conv_relu_pool2d(x.double(), weight.double(), bias.double(), *conv)
+    assert rel_err(captured, want) < TOL[torch.float32]
+
+
+def test_bad_arguments_name_them():
+    x, weight, bias, conv = _inputs(GEOMETRIES[1], torch.float32, requires_grad=False)
+    ops = torch.ops.fastlenet
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.conv_relu_pool_fwd(x, weight.cpu(), bias, *conv)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.conv_relu_pool_fwd(x, weight, bias[:-1], *conv)
+    with pytest.raises(RuntimeError, match="input"):
+        ops.conv_relu_pool_fwd(x.int(), weight.int(), None, *conv)

@@ -1,0 +1,155 @@
+"""linear_relu and linear on the CUDA backend (hand-written GEMM kernels,
+csrc/linear_relu_cuda.cuh) with CUDA tensors: parity with stock PyTorch and with the reference's
+backward, float64 gradcheck, opcheck, float16/bfloat16, determinism, streams and CUDA graphs.
+Needs a GPU: run with `pytest -m gpu` (deselected elsewhere; tests/test_cuda_sim.py runs the
+same kernels in the CPU simulator).
+"""
+
+import pytest
+import torch
+from conftest import rel_err
+
+from fastlenet import reference
+from fastlenet.functional import linear, linear_relu
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda"
+BACKEND = "cuda"
+
+# LeNet-5's three layers, odd sizes crossing both GEMM tiles, one row, an empty batch, and a
+# product large enough for the 64 x 64 tile.
+SHAPES = [
+    (64, 400, 120),
+    (64, 120, 84),
+    (64, 84, 10),
+    (1, 7, 3),
+    (13, 33, 65),
+    (0, 5, 4),
+    (1500, 700, 650),
+]
+# Against the float64 reference on the same (rounded) inputs: float32 sums of up to 1500
+# terms; float16/bfloat16 accumulate in float32 and round the result (2^-11, 2^-8).
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+FUNCTIONS = {"linear_relu": (linear_relu, True), "linear": (linear, False)}
+
+
+def _inputs(shape, dtype, requires_grad=True):
+    b, i, o = shape
+    return [
+        torch.randn(*s, device=DEVICE).to(dtype).requires_grad_(requires_grad)
+        for s in ((b, i), (o, i), (o,))
+    ]
+
+
+def _check(fn_name, x, weight, bias, tol):
+    fn, relu = FUNCTIONS[fn_name]
+    out = fn(x, weight, bias, backend=BACKEND)
+    ref_in = [
+        t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
+        for t in (x, weight, bias)
+    ]
+    ref = reference.linear_relu(*ref_in, relu=relu)
+    assert out.shape == ref.shape and out.dtype == x.dtype and out.device == x.device
+    assert rel_err(out, ref) < tol
+    if out.numel() == 0:
+        return
+    grad = torch.randn_like(out)
+    leaves = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    ref_leaves = [t for t in ref_in if t is not None and t.requires_grad]
+    for got, want in zip(
+        torch.autograd.grad(out, leaves, grad),
+        torch.autograd.grad(ref, ref_leaves, grad.double()),
+        strict=True,
+    ):
+        assert rel_err(got, want) < tol
+
+
+@pytest.mark.parametrize("fn_name", FUNCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_parity_with_stock(shape, dtype, fn_name):
+    x, weight, bias = _inputs(shape, dtype)
+    _check(fn_name, x, weight, bias, TOL[dtype])
+    _check(fn_name, x, weight, None, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES[:5])
+def test_parity_half(shape, dtype):
+    _check("linear_relu", *_inputs(shape, dtype), TOL[dtype])
+
+
+@pytest.mark.parametrize("fn_name", FUNCTIONS)
+def test_gradcheck_float64(fn_name):
+    fn, _ = FUNCTIONS[fn_name]
+    x, weight, bias = _inputs((6, 9, 5), torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b, c: fn(a, b, c, backend=BACKEND), (x, weight, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("shape", SHAPES[:5])
+def test_opcheck(shape, relu, dtype):
+    x, weight, bias = _inputs(shape, dtype, requires_grad=False)
+    ops = torch.ops.fastlenet
+    torch.library.opcheck(ops.linear_relu_fwd, (x, weight, bias, relu))
+    torch.library.opcheck(ops.linear_relu_fwd, (x, weight, None, relu))
+    out = ops.linear_relu_fwd(x, weight, bias, relu)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(ops.linear_relu_bwd, (grad, out, x, weight, relu))
+
+
+def test_backward_matches_reference_with_nan_mask():
+    """out NaN masks its gradient and a NaN grad_out where masked is dropped, as the reference's
+    where(out > 0, grad_out, 0)."""
+    x, weight, bias = _inputs((13, 33, 65), torch.float64, requires_grad=False)
+    out = torch.ops.fastlenet.linear_relu_fwd(x, weight, bias, True)
+    out[0, 0] = float("nan")
+    grad = torch.randn_like(out)
+    grad[out <= 0] = float("nan")
+    got = torch.ops.fastlenet.linear_relu_bwd(grad, out, x, weight, True)
+    want = reference.linear_relu_bwd(grad, out, x, weight, True)
+    for g, w in zip(got, want, strict=True):
+        assert not g.isnan().any()
+        assert rel_err(g, w) < 1e-12
+
+
+def test_backward_is_deterministic():
+    x, weight, bias = _inputs((256, 400, 120), torch.float32, requires_grad=False)
+    ops = torch.ops.fastlenet
+    out = ops.linear_relu_fwd(x, weight, bias, True)
+    grad = torch.randn_like(out)
+    first = ops.linear_relu_bwd(grad, out, x, weight, True)
+    for _ in range(3):
+        for a, b in zip(first, ops.linear_relu_bwd(grad, out, x, weight, True), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_runs_on_the_current_stream_and_in_a_cuda_graph():
+    x, weight, bias = _inputs((64, 400, 120), torch.float32, requires_grad=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = linear_relu(x, weight, bias, backend=BACKEND)  # warm-up, side stream
+    torch.cuda.current_stream().wait_stream(side)
+    want = reference.linear_relu(x.double(), weight.double(), bias.double())
+    assert rel_err(out, want) < TOL[torch.float32]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = linear_relu(x, weight, bias, backend=BACKEND)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = reference.linear_relu(x.double(), weight.double(), bias.double())
+    assert rel_err(captured, want) < TOL[torch.float32]
+
+
+def test_bad_arguments_name_them():
+    x, weight, bias = _inputs((4, 5, 3), torch.float32, requires_grad=False)
+    ops = torch.ops.fastlenet
+    with pytest.raises(RuntimeError, match="weight"):
+        ops.linear_relu_fwd(x, weight.cpu(), bias, True)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.linear_relu_fwd(x, weight, bias[:-1], True)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        ops.linear_relu_bwd(x, x, x, weight, True)
