@@ -25,9 +25,10 @@
 #     backward, so an Inf/NaN in the input reaches grad_weight exactly where it does in stock.
 #     Deterministic two-stage reduction: each of S splits of the rows writes a partial (O, K)
 #     and (O,) in the accumulation dtype, a second kernel sums the splits in order. No atomics.
-# Non-finite weights: the implicit GEMM of grad_input multiplies taps that fall outside the
-# conv output by zero, so a NaN/Inf weight can make grad_input NaN at positions where stock's
-# transposed convolution leaves it finite.
+# Non-finite values reach every output and gradient exactly where they do in stock's float64
+# composition: grad_input takes NaN/Inf weights out of its dot and adds them on a rare path
+# (see _add_nonfinite_taps), since the dot would multiply them by the zeros of taps that meet
+# no conv position.
 # Dtypes: float16/bfloat16 operands with float32 accumulation; float32 (TF32 off unless
 # launch.set_allow_tf32(True)); float64 accumulates in float64.
 from types import SimpleNamespace
@@ -169,6 +170,23 @@ def _conv_grad(
 
 
 @triton.jit
+def _add_nonfinite_taps(acc, a, ok, w, finite, BLOCK_K: tl.constexpr):
+    """acc + sum over taps k with ok[:, k] of a[:, k] * w[k, :], for the non-finite w only.
+    a, ok: (BLOCK_M, BLOCK_K); w, finite: (BLOCK_K, BLOCK_N). One rank-1 update per tap."""
+    taps = tl.arange(0, BLOCK_K)
+    for kk in range(BLOCK_K):
+        sel = taps == kk
+        a_col = tl.sum(tl.where(sel[None, :], a, 0.0), axis=1)
+        ok_col = tl.sum(tl.where(sel[None, :] & ok, 1, 0), axis=1) > 0
+        bad = sel[:, None] & ~finite
+        w_row = tl.sum(tl.where(bad, w, 0.0), axis=0)
+        bad_row = tl.sum(bad.to(tl.int32), axis=0) > 0
+        hit = ok_col[:, None] & bad_row[None, :]
+        acc += tl.where(hit, a_col[:, None] * w_row[None, :], 0.0)
+    return acc
+
+
+@triton.jit
 def _bwd_input_kernel(
     g_ptr,  # (N, O, PH, PW) grad_out
     argmax_ptr,  # (N, O, PH, PW) uint8
@@ -236,7 +254,15 @@ def _bwd_input_kernel(
         a_tile = dy.to(w_ptr.dtype.element_ty)
         b_off = (o[:, None] * C + chans[None, :]) * (KH * KW) + (kh * KW + kw)[:, None]
         b_tile = tl.load(w_ptr + b_off, mask=k_ok[:, None] & chan_ok[None, :], other=0.0)
-        acc = _dot(a_tile, b_tile, acc, DOT_PRECISION, DOT_UPCAST)
+        # The dot multiplies the taps that meet no conv position by a zero of dy; a NaN/Inf
+        # weight would turn those into NaN where stock's transposed convolution never
+        # multiplies. So the dot takes the finite weights, and a rare-path loop adds the
+        # non-finite ones on the taps that exist (as stock does, 0 * Inf = NaN included).
+        w_acc = b_tile.to(acc_dtype)
+        finite = tl.abs(w_acc) < float("inf")  # false for NaN and +/-Inf
+        acc = _dot(a_tile, tl.where(finite, b_tile, 0.0), acc, DOT_PRECISION, DOT_UPCAST)
+        if tl.sum((~finite).to(tl.int32)) > 0:
+            acc = _add_nonfinite_taps(acc, a_tile.to(acc_dtype), ok, w_acc, finite, BLOCK_K)
     off = (n.to(tl.int64)[:, None] * C + chans[None, :]) * (H * W) + rem[:, None]
     tl.store(gx_ptr + off, acc.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None] & chan_ok[None, :])
 

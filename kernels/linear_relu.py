@@ -5,9 +5,9 @@
 #
 # Forward, one program per (BLOCK_M rows) x (BLOCK_N features) tile, tl.dot over K blocks:
 #   out = relu(x @ w.T + b)      (no ReLU when RELU is false); bias and ReLU in the epilogue.
-# Saved for backward (by the caller): input, weight and out (out > 0 is the ReLU mask).
-# Backward, with the masked gradient g = grad_out * (out > 0) formed inside the operand loads
-# (never stored):
+# Saved for backward (by the caller): input, weight and out (the ReLU mask).
+# Backward, with the masked gradient g = where(out <= 0, 0, grad_out) formed inside the operand
+# loads (never stored; a NaN out passes gradient, as stock's threshold_backward does):
 #   grad_input  = g @ w          (M, K): one program per output tile, reduction over N.
 #   grad_weight = g.T @ x        (N, K) and grad_bias = g.sum(0) (N,): deterministic two-stage
 #     reduction over the rows M: each of S splits writes partial (N, K) and (N,) sums in the
@@ -103,7 +103,7 @@ def _bwd_input_kernel(
         g = tl.load(g_ptr + off, mask=mask, other=0.0).to(acc_dtype)
         if RELU:
             y = tl.load(out_ptr + off, mask=mask, other=0.0).to(acc_dtype)
-            g = tl.where(y > 0, g, 0.0)
+            g = tl.where(y <= 0, 0.0, g)  # a NaN out passes gradient, as in stock
         b = tl.load(
             w_ptr + ns[:, None] * K + cols[None, :], mask=n_ok[:, None] & col_ok[None, :], other=0.0
         )
@@ -152,7 +152,7 @@ def _bwd_weight_kernel(
         g = tl.load(g_ptr + off, mask=mask, other=0.0).to(acc_dtype)
         if RELU:
             y = tl.load(out_ptr + off, mask=mask, other=0.0).to(acc_dtype)
-            g = tl.where(y > 0, g, 0.0)
+            g = tl.where(y <= 0, 0.0, g)  # a NaN out passes gradient, as in stock
         bias_acc += tl.sum(g, axis=1)
         g = g.to(x_ptr.dtype.element_ty)
         b = tl.load(
