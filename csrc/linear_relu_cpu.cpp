@@ -11,13 +11,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "checks.h"
 
 namespace fastlenet {
 namespace {
 
-// Columns per parallel task of the elementwise passes: enough work to pay for a task.
-constexpr int64_t kColumnGrain = 16;
+// Elements per parallel task of the elementwise passes: below this a parallel region costs
+// more than the pass (LeNet-5's layers at batch 64 run serially).
+constexpr int64_t kElementGrain = 1 << 15;
 
 at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, bool relu) {
@@ -32,7 +35,8 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "linear_relu_fwd_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    const int64_t row_grain = std::max<int64_t>(1, kElementGrain / std::max<int64_t>(cols, 1));
+    at::parallel_for(0, rows, row_grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* row = o + r * cols;
         for (int64_t c = 0; c < cols; ++c) {
@@ -74,7 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
     scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* gb = grad_bias.data_ptr<scalar_t>();
     // Each task owns a column range and sums its rows in order: deterministic grad_bias.
-    at::parallel_for(0, cols, kColumnGrain, [&](int64_t c0, int64_t c1) {
+    const int64_t col_grain = std::max<int64_t>(16, kElementGrain / std::max<int64_t>(rows, 1));
+    at::parallel_for(0, cols, col_grain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) gb[c] = scalar_t(0);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t base = r * cols;
