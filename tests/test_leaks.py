@@ -1,0 +1,142 @@
+"""Leaks: long training keeps resident memory flat, and the autograd Functions free their graph
+by reference counting alone (no reference cycles for the cycle collector to find)."""
+
+import gc
+import os
+import types
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CPU_BACKENDS
+
+from fastlenet import LeNet5
+from fastlenet.backends import triton_interpreted
+from fastlenet.functional import conv_relu_pool2d, linear, linear_relu
+
+STEPS = 20_000
+WARMUP = 4_000  # allocator pools, the autograd engine and OpenMP threads settle by then
+# A leak of even one small tensor per step (the smallest, fc3's bias grad, is 40 bytes plus a
+# ~300-byte TensorImpl) would add over 5 MB over the 16,000 measured steps.
+MAX_GROWTH_BYTES = 4 * 2**20
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def _step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the C++ extension")
+def test_resident_memory_stops_growing():
+    model = LeNet5(fused=True, backend="cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    batches = [(torch.randn(2, 1, 32, 32), torch.randint(0, 10, (2,))) for _ in range(8)]
+    samples = []
+    for i in range(STEPS):
+        x, y = batches[i % len(batches)]
+        loss = _step(model, opt, x, y)
+        if i >= WARMUP and i % 1000 == 0:
+            samples.append(_rss_bytes())
+    samples.append(_rss_bytes())
+    assert torch.isfinite(torch.tensor(loss))
+    growth = samples[-1] - samples[0]
+    assert growth < MAX_GROWTH_BYTES, (
+        f"resident memory grew by {growth / 2**20:.1f} MiB over {STEPS - WARMUP} steps: "
+        f"{[round(s / 2**20, 1) for s in samples]} MiB"
+    )
+
+
+def _one_graph(backend, run_backward):
+    """Weak references to tensors saved for backward by each fused op, after the graph is
+    built (and, if asked, backpropagated) and every strong reference is dropped."""
+    x = torch.randn(2, 1, 12, 12, requires_grad=True)
+    w1 = torch.randn(3, 1, 3, 3, requires_grad=True)
+    w2 = torch.randn(4, 3 * 5 * 5, requires_grad=True)
+    w3 = torch.randn(2, 4, requires_grad=True)
+    h = conv_relu_pool2d(x, w1, None, backend=backend)
+    h2 = linear_relu(h.flatten(1), w2, None, backend=backend)
+    out = linear(h2, w3, None, backend=backend)
+    refs = [weakref.ref(t) for t in (x, w1, w2, w3, h, h2, out)]
+    if run_backward:
+        out.sum().backward()
+    return refs
+
+
+def _outside_triton_interpreter(garbage):
+    """The garbage objects not reachable from a function of Triton's CPU interpreter, whose
+    GridExecutor builds recursive closures (a cycle per launch) to copy arguments: that is
+    Triton's interpreter, not fastlenet, and GPU launches do not use it."""
+    ids = {id(o) for o in garbage}
+    stack = [
+        o
+        for o in garbage
+        if isinstance(o, types.FunctionType) and o.__module__ == "triton.runtime.interpreter"
+    ]
+    seen = set()
+    while stack:
+        o = stack.pop()
+        if id(o) not in seen:
+            seen.add(id(o))
+            stack.extend(r for r in gc.get_referents(o) if id(r) in ids)
+    return [o for o in garbage if id(o) not in seen]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("run_backward", [True, False], ids=["backward", "forward_only"])
+def test_graph_is_freed_without_the_cycle_collector(run_backward, backend):
+    _one_graph(backend, run_backward)  # first calls import, compile and cache things
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        refs = _one_graph(backend, run_backward)
+        alive = [i for i, r in enumerate(refs) if r() is not None]
+        gc.collect()
+        cycles = _outside_triton_interpreter(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert cycles == [], f"reference cycles: {sorted({type(o).__name__ for o in cycles})}"
+    if backend == "triton" and triton_interpreted():
+        # Triton's interpreter keeps launch arguments in its own cycles (see above) until the
+        # collector runs; then everything must be gone.
+        gc.collect()
+        alive = [i for i, r in enumerate(refs) if r() is not None]
+    assert alive == [], f"tensors {alive} (of x, w1, w2, w3, h, h2, out) outlive their graph"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_training_steps_leave_no_garbage_cycles(backend):
+    """After warm-up, fused training steps create nothing the cycle collector would have to
+    free: every object they make is freed by reference counting."""
+    model = LeNet5(fused=True, backend=backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(2, 1, 32, 32), torch.randint(0, 10, (2,))
+    _step(model, opt, x, y)  # first calls import and cache things
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            _step(model, opt, x, y)
+            model(x)  # a graph that is never backpropagated
+        gc.collect()
+        garbage = _outside_triton_interpreter(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    kinds = sorted({type(o).__name__ for o in garbage})
+    assert garbage == [], f"{len(garbage)} objects in reference cycles: {kinds}"
