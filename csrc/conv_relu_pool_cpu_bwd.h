@@ -210,8 +210,8 @@ inline at::Tensor dense_grad(const at::Tensor& grad_out, const at::Tensor& argma
       at::arange(g.ph, lopt).view({-1, 1}) * (g.psh * g.ow) + at::arange(g.pw, lopt) * g.psw;
   const at::Tensor flat = base + at::div(pos, g.poolw, "floor") * g.ow + pos.remainder(g.poolw);
   at::Tensor dense = at::zeros({g.n, g.o, g.oh * g.ow}, grad_out.options());
-  dense.scatter_add_(2, flat.view({g.n, g.o, -1}),
-                     at::where(valid, grad_out, 0).view({g.n, g.o, -1}));
+  dense.scatter_add_(2, flat.reshape({g.n, g.o, g.ph * g.pw}),
+                     at::where(valid, grad_out, 0).reshape({g.n, g.o, g.ph * g.pw}));
   return dense.view({g.n, g.o, g.oh, g.ow});
 }
 

@@ -18,7 +18,7 @@ TORCH_LIBRARY(fastlenet, m) {
       "conv_relu_pool_bwd_weight(Tensor grad_out, Tensor argmax, Tensor input, Tensor weight, "
       "int[2] stride, int[2] padding, int[2] pool_size, int[2] pool_stride) "
       "-> (Tensor grad_weight, Tensor grad_bias)");
-  // linear (-> ReLU when `relu`). Backward masks grad_out by `out > 0` when
+  // linear (-> ReLU when `relu`). Backward zeroes grad_out where `out <= 0` when
   // `relu`; grad_bias is always returned (the caller drops it without bias).
   m.def("linear_relu_fwd(Tensor input, Tensor weight, Tensor? bias, bool relu) -> Tensor");
   m.def(

@@ -1,9 +1,10 @@
 // linear -> ReLU on the CPU (also plain linear, `relu` = false).
 //
 // Forward:  out = relu(input @ weight^T + bias)            input (B, I), weight (O, I), out (B, O)
-// Backward: g = grad_out * (out > 0)    (g = grad_out without ReLU)
+// Backward: g = where(out <= 0, 0, grad_out)  (g = grad_out without ReLU; a NaN out passes
+//           its gradient, as stock ReLU's backward does)
 //           grad_input = g @ weight;  grad_weight = g^T @ input;  grad_bias = sum_b g
-// Saved for backward (by the autograd Function): input, weight and out; out > 0 is the mask.
+// Saved for backward (by the autograd Function): input, weight and out, the ReLU mask.
 //
 // The products go through ATen/BLAS; what is fused is everything around them: bias and ReLU in
 // one pass over the product, and the mask, the masked gradient and grad_bias in one pass.
@@ -84,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t base = r * cols;
         for (int64_t c = c0; c < c1; ++c) {
-          const scalar_t v = (op && !(op[base + c] > scalar_t(0))) ? scalar_t(0) : go[base + c];
+          const scalar_t v = (op && op[base + c] <= scalar_t(0)) ? scalar_t(0) : go[base + c];
           if (op) gp[base + c] = v;
           gb[c] += v;
         }

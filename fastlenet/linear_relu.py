@@ -1,8 +1,9 @@
 """linear -> ReLU (and plain linear): public functions, autograd Function and fake kernels.
 
 Forward: out = relu(input @ weight.T + bias) (no ReLU when `relu` is false).
-Saved for backward: input, weight and out (out is the ReLU mask: out > 0).
-Backward: g = grad_out * (out > 0); grad_input = g @ weight; grad_weight = g.T @ input;
+Saved for backward: input, weight and out (the ReLU mask).
+Backward: g = where(out <= 0, 0, grad_out) (a NaN out passes gradient, as stock ReLU's);
+grad_input = g @ weight; grad_weight = g.T @ input;
 grad_bias = g.sum(0).
 """
 

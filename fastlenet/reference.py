@@ -54,7 +54,8 @@ def _dense_grad(grad_out, argmax, conv_hw, pool_size, pool_stride):
     base = _window_index(pool_size, pool_stride, conv_hw, (ph, pw), grad_out.device)
     flat = base + (pos // pool_size[1]) * conv_hw[1] + pos % pool_size[1]
     dense = grad_out.new_zeros(n, o, conv_hw[0] * conv_hw[1])
-    dense.scatter_add_(2, flat.view(n, o, -1), torch.where(valid, grad_out, 0).view(n, o, -1))
+    src = torch.where(valid, grad_out, 0)
+    dense.scatter_add_(2, flat.reshape(n, o, ph * pw), src.reshape(n, o, ph * pw))
     return dense.view(n, o, *conv_hw)
 
 
@@ -89,5 +90,6 @@ def linear_relu_fwd(input, weight, bias, relu):
 
 
 def linear_relu_bwd(grad_out, out, input, weight, relu):
-    g = torch.where(out > 0, grad_out, 0) if relu else grad_out
+    # stock ReLU's backward zeroes only where out <= 0: a NaN output passes its gradient
+    g = torch.where(out <= 0, 0, grad_out) if relu else grad_out
     return g @ weight, g.t() @ input, g.sum(0)
