@@ -20,8 +20,11 @@ $(DEPS): requirements.txt | $(PY)
 
 deps: $(DEPS)
 
+# The compiler command lines (nvcc's -gencode included) are shown; the full log is kept.
 $(BUILT): $(DEPS) setup.py $(CSRC)
-	$(PY) -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3
+	$(PY) -m pip install -v --no-build-isolation --no-deps -e . > $(VENV)/build.log 2>&1; \
+	status=$$?; grep -E "^ *\[[0-9]+/[0-9]+\]|error|fastlenet: " $(VENV)/build.log; \
+	tail -n 2 $(VENV)/build.log; exit $$status
 	touch $@
 
 build: $(BUILT)
