@@ -41,7 +41,6 @@ from torch.library import wrap_triton
 
 from fastlenet import _checks
 
-NO_GRAD = _checks.NO_GRAD
 _dot = launch.dot
 
 
@@ -51,7 +50,7 @@ def _fwd_kernel(
     w_ptr,  # (O, K) weight
     b_ptr,  # (O,) bias (unused when not HAS_BIAS)
     out_ptr,  # (N, O, PH, PW) pooled output, input dtype
-    argmax_ptr,  # (N, O, PH, PW) uint8 window position of the max, or 255
+    argmax_ptr,  # (N, O, PH, PW) uint8 window position of the max, or 255 (_checks.NO_GRAD)
     M,  # N * PH * PW: pooled outputs per channel
     C,
     H,

@@ -7,6 +7,9 @@ sets TRITON_INTERPRET=1 before triton is imported), on small shapes. The `gpu` v
 the same checks natively on CUDA tensors: `pytest -m gpu tests/test_conv_relu_pool_triton.py`.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import rel_err
@@ -353,3 +356,8 @@ def test_compile_fullgraph(device):
     assert rel_err(out, eager) < 1e-6
     for got, want in zip(grads, eager_grads, strict=True):
         assert rel_err(got, want) < 1e-6
+
+
+def test_importing_the_kernels_package_does_not_import_triton():
+    code = "import sys, fastlenet, fastlenet.kernels; sys.exit('triton' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
