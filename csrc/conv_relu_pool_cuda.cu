@@ -85,9 +85,15 @@ cudaError_t conv_relu_pool_bwd_input(DType dtype, const void* grad_out, const ui
   });
 }
 
-size_t conv_relu_pool_bwd_weight_workspace(DType dtype, const ConvGeom& g, bool atomics) {
+// Workspace: the partial sums ([slices][O][K + 1] accumulators; one set with atomics), then the
+// int flag of nonfinite_kernel.
+static size_t partials_bytes(DType dtype, const ConvGeom& g, bool atomics) {
   const int64_t elems = g.o * (g.c * g.kh * g.kw + 1);
   return static_cast<size_t>((atomics ? 1 : slices_of(g)) * elems) * acc_size(dtype);
+}
+
+size_t conv_relu_pool_bwd_weight_workspace(DType dtype, const ConvGeom& g, bool atomics) {
+  return partials_bytes(dtype, g, atomics) + sizeof(int);
 }
 
 cudaError_t conv_relu_pool_bwd_weight(DType dtype, const void* grad_out, const uint8_t* argmax,
@@ -96,20 +102,27 @@ cudaError_t conv_relu_pool_bwd_weight(DType dtype, const void* grad_out, const u
                                       cudaStream_t stream) {
   const int64_t elems = g.o * (g.c * g.kh * g.kw + 1);
   const int64_t slices = slices_of(g);
-  if (atomics) {
-    const cudaError_t e =
-        cudaMemsetAsync(workspace, 0, conv_relu_pool_bwd_weight_workspace(dtype, g, true), stream);
-    if (e != cudaSuccess) return e;
-  }
+  const size_t partials = partials_bytes(dtype, g, atomics);
+  int* nonfinite = reinterpret_cast<int*>(static_cast<unsigned char*>(workspace) + partials);
+  // The flag, and with atomics the sums, start at 0.
+  const cudaError_t e0 = atomics ? cudaMemsetAsync(workspace, 0, partials + sizeof(int), stream)
+                                 : cudaMemsetAsync(nonfinite, 0, sizeof(int), stream);
+  if (e0 != cudaSuccess) return e0;
   return dispatch(dtype, [&]<typename T>() {
     auto* partial = static_cast<acc_t<T>*>(workspace);
     if (g.n > 0) {
+      const int64_t xs = g.n * g.c * g.h * g.w;
+      auto check = nonfinite_kernel<T>;
+      FASTLENET_LAUNCH(check, dim3(grid_for(xs)), dim3(kThreads), 0, stream,
+                       static_cast<const T*>(input), xs, nonfinite);
+      cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
       auto kernel = conv_relu_pool_bwd_weight_partial_kernel<T, kWeightLanes, kPositionLanes>;
       FASTLENET_LAUNCH(kernel, dim3(static_cast<unsigned>(slices), static_cast<unsigned>(g.o)),
                        dim3(kWeightLanes, kPositionLanes), 0, stream,
                        static_cast<const T*>(grad_out), argmax, static_cast<const T*>(input),
-                       partial, g, atomics);
-      const cudaError_t e = cudaGetLastError();
+                       partial, g, static_cast<const int*>(nonfinite), atomics);
+      e = cudaGetLastError();
       if (e != cudaSuccess) return e;
     } else if (!atomics) {  // no sample: every gradient is zero
       const cudaError_t e = cudaMemsetAsync(workspace, 0, elems * sizeof(acc_t<T>), stream);

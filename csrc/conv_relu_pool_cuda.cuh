@@ -26,13 +26,18 @@
 //    Without staging (Stage = false: a patch of one channel does not fit) it reads global
 //    memory directly.
 //  - conv_relu_pool_bwd_input_kernel: one thread per input element, gathering from every conv
-//    output its weights touch: no atomics, a fixed summation order.
+//    output its weights touch (gradient d: grad_out where it is a window's argmax, else 0): no
+//    atomics, a fixed summation order. Adding d * w for d = 0 too costs little here and makes
+//    Inf/NaN in w propagate exactly as in stock's dense backward (the reference).
 //  - conv_relu_pool_bwd_weight_partial_kernel: block (s, o) sums the contributions of a fixed
 //    slice s of the N*PH*PW pooled positions to every grad_w[o] element (and grad_b[o], as
 //    element K = C*KH*KW with input 1); threads along y split the slice, a shared-memory tree
 //    adds their sums; the block writes its partial sums (or atomically adds them, opt-in).
 //    conv_relu_pool_bwd_weight_reduce_kernel adds the partials of each element in slice
-//    order: bitwise reproducible from run to run.
+//    order: bitwise reproducible from run to run. Stock's dense backward multiplies the zero
+//    gradient of every other conv output by x too: nonfinite_kernel flags Inf/NaN in x on the
+//    device (no host sync), and then the partial kernel runs over every conv output (dense
+//    mode) so that 0 * Inf/NaN propagates exactly as in the reference.
 #pragma once
 
 #include "cuda_common.cuh"
@@ -149,6 +154,44 @@ __global__ void conv_relu_pool_fwd_kernel(const T* __restrict__ x, const T* __re
   }
 }
 
+// The gradient of conv output (n, o, oh, ow): grad_out of every window whose argmax it is
+// (several when windows overlap), 0 when there is none.
+template <typename T>
+__device__ __forceinline__ acc_t<T> conv_output_grad(const T* __restrict__ grad_out,
+                                                     const uint8_t* __restrict__ argmax,
+                                                     const ConvGeom& g, int64_t n, int64_t o,
+                                                     int64_t oh, int64_t ow) {
+  using A = acc_t<T>;
+  const int64_t plane = (n * g.o + o) * g.ph * g.pw;
+  const int64_t ph_lo = oh >= g.poolh ? ceil_div(oh - g.poolh + 1, g.psh) : 0;
+  const int64_t ph_hi = imin(oh / g.psh, g.ph - 1);
+  const int64_t pw_lo = ow >= g.poolw ? ceil_div(ow - g.poolw + 1, g.psw) : 0;
+  const int64_t pw_hi = imin(ow / g.psw, g.pw - 1);
+  A d = A(0);
+  for (int64_t ph = ph_lo; ph <= ph_hi; ++ph)
+    for (int64_t pw = pw_lo; pw <= pw_hi; ++pw) {
+      const int64_t idx = plane + ph * g.pw + pw;
+      // kNoGrad and bytes that are no window position never match.
+      if (argmax[idx] == (oh - ph * g.psh) * g.poolw + (ow - pw * g.psw))
+        d += to_acc(grad_out[idx]);
+    }
+  return d;
+}
+
+// *flag += 1 (once per thread that sees one) when x holds an Inf or a NaN; *flag starts at 0.
+template <typename T>
+__global__ void nonfinite_kernel(const T* __restrict__ x, int64_t total, int* __restrict__ flag) {
+  using A = acc_t<T>;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  bool found = false;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += step) {
+    const A v = to_acc(x[e]);
+    found |= !(v - v == A(0));  // v - v is NaN for Inf and NaN, 0 otherwise
+  }
+  if (found) atomicAdd(flag, 1);
+}
+
 template <typename T>
 __global__ void conv_relu_pool_bwd_input_kernel(const T* __restrict__ grad_out,
                                                 const uint8_t* __restrict__ argmax,
@@ -169,26 +212,15 @@ __global__ void conv_relu_pool_bwd_input_kernel(const T* __restrict__ grad_out,
     const int64_t ow_hi = imin(px / g.sw, g.ow - 1);
     A acc = A(0);
     for (int64_t o = 0; o < g.o; ++o) {
-      const int64_t plane = (n * g.o + o) * g.ph * g.pw;
       const T* wo = w + (o * g.c + c) * g.kh * g.kw;
       for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
         const int64_t kh = py - oh * g.sh;
-        // Pooled rows whose window holds conv row oh: ph*PSH <= oh < ph*PSH + POOLH.
-        const int64_t ph_lo = oh >= g.poolh ? ceil_div(oh - g.poolh + 1, g.psh) : 0;
-        const int64_t ph_hi = imin(oh / g.psh, g.ph - 1);
         for (int64_t ow = ow_lo; ow <= ow_hi; ++ow) {
           const int64_t kw = px - ow * g.sw;
-          const int64_t pw_lo = ow >= g.poolw ? ceil_div(ow - g.poolw + 1, g.psw) : 0;
-          const int64_t pw_hi = imin(ow / g.psw, g.pw - 1);
-          for (int64_t ph = ph_lo; ph <= ph_hi; ++ph) {
-            for (int64_t pw = pw_lo; pw <= pw_hi; ++pw) {
-              const int64_t idx = plane + ph * g.pw + pw;
-              const int q = argmax[idx];
-              // kNoGrad and bytes that are no window position never match.
-              if (q == (oh - ph * g.psh) * g.poolw + (ow - pw * g.psw))
-                acc += to_acc(grad_out[idx]) * to_acc(wo[kh * g.kw + kw]);
-            }
-          }
+          // d * w is added even when d is 0, so that 0 * Inf/NaN in w propagates as in stock's
+          // dense conv backward.
+          const A d = conv_output_grad(grad_out, argmax, g, n, o, oh, ow);
+          acc += d * to_acc(wo[kh * g.kw + kw]);
         }
       }
     }
@@ -198,17 +230,19 @@ __global__ void conv_relu_pool_bwd_input_kernel(const T* __restrict__ grad_out,
 
 // blockDim = (KT, PY), PY a power of two; grid = (slices, O). partial: [slices][O][K + 1].
 template <typename T, int KT, int PY>
-__global__ void conv_relu_pool_bwd_weight_partial_kernel(const T* __restrict__ grad_out,
-                                                         const uint8_t* __restrict__ argmax,
-                                                         const T* __restrict__ x,
-                                                         acc_t<T>* __restrict__ partial, ConvGeom g,
-                                                         bool atomics) {
+__global__ void conv_relu_pool_bwd_weight_partial_kernel(
+    const T* __restrict__ grad_out, const uint8_t* __restrict__ argmax, const T* __restrict__ x,
+    acc_t<T>* __restrict__ partial, ConvGeom g, const int* __restrict__ nonfinite, bool atomics) {
   using A = acc_t<T>;
   __shared__ A red[PY][KT];
   const int64_t o = blockIdx.y, slice = blockIdx.x, slices = gridDim.x;
   const int64_t tx = threadIdx.x, ty = threadIdx.y;
   const int64_t ksize = g.kh * g.kw, K = g.c * ksize;
-  const int64_t plane = g.ph * g.pw, P = g.n * plane, qn = g.poolh * g.poolw;
+  // Dense mode when x holds Inf/NaN: every conv output contributes d * x (d = 0 off the
+  // argmax positions), so that 0 * Inf/NaN propagates as in stock's dense conv backward.
+  const bool dense = *nonfinite != 0;
+  const int64_t plane = dense ? g.oh * g.ow : g.ph * g.pw, P = g.n * plane;
+  const int64_t qn = g.poolh * g.poolw;
   const int64_t p0 = slice * P / slices, p1 = (slice + 1) * P / slices;
   A* dst = partial + (atomics ? 0 : slice * g.o * (K + 1)) + o * (K + 1);
   for (int64_t k0 = 0; k0 < K + 1; k0 += KT) {
@@ -218,21 +252,32 @@ __global__ void conv_relu_pool_bwd_weight_partial_kernel(const T* __restrict__ g
     if (k <= K) {
       for (int64_t p = p0 + ty; p < p1; p += PY) {
         const int64_t n = p / plane, r = p % plane;
-        const int64_t idx = (n * g.o + o) * plane + r;
-        const int q = argmax[idx];
-        // kNoGrad, or a byte that is no window position (never written by the forward; the
-        // CPU binding rejects it, checking here would cost a device sync): no gradient.
-        if (q >= qn) continue;
-        const A gv = to_acc(grad_out[idx]);
+        int64_t oh, ow;
+        A gv;
+        if (!dense) {
+          const int64_t idx = (n * g.o + o) * plane + r;
+          const int q = argmax[idx];
+          // kNoGrad, or a byte that is no window position (never written by the forward; the
+          // CPU binding rejects it, checking here would cost a device sync): no gradient.
+          if (q >= qn) continue;
+          gv = to_acc(grad_out[idx]);
+          oh = (r / g.pw) * g.psh + q / g.poolw;
+          ow = (r % g.pw) * g.psw + q % g.poolw;
+        } else {
+          oh = r / g.ow;
+          ow = r % g.ow;
+          gv = conv_output_grad(grad_out, argmax, g, n, o, oh, ow);
+        }
         if (k == K) {  // the bias "weight": input 1
           acc += gv;
           continue;
         }
-        const int64_t oh = (r / g.pw) * g.psh + q / g.poolw;
-        const int64_t ow = (r % g.pw) * g.psw + q % g.poolw;
         const int64_t iy = oh * g.sh + kh - g.padh, ix = ow * g.sw + kw - g.padw;
-        if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w)
-          acc += gv * to_acc(x[((n * g.c + c) * g.h + iy) * g.w + ix]);
+        // Padding is a 0 that still multiplies (Inf * 0 is NaN, as in stock).
+        const A xv = (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w)
+                         ? to_acc(x[((n * g.c + c) * g.h + iy) * g.w + ix])
+                         : A(0);
+        acc += gv * xv;
       }
     }
     red[ty][tx] = acc;

@@ -67,7 +67,7 @@ cudaError_t linear_relu_fwd(DType dtype, const void* input, const void* weight, 
                             void* out, int64_t batch, int64_t in_features, int64_t out_features,
                             bool relu, cudaStream_t stream, int tile = kAutoTile);
 
-// g = grad_out * (out > 0) (grad_out when !relu; out may then be null);
+// g = where(out <= 0, 0, grad_out) (grad_out when !relu; out may then be null);
 // grad_input = g @ weight, grad_weight = g^T @ input, grad_bias = sum over rows of g.
 cudaError_t linear_relu_bwd(DType dtype, const void* grad_out, const void* out, const void* input,
                             const void* weight, void* grad_input, void* grad_weight,

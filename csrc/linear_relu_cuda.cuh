@@ -3,9 +3,10 @@
 //
 // Shapes (contiguous, row-major): input x (B, I), weight w (O, I), bias b (O), out (B, O).
 // Forward:  out = relu(x @ w^T + b)
-// Backward: g = grad_out * (out > 0)   (g = grad_out without ReLU; NaN in out masks too)
+// Backward: g = where(out <= 0, 0, grad_out)   (g = grad_out without ReLU; a NaN out passes
+//           its gradient, as stock ReLU's backward does)
 //           grad_x = g @ w (B, I);  grad_w = g^T @ x (O, I);  grad_b = sum over rows of g (O)
-// Saved for backward (by the caller): x, w and out; out > 0 is the ReLU mask.
+// Saved for backward (by the caller): x, w and out; out <= 0 is where the gradient stops.
 // Accumulation is in acc_t<T> (float32, or float64 for float64 data).
 //
 // Kernels:
@@ -13,7 +14,7 @@
 //    through strides so that the three products above read x, w and g in place (no
 //    transposed copies). A block computes a BM x BN tile of C with (BM/TM) x (BN/TN) threads,
 //    each holding a TM x TN register tile; BK-deep slices of A and B are staged in shared
-//    memory (converted to acc_t once). The masked-gradient prologue (A = g, masked by out > 0)
+//    memory (converted to acc_t once). The masked-gradient prologue (A = g, 0 where out <= 0)
 //    is applied while staging A; the bias/ReLU epilogue while writing C. No split over K:
 //    every output element is summed in one fixed order (deterministic).
 //  - column_sum_kernel: grad_b = sum over rows of the masked g; a block of (32, 8) threads per
@@ -27,7 +28,7 @@ namespace fastlenet::cuda {
 template <typename T>
 struct GemmArgs {
   const T* a;     // A (M, K): element (m, k) at a[m * sam + k * sak]
-  const T* mask;  // null, or a tensor with A's strides: A(m, k) counts only where mask > 0
+  const T* mask;  // null, or a tensor with A's strides: A(m, k) is 0 where mask <= 0
   int64_t sam, sak;
   const T* b;  // B (K, N): element (k, n) at b[k * sbk + n * sbn]
   int64_t sbk, sbn;
@@ -60,8 +61,9 @@ __global__ void gemm_kernel(GemmArgs<T> p) {
       A v = A(0);
       if (gm < p.m && gk < p.k) {
         const int64_t off = gm * p.sam + gk * p.sak;
-        // where(out > 0, g, 0): a masked entry is 0 even when g is NaN or inf.
-        if (p.mask == nullptr || to_acc(p.mask[off]) > A(0)) v = to_acc(p.a[off]);
+        // where(out <= 0, 0, g): a masked entry is 0 even when g is NaN or Inf; a NaN out
+        // passes g (`<=` is false for NaN).
+        if (p.mask == nullptr || !(to_acc(p.mask[off]) <= A(0))) v = to_acc(p.a[off]);
       }
       as[kk][mm] = v;
     }
@@ -94,7 +96,7 @@ __global__ void gemm_kernel(GemmArgs<T> p) {
   }
 }
 
-// grad_b[n] = sum_r (relu ? where(out[r, n] > 0, g[r, n], 0) : g[r, n]); blockDim = (CX, RY).
+// grad_b[n] = sum_r (relu ? where(out[r, n] <= 0, 0, g[r, n]) : g[r, n]); blockDim = (CX, RY).
 template <typename T, int CX, int RY>
 __global__ void column_sum_kernel(const T* __restrict__ g, const T* __restrict__ out,
                                   T* __restrict__ sum, int64_t rows, int64_t cols) {
@@ -106,7 +108,7 @@ __global__ void column_sum_kernel(const T* __restrict__ g, const T* __restrict__
   if (col < cols) {
     for (int64_t r = ty; r < rows; r += RY) {
       const int64_t off = r * cols + col;
-      if (out == nullptr || to_acc(out[off]) > A(0)) acc += to_acc(g[off]);
+      if (out == nullptr || !(to_acc(out[off]) <= A(0))) acc += to_acc(g[off]);
     }
   }
   red[ty][tx] = acc;

@@ -71,6 +71,17 @@ def _read(path: Path, dtype: torch.dtype, shape) -> torch.Tensor:
     return raw.view(dtype).reshape(shape)
 
 
+def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str = "") -> None:
+    """NaN and +-Inf exactly where the reference has them, rel_err < tol elsewhere."""
+    want = want.to(got.device)
+    assert got.shape == want.shape, what
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN positions differ"
+    inf = want.isinf()
+    assert torch.equal(got.isinf(), inf) and torch.equal(got[inf].double(), want[inf]), what
+    finite = want.isfinite()
+    assert rel_err(got[finite], want[finite]) < tol, what
+
+
 def run_sim(driver: Path, op: str, tmp: Path, inputs: dict, params: dict, outputs: dict) -> dict:
     """Runs `op` in the simulator on `inputs`; `outputs` maps each output to (dtype, shape)."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -139,17 +150,21 @@ def _check_conv_fwd(driver, tmp, name, dt, kind="randn", bias=True, smem=None):
         {"out": (dtype, ref_out.shape), "argmax": (torch.uint8, ref_am.shape)},
     )  # fmt: skip
     assert torch.equal(got["argmax"], ref_am)
-    nan = ref_out.isnan()
-    assert torch.equal(got["out"].isnan(), nan)
-    assert rel_err(got["out"][~nan], ref_out[~nan]) < tol
+    assert_close(got["out"], ref_out, tol, "out")
     return got
 
 
-def _check_conv_bwd(driver, tmp, name, dt, kind="randn", atomics=False, ops=("input", "weight")):
+def _check_conv_bwd(
+    driver, tmp, name, dt, kind="randn", atomics=False, ops=("input", "weight"), edit=None
+):
+    """Backward kernels on the reference's argmax; `edit(x, weight, go, am)` may plant values
+    (Inf/NaN) in place before the backward runs."""
     dtype, tol = DTYPES[dt]
     x, weight, b, conv, geom = _conv_case(name, dtype, kind)
     _, am = reference.conv_relu_pool_fwd(x.double(), weight.double(), b.double(), *conv)
     go = torch.randn(am.shape).to(dtype)
+    if edit is not None:
+        edit(x, weight, go, am)
     args = (go.double(), am, x.double(), weight.double(), *conv)
     params = {**geom, "dtype": dt, "atomics": int(atomics)}
     if "input" in ops:
@@ -158,17 +173,15 @@ def _check_conv_bwd(driver, tmp, name, dt, kind="randn", atomics=False, ops=("in
             driver, "conv_bwd_input", tmp / "input", {"go": go, "am": am, "w": weight}, params,
             {"gx": (dtype, x.shape)},
         )  # fmt: skip
-        assert not got["gx"].isnan().any()
-        assert rel_err(got["gx"], want) < tol
+        assert_close(got["gx"], want, tol, "grad_input")
     if "weight" in ops:
         want_w, want_b = reference.conv_relu_pool_bwd_weight(*args)
         got = run_sim(
             driver, "conv_bwd_weight", tmp / "weight", {"go": go, "am": am, "x": x}, params,
             {"gw": (dtype, weight.shape), "gb": (dtype, b.shape)},
         )  # fmt: skip
-        assert not got["gw"].isnan().any() and not got["gb"].isnan().any()
-        assert rel_err(got["gw"], want_w) < tol
-        assert rel_err(got["gb"], want_b) < tol
+        assert_close(got["gw"], want_w, tol, "grad_weight")
+        assert_close(got["gb"], want_b, tol, "grad_bias")
 
 
 @pytest.mark.parametrize("dt", DTYPES)
@@ -202,8 +215,30 @@ def test_conv_nan_wins_and_passes_gradient(sim, tmp_path):
     got = _check_conv_fwd(sim["sim_driver"], tmp_path, "lenet_conv2", "f32", kind="nan")
     assert got["out"].isnan().any()
     assert (got["argmax"][got["out"].isnan()] != 255).all()
-    # grad_input depends on argmax and weight alone: finite, and equal to the reference.
-    _check_conv_bwd(sim["sim_driver"], tmp_path, "lenet_conv2", "f32", kind="nan", ops=("input",))
+    # Both gradients, NaN where the reference's dense backward has NaN: grad_weight takes the
+    # dense path (x holds NaN), grad_input is finite (it reads argmax and weight alone).
+    _check_conv_bwd(sim["sim_driver"], tmp_path, "lenet_conv2", "f32", kind="nan")
+
+
+def _plant_inf_weight(x, weight, go, am):
+    weight[1, -1, 1, 1] = float("inf")  # 0 * Inf = NaN where no gradient flows, as in stock
+
+
+def _plant_inf_x(x, weight, go, am):
+    x[0, -1, 4, 5] = float("-inf")
+
+
+def _plant_inf_grad(x, weight, go, am):
+    live = (am != 255).nonzero()
+    go[tuple(live[0])] = float("inf")  # a live window: Inf * padding 0 = NaN, as in stock
+    for dead in (am == 255).nonzero()[:1]:
+        go[tuple(dead)] = float("nan")  # a window passing no gradient: dropped
+
+
+@pytest.mark.parametrize("edit", [_plant_inf_weight, _plant_inf_x, _plant_inf_grad])
+@pytest.mark.parametrize("name", ["lenet_conv1", "odd"])
+def test_conv_bwd_inf_and_nan_propagate_as_in_stock(sim, tmp_path, name, edit):
+    _check_conv_bwd(sim["sim_driver"], tmp_path, name, "f64", edit=edit)
 
 
 def test_conv_all_negative_windows(sim, tmp_path):
@@ -272,8 +307,9 @@ def test_conv_empty_batch(sim, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # linear -> ReLU
 
-# (batch, in_features, out_features, tile); tile 0 lets the launcher choose (32 here).
-LINEAR_SHAPES = [(5, 7, 3, 0), (33, 70, 65, 32), (33, 70, 65, 64), (64, 400, 120, 0)]
+# (batch, in_features, out_features, tile); tile 0 lets the launcher choose (32 here); an
+# empty batch (grad_weight and grad_bias all zero).
+LINEAR_SHAPES = [(5, 7, 3, 0), (33, 70, 65, 32), (33, 70, 65, 64), (64, 400, 120, 0), (0, 5, 4, 0)]
 
 
 def _linear_case(batch, fin, fout, dtype):
@@ -294,13 +330,14 @@ def _check_linear(driver, tmp, shape, dt, relu=True, bias=True, nan=False):
         driver, "linear_fwd", tmp / "fwd", {"x": x, "w": w, **({"b": b} if bias else {})},
         {**params, "bias": int(bias)}, {"out": (dtype, want.shape)},
     )["out"]  # fmt: skip
-    assert not got.isnan().any()
-    assert rel_err(got, want) < tol
-    out = want.to(dtype)  # the saved output: its sign is the ReLU mask
+    assert_close(got, want, tol, "out")
+    out = want.to(dtype)  # the saved output: the gradient stops where out <= 0
     go = torch.randn(batch, fout).to(dtype)
-    if nan:  # NaN in out masks; NaN in a masked grad_out is dropped
-        out[0, 0] = float("nan")
-        go[(out <= 0) & ~out.isnan()] = float("nan")
+    if nan:
+        out[0, 0] = float("nan")  # passes its gradient, as in stock's ReLU backward
+        go[out <= 0] = float("nan")  # dropped where the gradient stops
+        w = w.clone()
+        w[0, 1] = float("inf")  # 0 * Inf = NaN in grad_input, as in stock
     want_gx, want_gw, want_gb = reference.linear_relu_bwd(
         go.double(), out.double(), x.double(), w.double(), relu
     )
@@ -310,8 +347,7 @@ def _check_linear(driver, tmp, shape, dt, relu=True, bias=True, nan=False):
         {"gx": (dtype, x.shape), "gw": (dtype, w.shape), "gb": (dtype, b.shape)},
     )  # fmt: skip
     for name, ref in (("gx", want_gx), ("gw", want_gw), ("gb", want_gb)):
-        assert not got[name].isnan().any(), name
-        assert rel_err(got[name], ref) < tol, name
+        assert_close(got[name], ref, tol, name)
 
 
 @pytest.mark.parametrize("dt", DTYPES)
@@ -325,8 +361,9 @@ def test_linear_without_relu(sim, tmp_path, bias):
     _check_linear(sim["sim_driver"], tmp_path, (33, 70, 65, 32), "f32", relu=False, bias=bias)
 
 
-def test_linear_nan_mask(sim, tmp_path):
-    _check_linear(sim["sim_driver"], tmp_path, (5, 7, 3, 0), "f32", nan=True)
+@pytest.mark.parametrize("relu", [True, False])
+def test_linear_nan_and_inf_propagate_as_in_stock(sim, tmp_path, relu):
+    _check_linear(sim["sim_driver"], tmp_path, (5, 7, 3, 0), "f64", relu=relu, nan=True)
 
 
 # ---------------------------------------------------------------------------------------------
