@@ -138,6 +138,25 @@ def test_ties_nan_and_dead_windows():
     assert (argmax == 255).any()
 
 
+@pytest.mark.parametrize("plant", ["x", "weight"])
+def test_inf_and_nan_propagate_as_in_stock(plant):
+    """Inf in the input or the weight: 0 * Inf = NaN wherever stock's dense backward (the
+    reference) has it; the CUDA kernels flag it on the device and take their dense paths."""
+    x, weight, _, conv, grad, argmax = _op_args(GEOMETRIES[2], torch.float64)
+    (x if plant == "x" else weight).view(-1)[7] = float("inf")
+    args = (grad, argmax, x, weight, *conv)
+    ops = torch.ops.fastlenet
+    got = (ops.conv_relu_pool_bwd_input(*args), *ops.conv_relu_pool_bwd_weight(*args))
+    want = (
+        reference.conv_relu_pool_bwd_input(*args),
+        *reference.conv_relu_pool_bwd_weight(*args),
+    )
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.isinf(), w.isinf())
+        finite = w.isfinite()
+        assert rel_err(g[finite], w[finite]) < 1e-12
+
+
 def test_backward_is_deterministic():
     x, weight, _, conv, grad, argmax = _op_args(
         (256, 6, 14, 14, 16, 5, 5, 1, 0, 2, 2), torch.float32

@@ -100,8 +100,8 @@ def test_opcheck(shape, relu, dtype):
 
 
 def test_backward_matches_reference_with_nan_mask():
-    """out NaN masks its gradient and a NaN grad_out where masked is dropped, as the reference's
-    where(out > 0, grad_out, 0)."""
+    """A NaN out passes its gradient (as stock ReLU's backward) and a NaN grad_out where
+    out <= 0 is dropped, as the reference's where(out <= 0, 0, grad_out)."""
     x, weight, bias = _inputs((13, 33, 65), torch.float64, requires_grad=False)
     out = torch.ops.fastlenet.linear_relu_fwd(x, weight, bias, True)
     out[0, 0] = float("nan")
