@@ -392,5 +392,6 @@ def test_tsan_no_race_in_the_kernels(sim_tsan, tmp_path):
     _check_conv_fwd(d, tmp_path / "unstaged", "odd", "f32", smem=16)
     _check_conv_bwd(d, tmp_path / "bwd", "odd", "f32")
     _check_conv_bwd(d, tmp_path / "atomics", "odd", "f32", atomics=True, ops=("weight",))
+    _check_conv_bwd(d, tmp_path / "dense", "odd", "f32", kind="nan", ops=("weight",))
     _check_linear(d, tmp_path / "lin32", (33, 20, 40, 32), "f32")
     _check_linear(d, tmp_path / "lin64", (9, 20, 10, 64), "f32")
