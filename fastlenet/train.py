@@ -393,6 +393,10 @@ def prepare_resume(config, explicit=()) -> tuple["TrainConfig", dict | None]:
     return config, ckpt
 
 
+def _plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _fmt_rate(x):
     return f"{x:,.0f}"
 
@@ -487,7 +491,7 @@ def train(config: TrainConfig, dataset=None, dist=None, explicit=(), log=None) -
         f"images from {dataset.source}); backend {backend} on {device}, {threads} threads"
         + (f" x {dist.world_size} processes" if dist.world_size > 1 else "")
         + f"; {config.optimizer} lr {config.peak_lr:g} ({config.schedule}), weight decay "
-        f"{config.decay:g}, batch {config.batch_size}, {config.epochs} epochs"
+        f"{config.decay:g}, batch {config.batch_size}, {_plural(config.epochs, 'epoch')}"
     )
 
     local_scale = None
@@ -642,7 +646,7 @@ def _summary(say, config, m, last_epoch):
         return
     say(
         f"{m['model']} on {m['dataset']}: test accuracy {100 * m['test_accuracy']:.2f}% after "
-        f"{m['epochs_done']} epochs; {m['train_seconds']:.1f} s training "
+        f"{_plural(m['epochs_done'], 'epoch')}; {m['train_seconds']:.1f} s training "
         f"({_fmt_rate(m['samples_per_second'])} samples/s), {m['wall_seconds']:.1f} s wall; "
         f"backend {m['backend']}, {m['threads']} threads"
         + (f" x {m['nproc']} processes" if m["nproc"] > 1 else "")
