@@ -90,44 +90,28 @@ void bwd_weight_sample(const T* xcl, const T* go, const uint8_t* am, const ConvP
                        const BwdLayout<T>& L, T* gw, T* gb) {
   using V = typename VecOf<T, kBwdBytes>::type;
   constexpr int VW = VecOf<T, kBwdBytes>::kLanes;
-  // Independent accumulator sets for neighbouring windows: each set's FMA chain waits on its
-  // own latency only (LeNet-5's conv1 has 5 accumulators: 4 sets, measured 2x faster).
-  constexpr int kSets = std::max(1, std::min(4, 24 / (KH * NV)));
   const int64_t plane = g.ph * g.pw;
   for (int64_t o = 0; o < g.o; ++o) {
-    V acc[kSets][KH][NV];
-    T bsum[kSets];
+    V acc[KH][NV];
     T* gwo = gw + o * KH * NV * VW;
-    for (int s = 0; s < kSets; ++s) {
-      bsum[s] = s == 0 ? gb[o] : T(0);
-      for (int kh = 0; kh < KH; ++kh)
-        for (int v = 0; v < NV; ++v)
-          acc[s][kh][v] = s == 0 ? load<V>(gwo + (kh * NV + v) * VW) : V{};
-    }
+    for (int kh = 0; kh < KH; ++kh)
+      for (int v = 0; v < NV; ++v) acc[kh][v] = load<V>(gwo + (kh * NV + v) * VW);
+    T bsum = gb[o];
     const T* gop = go + o * plane;
     const uint8_t* amo = am + o * plane;
-    auto visit = [&](int s, int64_t ph, int64_t pw) {
-      const uint8_t q = amo[ph * g.pw + pw];
-      const T gv = q == kNoGrad ? T(0) : gop[ph * g.pw + pw];
-      const T* base = xcl + ph * L.rowstep + pw * L.colstep + L.qoff[q];
-      bsum[s] += gv;
-      for (int kh = 0; kh < KH; ++kh)
-        for (int v = 0; v < NV; ++v) acc[s][kh][v] += gv * load<V>(base + kh * L.wpc + v * VW);
-    };
     for (int64_t ph = 0; ph < g.ph; ++ph) {
-      int64_t pw = 0;
-      for (; pw + kSets <= g.pw; pw += kSets)
-        for (int s = 0; s < kSets; ++s) visit(s, ph, pw + s);
-      for (; pw < g.pw; ++pw) visit(0, ph, pw);
-    }
-    for (int s = 1; s < kSets; ++s) {
-      bsum[0] += bsum[s];
-      for (int kh = 0; kh < KH; ++kh)
-        for (int v = 0; v < NV; ++v) acc[0][kh][v] += acc[s][kh][v];
+      for (int64_t pw = 0; pw < g.pw; ++pw) {
+        const uint8_t q = amo[ph * g.pw + pw];
+        const T gv = q == kNoGrad ? T(0) : gop[ph * g.pw + pw];
+        const T* base = xcl + ph * L.rowstep + pw * L.colstep + L.qoff[q];
+        bsum += gv;
+        for (int kh = 0; kh < KH; ++kh)
+          for (int v = 0; v < NV; ++v) acc[kh][v] += gv * load<V>(base + kh * L.wpc + v * VW);
+      }
     }
     for (int kh = 0; kh < KH; ++kh)
-      for (int v = 0; v < NV; ++v) store(gwo + (kh * NV + v) * VW, acc[0][kh][v]);
-    gb[o] = bsum[0];
+      for (int v = 0; v < NV; ++v) store(gwo + (kh * NV + v) * VW, acc[kh][v]);
+    gb[o] = bsum;
   }
 }
 

@@ -280,6 +280,12 @@ void forward_columns(const at::Tensor& input, const at::Tensor& weight, const at
     for (int64_t k = 0; k < ckk; ++k)
       for (int64_t o = 0; o < ob; ++o) wt[o0 * ckk + k * ob + o] = w[(o0 + o) * ckk + k];
   }
+  // Where input column xx lands in a phase-split row (no division in the per-sample copy).
+  std::vector<int64_t> split(g.w);
+  for (int64_t xx = 0; xx < g.w; ++xx) {
+    const int64_t col = xx + g.padw;
+    split[xx] = (col % S) * M + col / S;
+  }
   std::vector<T> bvec(g.o, T(0));
   if (bias.defined()) std::copy_n(bias.const_data_ptr<T>(), g.o, bvec.begin());
   const T* x = input.const_data_ptr<T>();
@@ -293,10 +299,8 @@ void forward_columns(const at::Tensor& input, const at::Tensor& weight, const at
       for (int64_t c = 0; c < g.c; ++c)
         for (int64_t y = 0; y < g.h; ++y) {
           T* dst = xs.data() + c * chan + (y + g.padh) * row;
-          for (int64_t xx = 0; xx < g.w; ++xx) {
-            const int64_t col = xx + g.padw;
-            dst[(col % S) * M + col / S] = src[(c * g.h + y) * g.w + xx];
-          }
+          const T* in = src + (c * g.h + y) * g.w;
+          for (int64_t xx = 0; xx < g.w; ++xx) dst[split[xx]] = in[xx];
         }
       for (int64_t o0 = 0; o0 < g.o; o0 += ob_max) {
         const int64_t ob = std::min(ob_max, g.o - o0);
