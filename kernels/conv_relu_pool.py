@@ -298,6 +298,7 @@ def _bwd_weight_kernel(
     ACC_FP64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    DOT_FMA: tl.constexpr,  # float64: launch.dot_fma instead of tl.dot
     BLOCK_M: tl.constexpr,  # output channels o per program
     BLOCK_N: tl.constexpr,  # weight columns k = (c, kh, kw) per program
     BLOCK_K: tl.constexpr,  # reduction rows (n, oh, ow) per step
@@ -338,7 +339,10 @@ def _bwd_weight_kernel(
         x_mask = r_ok[:, None] & col_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_off = (n.to(tl.int64)[:, None] * C + c[None, :]) * (H * W) + ih * W + iw
         b_tile = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)
-        acc = _dot(a_tile, b_tile, acc, DOT_PRECISION, DOT_UPCAST)
+        if DOT_FMA:
+            acc = launch.dot_fma(a_tile, b_tile, acc)
+        else:
+            acc = _dot(a_tile, b_tile, acc, DOT_PRECISION, DOT_UPCAST)
     part_off = (split * O + chans[:, None]).to(tl.int64) * K + cols[None, :]
     tl.store(part_w_ptr + part_off, acc, mask=chan_ok[:, None] & col_ok[None, :])
     if tl.program_id(1) == 0:
@@ -506,6 +510,9 @@ def conv_relu_pool_bwd_weight(
     grad_weight = launch.new_output((o, c, kh, kw), weight.dtype, weight.device)
     grad_bias = launch.new_output((o,), weight.dtype, weight.device)
     cfg = launch.gemm_blocks(o, depth, rows)
+    fma = launch.dot_fma_needed(input.dtype)
+    if fma and not launch.INTERPRETED:
+        cfg.update(launch.FMA_BLOCKS)
     tiles = (triton.cdiv(o, cfg["BLOCK_M"]), triton.cdiv(depth, cfg["BLOCK_N"]))
     splits = launch.num_splits(rows, cfg["BLOCK_K"], tiles[0] * tiles[1], input.device)
     chunk, splits = launch.split_chunk(rows, splits, cfg["BLOCK_K"])
@@ -538,6 +545,7 @@ def conv_relu_pool_bwd_weight(
         POOL_W=pool_size[1],
         WIN_H=triton.cdiv(pool_size[0], pool_stride[0]),
         WIN_W=triton.cdiv(pool_size[1], pool_stride[1]),
+        DOT_FMA=fma,
         **_common(input, weight),
         **cfg,
     )

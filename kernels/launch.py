@@ -155,6 +155,26 @@ def dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
+@triton.jit
+def dot_fma(a, b, acc):
+    """acc + a @ b on the FMA units, for the float64 products Triton's MMA lowering rejects
+    (see conv_relu_pool's weight gradient); the (M, K, N) temporary asks for small blocks."""
+    return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+# float64 blocks of a dot_fma product natively: a 16 x 8 x 16 temporary is 16 float64 values
+# per thread at 4 warps. Under the interpreter the usual (large) blocks are used.
+FMA_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 8}
+
+
+def dot_fma_needed(dtype: torch.dtype) -> bool:
+    """float64 operands take dot_fma where a kernel asks for it. Triton 3.8 fails to lower a
+    float64 tl.dot whose operand is gathered as in conv_relu_pool's weight gradient ("fp64
+    don't support largeK MMA", found compiling for sm_80 and sm_90 without a GPU). The
+    interpreter runs the same path, so the tests cover it."""
+    return dtype == torch.float64
+
+
 # ---------------------------------------------------------------------------------------------
 # Second stage of the deterministic reductions: out[j] = sum over s (in order) of part[s, j].
 # ---------------------------------------------------------------------------------------------
@@ -202,3 +222,25 @@ def register(name: str, fake):
         return op
 
     return wrap
+
+
+def compile_natively(kernel, pointers: dict, constexprs: dict, arch: int, num_warps: int = 4):
+    """Compiles `kernel` to a cubin for sm_<arch> without a GPU (TRITON_INTERPRET unset):
+    pointer arguments typed by `pointers` (name -> "*fp32", ...), scalars as i32, constexprs
+    given. Lets a machine without a GPU check that every kernel lowers natively."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature = {
+        name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in names
+    }
+    source = ASTSource(
+        fn=kernel,
+        signature=signature,
+        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+    )
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
+    )
+    return compiled.asm["cubin"]

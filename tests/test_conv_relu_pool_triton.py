@@ -7,6 +7,7 @@ sets TRITON_INTERPRET=1 before triton is imported), on small shapes. The `gpu` v
 the same checks natively on CUDA tensors: `pytest -m gpu tests/test_conv_relu_pool_triton.py`.
 """
 
+import os
 import subprocess
 import sys
 
@@ -20,10 +21,12 @@ import fastlenet
 from fastlenet import backends, reference
 from fastlenet.functional import conv_relu_pool2d
 
-if not backends.available_backends()["triton"]:
-    pytest.skip(
-        f"triton backend: {backends.available_backends()['triton']}", allow_module_level=True
-    )
+# A skipif mark, not a module-level skip: the native compile check imports this module in a
+# process without the interpreter (see test_kernels_compile_natively).
+pytestmark = pytest.mark.skipif(
+    not backends.available_backends()["triton"],
+    reason=f"triton backend: {backends.available_backends()['triton']}",
+)
 
 INTERPRETED = backends.triton_interpreted()
 # CPU tensors only through the interpreter; CUDA tensors only natively (with a GPU).
@@ -361,3 +364,63 @@ def test_compile_fullgraph(device):
 def test_importing_the_kernels_package_does_not_import_triton():
     code = "import sys, fastlenet, fastlenet.kernels; sys.exit('triton' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+_POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+_POINTER[torch.float64] = "*fp64"
+
+
+def compile_all_natively(arch):
+    """Every kernel of this op (and the shared split reduction) for each dtype, compiled to a
+    cubin for sm_<arch> with the launchers' native settings. Run without TRITON_INTERPRET."""
+    assert not launch.INTERPRETED
+    k = triton_conv
+    for dtype, ptr in _POINTER.items():
+        acc = "*fp64" if dtype == torch.float64 else "*fp32"
+        for tf32 in [False, True] if dtype == torch.float32 else [False]:
+            common = {
+                "KH": 5,
+                "KW": 5,
+                "ACC_FP64": launch.acc_is_fp64(dtype),
+                "DOT_PRECISION": "tf32" if tf32 else "ieee",
+                "DOT_UPCAST": False,
+                **{n: v for n, v in launch.gemm_blocks(500, 16, 150).items() if n != "num_warps"},
+            }
+            pool = {"POOL_H": 3, "POOL_W": 3, "WIN_H": 2, "WIN_W": 2}
+            fwd_ptrs = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr}
+            launch.compile_natively(
+                k._fwd_kernel,
+                {**fwd_ptrs, "argmax_ptr": "*u8"},
+                {**common, "POOL_H": 2, "POOL_W": 2, "HAS_BIAS": True},
+                arch,
+            )
+            ptrs = {"g_ptr": ptr, "argmax_ptr": "*u8", "w_ptr": ptr, "gx_ptr": ptr}
+            launch.compile_natively(k._bwd_input_kernel, ptrs, {**common, **pool}, arch)
+            fma = launch.dot_fma_needed(dtype)
+            weight_cfg = {**common, **pool, "DOT_FMA": fma}
+            if fma:
+                weight_cfg.update(launch.FMA_BLOCKS)
+            ptrs = {"g_ptr": ptr, "argmax_ptr": "*u8", "x_ptr": ptr}
+            ptrs |= {"part_w_ptr": acc, "part_b_ptr": acc}
+            launch.compile_natively(k._bwd_weight_kernel, ptrs, weight_cfg, arch)
+        launch.compile_natively(
+            launch._sum_splits_kernel, {"part_ptr": acc, "out_ptr": ptr}, {"BLOCK": 1024}, arch
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_natively(arch):
+    """The interpreter runs kernels Triton cannot compile (it found a float64 dot the GPU
+    lowering rejects): compile every kernel and dtype for the GPU, in a process without the
+    interpreter. Needs no GPU; it does not run the kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import sys, triton; sys.path.insert(0, {here!r}); "
+        f"import {__name__.rpartition('.')[2]} as t; t.compile_all_natively({arch})"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -7,6 +7,10 @@ sets TRITON_INTERPRET=1 before triton is imported). The `gpu` versions run the s
 natively on CUDA tensors: `pytest -m gpu tests/test_linear_relu_triton.py`.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import rel_err
@@ -16,10 +20,12 @@ from fastlenet.kernels import linear_relu as triton_linear
 from fastlenet import backends, reference
 from fastlenet.functional import linear, linear_relu
 
-if not backends.available_backends()["triton"]:
-    pytest.skip(
-        f"triton backend: {backends.available_backends()['triton']}", allow_module_level=True
-    )
+# A skipif mark, not a module-level skip: the native compile check imports this module in a
+# process without the interpreter (see test_kernels_compile_natively).
+pytestmark = pytest.mark.skipif(
+    not backends.available_backends()["triton"],
+    reason=f"triton backend: {backends.available_backends()['triton']}",
+)
 
 INTERPRETED = backends.triton_interpreted()
 DEVICES = ["cpu"] if INTERPRETED else [pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -233,3 +239,48 @@ def test_tf32_option():
         launch.set_allow_tf32(False)
     # TF32 rounds the operands to 10 mantissa bits: ~1e-3 relative error, not ~1e-7.
     assert rel_err(out, ref) < 5e-3
+
+
+_POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+_POINTER[torch.float64] = "*fp64"
+
+
+def compile_all_natively(arch):
+    """Every kernel of this op for each dtype, compiled to a cubin for sm_<arch> with the
+    launchers' native settings. Run without TRITON_INTERPRET."""
+    assert not launch.INTERPRETED
+    k = triton_linear
+    for dtype, ptr in _POINTER.items():
+        acc = "*fp64" if dtype == torch.float64 else "*fp32"
+        for tf32 in [False, True] if dtype == torch.float32 else [False]:
+            common = {
+                "RELU": True,
+                "ACC_FP64": launch.acc_is_fp64(dtype),
+                "DOT_PRECISION": "tf32" if tf32 else "ieee",
+                "DOT_UPCAST": False,
+                **{n: v for n, v in launch.gemm_blocks(256, 120, 400).items() if n != "num_warps"},
+            }
+            ptrs = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr}
+            launch.compile_natively(k._fwd_kernel, ptrs, {**common, "HAS_BIAS": True}, arch)
+            ptrs = {"g_ptr": ptr, "out_ptr": ptr, "w_ptr": ptr, "gx_ptr": ptr}
+            launch.compile_natively(k._bwd_input_kernel, ptrs, common, arch)
+            ptrs = {"g_ptr": ptr, "out_ptr": ptr, "x_ptr": ptr}
+            ptrs |= {"part_w_ptr": acc, "part_b_ptr": acc}
+            launch.compile_natively(k._bwd_weight_kernel, ptrs, common, arch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_natively(arch):
+    """Compile every kernel and dtype for the GPU, in a process without the interpreter (which
+    runs kernels the GPU lowering may reject). Needs no GPU; it does not run the kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import sys, triton; sys.path.insert(0, {here!r}); "
+        f"import {__name__.rpartition('.')[2]} as t; t.compile_all_natively({arch})"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
