@@ -172,4 +172,29 @@ inline void check_linear(const at::Tensor& input, const at::Tensor& weight,
               " features but weight expects ", weight.size(1));
 }
 
+// The backward ops' geometry, grad_out and argmax checks (the device check is the caller's).
+inline ConvPoolGeometry conv_pool_backward_geometry(
+    const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& input,
+    const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool reduced_precision = false) {
+  const ConvPoolGeometry g =
+      conv_pool_geometry(input, weight, stride, padding, pool_size, pool_stride, reduced_precision);
+  check_pooled_grad(grad_out, argmax, input, g);
+  return g;
+}
+
+// linear_relu_bwd's grad_out (B, O) and, with ReLU, out (B, O).
+inline void check_linear_grad(const at::Tensor& grad_out, const at::Tensor& out,
+                              const at::Tensor& input, const at::Tensor& weight, bool relu) {
+  const int64_t rows = input.size(0), cols = weight.size(0);
+  check_like(grad_out, input, "grad_out");
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == rows && grad_out.size(1) == cols,
+              "grad_out must have shape (", rows, ", ", cols, "), got ", grad_out.sizes());
+  if (relu) {
+    check_like(out, input, "out");
+    TORCH_CHECK(out.sizes() == grad_out.sizes(), "out must have shape ", grad_out.sizes(), ", got ",
+                out.sizes());
+  }
+}
+
 }  // namespace fastlenet

@@ -72,10 +72,9 @@ ConvPoolGeometry check_backward(const at::Tensor& grad_out, const at::Tensor& ar
                                 const at::Tensor& input, const at::Tensor& weight,
                                 at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef pool_size, at::IntArrayRef pool_stride) {
-  const ConvPoolGeometry g =
-      conv_pool_geometry(input, weight, stride, padding, pool_size, pool_stride);
+  const ConvPoolGeometry g = conv_pool_backward_geometry(grad_out, argmax, input, weight, stride,
+                                                         padding, pool_size, pool_stride, false);
   check_cpu(input, "input");
-  check_pooled_grad(grad_out, argmax, input, g);
   return g;
 }
 

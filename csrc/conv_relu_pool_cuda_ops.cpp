@@ -47,12 +47,9 @@ ConvPoolGeometry check_backward(const at::Tensor& grad_out, const at::Tensor& ar
                                 const at::Tensor& input, const at::Tensor& weight,
                                 at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef pool_size, at::IntArrayRef pool_stride) {
-  const ConvPoolGeometry g = conv_pool_geometry(input, weight, stride, padding, pool_size,
-                                                pool_stride, /*reduced_precision=*/true);
+  const ConvPoolGeometry g = conv_pool_backward_geometry(grad_out, argmax, input, weight, stride,
+                                                         padding, pool_size, pool_stride, true);
   check_cuda(input, "input");
-  // On CUDA tensors this checks dtypes, devices and shapes; argmax bytes that are no window
-  // position are skipped by the kernels (reading them here would cost a device sync).
-  check_pooled_grad(grad_out, argmax, input, g);
   return g;
 }
 

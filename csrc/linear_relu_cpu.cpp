@@ -58,14 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
                                                                    bool relu) {
   check_linear(input_, weight);
   const int64_t rows = input_.size(0), cols = weight.size(0);
-  check_like(grad_out_, input_, "grad_out");
-  TORCH_CHECK(grad_out_.dim() == 2 && grad_out_.size(0) == rows && grad_out_.size(1) == cols,
-              "grad_out must have shape (", rows, ", ", cols, "), got ", grad_out_.sizes());
-  if (relu) {
-    check_like(out_, input_, "out");
-    TORCH_CHECK(out_.sizes() == grad_out_.sizes(), "out must have shape ", grad_out_.sizes(),
-                ", got ", out_.sizes());
-  }
+  check_linear_grad(grad_out_, out_, input_, weight, relu);
   const at::Tensor grad_out = grad_out_.contiguous();
   const at::Tensor out = relu ? out_.contiguous() : at::Tensor();
   const at::Tensor input = input_.contiguous();

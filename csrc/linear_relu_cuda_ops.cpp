@@ -40,14 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cuda(const at::Te
   check_linear(input_, weight_, /*reduced_precision=*/true);
   check_cuda(input_, "input");
   const int64_t rows = input_.size(0), in = input_.size(1), cols = weight_.size(0);
-  check_like(grad_out_, input_, "grad_out");
-  TORCH_CHECK(grad_out_.dim() == 2 && grad_out_.size(0) == rows && grad_out_.size(1) == cols,
-              "grad_out must have shape (", rows, ", ", cols, "), got ", grad_out_.sizes());
-  if (relu) {
-    check_like(out_, input_, "out");
-    TORCH_CHECK(out_.sizes() == grad_out_.sizes(), "out must have shape ", grad_out_.sizes(),
-                ", got ", out_.sizes());
-  }
+  check_linear_grad(grad_out_, out_, input_, weight_, relu);
   const c10::cuda::CUDAGuard guard(input_.device());
   const at::Tensor grad_out = grad_out_.contiguous(), input = input_.contiguous();
   const at::Tensor weight = weight_.contiguous();
