@@ -30,7 +30,8 @@
 # (see _add_nonfinite_taps), since the dot would multiply them by the zeros of taps that meet
 # no conv position.
 # Dtypes: float16/bfloat16 operands with float32 accumulation; float32 (TF32 off unless
-# launch.set_allow_tf32(True)); float64 accumulates in float64.
+# launch.set_allow_tf32(True)); float64 accumulates in float64 (its weight gradient on FMA
+# units: Triton 3.8 cannot lower that float64 tl.dot, see launch.dot_fma_needed).
 from types import SimpleNamespace
 
 import torch
