@@ -93,7 +93,10 @@ at::Tensor conv_relu_pool_bwd_input_cpu(const at::Tensor& grad_out, const at::Te
     // The sparse kernel skips windows with no gradient; stock's dense backward multiplies
     // their zeros by the weight, so Inf/NaN there must take the dense path to match it.
     if (all_finite<scalar_t>(w) && all_finite<scalar_t>(go))
-      backward_input_kernel<scalar_t>(go, am, w, g, grad_input);
+      if (bwd_bytes(g, sizeof(scalar_t)) == 32)
+        backward_input_kernel<scalar_t, 32>(go, am, w, g, grad_input);
+      else
+        backward_input_kernel<scalar_t, 64>(go, am, w, g, grad_input);
     else
       grad_input.copy_(std::get<0>(dense_backward(go, am, input, w, g, {true, false, false})));
   });
@@ -114,7 +117,10 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_bwd_weight_cpu(
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_bwd_weight_cpu", [&] {
     // As in the input gradient: Inf/NaN in the input takes the dense path (see there).
     if (all_finite<scalar_t>(x)) {
-      backward_weight_kernel<scalar_t>(go, am, x, g, grad_weight, grad_bias);
+      if (bwd_bytes(g, sizeof(scalar_t)) == 32)
+        backward_weight_kernel<scalar_t, 32>(go, am, x, g, grad_weight, grad_bias);
+      else
+        backward_weight_kernel<scalar_t, 64>(go, am, x, g, grad_weight, grad_bias);
     } else {
       auto grads = dense_backward(go, am, x, weight.contiguous(), g, {false, true, true});
       grad_weight.copy_(std::get<1>(grads));

@@ -22,9 +22,12 @@
 
 namespace fastlenet::cpu {
 
-// Backward vectors are 64 bytes (16 floats, 8 doubles): a patch row of LeNet-5's conv2
-// (KW * C = 30 values) takes two.
-constexpr int kBwdBytes = 64;
+// Backward vectors: 64 bytes (16 floats) where a patch row is long (LeNet-5's conv2: KW * C =
+// 30 values, two vectors), 32 bytes where it fits in 8 floats (conv1: 5 values), since this
+// CPU issues two 32-byte FMAs per cycle but one 64-byte FMA.
+inline int bwd_bytes(const ConvPoolGeometry& g, int elem_size) {
+  return g.kw * g.c * elem_size <= 32 ? 32 : 64;
+}
 // Patch shapes with a register-blocked backward: KH <= 7 rows of NV <= 4 vectors.
 constexpr int kMaxKH = 7;
 constexpr int kMaxNV = 4;
@@ -32,9 +35,9 @@ constexpr int kMaxNV = 4;
 // What the backward kernels share: strides into a channels-last, zero-padded sample
 // buf[y][x][c] (y < HP, x < WP) and, per window position q, the offset of its conv
 // output's first tap relative to the window's first (q = 255 maps to 0 with no gradient).
-template <typename T>
+template <typename T, int Bytes>
 struct BwdLayout {
-  static constexpr int VW = VecOf<T, kBwdBytes>::kLanes;
+  static constexpr int VW = VecOf<T, Bytes>::kLanes;
   int64_t wpc;      // elements per padded row: WP * C
   int64_t rowlen;   // one patch row: KW * C
   int64_t nv;       // vectors per patch row
@@ -56,8 +59,8 @@ struct BwdLayout {
   }
 };
 
-template <typename T>
-void to_padded_cl(const T* xs, const ConvPoolGeometry& g, const BwdLayout<T>& L, T* dst) {
+template <typename T, typename Layout>
+void to_padded_cl(const T* xs, const ConvPoolGeometry& g, const Layout& L, T* dst) {
   for (int64_t c = 0; c < g.c; ++c)
     for (int64_t y = 0; y < g.h; ++y) {
       T* row = dst + (y + g.padh) * L.wpc + g.padw * g.c + c;
@@ -85,11 +88,11 @@ bool all_finite(const at::Tensor& t) {
 
 // grad_w/grad_b of one sample, all output channels, accumulated into gw ([O][KH][NV*VW]) and
 // gb ([O]). A window with no gradient is visited with g = 0 (branch-free: x is finite here).
-template <typename T, int KH, int NV>
+template <typename T, int Bytes, int KH, int NV>
 void bwd_weight_sample(const T* xcl, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
-                       const BwdLayout<T>& L, T* gw, T* gb) {
-  using V = typename VecOf<T, kBwdBytes>::type;
-  constexpr int VW = VecOf<T, kBwdBytes>::kLanes;
+                       const BwdLayout<T, Bytes>& L, T* gw, T* gb) {
+  using V = typename VecOf<T, Bytes>::type;
+  constexpr int VW = VecOf<T, Bytes>::kLanes;
   const int64_t plane = g.ph * g.pw;
   for (int64_t o = 0; o < g.o; ++o) {
     V acc[KH][NV];
@@ -118,11 +121,11 @@ void bwd_weight_sample(const T* xcl, const T* go, const uint8_t* am, const ConvP
 // grad_x of one sample into dx (channels-last, padded); wcl is the weight as
 // [O][KH][NV*VW], zero beyond each patch row, so full vectors add exact zeros past it (g is
 // finite here).
-template <typename T, int KH, int NV>
+template <typename T, int Bytes, int KH, int NV>
 void bwd_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
-                      const BwdLayout<T>& L, const T* wcl) {
-  using V = typename VecOf<T, kBwdBytes>::type;
-  constexpr int VW = VecOf<T, kBwdBytes>::kLanes;
+                      const BwdLayout<T, Bytes>& L, const T* wcl) {
+  using V = typename VecOf<T, Bytes>::type;
+  constexpr int VW = VecOf<T, Bytes>::kLanes;
   const int64_t plane = g.ph * g.pw;
   for (int64_t o = 0; o < g.o; ++o) {
     V w[KH][NV];
@@ -147,35 +150,35 @@ void bwd_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeome
   }
 }
 
-template <typename T>
+template <typename T, int Bytes>
 using WeightSampleFn = void (*)(const T*, const T*, const uint8_t*, const ConvPoolGeometry&,
-                                const BwdLayout<T>&, T*, T*);
-template <typename T>
+                                const BwdLayout<T, Bytes>&, T*, T*);
+template <typename T, int Bytes>
 using InputSampleFn = void (*)(T*, const T*, const uint8_t*, const ConvPoolGeometry&,
-                               const BwdLayout<T>&, const T*);
+                               const BwdLayout<T, Bytes>&, const T*);
 
-template <typename T, int KH, int... NVs>
+template <typename T, int Bytes, int KH, int... NVs>
 constexpr void fill_row(std::integer_sequence<int, NVs...>,
-                        std::array<std::array<WeightSampleFn<T>, kMaxNV>, kMaxKH>& wt,
-                        std::array<std::array<InputSampleFn<T>, kMaxNV>, kMaxKH>& it) {
-  ((wt[KH - 1][NVs] = &bwd_weight_sample<T, KH, NVs + 1>), ...);
-  ((it[KH - 1][NVs] = &bwd_input_sample<T, KH, NVs + 1>), ...);
+                        std::array<std::array<WeightSampleFn<T, Bytes>, kMaxNV>, kMaxKH>& wt,
+                        std::array<std::array<InputSampleFn<T, Bytes>, kMaxNV>, kMaxKH>& it) {
+  ((wt[KH - 1][NVs] = &bwd_weight_sample<T, Bytes, KH, NVs + 1>), ...);
+  ((it[KH - 1][NVs] = &bwd_input_sample<T, Bytes, KH, NVs + 1>), ...);
 }
 
-template <typename T>
+template <typename T, int Bytes>
 struct BwdTables {
-  std::array<std::array<WeightSampleFn<T>, kMaxNV>, kMaxKH> weight{};
-  std::array<std::array<InputSampleFn<T>, kMaxNV>, kMaxKH> input{};
+  std::array<std::array<WeightSampleFn<T, Bytes>, kMaxNV>, kMaxKH> weight{};
+  std::array<std::array<InputSampleFn<T, Bytes>, kMaxNV>, kMaxKH> input{};
   BwdTables() { fill<1, 2, 3, 4, 5, 6, 7>(); }
   template <int... KHs>
   void fill() {
-    (fill_row<T, KHs>(std::make_integer_sequence<int, kMaxNV>{}, weight, input), ...);
+    (fill_row<T, Bytes, KHs>(std::make_integer_sequence<int, kMaxNV>{}, weight, input), ...);
   }
 };
 
-template <typename T>
-const BwdTables<T>& bwd_tables() {
-  static const BwdTables<T> tables;
+template <typename T, int Bytes>
+const BwdTables<T, Bytes>& bwd_tables() {
+  static const BwdTables<T, Bytes> tables;
   return tables;
 }
 
@@ -207,12 +210,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
                                   false, {0, 0}, 1, mask);
 }
 
-template <typename T>
+template <typename T, int Bytes>
 void backward_weight_kernel(const at::Tensor& grad_out, const at::Tensor& argmax,
                             const at::Tensor& input, const ConvPoolGeometry& g,
                             at::Tensor& grad_weight, at::Tensor& grad_bias) {
-  constexpr int VW = BwdLayout<T>::VW;
-  const BwdLayout<T> L(g);
+  constexpr int VW = BwdLayout<T, Bytes>::VW;
+  const BwdLayout<T, Bytes> L(g);
   const bool blocked = register_blocked(g, L.nv);
   // Accumulators as [O][KH][NV*VW] (register-blocked) or [O][KH][rowlen] (generic).
   const int64_t rowsize = blocked ? L.nv * VW : L.rowlen;
@@ -223,7 +226,7 @@ void backward_weight_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   const T* gop = grad_out.const_data_ptr<T>();
   const uint8_t* amp = argmax.const_data_ptr<uint8_t>();
   const int64_t plane_out = g.ph * g.pw;
-  const auto fn = blocked ? bwd_tables<T>().weight[g.kh - 1][L.nv - 1] : nullptr;
+  const auto fn = blocked ? bwd_tables<T, Bytes>().weight[g.kh - 1][L.nv - 1] : nullptr;
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<T> xcl(L.size, T(0));
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
@@ -267,12 +270,12 @@ void backward_weight_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   std::memcpy(grad_bias.data_ptr<T>(), partial.data() + wsize, g.o * sizeof(T));
 }
 
-template <typename T>
+template <typename T, int Bytes>
 void backward_input_kernel(const at::Tensor& grad_out, const at::Tensor& argmax,
                            const at::Tensor& weight, const ConvPoolGeometry& g,
                            at::Tensor& grad_input) {
-  constexpr int VW = BwdLayout<T>::VW;
-  const BwdLayout<T> L(g);
+  constexpr int VW = BwdLayout<T, Bytes>::VW;
+  const BwdLayout<T, Bytes> L(g);
   const bool blocked = register_blocked(g, L.nv);
   const int64_t rowsize = blocked ? L.nv * VW : L.rowlen;
   // weight as [O][KH][KW][C], each patch row padded with zeros to rowsize.
@@ -288,7 +291,7 @@ void backward_input_kernel(const at::Tensor& grad_out, const at::Tensor& argmax,
   const uint8_t* amp = argmax.const_data_ptr<uint8_t>();
   T* gi = grad_input.data_ptr<T>();
   const int64_t plane_out = g.ph * g.pw;
-  const auto fn = blocked ? bwd_tables<T>().input[g.kh - 1][L.nv - 1] : nullptr;
+  const auto fn = blocked ? bwd_tables<T, Bytes>().input[g.kh - 1][L.nv - 1] : nullptr;
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
     std::vector<T> dx(L.size);
     for (int64_t n = n0; n < n1; ++n) {
