@@ -16,6 +16,8 @@ MAX_POOL_WINDOW = 255
 
 def pair(value, name: str) -> tuple[int, int]:
     """An int or a pair of ints as a tuple of two ints."""
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is type(value[1]) is int:
+        return value  # already normalised (the layers pass their own tuples every call)
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got a bool")
     if isinstance(value, int):
