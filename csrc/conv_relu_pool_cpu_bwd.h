@@ -1,4 +1,9 @@
-// Backward kernels of conv2d -> ReLU -> max_pool2d on the CPU (math in conv_relu_pool_cpu.cpp).
+// Backward kernels of conv2d -> ReLU -> max_pool2d on the CPU.
+//
+// From the saved x, w and argmax (forward: conv_relu_pool_cpu_fwd.h), only (oh, ow) = the
+// argmax of a window with argmax != 255 receives g = grad_out[n,o,ph,pw]:
+//   grad_b[o] += g;  grad_w[o] += g * xpad[n, :, oh*SH:+KH, ow*SW:+KW]
+//   grad_x[n, :, oh*SH-PADH:+KH, ow*SW-PADW:+KW] += g * w[o]
 //
 // Both work on a channels-last, zero-padded copy of each sample, where a patch row (KW * C
 // values) is contiguous: the patch of a window's argmax is KH rows of NV full vectors. For

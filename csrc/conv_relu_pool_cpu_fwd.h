@@ -1,4 +1,9 @@
-// Forward kernels of conv2d -> ReLU -> max_pool2d on the CPU (math in conv_relu_pool_cpu.cpp).
+// Forward kernels of conv2d -> ReLU -> max_pool2d on the CPU.
+//
+// y[n,o,oh,ow] = b[o] + sum_{c,kh,kw} w[o,c,kh,kw] * xpad[n,c,oh*SH+kh,ow*SW+kw] (never stored)
+// m = max of y over the window (i, j) of each pooled output (first max wins a tie, a NaN wins)
+// out = relu(m); argmax = i*POOLW+j of m, or 255 where m <= 0. Saved for backward (by the
+// caller): x, w and argmax, one byte per pooled output. Backward: conv_relu_pool_cpu_bwd.h.
 //
 // Two ways to fill the vector lanes, chosen per layer by conv_relu_pool_cpu.cpp:
 // - forward_channels: lanes over output channels (weight repacked [O/VW][C][KH][KW][VW]); a
