@@ -8,7 +8,7 @@ CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
 CLANG_FILES = $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh tests/cuda_sim/*.cpp tests/cuda_sim/*.h)
 TRAIN_ARGS ?=
 
-.PHONY: venv deps build train test lint format bench plot clean
+.PHONY: venv deps build train test test-gpu lint format bench plot clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ format: $(DEPS)
 
 test: $(BUILT) lint
 	$(PY) -m pytest tests
+
+# On a machine with a GPU, one command: the CUDA and Triton kernels on CUDA tensors (parity,
+# gradcheck, opcheck, streams, half precision), then the benchmarks on the GPU.
+test-gpu: $(BUILT)
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+	$(PY) -m pytest -m gpu tests
+	$(MAKE) bench
 
 # The C++ CPU kernels under ASan + UBSan, built apart in build/sanitize (see the script).
 .PHONY: sanitize
