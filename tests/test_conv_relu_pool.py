@@ -6,6 +6,7 @@ import torch
 from conftest import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from parity import check_conv_relu_pool
 
 from fastlenet import _ext, reference
 from fastlenet.functional import conv_relu_pool2d
@@ -40,23 +41,7 @@ def _pairs(conv):
 
 
 def _check_parity(x, weight, bias, conv, backend, tol):
-    out = conv_relu_pool2d(x, weight, bias, *conv, backend=backend)
-    grad = torch.randn_like(out)
-    leaves = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
-    grads = torch.autograd.grad(out, leaves, grad) if leaves and out.numel() else []
-    ref_leaves = [
-        None if t is None else t.detach().double().requires_grad_(t.requires_grad)
-        for t in (x, weight, bias)
-    ]
-    ref = reference.conv_relu_pool2d(*ref_leaves, *_pairs(conv))
-    assert out.shape == ref.shape and out.dtype == x.dtype
-    assert rel_err(out, ref) < tol
-    if grads:
-        needed = [t for t in ref_leaves if t is not None and t.requires_grad]
-        ref_grads = torch.autograd.grad(ref, needed, grad.double())
-        for got, want in zip(grads, ref_grads, strict=True):
-            assert got.shape == want.shape
-            assert rel_err(got, want) < tol
+    check_conv_relu_pool(x, weight, bias, conv, backend, tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

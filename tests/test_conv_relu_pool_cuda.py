@@ -8,6 +8,7 @@ same kernels in the CPU simulator).
 import pytest
 import torch
 from conftest import rel_err
+from parity import check_conv_relu_pool
 
 from fastlenet import reference
 from fastlenet.functional import conv_relu_pool2d
@@ -46,24 +47,7 @@ def _inputs(geometry, dtype, requires_grad=True):
 
 
 def _check_parity(x, weight, bias, conv, tol):
-    out = conv_relu_pool2d(x, weight, bias, *conv, backend=BACKEND)
-    ref_leaves = [
-        None if t is None else t.detach().double().requires_grad_(t.requires_grad)
-        for t in (x, weight, bias)
-    ]
-    ref = reference.conv_relu_pool2d(*ref_leaves, *conv)
-    assert out.shape == ref.shape and out.dtype == x.dtype and out.device == x.device
-    assert rel_err(out, ref) < tol
-    leaves = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
-    if not leaves or out.numel() == 0:
-        return
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, leaves, grad)
-    needed = [t for t in ref_leaves if t is not None and t.requires_grad]
-    want = torch.autograd.grad(ref, needed, grad.double())
-    for g, r in zip(got, want, strict=True):
-        assert g.shape == r.shape and g.dtype == x.dtype
-        assert rel_err(g, r) < tol
+    check_conv_relu_pool(x, weight, bias, conv, BACKEND, tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -16,6 +16,7 @@ import torch
 from conftest import rel_err
 from fastlenet.kernels import conv_relu_pool as triton_conv
 from fastlenet.kernels import launch
+from parity import check_conv_relu_pool
 
 import fastlenet
 from fastlenet import backends, reference
@@ -65,26 +66,7 @@ def _inputs(geometry, dtype, device, requires_grad=True):
 
 def _check_parity(x, weight, bias, conv, tol):
     """Forward and the gradient of every leaf against the stock float64 composition."""
-    out = conv_relu_pool2d(x, weight, bias, *conv, backend="triton")
-    ref_leaves = [
-        None if t is None else t.detach().double().requires_grad_(t.requires_grad)
-        for t in (x, weight, bias)
-    ]
-    ref = reference.conv_relu_pool2d(*ref_leaves, *conv)
-    assert out.shape == ref.shape and out.dtype == x.dtype and out.device == x.device
-    assert rel_err(out, ref) < tol
-    leaves = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
-    if not leaves:
-        return
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, leaves, grad, allow_unused=True)
-    want = torch.autograd.grad(
-        ref, [t for t in ref_leaves if t is not None and t.requires_grad], grad.double()
-    )
-    for g, r in zip(got, want, strict=True):
-        g = torch.zeros_like(r) if g is None else g  # empty batch: nothing reaches a leaf
-        assert g.shape == r.shape
-        assert rel_err(g, r) < tol
+    check_conv_relu_pool(x, weight, bias, conv, "triton", tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,9 +3,9 @@ forward and every gradient, float64 gradcheck, opcheck of the registered ops."""
 
 import pytest
 import torch
-from conftest import rel_err
+from parity import check_linear_relu
 
-from fastlenet import _ext, reference
+from fastlenet import _ext
 from fastlenet.functional import linear, linear_relu
 
 BACKENDS = [b for b in ("cpu", "reference") if b == "reference" or _ext.LOADED]
@@ -15,26 +15,7 @@ FUNCTIONS = {"linear_relu": (linear_relu, True), "linear": (linear, False)}
 
 
 def _check(fn_name, x, weight, bias, backend, tol):
-    fn, relu = FUNCTIONS[fn_name]
-    out = fn(x, weight, bias, backend=backend)
-    ref_in = [
-        t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
-        for t in (x, weight, bias)
-    ]
-    ref = reference.linear_relu(*ref_in, relu=relu)
-    assert out.shape == ref.shape
-    assert rel_err(out, ref) < tol
-    if out.numel() == 0:
-        return
-    grad = torch.randn_like(out)
-    leaves = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
-    ref_leaves = [t for t in ref_in if t is not None and t.requires_grad]
-    for got, want in zip(
-        torch.autograd.grad(out, leaves, grad),
-        torch.autograd.grad(ref, ref_leaves, grad.double()),
-        strict=True,
-    ):
-        assert rel_err(got, want) < tol
+    check_linear_relu(x, weight, bias, FUNCTIONS[fn_name][1], backend, tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,6 +8,7 @@ same kernels in the CPU simulator).
 import pytest
 import torch
 from conftest import rel_err
+from parity import check_linear_relu
 
 from fastlenet import reference
 from fastlenet.functional import linear, linear_relu
@@ -42,26 +43,7 @@ def _inputs(shape, dtype, requires_grad=True):
 
 
 def _check(fn_name, x, weight, bias, tol):
-    fn, relu = FUNCTIONS[fn_name]
-    out = fn(x, weight, bias, backend=BACKEND)
-    ref_in = [
-        t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
-        for t in (x, weight, bias)
-    ]
-    ref = reference.linear_relu(*ref_in, relu=relu)
-    assert out.shape == ref.shape and out.dtype == x.dtype and out.device == x.device
-    assert rel_err(out, ref) < tol
-    if out.numel() == 0:
-        return
-    grad = torch.randn_like(out)
-    leaves = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
-    ref_leaves = [t for t in ref_in if t is not None and t.requires_grad]
-    for got, want in zip(
-        torch.autograd.grad(out, leaves, grad),
-        torch.autograd.grad(ref, ref_leaves, grad.double()),
-        strict=True,
-    ):
-        assert rel_err(got, want) < tol
+    check_linear_relu(x, weight, bias, FUNCTIONS[fn_name][1], BACKEND, tol)
 
 
 @pytest.mark.parametrize("fn_name", FUNCTIONS)

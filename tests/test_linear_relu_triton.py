@@ -16,6 +16,7 @@ import torch
 from conftest import rel_err
 from fastlenet.kernels import launch
 from fastlenet.kernels import linear_relu as triton_linear
+from parity import check_linear_relu
 
 from fastlenet import backends, reference
 from fastlenet.functional import linear, linear_relu
@@ -54,24 +55,7 @@ def _inputs(shape, dtype, device, requires_grad=True, bias=True):
 
 
 def _check_parity(x, weight, bias, relu, tol):
-    out = FUNCS[relu](x, weight, bias, backend="triton")
-    ref_leaves = [
-        None if t is None else t.detach().double().requires_grad_(t.requires_grad)
-        for t in (x, weight, bias)
-    ]
-    ref = reference.linear_relu(*ref_leaves, relu)
-    assert out.shape == ref.shape and out.dtype == x.dtype and out.device == x.device
-    assert rel_err(out, ref) < tol
-    leaves = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, leaves, grad, allow_unused=True)
-    want = torch.autograd.grad(
-        ref, [t for t in ref_leaves if t is not None and t.requires_grad], grad.double()
-    )
-    for g, r in zip(got, want, strict=True):
-        g = torch.zeros_like(r) if g is None else g  # empty batch: nothing reaches a leaf
-        assert g.shape == r.shape
-        assert rel_err(g, r) < tol
+    check_linear_relu(x, weight, bias, relu, "triton", tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
