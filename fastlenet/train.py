@@ -41,10 +41,10 @@ SCHEDULES = ("onecycle", "constant")
 DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adam": 0.0}
 DEFAULT_EPOCHS = 5
-EVAL_BATCH = 1000
+EVAL_BATCH = 1000  # evaluation only holds activations of this many images at once
 # Relative loss difference between fused and stock steps that the parity tests require over
 # 200 steps (float32); --compare-stock reports for how many steps the runs stay within it.
-PARITY_TOL = 1e-4  # evaluation only holds activations of this many images at once
+PARITY_TOL = 1e-4
 
 # Settings that define a training run: a resumed run must keep them (its schedule, batches and
 # model depend on them). Every other setting (threads, backend, paths, ...) may change.
