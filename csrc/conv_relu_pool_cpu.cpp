@@ -32,6 +32,21 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
 }
 
+// Lanes over pooled columns when that fills them at least as well as lanes over output
+// channels; narrow 32-byte vectors when there are few channels.
+template <typename T>
+void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+             const ConvPoolGeometry& g, at::Tensor& out, at::Tensor& argmax) {
+  constexpr int kNarrow = 32 / sizeof(T), kWide = 64 / sizeof(T);
+  const bool few = g.o <= kNarrow;
+  if (columns_suits<T>(g, few ? kNarrow : kWide))
+    forward_columns<T>(input, weight, bias, g, out, argmax);
+  else if (few)
+    forward_channels<T, 32>(input, weight, bias, g, out, argmax);
+  else
+    forward_channels<T, 64>(input, weight, bias, g, out, argmax);
+}
+
 std::tuple<at::Tensor, at::Tensor> conv_relu_pool_fwd_cpu(
     const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
@@ -48,23 +63,8 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_fwd_cpu(
   maybe_poison(out);
   maybe_poison(argmax);
   if (g.n == 0) return {out, argmax};
-  // Lanes over pooled columns when that fills them at least as well as lanes over output
-  // channels (narrow 32-byte vectors when there are few channels).
-  if (input.scalar_type() == at::kFloat) {
-    if (columns_suits<float>(g, g.o <= 8 ? 8 : 16))
-      forward_columns<float>(input, weight, bias, g, out, argmax);
-    else if (g.o <= 8)
-      forward_channels<float, 32>(input, weight, bias, g, out, argmax);
-    else
-      forward_channels<float, 64>(input, weight, bias, g, out, argmax);
-  } else {
-    if (columns_suits<double>(g, g.o <= 4 ? 4 : 8))
-      forward_columns<double>(input, weight, bias, g, out, argmax);
-    else if (g.o <= 4)
-      forward_channels<double, 32>(input, weight, bias, g, out, argmax);
-    else
-      forward_channels<double, 64>(input, weight, bias, g, out, argmax);
-  }
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_fwd_cpu",
+                             [&] { forward<scalar_t>(input, weight, bias, g, out, argmax); });
   return {out, argmax};
 }
 
@@ -92,13 +92,12 @@ at::Tensor conv_relu_pool_bwd_input_cpu(const at::Tensor& grad_out, const at::Te
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_bwd_input_cpu", [&] {
     // The sparse kernel skips windows with no gradient; stock's dense backward multiplies
     // their zeros by the weight, so Inf/NaN there must take the dense path to match it.
-    if (all_finite<scalar_t>(w) && all_finite<scalar_t>(go))
-      if (bwd_bytes(g, sizeof(scalar_t)) == 32)
-        backward_input_kernel<scalar_t, 32>(go, am, w, g, grad_input);
-      else
-        backward_input_kernel<scalar_t, 64>(go, am, w, g, grad_input);
-    else
+    if (!all_finite<scalar_t>(w) || !all_finite<scalar_t>(go))
       grad_input.copy_(std::get<0>(dense_backward(go, am, input, w, g, {true, false, false})));
+    else if (bwd_bytes(g, sizeof(scalar_t)) == 32)
+      backward_input_kernel<scalar_t, 32>(go, am, w, g, grad_input);
+    else
+      backward_input_kernel<scalar_t, 64>(go, am, w, g, grad_input);
   });
   return grad_input;
 }

@@ -263,7 +263,7 @@ void forward_columns(const at::Tensor& input, const at::Tensor& weight, const at
   constexpr int VW = VecOf<T, kColumnsBytes>::kLanes;
   const int64_t nq = g.poolh * g.poolw;
   const int64_t ob_max = std::min<int64_t>(kColumnsAccumulators / nq, kColumnsMaxOut);
-  const int64_t hp = g.h + 2 * g.padh, wp = g.w + 2 * g.padw;
+  const int64_t hp = g.h + 2 * g.padh;
   const int64_t S = g.psw * g.sw;  // input columns between neighbouring pooled columns
   const int64_t col_blocks = (g.pw + VW - 1) / VW;
   // Phase-split row: m < M covers every pooled column block plus the taps past its end.
