@@ -137,8 +137,12 @@ inline void check_argmax_values(const at::Tensor& argmax, const ConvPoolGeometry
   const uint8_t* p = am.const_data_ptr<uint8_t>();
   const int64_t positions = g.poolh * g.poolw;
   const uint8_t* end = p + am.numel();
+  // A branch-free pass first (it vectorises); the search for the culprit only on failure.
+  uint8_t any_bad = 0;
+  for (const uint8_t* q = p; q < end; ++q) any_bad |= (*q != kNoGrad) & (*q >= positions);
   const uint8_t* bad =
-      std::find_if(p, end, [&](uint8_t q) { return q != kNoGrad && q >= positions; });
+      any_bad ? std::find_if(p, end, [&](uint8_t q) { return q != kNoGrad && q >= positions; })
+              : end;
   TORCH_CHECK(bad == end, "argmax holds ", int(bad == end ? 0 : *bad), " at flat index ", bad - p,
               " but a pooling window has ", positions, " positions (", int(kNoGrad),
               " means no gradient)");

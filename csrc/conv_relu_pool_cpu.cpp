@@ -33,18 +33,21 @@ void check_cpu(const at::Tensor& t, const char* name) {
 }
 
 // Lanes over pooled columns when that fills them at least as well as lanes over output
-// channels; narrow 32-byte vectors when there are few channels.
+// channels; narrow (at most 32-byte) vectors when there are few channels.
 template <typename T>
 void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
              const ConvPoolGeometry& g, at::Tensor& out, at::Tensor& argmax) {
-  constexpr int kNarrow = 32 / sizeof(T), kWide = 64 / sizeof(T);
+  constexpr int kNarrowBytes = std::min(32, kVecBytes);
+  constexpr int kNarrow = kNarrowBytes / sizeof(T), kWide = kVecBytes / sizeof(T);
   const bool few = g.o <= kNarrow;
   if (columns_suits<T>(g, few ? kNarrow : kWide))
     forward_columns<T>(input, weight, bias, g, out, argmax);
   else if (few)
-    forward_channels<T, 32>(input, weight, bias, g, out, argmax);
+    forward_channels<T, kNarrowBytes, 1>(input, weight, bias, g, out, argmax);
+  else if (g.o > kWide)  // AVX2: two vectors of channels per block (see the forward kernels)
+    forward_channels<T, kVecBytes, kChannelVectors>(input, weight, bias, g, out, argmax);
   else
-    forward_channels<T, 64>(input, weight, bias, g, out, argmax);
+    forward_channels<T, kVecBytes, 1>(input, weight, bias, g, out, argmax);
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_relu_pool_fwd_cpu(
@@ -94,10 +97,10 @@ at::Tensor conv_relu_pool_bwd_input_cpu(const at::Tensor& grad_out, const at::Te
     // their zeros by the weight, so Inf/NaN there must take the dense path to match it.
     if (!all_finite<scalar_t>(w) || !all_finite<scalar_t>(go))
       grad_input.copy_(std::get<0>(dense_backward(go, am, input, w, g, {true, false, false})));
-    else if (bwd_bytes(g, sizeof(scalar_t)) == 32)
-      backward_input_kernel<scalar_t, 32>(go, am, w, g, grad_input);
+    else if (bwd_bytes(g, sizeof(scalar_t)) == kBwdNarrowBytes)
+      backward_input_kernel<scalar_t, kBwdNarrowBytes>(go, am, w, g, grad_input);
     else
-      backward_input_kernel<scalar_t, 64>(go, am, w, g, grad_input);
+      backward_input_kernel<scalar_t, kVecBytes>(go, am, w, g, grad_input);
   });
   return grad_input;
 }
@@ -116,10 +119,10 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_bwd_weight_cpu(
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_bwd_weight_cpu", [&] {
     // As in the input gradient: Inf/NaN in the input takes the dense path (see there).
     if (all_finite<scalar_t>(x)) {
-      if (bwd_bytes(g, sizeof(scalar_t)) == 32)
-        backward_weight_kernel<scalar_t, 32>(go, am, x, g, grad_weight, grad_bias);
+      if (bwd_bytes(g, sizeof(scalar_t)) == kBwdNarrowBytes)
+        backward_weight_kernel<scalar_t, kBwdNarrowBytes>(go, am, x, g, grad_weight, grad_bias);
       else
-        backward_weight_kernel<scalar_t, 64>(go, am, x, g, grad_weight, grad_bias);
+        backward_weight_kernel<scalar_t, kVecBytes>(go, am, x, g, grad_weight, grad_bias);
     } else {
       auto grads = dense_backward(go, am, x, weight.contiguous(), g, {false, true, true});
       grad_weight.copy_(std::get<1>(grads));

@@ -27,15 +27,25 @@
 
 namespace fastlenet::cpu {
 
-// Backward vectors: 64 bytes (16 floats) where a patch row is long (LeNet-5's conv2: KW * C =
-// 30 values, two vectors), 32 bytes where it fits in 8 floats (conv1: 5 values), since this
-// CPU issues two 32-byte FMAs per cycle but one 64-byte FMA.
+// Backward vectors: the widest the target has (64 bytes with AVX-512: LeNet-5's conv2 patch
+// row, KW * C = 30 values, is two of them) where a patch row is long, at most 32 bytes where it
+// fits in that (conv1: 5 values), since AVX-512 CPUs issue two 32-byte FMAs per cycle but one
+// 64-byte FMA.
+constexpr int kBwdNarrowBytes = std::min(32, kVecBytes);
 inline int bwd_bytes(const ConvPoolGeometry& g, int elem_size) {
-  return g.kw * g.c * elem_size <= 32 ? 32 : 64;
+  return g.kw * g.c * elem_size <= kBwdNarrowBytes ? kBwdNarrowBytes : kVecBytes;
 }
 // Patch shapes with a register-blocked backward: KH <= 7 rows of NV <= 4 vectors.
 constexpr int kMaxKH = 7;
 constexpr int kMaxNV = 4;
+// Patch rows one pass of the register-blocked grad_w kernel holds: its KHB * NV accumulators
+// plus a few temporaries fit the vector registers, so AVX2 does conv2's 5 rows of 4 vectors in
+// two passes (3 + 2 rows) instead of spilling accumulators (b64, one thread: 0.34 -> 0.30 ms).
+// grad_x keeps all rows in one pass: its spilled weights become memory operands of the FMAs,
+// and a second pass would cost more (0.39 -> 0.49 ms).
+inline int64_t rows_per_pass(int64_t kh, int64_t nv) {
+  return std::clamp<int64_t>((kVecRegs - 4) / nv, 1, kh);
+}
 
 // What the backward kernels share: strides into a channels-last, zero-padded sample
 // buf[y][x][c] (y < HP, x < WP) and, per window position q, the offset of its conv
@@ -66,6 +76,11 @@ struct BwdLayout {
 
 template <typename T, typename Layout>
 void to_padded_cl(const T* xs, const ConvPoolGeometry& g, const Layout& L, T* dst) {
+  if (g.c == 1) {  // channels-last is the same layout: whole rows
+    for (int64_t y = 0; y < g.h; ++y)
+      std::memcpy(dst + (y + g.padh) * L.wpc + g.padw, xs + y * g.w, g.w * sizeof(T));
+    return;
+  }
   for (int64_t c = 0; c < g.c; ++c)
     for (int64_t y = 0; y < g.h; ++y) {
       T* row = dst + (y + g.padh) * L.wpc + g.padw * g.c + c;
@@ -83,25 +98,32 @@ bool all_finite(const at::Tensor& t) {
   constexpr int64_t kGrain = 1 << 16;
   std::vector<char> ok((n + kGrain - 1) / kGrain + 1, 1);
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = b; i < e; ++i) acc += p[i] * T(0);
-    ok[b / kGrain] = acc == T(0);
+    using V = typename VecOf<T, kVecBytes>::type;
+    constexpr int VW = VecOf<T, kVecBytes>::kLanes;
+    V acc{};
+    int64_t i = b;
+    for (; i + VW <= e; i += VW) acc += load<V>(p + i) * T(0);
+    T tail = T(0);
+    for (; i < e; ++i) tail += p[i] * T(0);
+    for (int l = 0; l < VW; ++l) tail += acc[l];
+    ok[b / kGrain] = tail == T(0);
   });
   return std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; });
 }
 
-// grad_w/grad_b of one sample, all output channels, accumulated into gw ([O][KH][NV*VW]) and
-// gb ([O]). A window with no gradient is visited with g = 0 (branch-free: x is finite here).
+// grad_w of patch rows kh0 .. kh0+KH-1 of one sample, all output channels, accumulated into gw
+// ([O][g.kh][NV*VW]), and grad_b into gb ([O]) in the pass with kh0 = 0. A window with no
+// gradient is visited with g = 0 (branch-free: x is finite here).
 template <typename T, int Bytes, int KH, int NV>
 void bwd_weight_sample(const T* xcl, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
-                       const BwdLayout<T, Bytes>& L, T* gw, T* gb) {
+                       const BwdLayout<T, Bytes>& L, T* gw, T* gb, int64_t kh0) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int VW = VecOf<T, Bytes>::kLanes;
   const int64_t plane = g.ph * g.pw;
+  xcl += kh0 * L.wpc;
   for (int64_t o = 0; o < g.o; ++o) {
     V acc[KH][NV];
-    T* gwo = gw + o * KH * NV * VW;
+    T* gwo = gw + (o * g.kh + kh0) * NV * VW;
     for (int kh = 0; kh < KH; ++kh)
       for (int v = 0; v < NV; ++v) acc[kh][v] = load<V>(gwo + (kh * NV + v) * VW);
     T bsum = gb[o];
@@ -119,7 +141,7 @@ void bwd_weight_sample(const T* xcl, const T* go, const uint8_t* am, const ConvP
     }
     for (int kh = 0; kh < KH; ++kh)
       for (int v = 0; v < NV; ++v) store(gwo + (kh * NV + v) * VW, acc[kh][v]);
-    gb[o] = bsum;
+    if (kh0 == 0) gb[o] = bsum;
   }
 }
 
@@ -157,7 +179,7 @@ void bwd_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeome
 
 template <typename T, int Bytes>
 using WeightSampleFn = void (*)(const T*, const T*, const uint8_t*, const ConvPoolGeometry&,
-                                const BwdLayout<T, Bytes>&, T*, T*);
+                                const BwdLayout<T, Bytes>&, T*, T*, int64_t);
 template <typename T, int Bytes>
 using InputSampleFn = void (*)(T*, const T*, const uint8_t*, const ConvPoolGeometry&,
                                const BwdLayout<T, Bytes>&, const T*);
@@ -231,7 +253,10 @@ void backward_weight_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   const T* gop = grad_out.const_data_ptr<T>();
   const uint8_t* amp = argmax.const_data_ptr<uint8_t>();
   const int64_t plane_out = g.ph * g.pw;
-  const auto fn = blocked ? bwd_tables<T, Bytes>().weight[g.kh - 1][L.nv - 1] : nullptr;
+  const int64_t khb = rows_per_pass(g.kh, L.nv);
+  const auto& table = bwd_tables<T, Bytes>().weight;
+  const auto fn = blocked ? table[khb - 1][L.nv - 1] : nullptr;
+  const auto fn_last = blocked ? table[(g.kh - 1) % khb][L.nv - 1] : nullptr;  // last pass
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<T> xcl(L.size, T(0));
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
@@ -242,7 +267,8 @@ void backward_weight_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
         const T* go = gop + n * g.o * plane_out;
         const uint8_t* am = amp + n * g.o * plane_out;
         if (fn) {
-          fn(xcl.data(), go, am, g, L, gw, gb);
+          for (int64_t kh0 = 0; kh0 < g.kh; kh0 += khb)
+            (kh0 + khb < g.kh ? fn : fn_last)(xcl.data(), go, am, g, L, gw, gb, kh0);
           continue;
         }
         for (int64_t o = 0; o < g.o; ++o)

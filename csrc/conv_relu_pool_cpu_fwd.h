@@ -6,9 +6,10 @@
 // caller): x, w and argmax, one byte per pooled output. Backward: conv_relu_pool_cpu_bwd.h.
 //
 // Two ways to fill the vector lanes, chosen per layer by conv_relu_pool_cpu.cpp:
-// - forward_channels: lanes over output channels (weight repacked [O/VW][C][KH][KW][VW]); a
-//   register block holds R conv outputs of one conv row; each (c, kh, kw) loads one weight
-//   vector and broadcasts R inputs. Conv rows of one pooled row go to a per-thread tile (L1)
+// - forward_channels: lanes over output channels, NV vectors of them (NV = 2 on AVX2, whose
+//   16 registers make a one-vector block reload its inputs too often; weight repacked
+//   [O/(NV*VW)][C][KH][KW][NV*VW]); a register block holds R conv outputs of one conv row;
+//   each (c, kh, kw) loads NV weight vectors and broadcasts R inputs. Conv rows of one pooled row go to a per-thread tile (L1)
 //   and are reduced to max/argmax at once. Best with many output channels (LeNet-5 conv2).
 // - forward_columns: lanes over pooled output columns, every window position and up to
 //   kColumnsMaxOut output channels in registers at once; the input is split by column
@@ -30,33 +31,46 @@
 
 namespace fastlenet::cpu {
 
-// Most conv outputs one register block holds: 14 accumulators + the weight vector fit the 16
-// (AVX2) or 32 (AVX-512) vector registers, and 14 covers half of LeNet-5's 28-wide conv1 row.
-constexpr int kMaxBlock = 14;
+// Most conv outputs one register block holds, for NV channel vectors: R * NV accumulators, NV
+// weight vectors and the broadcast input fit the vector registers; at most 14 (half of LeNet-5's
+// 28-wide conv1 row).
+// Channel vectors per forward_channels block with many output channels: one with AVX-512's
+// embedded broadcasts and 32 registers; two on AVX2, where every broadcast input is a load of
+// its own and two weight vectors per input halve the loads per FMA (conv2: 0.58 -> ms, b64).
+constexpr int kChannelVectors = kVecRegs >= 32 ? 1 : 2;
+
+template <int NV>
+constexpr int kMaxBlock = std::min(14, (kVecRegs - NV - 1) / NV);
 
 struct Plane {
   int64_t chan;  // elements between channels of the (padded) input plane
   int64_t row;   // elements between rows
 };
 
-// R conv outputs at columns ow0 .. ow0+R-1 of one conv row, for VW output channels:
+// R conv outputs at columns ow0 .. ow0+R-1 of one conv row, for NV * VW output channels:
 // acc[r] = bias + sum_{c,kh,kw} wt[c,kh,kw,:] * x[c, kh, r*SW + kw], x pointing at the top-left
-// input of the first output.
-template <typename T, int Bytes, int R, bool UnitStride>
+// input of the first output; written to dst[r][NV * VW].
+template <typename T, int Bytes, int NV, int R, bool UnitStride>
 void conv_block(const T* x, Plane p, int64_t sw, const T* wt, int64_t C, int64_t KH, int64_t KW,
                 const T* bias, T* dst) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int VW = VecOf<T, Bytes>::kLanes;
-  V acc[R];
-  const V b = load<V>(bias);
-  for (int r = 0; r < R; ++r) acc[r] = b;
+  V acc[R][NV];
+  for (int u = 0; u < NV; ++u) {
+    const V b = load<V>(bias + u * VW);
+    for (int r = 0; r < R; ++r) acc[r][u] = b;
+  }
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t kh = 0; kh < KH; ++kh) {
       const T* xr = x + c * p.chan + kh * p.row;
-      const T* wr = wt + (c * KH + kh) * KW * VW;
+      const T* wr = wt + (c * KH + kh) * KW * NV * VW;
       for (int64_t kw = 0; kw < KW; ++kw) {
-        const V w = load<V>(wr + kw * VW);
-        for (int r = 0; r < R; ++r) acc[r] += w * xr[(UnitStride ? r : r * sw) + kw];
+        V w[NV];
+        for (int u = 0; u < NV; ++u) w[u] = load<V>(wr + (kw * NV + u) * VW);
+        for (int r = 0; r < R; ++r) {
+          const T xv = xr[(UnitStride ? r : r * sw) + kw];
+          for (int u = 0; u < NV; ++u) acc[r][u] += w[u] * xv;
+        }
       }
     }
   }
@@ -67,45 +81,48 @@ template <typename T, int Bytes, bool UnitStride>
 using BlockFn = void (*)(const T*, Plane, int64_t, const T*, int64_t, int64_t, int64_t, const T*,
                          T*);
 
-template <typename T, int Bytes, bool UnitStride, int... Rs>
+template <typename T, int Bytes, int NV, bool UnitStride, int... Rs>
 constexpr auto block_table(std::integer_sequence<int, Rs...>) {
   return std::array<BlockFn<T, Bytes, UnitStride>, sizeof...(Rs)>{
-      &conv_block<T, Bytes, Rs + 1, UnitStride>...};
+      &conv_block<T, Bytes, NV, Rs + 1, UnitStride>...};
 }
 
-// Computes conv row `oh` for output channels [ob*VW, ob*VW+VW) into tile[ow][VW], ow < width.
-template <typename T, int Bytes, bool UnitStride>
+// Computes conv row `oh` for one block of NV * VW output channels into tile[ow][NV * VW],
+// ow < width.
+template <typename T, int Bytes, int NV, bool UnitStride>
 void conv_row(const T* xpad, Plane p, const ConvPoolGeometry& g, int64_t oh, int64_t width,
               const T* wt, const T* bias, T* tile) {
   constexpr int VW = VecOf<T, Bytes>::kLanes;
+  constexpr int kMax = kMaxBlock<NV>;
   static constexpr auto table =
-      block_table<T, Bytes, UnitStride>(std::make_integer_sequence<int, kMaxBlock>{});
-  const int64_t blocks = (width + kMaxBlock - 1) / kMaxBlock;
+      block_table<T, Bytes, NV, UnitStride>(std::make_integer_sequence<int, kMax>{});
+  const int64_t blocks = (width + kMax - 1) / kMax;
   const int64_t step = (width + blocks - 1) / blocks;  // even blocks: 28 -> 14 + 14
   for (int64_t ow0 = 0; ow0 < width; ow0 += step) {
     const int64_t r = std::min(step, width - ow0);
     const T* x = xpad + oh * g.sh * p.row + ow0 * g.sw;
-    table[r - 1](x, p, g.sw, wt, g.c, g.kh, g.kw, bias, tile + ow0 * VW);
+    table[r - 1](x, p, g.sw, wt, g.c, g.kh, g.kw, bias, tile + ow0 * NV * VW);
   }
 }
 
-template <typename T, int Bytes>
+template <typename T, int Bytes, int NV>
 void forward_channels(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                       const ConvPoolGeometry& g, at::Tensor& out, at::Tensor& argmax) {
-  constexpr int VW = VecOf<T, Bytes>::kLanes;
+  constexpr int BW = VecOf<T, Bytes>::kLanes * NV;  // output channels of one block
   using V = typename VecOf<T, Bytes>::type;
   using M = typename VecOf<T, Bytes>::mask;
   using MI = typename VecOf<T, Bytes>::mask_int;
-  const int64_t oblocks = (g.o + VW - 1) / VW;
-  // Weight repacked to [O/VW][C][KH][KW][VW] and bias to [O/VW][VW], zero-padded lanes.
-  std::vector<T> wt(oblocks * g.c * g.kh * g.kw * VW, T(0));
-  std::vector<T> bt(oblocks * VW, T(0));
+  constexpr int VW = VecOf<T, Bytes>::kLanes;
+  const int64_t oblocks = (g.o + BW - 1) / BW;
+  // Weight repacked to [O/BW][C][KH][KW][BW] and bias to [O/BW][BW], zero-padded lanes.
+  std::vector<T> wt(oblocks * g.c * g.kh * g.kw * BW, T(0));
+  std::vector<T> bt(oblocks * BW, T(0));
   const T* w = weight.const_data_ptr<T>();
   for (int64_t o = 0; o < g.o; ++o) {
-    const int64_t ob = o / VW, lane = o % VW;
+    const int64_t ob = o / BW, lane = o % BW;
     for (int64_t k = 0; k < g.c * g.kh * g.kw; ++k)
-      wt[(ob * g.c * g.kh * g.kw + k) * VW + lane] = w[o * g.c * g.kh * g.kw + k];
-    bt[ob * VW + lane] = bias.defined() ? bias.const_data_ptr<T>()[o] : T(0);
+      wt[(ob * g.c * g.kh * g.kw + k) * BW + lane] = w[o * g.c * g.kh * g.kw + k];
+    bt[ob * BW + lane] = bias.defined() ? bias.const_data_ptr<T>()[o] : T(0);
   }
   const bool padded = g.padh > 0 || g.padw > 0;
   const int64_t hp = g.h + 2 * g.padh, wp = g.w + 2 * g.padw;
@@ -120,7 +137,7 @@ void forward_channels(const at::Tensor& input, const at::Tensor& weight, const a
 
   at::parallel_for(0, g.n * oblocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> pad_buf(padded ? g.c * hp * wp : 0, T(0));
-    std::vector<T> tile(g.poolh * width * VW);
+    std::vector<T> tile(g.poolh * width * BW);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / oblocks, ob = t % oblocks;
       const T* xs = x + n * g.c * g.h * g.w;
@@ -131,36 +148,40 @@ void forward_channels(const at::Tensor& input, const at::Tensor& weight, const a
                         g.w * sizeof(T));
         xs = pad_buf.data();
       }
-      const T* wtb = wt.data() + ob * g.c * g.kh * g.kw * VW;
-      const T* btb = bt.data() + ob * VW;
-      const int64_t lanes = std::min<int64_t>(VW, g.o - ob * VW);
+      const T* wtb = wt.data() + ob * g.c * g.kh * g.kw * BW;
+      const T* btb = bt.data() + ob * BW;
       for (int64_t ph = 0; ph < g.ph; ++ph) {
         for (int64_t i = 0; i < g.poolh; ++i) {
-          T* rowtile = tile.data() + i * width * VW;
+          T* rowtile = tile.data() + i * width * BW;
           if (unit)
-            conv_row<T, Bytes, true>(xs, p, g, ph * g.psh + i, width, wtb, btb, rowtile);
+            conv_row<T, Bytes, NV, true>(xs, p, g, ph * g.psh + i, width, wtb, btb, rowtile);
           else
-            conv_row<T, Bytes, false>(xs, p, g, ph * g.psh + i, width, wtb, btb, rowtile);
+            conv_row<T, Bytes, NV, false>(xs, p, g, ph * g.psh + i, width, wtb, btb, rowtile);
         }
         for (int64_t pw = 0; pw < g.pw; ++pw) {
-          const T* first = tile.data() + pw * g.psw * VW;
-          V best = load<V>(first);
-          M pos = M{} + 0;
-          for (int64_t i = 0; i < g.poolh; ++i) {
-            for (int64_t j = 0; j < g.poolw; ++j) {
-              const V v = load<V>(tile.data() + (i * width + pw * g.psw + j) * VW);
-              // max_pool2d's rule: a strictly larger value or a NaN replaces the max.
-              const M take = (v > best) | (v != v);
-              best = take ? v : best;
-              pos = take ? M{} + static_cast<MI>(i * g.poolw + j) : pos;
+          for (int u = 0; u < NV; ++u) {
+            const int64_t o0 = ob * BW + u * VW;
+            if (o0 >= g.o) break;
+            const T* first = tile.data() + pw * g.psw * BW + u * VW;
+            V best = load<V>(first);
+            M pos = M{} + 0;
+            for (int64_t i = 0; i < g.poolh; ++i) {
+              for (int64_t j = 0; j < g.poolw; ++j) {
+                const V v = load<V>(first + (i * width + j) * BW);
+                // max_pool2d's rule: a strictly larger value or a NaN replaces the max.
+                const M take = (v > best) | (v != v);
+                best = take ? v : best;
+                pos = take ? M{} + static_cast<MI>(i * g.poolw + j) : pos;
+              }
             }
-          }
-          const M dead = best <= V{};        // ReLU passes no gradient; false for a NaN max
-          const V relu = dead ? V{} : best;  // NaN stays NaN, as torch.relu
-          const int64_t base = (n * g.o + ob * VW) * plane_out + ph * g.pw + pw;
-          for (int64_t l = 0; l < lanes; ++l) {
-            outp[base + l * plane_out] = relu[l];
-            amp[base + l * plane_out] = dead[l] ? kNoGrad : static_cast<uint8_t>(pos[l]);
+            const M dead = best <= V{};        // ReLU passes no gradient; false for a NaN max
+            const V relu = dead ? V{} : best;  // NaN stays NaN, as torch.relu
+            const int64_t base = (n * g.o + o0) * plane_out + ph * g.pw + pw;
+            const int64_t lanes = std::min<int64_t>(VW, g.o - o0);
+            for (int64_t l = 0; l < lanes; ++l) {
+              outp[base + l * plane_out] = relu[l];
+              amp[base + l * plane_out] = dead[l] ? kNoGrad : static_cast<uint8_t>(pos[l]);
+            }
           }
         }
       }
@@ -171,11 +192,13 @@ void forward_channels(const at::Tensor& input, const at::Tensor& weight, const a
 // ---------------------------------------------------------------------------------------
 // forward_columns
 
-// Column kernel vectors: 64 bytes (16 floats): LeNet-5's conv1 has 14 pooled columns.
-constexpr int kColumnsBytes = 64;
-// Accumulators of one block: output channels x window positions; 24 of the 32 AVX-512
-// registers, leaving room for the input vector and the pooling temporaries.
-constexpr int kColumnsAccumulators = 24;
+// Column kernel vectors: the widest the target has (AVX-512: 16 floats, LeNet-5's conv1 has 14
+// pooled columns).
+constexpr int kColumnsBytes = kVecBytes;
+// Accumulators of one block: output channels x window positions; three quarters of the vector
+// registers (24 of AVX-512's 32, 12 of AVX2's 16), leaving room for the input vector, the
+// broadcast weights and the pooling temporaries.
+constexpr int kColumnsAccumulators = kVecRegs * 3 / 4;
 constexpr int kColumnsMaxWindow = 4;
 constexpr int kColumnsMaxOut = kColumnsAccumulators / kColumnsMaxWindow;
 
@@ -218,10 +241,17 @@ void columns_block(const T* xs, int64_t chan, int64_t row, const int64_t* xoff, 
     const M dead = best <= V{};  // ReLU passes no gradient; false for a NaN max
     const V relu = dead ? V{} : best;
     const M code = dead ? M{} + static_cast<MI>(kNoGrad) : pos;
-    T vals[VW];
-    store(vals, relu);
-    std::memcpy(out + o * plane, vals, lanes * sizeof(T));
-    for (int64_t l = 0; l < lanes; ++l) am[o * plane + l] = static_cast<uint8_t>(code[l]);
+    using Codes = typename ByteVec<VW>::type;
+    const Codes codes = __builtin_convertvector(code, Codes);
+    if (lanes == VW) {  // a full block: one vector store each (no libc memcpy of a runtime size)
+      store(out + o * plane, relu);
+      store(am + o * plane, codes);
+    } else {
+      for (int64_t l = 0; l < lanes; ++l) {
+        out[o * plane + l] = relu[l];
+        am[o * plane + l] = codes[l];
+      }
+    }
   }
 }
 

@@ -1,5 +1,5 @@
 // Portable SIMD for the CPU kernels: GCC/Clang vector extensions. With -march=native they
-// compile to AVX-512 / AVX2 registers; a portable build (FASTLENET_PORTABLE=1) splits them.
+// compile to AVX-512 or AVX2 registers; a portable build (FASTLENET_PORTABLE=1) gets SSE2.
 #pragma once
 
 #include <cstdint>
@@ -8,6 +8,20 @@
 
 namespace fastlenet::cpu {
 
+// The compile target's widest float vector and how many vector registers it has: kernels size
+// their vectors and register blocks from these, so a 64-byte vector never gets split in two
+// (and its register block spilled) on a CPU without AVX-512.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+constexpr int kVecRegs = 32;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+constexpr int kVecRegs = 16;
+#else
+constexpr int kVecBytes = 16;
+constexpr int kVecRegs = 16;
+#endif
+
 // A vector of `Bytes` bytes of T.
 template <typename T, int Bytes>
 struct VecOf {
@@ -15,6 +29,12 @@ struct VecOf {
   typedef T type __attribute__((vector_size(Bytes)));
   using mask = decltype(type{} > type{});  // lane mask: integers of sizeof(T) bytes
   using mask_int = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+};
+
+// N bytes as one vector (argmax codes packed from a lane mask by __builtin_convertvector).
+template <int N>
+struct ByteVec {
+  typedef uint8_t type __attribute__((vector_size(N)));
 };
 
 // Unaligned load and store (memcpy compiles to one vmovups).
