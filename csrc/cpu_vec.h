@@ -37,6 +37,18 @@ struct ByteVec {
   typedef uint8_t type __attribute__((vector_size(N)));
 };
 
+// v where keep, else +0, without a branch (compilers turn `keep ? v : 0` into a jump that an
+// unpredictable keep mispredicts) and without a multiply (Inf * 0 would be NaN).
+template <typename T>
+inline T keep_or_zero(bool keep, T v) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  Bits b;
+  std::memcpy(&b, &v, sizeof(T));
+  b &= -static_cast<Bits>(keep);
+  std::memcpy(&v, &b, sizeof(T));
+  return v;
+}
+
 // Unaligned load and store (memcpy compiles to one vmovups).
 template <typename V, typename T>
 inline V load(const T* p) {
