@@ -116,8 +116,15 @@ def _alloc_label() -> str:
 
 
 def _machine(device: str) -> str:
+    """GPU name, or CPU model with its widest vector ISA: machines sold under one model name
+    ("AMD EPYC" in a VM) differ in it, and the CPU kernels are compiled for it."""
     if device == "cuda":
         return torch.cuda.get_device_name()
+    isa = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    return f"{_cpu_model()} ({'AVX-512' if isa == 'AVX512' else isa})"
+
+
+def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
