@@ -37,13 +37,21 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     const int64_t row_grain = std::max<int64_t>(1, kElementGrain / std::max<int64_t>(cols, 1));
+    // One loop per case, each branch-free inside, so that each vectorises.
     at::parallel_for(0, rows, row_grain, [&](int64_t r0, int64_t r1) {
+      const scalar_t* __restrict bias_row = bp;  // a local: see linear_relu_bwd_cpu
       for (int64_t r = r0; r < r1; ++r) {
-        scalar_t* row = o + r * cols;
-        for (int64_t c = 0; c < cols; ++c) {
-          const scalar_t v = bp ? row[c] + bp[c] : row[c];
+        scalar_t* __restrict row = o + r * cols;
+        if (bias_row && relu) {
           // `v <= 0` is false for NaN, so NaN propagates as in torch.relu.
-          row[c] = (relu && v <= scalar_t(0)) ? scalar_t(0) : v;
+          for (int64_t c = 0; c < cols; ++c) {
+            const scalar_t v = row[c] + bias_row[c];
+            row[c] = v <= scalar_t(0) ? scalar_t(0) : v;
+          }
+        } else if (bias_row) {
+          for (int64_t c = 0; c < cols; ++c) row[c] += bias_row[c];
+        } else {
+          for (int64_t c = 0; c < cols; ++c) row[c] = row[c] <= scalar_t(0) ? scalar_t(0) : row[c];
         }
       }
     });
@@ -74,13 +82,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
     // Each task owns a column range and sums its rows in order: deterministic grad_bias.
     const int64_t col_grain = std::max<int64_t>(16, kElementGrain / std::max<int64_t>(rows, 1));
     at::parallel_for(0, cols, col_grain, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) gb[c] = scalar_t(0);
+      // Local restrict pointers: through the lambda's references the compiler would reload
+      // them after every store and not vectorise.
+      scalar_t* __restrict sum = gb + c0;
+      const int64_t width = c1 - c0;
+      for (int64_t c = 0; c < width; ++c) sum[c] = scalar_t(0);
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t base = r * cols;
-        for (int64_t c = c0; c < c1; ++c) {
-          const scalar_t v = (op && op[base + c] <= scalar_t(0)) ? scalar_t(0) : go[base + c];
-          if (op) gp[base + c] = v;
-          gb[c] += v;
+        const scalar_t* __restrict gor = go + r * cols + c0;
+        if (op) {  // branch-free inside, so that it vectorises
+          const scalar_t* __restrict outr = op + r * cols + c0;
+          scalar_t* __restrict gr = gp + r * cols + c0;
+          for (int64_t c = 0; c < width; ++c) {
+            const scalar_t v = outr[c] <= scalar_t(0) ? scalar_t(0) : gor[c];
+            gr[c] = v;
+            sum[c] += v;
+          }
+        } else {
+          for (int64_t c = 0; c < width; ++c) sum[c] += gor[c];
         }
       }
     });
