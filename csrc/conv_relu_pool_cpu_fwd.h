@@ -243,8 +243,7 @@ void columns_block(const T* xs, int64_t chan, int64_t row, const int64_t* xoff, 
     const M dead = best <= V{};  // ReLU passes no gradient; false for a NaN max
     const V relu = dead ? V{} : best;
     const M code = dead ? M{} + static_cast<MI>(kNoGrad) : pos;
-    using Codes = typename ByteVec<VW>::type;
-    const Codes codes = __builtin_convertvector(code, Codes);
+    const auto codes = low_bytes(code);
     if (lanes == VW) {  // a full block: one vector store each (no libc memcpy of a runtime size)
       store(out + o * plane, relu);
       store(am + o * plane, codes);

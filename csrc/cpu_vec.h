@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 namespace fastlenet::cpu {
 
@@ -31,11 +32,32 @@ struct VecOf {
   using mask_int = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
 };
 
-// N bytes as one vector (argmax codes packed from a lane mask by __builtin_convertvector).
+// N bytes as one vector.
 template <int N>
 struct ByteVec {
   typedef uint8_t type __attribute__((vector_size(N)));
 };
+
+// The low byte of each lane of an integer vector (argmax codes from a lane mask). AVX-512
+// narrows in one instruction (vpmovdb); on AVX2 __builtin_convertvector extracts lane by lane,
+// a byte shuffle does not (LeNet-5 conv1 forward, batch 64, one thread: 0.37 -> 0.33 ms).
+template <typename M, size_t... I>
+inline typename ByteVec<sizeof...(I)>::type low_bytes(const M& m, std::index_sequence<I...>) {
+  using Out = typename ByteVec<sizeof...(I)>::type;
+#if defined(__AVX512F__)
+  return __builtin_convertvector(m, Out);
+#else
+  using Bytes = typename ByteVec<sizeof(M)>::type;
+  Bytes b;
+  std::memcpy(&b, &m, sizeof(M));
+  return Out(__builtin_shufflevector(b, b, (I * (sizeof(M) / sizeof...(I)))...));
+#endif
+}
+
+template <typename M>
+inline auto low_bytes(const M& m) {
+  return low_bytes(m, std::make_index_sequence<sizeof(M) / sizeof(m[0])>{});
+}
 
 // v where keep, else +0, without a branch (compilers turn `keep ? v : 0` into a jump that an
 // unpredictable keep mispredicts) and without a multiply (Inf * 0 would be NaN).
