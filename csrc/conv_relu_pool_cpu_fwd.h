@@ -140,6 +140,12 @@ void forward_channels(const at::Tensor& input, const at::Tensor& weight, const a
   at::parallel_for(0, g.n * oblocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> pad_buf(padded ? g.c * hp * wp : 0, T(0));
     std::vector<T> tile(g.poolh * width * BW);
+    // Locals for the pooling epilogue: its byte stores may alias anything reached through the
+    // lambda's references, which would be reloaded after each of them.
+    T* __restrict out_l = outp;
+    uint8_t* __restrict am_l = amp;
+    const int64_t npw = g.pw, poolh = g.poolh, poolw = g.poolw, psw = g.psw, nout = g.o;
+    const int64_t plane = plane_out;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / oblocks, ob = t % oblocks;
       const T* xs = x + n * g.c * g.h * g.w;
@@ -160,29 +166,31 @@ void forward_channels(const at::Tensor& input, const at::Tensor& weight, const a
           else
             conv_row<T, Bytes, NV, false>(xs, p, g, ph * g.psh + i, width, wtb, btb, rowtile);
         }
-        for (int64_t pw = 0; pw < g.pw; ++pw) {
+        const T* tiles = tile.data();
+        for (int64_t pw = 0; pw < npw; ++pw) {
           for (int u = 0; u < NV; ++u) {
             const int64_t o0 = ob * BW + u * VW;
-            if (o0 >= g.o) break;
-            const T* first = tile.data() + pw * g.psw * BW + u * VW;
+            if (o0 >= nout) break;
+            const T* first = tiles + pw * psw * BW + u * VW;
             V best = load<V>(first);
             M pos = M{} + 0;
-            for (int64_t i = 0; i < g.poolh; ++i) {
-              for (int64_t j = 0; j < g.poolw; ++j) {
+            for (int64_t i = 0; i < poolh; ++i) {
+              for (int64_t j = 0; j < poolw; ++j) {
                 const V v = load<V>(first + (i * width + j) * BW);
                 // max_pool2d's rule: a strictly larger value or a NaN replaces the max.
                 const M take = (v > best) | (v != v);
                 best = take ? v : best;
-                pos = take ? M{} + static_cast<MI>(i * g.poolw + j) : pos;
+                pos = take ? M{} + static_cast<MI>(i * poolw + j) : pos;
               }
             }
             const M dead = best <= V{};        // ReLU passes no gradient; false for a NaN max
             const V relu = dead ? V{} : best;  // NaN stays NaN, as torch.relu
-            const int64_t base = (n * g.o + o0) * plane_out + ph * g.pw + pw;
-            const int64_t lanes = std::min<int64_t>(VW, g.o - o0);
+            const auto codes = low_bytes(dead ? M{} + static_cast<MI>(kNoGrad) : pos);
+            const int64_t base = (n * nout + o0) * plane + ph * npw + pw;
+            const int64_t lanes = std::min<int64_t>(VW, nout - o0);
             for (int64_t l = 0; l < lanes; ++l) {
-              outp[base + l * plane_out] = relu[l];
-              amp[base + l * plane_out] = dead[l] ? kNoGrad : static_cast<uint8_t>(pos[l]);
+              out_l[base + l * plane] = relu[l];
+              am_l[base + l * plane] = codes[l];
             }
           }
         }
