@@ -55,7 +55,7 @@ COLUMNS = (
     "date",  # UTC, ISO 8601
     "git_rev",  # short hash, "-dirty" when tracked files differ from it
     "label",  # FASTLENET_BENCH_LABEL, e.g. "smoke", "final"
-    "machine",  # CPU model (/proc/cpuinfo) or GPU name; never the hostname
+    "machine",  # CPU model (/proc/cpuinfo) and vector ISA, or GPU name; never the hostname
     "device",  # cpu or cuda
     "threads",  # torch.get_num_threads()
     "torch",
