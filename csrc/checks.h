@@ -137,9 +137,11 @@ inline void check_argmax_values(const at::Tensor& argmax, const ConvPoolGeometry
   const uint8_t* p = am.const_data_ptr<uint8_t>();
   const int64_t positions = g.poolh * g.poolw;
   const uint8_t* end = p + am.numel();
-  // A branch-free pass first (it vectorises); the search for the culprit only on failure.
+  // A branch-free pass on bytes first (it vectorises: 32 codes per compare with AVX2); the
+  // search for the culprit only on failure. A window of 255 or more positions has no bad code.
+  const uint8_t limit = static_cast<uint8_t>(std::min<int64_t>(positions, kNoGrad));
   uint8_t any_bad = 0;
-  for (const uint8_t* q = p; q < end; ++q) any_bad |= (*q != kNoGrad) & (*q >= positions);
+  for (const uint8_t* q = p; q < end; ++q) any_bad |= (*q != kNoGrad) & (*q >= limit);
   const uint8_t* bad =
       any_bad ? std::find_if(p, end, [&](uint8_t q) { return q != kNoGrad && q >= positions; })
               : end;
