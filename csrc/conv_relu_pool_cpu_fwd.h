@@ -32,15 +32,15 @@
 
 namespace fastlenet::cpu {
 
-// Most conv outputs one register block holds, for NV channel vectors: R * NV accumulators, NV
-// weight vectors and the broadcast input fit the vector registers; at most 14 (half of LeNet-5's
-// 28-wide conv1 row).
 // Channel vectors per forward_channels block with many output channels: one with AVX-512's
 // embedded broadcasts and 32 registers; two on AVX2, where every broadcast input is a load of
 // its own and two weight vectors per input halve the loads per FMA (conv2 forward, batch 64,
 // one thread: 1.09 -> 0.49 ms).
 constexpr int kChannelVectors = kVecRegs >= 32 ? 1 : 2;
 
+// Most conv outputs one register block holds, for NV channel vectors: R * NV accumulators, NV
+// weight vectors and the broadcast input fit the vector registers; at most 14 (half of LeNet-5's
+// 28-wide conv1 row).
 template <int NV>
 constexpr int kMaxBlock = std::min(14, (kVecRegs - NV - 1) / NV);
 
