@@ -11,6 +11,10 @@
 // grad_x the weight rows of one output channel do. grad_w/grad_b: samples are split into a
 // fixed number of chunks (one per thread), each summing into its own buffer, added in chunk
 // order: bitwise identical run to run for a given thread count.
+// The inner loops step a row pointer by the row stride and index vectors with constants: with
+// `base + kh * stride + v * VW`, GCC keeps all KH * NV runtime offsets live, spills them and
+// recomputes addresses per window (conv2, AVX2, alternating both in one process: grad_w 10%,
+// grad_x 5% faster this way).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -140,10 +144,10 @@ void bwd_weight_sample(const T* xcl, const T* go, const uint8_t* am, const ConvP
     for (int64_t k = 0; k < plane; ++k) {
       const uint8_t q = amo[k];
       const T gv = keep_or_zero(q != kNoGrad, gop[k]);
-      const T* base = xcl + woff[k] + L.qoff[q];
+      const T* row = xcl + woff[k] + L.qoff[q];
       bsum += gv;
-      for (int kh = 0; kh < KH; ++kh)
-        for (int v = 0; v < NV; ++v) acc[kh][v] += gv * load<V>(base + kh * wpc + v * VW);
+      for (int kh = 0; kh < KH; ++kh, row += wpc)
+        for (int v = 0; v < NV; ++v) acc[kh][v] += gv * load<V>(row + v * VW);
     }
     for (int kh = 0; kh < KH; ++kh)
       for (int v = 0; v < NV; ++v) store(gwo + (kh * NV + v) * VW, acc[kh][v]);
@@ -172,12 +176,9 @@ void bwd_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeome
       const uint8_t q = amo[k];
       if (q == kNoGrad) continue;
       const T gv = gop[k];
-      T* base = dx + woff[k] + L.qoff[q];
-      for (int kh = 0; kh < KH; ++kh)
-        for (int v = 0; v < NV; ++v) {
-          T* p = base + kh * wpc + v * VW;
-          store(p, load<V>(p) + gv * w[kh][v]);
-        }
+      T* row = dx + woff[k] + L.qoff[q];
+      for (int kh = 0; kh < KH; ++kh, row += wpc)
+        for (int v = 0; v < NV; ++v) store(row + v * VW, load<V>(row + v * VW) + gv * w[kh][v]);
     }
   }
 }
