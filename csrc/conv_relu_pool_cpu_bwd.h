@@ -57,12 +57,10 @@ inline int64_t rows_per_pass(int64_t kh, int64_t nv) {
 template <typename T, int Bytes>
 struct BwdLayout {
   static constexpr int VW = VecOf<T, Bytes>::kLanes;
-  int64_t wpc;      // elements per padded row: WP * C
-  int64_t rowlen;   // one patch row: KW * C
-  int64_t nv;       // vectors per patch row
-  int64_t rowstep;  // between pooled rows: PSH * SH * WP * C
-  int64_t colstep;  // between pooled columns: PSW * SW * C
-  int64_t size;     // buffer elements, with a tail so full-vector loads stay in bounds
+  int64_t wpc;     // elements per padded row: WP * C
+  int64_t rowlen;  // one patch row: KW * C
+  int64_t nv;      // vectors per patch row
+  int64_t size;    // buffer elements, with a tail so full-vector loads stay in bounds
   std::array<int64_t, 256> qoff{};
   // Per pooled output k = ph * PW + pw: the offset of its window's first tap. One flat loop
   // over k with this table beats nested ph/pw loops with runtime strides (conv2 grad_w, AVX2,
@@ -74,8 +72,8 @@ struct BwdLayout {
     wpc = wp * g.c;
     rowlen = g.kw * g.c;
     nv = (rowlen + VW - 1) / VW;
-    rowstep = g.psh * g.sh * wpc;
-    colstep = g.psw * g.sw * g.c;
+    const int64_t rowstep = g.psh * g.sh * wpc;  // between pooled rows
+    const int64_t colstep = g.psw * g.sw * g.c;  // between pooled columns
     size = (g.h + 2 * g.padh) * wpc + nv * VW;
     for (int64_t q = 0; q < g.poolh * g.poolw; ++q)
       qoff[q] = (q / g.poolw) * g.sh * wpc + (q % g.poolw) * g.sw * g.c;
@@ -282,8 +280,7 @@ void backward_weight_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
             const uint8_t q = am[o * plane_out + k];
             if (q == kNoGrad) continue;
             const T gv = go[o * plane_out + k];
-            const T* base =
-                xcl.data() + (k / g.pw) * L.rowstep + (k % g.pw) * L.colstep + L.qoff[q];
+            const T* base = xcl.data() + L.woff[k] + L.qoff[q];
             gb[o] += gv;
             for (int64_t kh = 0; kh < g.kh; ++kh) {
               T* dst = gw + (o * g.kh + kh) * rowsize;
@@ -343,7 +340,7 @@ void backward_input_kernel(const at::Tensor& grad_out, const at::Tensor& argmax,
             const uint8_t q = am[o * plane_out + k];
             if (q == kNoGrad) continue;
             const T gv = go[o * plane_out + k];
-            T* base = dx.data() + (k / g.pw) * L.rowstep + (k % g.pw) * L.colstep + L.qoff[q];
+            T* base = dx.data() + L.woff[k] + L.qoff[q];
             for (int64_t kh = 0; kh < g.kh; ++kh) {
               T* dst = base + kh * L.wpc;
               const T* src = wcl.data() + (o * g.kh + kh) * rowsize;
