@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -74,7 +75,9 @@ struct BwdLayout {
     nv = (rowlen + VW - 1) / VW;
     const int64_t rowstep = g.psh * g.sh * wpc;  // between pooled rows
     const int64_t colstep = g.psw * g.sw * g.c;  // between pooled columns
-    size = (g.h + 2 * g.padh) * wpc + nv * VW;
+    // The tail keeps full-vector loads of the last patch row, and the stores and loads of the
+    // layout conversions (8 values per pixel), in bounds.
+    size = (g.h + 2 * g.padh) * wpc + std::max<int64_t>(nv * VW, kTransposeLanes);
     for (int64_t q = 0; q < g.poolh * g.poolw; ++q)
       qoff[q] = (q / g.poolw) * g.sh * wpc + (q % g.poolw) * g.sw * g.c;
     woff.resize(g.ph * g.pw);
@@ -82,6 +85,12 @@ struct BwdLayout {
   }
 };
 
+// One sample, planar (C, H, W) to channels-last and padded. float: blocks of 8 pixels x 8
+// channels are transposed in registers (in-process A/B, conv2 batch 64 and 256: both backward
+// ops ~2% faster than the scalar copy, which does the rest). Each pixel's 8 values are stored
+// at row + p * C + c0, in increasing p; lanes past C hold zeros (the rows loaded for channels
+// past C) and land on the next pixel's first channels, or on padding, before those are
+// written. Channel blocks go from the last to the first for the same reason.
 template <typename T, typename Layout>
 void to_padded_cl(const T* xs, const ConvPoolGeometry& g, const Layout& L, T* dst) {
   if (g.c == 1) {  // channels-last is the same layout: whole rows
@@ -89,11 +98,58 @@ void to_padded_cl(const T* xs, const ConvPoolGeometry& g, const Layout& L, T* ds
       std::memcpy(dst + (y + g.padh) * L.wpc + g.padw, xs + y * g.w, g.w * sizeof(T));
     return;
   }
+  int64_t x0 = 0;  // pixels [0, x0) of each row are done by blocks of 8 x 8
+  if constexpr (std::is_same_v<T, float>) {
+    x0 = g.w / kTransposeLanes * kTransposeLanes;
+    for (int64_t y = 0; y < g.h; ++y) {
+      T* row = dst + (y + g.padh) * L.wpc + g.padw * g.c;
+      for (int64_t c0 = (g.c - 1) / kTransposeLanes * kTransposeLanes; c0 >= 0;
+           c0 -= kTransposeLanes) {
+        const int64_t nc = std::min<int64_t>(kTransposeLanes, g.c - c0);
+        for (int64_t x = 0; x < x0; x += kTransposeLanes) {
+          Float8 r[kTransposeLanes];
+          for (int64_t i = 0; i < kTransposeLanes; ++i)
+            r[i] = i < nc ? load<Float8>(xs + ((c0 + i) * g.h + y) * g.w + x) : Float8{};
+          transpose8(r);
+          for (int64_t p = 0; p < kTransposeLanes; ++p) store(row + (x + p) * g.c + c0, r[p]);
+        }
+      }
+    }
+  }
   for (int64_t c = 0; c < g.c; ++c)
     for (int64_t y = 0; y < g.h; ++y) {
       T* row = dst + (y + g.padh) * L.wpc + g.padw * g.c + c;
       const T* src = xs + (c * g.h + y) * g.w;
-      for (int64_t x = 0; x < g.w; ++x) row[x * g.c] = src[x];
+      for (int64_t x = x0; x < g.w; ++x) row[x * g.c] = src[x];
+    }
+}
+
+// The inverse for one sample: channels-last (padded) src to planar (C, H, W) dst. Loads of
+// 8 values per pixel read past its channels into the next pixel, padding or the buffer's tail.
+template <typename T, typename Layout>
+void from_padded_cl(const T* src, const ConvPoolGeometry& g, const Layout& L, T* dst) {
+  int64_t x0 = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    x0 = g.w / kTransposeLanes * kTransposeLanes;
+    for (int64_t y = 0; y < g.h; ++y) {
+      const T* row = src + (y + g.padh) * L.wpc + g.padw * g.c;
+      for (int64_t c0 = 0; c0 < g.c; c0 += kTransposeLanes) {
+        const int64_t nc = std::min<int64_t>(kTransposeLanes, g.c - c0);
+        for (int64_t x = 0; x < x0; x += kTransposeLanes) {
+          Float8 r[kTransposeLanes];
+          for (int64_t p = 0; p < kTransposeLanes; ++p)
+            r[p] = load<Float8>(row + (x + p) * g.c + c0);
+          transpose8(r);
+          for (int64_t i = 0; i < nc; ++i) store(dst + ((c0 + i) * g.h + y) * g.w + x, r[i]);
+        }
+      }
+    }
+  }
+  for (int64_t c = 0; c < g.c; ++c)
+    for (int64_t y = 0; y < g.h; ++y) {
+      const T* row = src + (y + g.padh) * L.wpc + g.padw * g.c + c;
+      T* out = dst + (c * g.h + y) * g.w;
+      for (int64_t x = x0; x < g.w; ++x) out[x] = row[x * g.c];
     }
 }
 
@@ -348,13 +404,7 @@ void backward_input_kernel(const at::Tensor& grad_out, const at::Tensor& argmax,
             }
           }
       }
-      T* gis = gi + n * g.c * g.h * g.w;
-      for (int64_t c = 0; c < g.c; ++c)
-        for (int64_t y = 0; y < g.h; ++y) {
-          const T* row = dx.data() + (y + g.padh) * L.wpc + g.padw * g.c + c;
-          T* dst = gis + (c * g.h + y) * g.w;
-          for (int64_t xx = 0; xx < g.w; ++xx) dst[xx] = row[xx * g.c];
-        }
+      from_padded_cl(dx.data(), g, L, gi + n * g.c * g.h * g.w);
     }
   });
 }
