@@ -259,7 +259,7 @@ def main(argv=None) -> int:
         "is first checked against the float64 reference (outputs and gradients). "
         "forward = forward with autograd recording; backward = backward alone (graphs built "
         "untimed); full = both. train_step = zero_grad, forward, cross-entropy, backward, "
-        "SGD(momentum 0.9) step; inference = forward under torch.inference_mode. "
+        "SGD(momentum 0.9, fused=True) step; inference = forward under torch.inference_mode. "
         "compile = torch.compile(dynamic=False) of the stock model/composition, steady state; "
         "`compile s` = its first call(s) (compilation) from a fresh inductor cache. "
         "Inputs are seeded standard-normal tensors; LeNet-5 uses random labels and SGD with "
