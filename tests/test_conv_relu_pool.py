@@ -52,6 +52,17 @@ def test_parity_with_stock(geometry, dtype, backend):
     _check_parity(x, weight, bias, conv, backend, TOL[dtype])
 
 
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+@pytest.mark.parametrize("channels", [7, 8, 9, 13, 17])
+@pytest.mark.parametrize(("width", "padding"), [(8, 0), (15, 1), (16, 2), (17, 0)])
+def test_layout_blocks(channels, width, padding):
+    """The CPU backward moves float32 samples between layouts 8 pixels x 8 channels at a time:
+    channel counts on either side of a block, widths on either side of whole blocks."""
+    geometry = (2, channels, 9, width, 5, 3, 3, 1, padding, 2, 2)
+    x, weight, bias, conv = _inputs(geometry, torch.float32)
+    _check_parity(x, weight, bias, conv, "cpu", TOL[torch.float32])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("geometry", GEOMETRIES[3:7])
 def test_gradcheck_float64(geometry, backend):
