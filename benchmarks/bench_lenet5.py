@@ -5,10 +5,10 @@ stock model (eager and torch.compile of the model; the loss and optimizer stay e
 Input (N, 1, 32, 32) standard normal, labels uniform in 0..9. Every provider steps with the
 optimizer `fastlenet.train` builds, SGD(momentum=0.9, fused=True): the fastest stock one on
 CPU, so stock is not slowed by a per-parameter loop fastlenet's own training does not run. It
-runs with lr=0: the step does all its arithmetic, but every step sees the same weights. The fused
-backward skips pooling windows and units that pass no gradient, so weights drifting over
-thousands of timed steps would change how much work it does; with lr=0 all providers time
-the same model at every round.
+runs with lr=0: the step does all its arithmetic, but every step sees the same weights. The
+fused backward skips pooling windows and units that pass no gradient, so weights drifting over
+thousands of timed steps would change how much work it does; with lr=0 all providers time the
+same model at every round.
 """
 
 import functools
