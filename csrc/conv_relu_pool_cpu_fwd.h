@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -37,6 +38,14 @@ namespace fastlenet::cpu {
 // its own and two weight vectors per input halve the loads per FMA (conv2 forward, batch 64,
 // one thread: 1.09 -> 0.49 ms).
 constexpr int kChannelVectors = kVecRegs >= 32 ? 1 : 2;
+
+// The argmax byte saved per lane: the window position of the max, or kNoGrad where ReLU passes
+// no gradient (`dead`: the max is <= 0).
+template <typename M>
+inline auto argmax_codes(const M& dead, const M& pos) {
+  using MI = std::remove_cvref_t<decltype(pos[0])>;
+  return low_bytes(dead ? M{} + static_cast<MI>(kNoGrad) : pos);
+}
 
 // Most conv outputs one register block holds, for NV channel vectors: R * NV accumulators, NV
 // weight vectors and the broadcast input fit the vector registers; at most 14 (half of LeNet-5's
@@ -185,7 +194,7 @@ void forward_channels(const at::Tensor& input, const at::Tensor& weight, const a
             }
             const M dead = best <= V{};        // ReLU passes no gradient; false for a NaN max
             const V relu = dead ? V{} : best;  // NaN stays NaN, as torch.relu
-            const auto codes = low_bytes(dead ? M{} + static_cast<MI>(kNoGrad) : pos);
+            const auto codes = argmax_codes(dead, pos);
             const int64_t base = (n * nout + o0) * plane + ph * npw + pw;
             const int64_t lanes = std::min<int64_t>(VW, nout - o0);
             for (int64_t l = 0; l < lanes; ++l) {
@@ -250,8 +259,7 @@ void columns_block(const T* xs, int64_t chan, int64_t row, const int64_t* xoff, 
     }
     const M dead = best <= V{};  // ReLU passes no gradient; false for a NaN max
     const V relu = dead ? V{} : best;
-    const M code = dead ? M{} + static_cast<MI>(kNoGrad) : pos;
-    const auto codes = low_bytes(code);
+    const auto codes = argmax_codes(dead, pos);
     if (lanes == VW) {  // a full block: one vector store each (no libc memcpy of a runtime size)
       store(out + o * plane, relu);
       store(am + o * plane, codes);
