@@ -81,63 +81,47 @@ ConvPoolGeometry check_backward(const at::Tensor& grad_out, const at::Tensor& ar
   return g;
 }
 
-at::Tensor conv_relu_pool_bwd_input_cpu(const at::Tensor& grad_out, const at::Tensor& argmax,
-                                        const at::Tensor& input, const at::Tensor& weight,
-                                        at::IntArrayRef stride, at::IntArrayRef padding,
-                                        at::IntArrayRef pool_size, at::IntArrayRef pool_stride) {
-  const ConvPoolGeometry g =
-      check_backward(grad_out, argmax, input, weight, stride, padding, pool_size, pool_stride);
-  at::Tensor grad_input = at::empty({g.n, g.c, g.h, g.w}, input.options());
-  maybe_poison(grad_input);
-  if (g.n == 0) return grad_input;
-  const at::Tensor go = grad_out.contiguous(), am = argmax.contiguous();
-  const at::Tensor w = weight.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_bwd_input_cpu", [&] {
-    // The sparse kernel skips windows with no gradient; stock's dense backward multiplies
-    // their zeros by the weight, so Inf/NaN there must take the dense path to match it.
-    if (!all_finite<scalar_t>(w) || !all_finite<scalar_t>(go))
-      grad_input.copy_(std::get<0>(dense_backward(go, am, input, w, g, {true, false, false})));
-    else if (bwd_bytes(g, sizeof(scalar_t)) == kBwdNarrowBytes)
-      backward_input_kernel<scalar_t, kBwdNarrowBytes>(go, am, w, g, grad_input);
-    else
-      backward_input_kernel<scalar_t, kVecBytes>(go, am, w, g, grad_input);
-  });
-  return grad_input;
-}
-
-std::tuple<at::Tensor, at::Tensor> conv_relu_pool_bwd_weight_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& input,
     const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef pool_size, at::IntArrayRef pool_stride) {
+    at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool input_grad, bool weight_grad) {
   const ConvPoolGeometry g =
       check_backward(grad_out, argmax, input, weight, stride, padding, pool_size, pool_stride);
-  at::Tensor grad_weight = at::empty({g.o, g.c, g.kh, g.kw}, weight.options());
-  at::Tensor grad_bias = at::empty({g.o}, weight.options());
+  // A gradient not asked for comes back with no elements.
+  const auto shape = [](bool wanted, std::vector<int64_t> sizes) {
+    return wanted ? sizes : std::vector<int64_t>{0};
+  };
+  at::Tensor grad_input = at::empty(shape(input_grad, {g.n, g.c, g.h, g.w}), input.options());
+  at::Tensor grad_weight = at::empty(shape(weight_grad, {g.o, g.c, g.kh, g.kw}), weight.options());
+  at::Tensor grad_bias = at::empty(shape(weight_grad, {g.o}), weight.options());
+  maybe_poison(grad_input);
   maybe_poison(grad_weight);
   maybe_poison(grad_bias);
   const at::Tensor go = grad_out.contiguous(), am = argmax.contiguous(), x = input.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_bwd_weight_cpu", [&] {
-    // As in the input gradient: Inf/NaN in the input takes the dense path (see there).
-    if (all_finite<scalar_t>(x)) {
-      if (bwd_bytes(g, sizeof(scalar_t)) == kBwdNarrowBytes)
-        backward_weight_kernel<scalar_t, kBwdNarrowBytes>(go, am, x, g, grad_weight, grad_bias);
-      else
-        backward_weight_kernel<scalar_t, kVecBytes>(go, am, x, g, grad_weight, grad_bias);
-    } else {
-      auto grads = dense_backward(go, am, x, weight.contiguous(), g, {false, true, true});
-      grad_weight.copy_(std::get<1>(grads));
-      grad_bias.copy_(std::get<2>(grads));
+  const at::Tensor w = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_bwd_cpu", [&] {
+    const BwdFallback fallback =
+        bwd_bytes(g, sizeof(scalar_t)) == kBwdNarrowBytes
+            ? backward_kernel<scalar_t, kBwdNarrowBytes>(go, am, x, w, g, input_grad, weight_grad,
+                                                         grad_input, grad_weight, grad_bias)
+            : backward_kernel<scalar_t, kVecBytes>(go, am, x, w, g, input_grad, weight_grad,
+                                                   grad_input, grad_weight, grad_bias);
+    if (fallback.input)
+      grad_input.copy_(std::get<0>(dense_backward(go, am, x, w, g, {true, false, false})));
+    if (fallback.weight) {
+      const auto dense = dense_backward(go, am, x, w, g, {false, true, true});
+      grad_weight.copy_(std::get<1>(dense));
+      grad_bias.copy_(std::get<2>(dense));
     }
   });
-  return {grad_weight, grad_bias};
+  return {grad_input, grad_weight, grad_bias};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastlenet, CPU, m) {
   m.impl("conv_relu_pool_fwd", &conv_relu_pool_fwd_cpu);
-  m.impl("conv_relu_pool_bwd_input", &conv_relu_pool_bwd_input_cpu);
-  m.impl("conv_relu_pool_bwd_weight", &conv_relu_pool_bwd_weight_cpu);
+  m.impl("conv_relu_pool_bwd", &conv_relu_pool_bwd_cpu);
 }
 
 }  // namespace fastlenet

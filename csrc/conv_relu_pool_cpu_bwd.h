@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -153,28 +154,6 @@ void from_padded_cl(const T* src, const ConvPoolGeometry& g, const Layout& L, T*
     }
 }
 
-// True when every value is finite (x * 0 is 0 for finite x, NaN for Inf and NaN).
-template <typename T>
-bool all_finite(const at::Tensor& t) {
-  const T* p = t.const_data_ptr<T>();
-  const int64_t n = t.numel();
-  // Elements per task: a parallel task must outweigh its start-up cost.
-  constexpr int64_t kGrain = 1 << 16;
-  std::vector<char> ok((n + kGrain - 1) / kGrain + 1, 1);
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    using V = typename VecOf<T, kVecBytes>::type;
-    constexpr int VW = VecOf<T, kVecBytes>::kLanes;
-    V acc{};
-    int64_t i = b;
-    for (; i + VW <= e; i += VW) acc += load<V>(p + i) * T(0);
-    T tail = T(0);
-    for (; i < e; ++i) tail += p[i] * T(0);
-    for (int l = 0; l < VW; ++l) tail += acc[l];
-    ok[b / kGrain] = tail == T(0);
-  });
-  return std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; });
-}
-
 // grad_w of patch rows kh0 .. kh0+KH-1 of one sample, all output channels, accumulated into gw
 // ([O][g.kh][NV*VW]), and grad_b into gb ([O]) in the pass with kh0 = 0. A window with no
 // gradient is visited with g = 0 (branch-free: x is finite here).
@@ -237,6 +216,47 @@ void bwd_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeome
   }
 }
 
+// The same two per-sample passes for patches too large to hold in registers (KH > kMaxKH or
+// more than kMaxNV vectors per patch row): accumulators and weight rows as [O][KH][rowlen],
+// one pass over all patch rows (kh0 is always 0).
+template <typename T, int Bytes>
+void bwd_weight_sample_generic(const T* xcl, const T* go, const uint8_t* am,
+                               const ConvPoolGeometry& g, const BwdLayout<T, Bytes>& L, T* gw,
+                               T* gb, int64_t) {
+  const int64_t plane = g.ph * g.pw;
+  for (int64_t o = 0; o < g.o; ++o)
+    for (int64_t k = 0; k < plane; ++k) {
+      const uint8_t q = am[o * plane + k];
+      if (q == kNoGrad) continue;
+      const T gv = go[o * plane + k];
+      const T* base = xcl + L.woff[k] + L.qoff[q];
+      gb[o] += gv;
+      for (int64_t kh = 0; kh < g.kh; ++kh) {
+        T* dst = gw + (o * g.kh + kh) * L.rowlen;
+        const T* src = base + kh * L.wpc;
+        for (int64_t t = 0; t < L.rowlen; ++t) dst[t] += gv * src[t];
+      }
+    }
+}
+
+template <typename T, int Bytes>
+void bwd_input_sample_generic(T* dx, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
+                              const BwdLayout<T, Bytes>& L, const T* wcl) {
+  const int64_t plane = g.ph * g.pw;
+  for (int64_t o = 0; o < g.o; ++o)
+    for (int64_t k = 0; k < plane; ++k) {
+      const uint8_t q = am[o * plane + k];
+      if (q == kNoGrad) continue;
+      const T gv = go[o * plane + k];
+      T* base = dx + L.woff[k] + L.qoff[q];
+      for (int64_t kh = 0; kh < g.kh; ++kh) {
+        T* dst = base + kh * L.wpc;
+        const T* src = wcl + (o * g.kh + kh) * L.rowlen;
+        for (int64_t t = 0; t < L.rowlen; ++t) dst[t] += gv * src[t];
+      }
+    }
+}
+
 template <typename T, int Bytes>
 using WeightSampleFn = void (*)(const T*, const T*, const uint8_t*, const ConvPoolGeometry&,
                                 const BwdLayout<T, Bytes>&, T*, T*, int64_t);
@@ -297,56 +317,105 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
                                   false, {0, 0}, 1, mask);
 }
 
+// True when each of the n values at p is finite (x * 0 is 0 for finite x, NaN otherwise).
+template <typename T>
+bool span_finite(const T* p, int64_t n) {
+  using V = typename VecOf<T, kVecBytes>::type;
+  constexpr int VW = VecOf<T, kVecBytes>::kLanes;
+  V acc{};
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) acc += load<V>(p + i) * T(0);
+  T tail = T(0);
+  for (; i < n; ++i) tail += p[i] * T(0);
+  for (int l = 0; l < VW; ++l) tail += acc[l];
+  return tail == T(0);
+}
+
+// The sparse gradients that backward_kernel could not give because Inf/NaN reached them (the
+// caller computes those with dense_backward, as stock's dense backward would).
+struct BwdFallback {
+  bool input = false;
+  bool weight = false;
+};
+
+// Both backward gradients of a batch in one parallel region: grad_w and grad_b when
+// `want_weight`, grad_x (into grad_input) when `want_input`. Tasks: first one grad_w chunk per
+// thread (a fixed split of the samples, each summing into its own buffer, added in chunk order:
+// bitwise identical run to run for a given thread count), then grad_x per sample; each thread
+// takes the next task from a shared counter. One op, one parallel region and the finiteness
+// checks inside the tasks (in-process A/B against one op per gradient, conv2 forward + backward:
+// 1.08x at batch 64, 1.03x at 256).
 template <typename T, int Bytes>
-void backward_weight_kernel(const at::Tensor& grad_out, const at::Tensor& argmax,
-                            const at::Tensor& input, const ConvPoolGeometry& g,
-                            at::Tensor& grad_weight, at::Tensor& grad_bias) {
+BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax,
+                            const at::Tensor& input, const at::Tensor& weight,
+                            const ConvPoolGeometry& g, bool want_input, bool want_weight,
+                            at::Tensor& grad_input, at::Tensor& grad_weight,
+                            at::Tensor& grad_bias) {
   constexpr int VW = BwdLayout<T, Bytes>::VW;
   const BwdLayout<T, Bytes> L(g);
   const bool blocked = register_blocked(g, L.nv);
-  // Accumulators as [O][KH][NV*VW] (register-blocked) or [O][KH][rowlen] (generic).
+  // Accumulators and weight rows as [O][KH][NV*VW] (register-blocked) or [O][KH][rowlen].
   const int64_t rowsize = blocked ? L.nv * VW : L.rowlen;
   const int64_t wsize = g.o * g.kh * rowsize;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.n));
+  const int64_t sample = g.c * g.h * g.w, plane_out = g.ph * g.pw;
+  const T* w = weight.const_data_ptr<T>();
+  BwdFallback fallback;
+  // The sparse kernels skip windows with no gradient; stock's dense backward multiplies their
+  // zeros by the weight (grad_x) or the input (grad_w): Inf/NaN there take the dense path.
+  fallback.input = want_input && !span_finite(w, weight.numel());
+  want_input = want_input && !fallback.input;
+  std::vector<T> wcl(want_input ? wsize : 0, T(0));  // weight as [O][KH][KW][C], rows padded
+  if (want_input)
+    for (int64_t o = 0; o < g.o; ++o)
+      for (int64_t c = 0; c < g.c; ++c)
+        for (int64_t kh = 0; kh < g.kh; ++kh)
+          for (int64_t kw = 0; kw < g.kw; ++kw)
+            wcl[(o * g.kh + kh) * rowsize + kw * g.c + c] =
+                w[((o * g.c + c) * g.kh + kh) * g.kw + kw];
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = want_weight ? std::max<int64_t>(1, std::min(threads, g.n)) : 0;
   std::vector<T> partial(chunks * (wsize + g.o), T(0));
   const T* x = input.const_data_ptr<T>();
   const T* gop = grad_out.const_data_ptr<T>();
   const uint8_t* amp = argmax.const_data_ptr<uint8_t>();
-  const int64_t plane_out = g.ph * g.pw;
-  const int64_t khb = rows_per_pass(g.kh, L.nv);
-  const auto& table = bwd_tables<T, Bytes>().weight;
-  const auto fn = blocked ? table[khb - 1][L.nv - 1] : nullptr;
-  const auto fn_last = blocked ? table[(g.kh - 1) % khb][L.nv - 1] : nullptr;  // last pass
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<T> xcl(L.size, T(0));
-    for (int64_t chunk = c0; chunk < c1; ++chunk) {
-      T* gw = partial.data() + chunk * (wsize + g.o);
-      T* gb = gw + wsize;
-      for (int64_t n = chunk * g.n / chunks; n < (chunk + 1) * g.n / chunks; ++n) {
-        to_padded_cl(x + n * g.c * g.h * g.w, g, L, xcl.data());
-        const T* go = gop + n * g.o * plane_out;
-        const uint8_t* am = amp + n * g.o * plane_out;
-        if (fn) {
+  T* gi = want_input ? grad_input.data_ptr<T>() : nullptr;
+  const auto& tables = bwd_tables<T, Bytes>();
+  const int64_t khb = blocked ? rows_per_pass(g.kh, L.nv) : g.kh;
+  const WeightSampleFn<T, Bytes> wfn =
+      blocked ? tables.weight[khb - 1][L.nv - 1] : &bwd_weight_sample_generic<T, Bytes>;
+  const WeightSampleFn<T, Bytes> wfn_last =  // the last pass over patch rows
+      blocked ? tables.weight[(g.kh - 1) % khb][L.nv - 1] : wfn;
+  const InputSampleFn<T, Bytes> ifn =
+      blocked ? tables.input[g.kh - 1][L.nv - 1] : &bwd_input_sample_generic<T, Bytes>;
+  const int64_t tasks = chunks + (want_input ? g.n : 0);
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> x_bad{false}, go_bad{false};
+  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+    std::vector<T> xcl(want_weight ? L.size : 0, T(0)), dx(want_input ? L.size : 0);
+    for (int64_t t = next++; t < tasks; t = next++) {
+      if (t < chunks) {
+        T* gw = partial.data() + t * (wsize + g.o);
+        for (int64_t n = t * g.n / chunks; n < (t + 1) * g.n / chunks; ++n) {
+          if (!span_finite(x + n * sample, sample)) x_bad = true;
+          to_padded_cl(x + n * sample, g, L, xcl.data());
+          const T* go = gop + n * g.o * plane_out;
+          const uint8_t* am = amp + n * g.o * plane_out;
           for (int64_t kh0 = 0; kh0 < g.kh; kh0 += khb)
-            (kh0 + khb < g.kh ? fn : fn_last)(xcl.data(), go, am, g, L, gw, gb, kh0);
-          continue;
+            (kh0 + khb < g.kh ? wfn : wfn_last)(xcl.data(), go, am, g, L, gw, gw + wsize, kh0);
         }
-        for (int64_t o = 0; o < g.o; ++o)
-          for (int64_t k = 0; k < plane_out; ++k) {
-            const uint8_t q = am[o * plane_out + k];
-            if (q == kNoGrad) continue;
-            const T gv = go[o * plane_out + k];
-            const T* base = xcl.data() + L.woff[k] + L.qoff[q];
-            gb[o] += gv;
-            for (int64_t kh = 0; kh < g.kh; ++kh) {
-              T* dst = gw + (o * g.kh + kh) * rowsize;
-              const T* src = base + kh * L.wpc;
-              for (int64_t t = 0; t < L.rowlen; ++t) dst[t] += gv * src[t];
-            }
-          }
+      } else {
+        const int64_t n = t - chunks;
+        const T* go = gop + n * g.o * plane_out;
+        if (!span_finite(go, g.o * plane_out)) go_bad = true;
+        std::fill(dx.begin(), dx.end(), T(0));
+        ifn(dx.data(), go, amp + n * g.o * plane_out, g, L, wcl.data());
+        from_padded_cl(dx.data(), g, L, gi + n * sample);
       }
     }
   });
+  fallback.weight = x_bad;
+  fallback.input = fallback.input || go_bad;
+  if (!want_weight) return fallback;
   for (int64_t chunk = 1; chunk < chunks; ++chunk)
     for (int64_t k = 0; k < wsize + g.o; ++k) partial[k] += partial[chunk * (wsize + g.o) + k];
   // [O][KH][KW][C] (rows padded to rowsize) -> [O][C][KH][KW]
@@ -358,55 +427,7 @@ void backward_weight_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
           gwp[((o * g.c + c) * g.kh + kh) * g.kw + kw] =
               partial[(o * g.kh + kh) * rowsize + kw * g.c + c];
   std::memcpy(grad_bias.data_ptr<T>(), partial.data() + wsize, g.o * sizeof(T));
-}
-
-template <typename T, int Bytes>
-void backward_input_kernel(const at::Tensor& grad_out, const at::Tensor& argmax,
-                           const at::Tensor& weight, const ConvPoolGeometry& g,
-                           at::Tensor& grad_input) {
-  constexpr int VW = BwdLayout<T, Bytes>::VW;
-  const BwdLayout<T, Bytes> L(g);
-  const bool blocked = register_blocked(g, L.nv);
-  const int64_t rowsize = blocked ? L.nv * VW : L.rowlen;
-  // weight as [O][KH][KW][C], each patch row padded with zeros to rowsize.
-  std::vector<T> wcl(g.o * g.kh * rowsize, T(0));
-  const T* w = weight.const_data_ptr<T>();
-  for (int64_t o = 0; o < g.o; ++o)
-    for (int64_t c = 0; c < g.c; ++c)
-      for (int64_t kh = 0; kh < g.kh; ++kh)
-        for (int64_t kw = 0; kw < g.kw; ++kw)
-          wcl[(o * g.kh + kh) * rowsize + kw * g.c + c] =
-              w[((o * g.c + c) * g.kh + kh) * g.kw + kw];
-  const T* gop = grad_out.const_data_ptr<T>();
-  const uint8_t* amp = argmax.const_data_ptr<uint8_t>();
-  T* gi = grad_input.data_ptr<T>();
-  const int64_t plane_out = g.ph * g.pw;
-  const auto fn = blocked ? bwd_tables<T, Bytes>().input[g.kh - 1][L.nv - 1] : nullptr;
-  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<T> dx(L.size);
-    for (int64_t n = n0; n < n1; ++n) {
-      std::fill(dx.begin(), dx.end(), T(0));
-      const T* go = gop + n * g.o * plane_out;
-      const uint8_t* am = amp + n * g.o * plane_out;
-      if (fn) {
-        fn(dx.data(), go, am, g, L, wcl.data());
-      } else {
-        for (int64_t o = 0; o < g.o; ++o)
-          for (int64_t k = 0; k < plane_out; ++k) {
-            const uint8_t q = am[o * plane_out + k];
-            if (q == kNoGrad) continue;
-            const T gv = go[o * plane_out + k];
-            T* base = dx.data() + L.woff[k] + L.qoff[q];
-            for (int64_t kh = 0; kh < g.kh; ++kh) {
-              T* dst = base + kh * L.wpc;
-              const T* src = wcl.data() + (o * g.kh + kh) * rowsize;
-              for (int64_t t = 0; t < L.rowlen; ++t) dst[t] += gv * src[t];
-            }
-          }
-      }
-      from_padded_cl(dx.data(), g, L, gi + n * g.c * g.h * g.w);
-    }
-  });
+  return fallback;
 }
 
 }  // namespace fastlenet::cpu

@@ -53,58 +53,56 @@ ConvPoolGeometry check_backward(const at::Tensor& grad_out, const at::Tensor& ar
   return g;
 }
 
-at::Tensor conv_relu_pool_bwd_input_cuda(const at::Tensor& grad_out_, const at::Tensor& argmax_,
-                                         const at::Tensor& input, const at::Tensor& weight_,
-                                         at::IntArrayRef stride, at::IntArrayRef padding,
-                                         at::IntArrayRef pool_size, at::IntArrayRef pool_stride) {
-  const ConvPoolGeometry g =
-      check_backward(grad_out_, argmax_, input, weight_, stride, padding, pool_size, pool_stride);
-  const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor grad_out = grad_out_.contiguous(), argmax = argmax_.contiguous();
-  const at::Tensor weight = weight_.contiguous();
-  at::Tensor grad_input = at::empty({g.n, g.c, g.h, g.w}, input.options());
-  maybe_poison(grad_input);
-  check_launch(cuda::conv_relu_pool_bwd_input(
-                   cuda_dtype(input), grad_out.const_data_ptr(), argmax.const_data_ptr<uint8_t>(),
-                   weight.const_data_ptr(), grad_input.data_ptr(), to_launcher(g),
-                   c10::cuda::getCurrentCUDAStream().stream()),
-               "conv_relu_pool_bwd_input");
-  return grad_input;
-}
-
-std::tuple<at::Tensor, at::Tensor> conv_relu_pool_bwd_weight_cuda(
+// grad_input (when `input_grad`) and grad_weight / grad_bias (when `weight_grad`): one kernel
+// launch for grad_input, a partial-sum and a reduce launch for the weight.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cuda(
     const at::Tensor& grad_out_, const at::Tensor& argmax_, const at::Tensor& input_,
-    const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef pool_size, at::IntArrayRef pool_stride) {
+    const at::Tensor& weight_, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool input_grad, bool weight_grad) {
   const ConvPoolGeometry g =
-      check_backward(grad_out_, argmax_, input_, weight, stride, padding, pool_size, pool_stride);
+      check_backward(grad_out_, argmax_, input_, weight_, stride, padding, pool_size, pool_stride);
   const c10::cuda::CUDAGuard guard(input_.device());
   const at::Tensor grad_out = grad_out_.contiguous(), argmax = argmax_.contiguous();
-  const at::Tensor input = input_.contiguous();
-  at::Tensor grad_weight = at::empty({g.o, g.c, g.kh, g.kw}, weight.options());
-  at::Tensor grad_bias = at::empty({g.o}, weight.options());
-  maybe_poison(grad_weight);
-  maybe_poison(grad_bias);
-  const cuda::DType dtype = cuda_dtype(input);
-  const bool atomics = cuda_atomics_enabled();
+  const cuda::DType dtype = cuda_dtype(input_);
   const cuda::ConvGeom cg = to_launcher(g);
-  at::Tensor workspace = at::empty(
-      {static_cast<int64_t>(cuda::conv_relu_pool_bwd_weight_workspace(dtype, cg, atomics))},
-      input.options().dtype(at::kByte));
-  check_launch(cuda::conv_relu_pool_bwd_weight(
-                   dtype, grad_out.const_data_ptr(), argmax.const_data_ptr<uint8_t>(),
-                   input.const_data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(),
-                   workspace.data_ptr(), cg, atomics, c10::cuda::getCurrentCUDAStream().stream()),
-               "conv_relu_pool_bwd_weight");
-  return {grad_weight, grad_bias};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  // A gradient not asked for comes back with no elements.
+  at::Tensor grad_input = at::empty({0}, input_.options());
+  at::Tensor grad_weight = at::empty({0}, weight_.options());
+  at::Tensor grad_bias = at::empty({0}, weight_.options());
+  if (input_grad) {
+    const at::Tensor weight = weight_.contiguous();
+    grad_input = at::empty({g.n, g.c, g.h, g.w}, input_.options());
+    maybe_poison(grad_input);
+    check_launch(cuda::conv_relu_pool_bwd_input(
+                     dtype, grad_out.const_data_ptr(), argmax.const_data_ptr<uint8_t>(),
+                     weight.const_data_ptr(), grad_input.data_ptr(), cg, stream),
+                 "conv_relu_pool_bwd (grad_input)");
+  }
+  if (weight_grad) {
+    const at::Tensor input = input_.contiguous();
+    grad_weight = at::empty({g.o, g.c, g.kh, g.kw}, weight_.options());
+    grad_bias = at::empty({g.o}, weight_.options());
+    maybe_poison(grad_weight);
+    maybe_poison(grad_bias);
+    const bool atomics = cuda_atomics_enabled();
+    at::Tensor workspace = at::empty(
+        {static_cast<int64_t>(cuda::conv_relu_pool_bwd_weight_workspace(dtype, cg, atomics))},
+        input.options().dtype(at::kByte));
+    check_launch(cuda::conv_relu_pool_bwd_weight(
+                     dtype, grad_out.const_data_ptr(), argmax.const_data_ptr<uint8_t>(),
+                     input.const_data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(),
+                     workspace.data_ptr(), cg, atomics, stream),
+                 "conv_relu_pool_bwd (grad_weight)");
+  }
+  return {grad_input, grad_weight, grad_bias};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastlenet, CUDA, m) {
   m.impl("conv_relu_pool_fwd", &conv_relu_pool_fwd_cuda);
-  m.impl("conv_relu_pool_bwd_input", &conv_relu_pool_bwd_input_cuda);
-  m.impl("conv_relu_pool_bwd_weight", &conv_relu_pool_bwd_weight_cuda);
+  m.impl("conv_relu_pool_bwd", &conv_relu_pool_bwd_cuda);
 }
 
 }  // namespace fastlenet

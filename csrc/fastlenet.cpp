@@ -11,13 +11,12 @@ TORCH_LIBRARY(fastlenet, m) {
   m.def(
       "conv_relu_pool_fwd(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] pool_size, int[2] pool_stride) -> (Tensor out, Tensor argmax)");
+  // Backward: grad_input when `input_grad`, grad_weight and grad_bias when `weight_grad`, in
+  // one call (one pass over argmax); a gradient not asked for comes back with no elements.
   m.def(
-      "conv_relu_pool_bwd_input(Tensor grad_out, Tensor argmax, Tensor input, Tensor weight, "
-      "int[2] stride, int[2] padding, int[2] pool_size, int[2] pool_stride) -> Tensor");
-  m.def(
-      "conv_relu_pool_bwd_weight(Tensor grad_out, Tensor argmax, Tensor input, Tensor weight, "
-      "int[2] stride, int[2] padding, int[2] pool_size, int[2] pool_stride) "
-      "-> (Tensor grad_weight, Tensor grad_bias)");
+      "conv_relu_pool_bwd(Tensor grad_out, Tensor argmax, Tensor input, Tensor weight, "
+      "int[2] stride, int[2] padding, int[2] pool_size, int[2] pool_stride, bool input_grad, "
+      "bool weight_grad) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // linear (-> ReLU when `relu`). Backward zeroes grad_out where `out <= 0` when
   // `relu`; grad_bias is always returned (the caller drops it without bias).
   m.def("linear_relu_fwd(Tensor input, Tensor weight, Tensor? bias, bool relu) -> Tensor");

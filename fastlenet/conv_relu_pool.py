@@ -17,25 +17,54 @@ from fastlenet import _checks, _ext, backends, reference
 
 _CPP_OPS = (
     SimpleNamespace(
-        fwd=torch.ops.fastlenet.conv_relu_pool_fwd,
-        bwd_input=torch.ops.fastlenet.conv_relu_pool_bwd_input,
-        bwd_weight=torch.ops.fastlenet.conv_relu_pool_bwd_weight,
+        fwd=torch.ops.fastlenet.conv_relu_pool_fwd, bwd=torch.ops.fastlenet.conv_relu_pool_bwd
     )
     if _ext.LOADED
     else None
 )
 
 
-def _triton_ops():
-    from fastlenet.kernels import conv_relu_pool as triton_conv  # imports triton
+def two_pass_bwd(bwd_input, bwd_weight):
+    """conv_relu_pool_bwd's signature over a backend with one op per gradient (Triton, the
+    reference): a gradient not asked for is None."""
 
-    return triton_conv.OPS
+    def bwd(
+        grad_out,
+        argmax,
+        input,
+        weight,
+        stride,
+        padding,
+        pool_size,
+        pool_stride,
+        input_grad,
+        weight_grad,
+    ):
+        args = (grad_out, argmax, input, weight, stride, padding, pool_size, pool_stride)
+        grad_input = bwd_input(*args) if input_grad else None
+        grad_weight, grad_bias = bwd_weight(*args) if weight_grad else (None, None)
+        return grad_input, grad_weight, grad_bias
+
+    return bwd
+
+
+_TRITON_OPS = []  # built on first use: importing the Triton kernels imports triton
+
+
+def _triton_ops():
+    if not _TRITON_OPS:
+        from fastlenet.kernels import conv_relu_pool as triton_conv
+
+        ops = triton_conv.OPS
+        _TRITON_OPS.append(
+            SimpleNamespace(fwd=ops.fwd, bwd=two_pass_bwd(ops.bwd_input, ops.bwd_weight))
+        )
+    return _TRITON_OPS[0]
 
 
 _REFERENCE_OPS = SimpleNamespace(
     fwd=reference.conv_relu_pool_fwd,
-    bwd_input=reference.conv_relu_pool_bwd_input,
-    bwd_weight=reference.conv_relu_pool_bwd_weight,
+    bwd=two_pass_bwd(reference.conv_relu_pool_bwd_input, reference.conv_relu_pool_bwd_weight),
 )
 
 
@@ -63,17 +92,13 @@ class ConvReLUPoolFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         input, weight, argmax = ctx.saved_tensors
-        ops = _ops(ctx.backend)
-        grad_out = grad_out.contiguous()
-        grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_input = ops.bwd_input(grad_out, argmax, input, weight, *ctx.geometry)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_weight, grad_bias = ops.bwd_weight(grad_out, argmax, input, weight, *ctx.geometry)
-            if not ctx.needs_input_grad[1]:
-                grad_weight = None
-            if not (ctx.has_bias and ctx.needs_input_grad[2]):
-                grad_bias = None
+        need = ctx.needs_input_grad
+        grad_input, grad_weight, grad_bias = _ops(ctx.backend).bwd(
+            grad_out.contiguous(), argmax, input, weight, *ctx.geometry, need[0], need[1] or need[2]
+        )
+        grad_input = grad_input if need[0] else None
+        grad_weight = grad_weight if need[1] else None
+        grad_bias = grad_bias if ctx.has_bias and need[2] else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -126,13 +151,24 @@ if _ext.LOADED:
         shape = _fake_shapes(input, weight, stride, padding, pool_size, pool_stride)
         return input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8)
 
-    @torch.library.register_fake("fastlenet::conv_relu_pool_bwd_input")
-    def _(grad_out, argmax, input, weight, stride, padding, pool_size, pool_stride):
-        return torch.empty_like(input, memory_format=torch.contiguous_format)
+    @torch.library.register_fake("fastlenet::conv_relu_pool_bwd")
+    def _(
+        grad_out,
+        argmax,
+        input,
+        weight,
+        stride,
+        padding,
+        pool_size,
+        pool_stride,
+        input_grad,
+        weight_grad,
+    ):
+        def grad_like(t, wanted, shape):
+            return t.new_empty(shape if wanted else (0,))
 
-    @torch.library.register_fake("fastlenet::conv_relu_pool_bwd_weight")
-    def _(grad_out, argmax, input, weight, stride, padding, pool_size, pool_stride):
         return (
-            torch.empty_like(weight, memory_format=torch.contiguous_format),
-            weight.new_empty(weight.shape[0]),
+            grad_like(input, input_grad, input.shape),
+            grad_like(weight, weight_grad, weight.shape),
+            grad_like(weight, weight_grad, weight.shape[:1]),
         )

@@ -722,7 +722,7 @@ def _fwd_args():
 def _bwd_args():
     x, w, b, *geom = _fwd_args()
     _, argmax = torch.ops.fastlenet.conv_relu_pool_fwd(x, w, b, *geom)
-    return [torch.randn(N, O, 4, 4), argmax, x, w, *geom]
+    return [torch.randn(N, O, 4, 4), argmax, x, w, *geom, True, True]
 
 
 def _replace(builder, **changes):
@@ -932,11 +932,7 @@ LIN_BWD_CASES = [
 
 OP_CASES = (
     [("conv_relu_pool_fwd", *c) for c in FWD_CASES]
-    + [
-        (op, *c)
-        for op in ("conv_relu_pool_bwd_input", "conv_relu_pool_bwd_weight")
-        for c in BWD_CASES
-    ]
+    + [("conv_relu_pool_bwd", *c) for c in BWD_CASES]
     + [("linear_relu_fwd", *c) for c in LIN_FWD_CASES]
     + [("linear_relu_bwd", *c) for c in LIN_BWD_CASES]
 )
@@ -960,8 +956,13 @@ def test_cpp_op_valid_arguments_run():
     ops = torch.ops.fastlenet
     out, argmax = ops.conv_relu_pool_fwd(*_fwd_args())
     assert out.shape == argmax.shape == (N, O, 4, 4)
-    for name in ("conv_relu_pool_bwd_input", "conv_relu_pool_bwd_weight"):
-        getattr(ops, name)(*_bwd_args())
+    args = _bwd_args()
+    x, w = args[2], args[3]
+    for wanted in ((True, True), (True, False), (False, True)):
+        grads = ops.conv_relu_pool_bwd(*args[:-2], *wanted)
+        shapes = [x.shape if wanted[0] else (0,), w.shape if wanted[1] else (0,)]
+        shapes.append((O,) if wanted[1] else (0,))
+        assert [t.shape for t in grads] == shapes
     assert ops.linear_relu_fwd(*_lin_fwd_args()).shape == (4, OUT)
     assert [t.shape for t in ops.linear_relu_bwd(*_lin_bwd_args())] == [
         (4, IN),

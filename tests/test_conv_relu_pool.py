@@ -165,8 +165,32 @@ def test_opcheck(geometry):
     ops = torch.ops.fastlenet
     torch.library.opcheck(ops.conv_relu_pool_fwd, (x, weight, bias, *conv))
     torch.library.opcheck(ops.conv_relu_pool_fwd, (x, weight, None, *conv))
-    torch.library.opcheck(ops.conv_relu_pool_bwd_input, (grad, argmax, x, weight, *conv))
-    torch.library.opcheck(ops.conv_relu_pool_bwd_weight, (grad, argmax, x, weight, *conv))
+    for wanted in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(ops.conv_relu_pool_bwd, (grad, argmax, x, weight, *conv, *wanted))
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+@pytest.mark.parametrize("geometry", GEOMETRIES[1:4], ids=["blocked", "generic", "odd"])
+def test_bwd_gives_the_gradients_asked_for(geometry):
+    """One backward op, three requests: each gradient matches the reference and does not
+    depend on whether the other was asked for; the one not asked for has no elements."""
+    x, weight, _, conv, grad, argmax = _op_args(geometry, torch.float64)
+    args = (grad, argmax, x, weight, *conv)
+    ops = torch.ops.fastlenet
+    both = ops.conv_relu_pool_bwd(*args, True, True)
+    want = (
+        reference.conv_relu_pool_bwd_input(*args),
+        *reference.conv_relu_pool_bwd_weight(*args),
+    )
+    for got, ref in zip(both, want, strict=True):
+        assert got.shape == ref.shape and rel_err(got, ref) < TOL[torch.float64]
+    grad_input, *weight_grads = ops.conv_relu_pool_bwd(*args, True, False)
+    assert torch.equal(grad_input, both[0])
+    assert [t.numel() for t in weight_grads] == [0, 0]
+    grad_input, *weight_grads = ops.conv_relu_pool_bwd(*args, False, True)
+    assert grad_input.numel() == 0
+    for got, ref in zip(weight_grads, both[1:], strict=True):
+        assert torch.equal(got, ref)
 
 
 @pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
@@ -186,8 +210,8 @@ def test_backward_is_deterministic(threads):
         (64, 6, 14, 14, 16, 5, 5, 1, 0, 2, 2), torch.float32
     )
     ops = torch.ops.fastlenet
-    first = ops.conv_relu_pool_bwd_weight(grad, argmax, x, weight, *conv)
+    first = ops.conv_relu_pool_bwd(grad, argmax, x, weight, *conv, True, True)
     for _ in range(3):
-        again = ops.conv_relu_pool_bwd_weight(grad, argmax, x, weight, *conv)
+        again = ops.conv_relu_pool_bwd(grad, argmax, x, weight, *conv, True, True)
         for a, b in zip(first, again, strict=True):
             assert torch.equal(a, b)

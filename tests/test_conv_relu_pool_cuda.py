@@ -85,8 +85,8 @@ def test_opcheck(geometry, dtype):
     ops = torch.ops.fastlenet
     torch.library.opcheck(ops.conv_relu_pool_fwd, (x, weight, bias, *conv))
     torch.library.opcheck(ops.conv_relu_pool_fwd, (x, weight, None, *conv))
-    torch.library.opcheck(ops.conv_relu_pool_bwd_input, (grad, argmax, x, weight, *conv))
-    torch.library.opcheck(ops.conv_relu_pool_bwd_weight, (grad, argmax, x, weight, *conv))
+    for wanted in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(ops.conv_relu_pool_bwd, (grad, argmax, x, weight, *conv, *wanted))
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES[:6])
@@ -97,9 +97,9 @@ def test_saved_state_and_gradients_match_reference(geometry):
     ops = torch.ops.fastlenet
     args = (grad, argmax, x, weight, *conv)
     want = reference.conv_relu_pool_bwd_input(*args)
-    assert rel_err(ops.conv_relu_pool_bwd_input(*args), want) < 1e-12
+    assert rel_err(ops.conv_relu_pool_bwd(*args, True, False)[0], want) < 1e-12
     for got, want in zip(
-        ops.conv_relu_pool_bwd_weight(*args),
+        ops.conv_relu_pool_bwd(*args, False, True)[1:],
         reference.conv_relu_pool_bwd_weight(*args),
         strict=True,
     ):
@@ -130,7 +130,7 @@ def test_inf_and_nan_propagate_as_in_stock(plant):
     (x if plant == "x" else weight).view(-1)[7] = float("inf")
     args = (grad, argmax, x, weight, *conv)
     ops = torch.ops.fastlenet
-    got = (ops.conv_relu_pool_bwd_input(*args), *ops.conv_relu_pool_bwd_weight(*args))
+    got = ops.conv_relu_pool_bwd(*args, True, True)
     want = (
         reference.conv_relu_pool_bwd_input(*args),
         *reference.conv_relu_pool_bwd_weight(*args),
@@ -146,14 +146,14 @@ def test_backward_is_deterministic():
         (256, 6, 14, 14, 16, 5, 5, 1, 0, 2, 2), torch.float32
     )
     ops = torch.ops.fastlenet
-    first = ops.conv_relu_pool_bwd_weight(grad, argmax, x, weight, *conv)
-    first_input = ops.conv_relu_pool_bwd_input(grad, argmax, x, weight, *conv)
+    first = ops.conv_relu_pool_bwd(grad, argmax, x, weight, *conv, False, True)[1:]
+    first_input = ops.conv_relu_pool_bwd(grad, argmax, x, weight, *conv, True, False)[0]
     for _ in range(3):
-        again = ops.conv_relu_pool_bwd_weight(grad, argmax, x, weight, *conv)
+        again = ops.conv_relu_pool_bwd(grad, argmax, x, weight, *conv, False, True)[1:]
         for a, b in zip(first, again, strict=True):
             assert torch.equal(a, b)
         assert torch.equal(
-            first_input, ops.conv_relu_pool_bwd_input(grad, argmax, x, weight, *conv)
+            first_input, ops.conv_relu_pool_bwd(grad, argmax, x, weight, *conv, True, False)[0]
         )
 
 
@@ -166,7 +166,8 @@ def test_atomics_opt_in(monkeypatch):
         grad.double(), argmax, x.double(), weight.double(), *conv
     )
     monkeypatch.setenv("FASTLENET_CUDA_ATOMICS", "1")
-    for got, ref in zip(torch.ops.fastlenet.conv_relu_pool_bwd_weight(*args), want, strict=True):
+    grads = torch.ops.fastlenet.conv_relu_pool_bwd(*args, False, True)[1:]
+    for got, ref in zip(grads, want, strict=True):
         assert rel_err(got, ref) < TOL[torch.float32]
 
 
