@@ -11,9 +11,9 @@ gradients of weight, bias and (when needed) input are computed from those positi
 from types import SimpleNamespace
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastlenet import _checks, _ext, backends, reference
+from fastlenet._autograd import first_order
 
 _CPP_OPS = (
     SimpleNamespace(
@@ -89,7 +89,7 @@ class ConvReLUPoolFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out):
         input, weight, argmax = ctx.saved_tensors
         need = ctx.needs_input_grad

@@ -10,9 +10,9 @@ grad_bias = g.sum(0).
 from types import SimpleNamespace
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastlenet import _checks, _ext, backends, reference
+from fastlenet._autograd import first_order
 
 _CPP_OPS = (
     SimpleNamespace(
@@ -51,7 +51,7 @@ class LinearReLUFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out):
         input, weight, out = ctx.saved_tensors
         grad_input, grad_weight, grad_bias = _ops(ctx.backend).bwd(

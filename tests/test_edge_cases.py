@@ -448,3 +448,28 @@ def test_conv_without_bias(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_conv_float64(backend):
     _compare(*_conv(backend), _conv_tensors(dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", ["conv_relu_pool", "linear_relu"])
+def test_create_graph_gives_first_order_then_raises(op, backend):
+    """With create_graph=True (and a grad_out that is itself differentiable) the gradients are
+    stock's, and differentiating them again raises (the fused ops have no second derivative)
+    instead of returning a wrong one."""
+    gen = torch.Generator().manual_seed(3)
+    kw = {"dtype": torch.float64, "generator": gen}
+    if op == "conv_relu_pool":
+        x, w, b = torch.randn(2, 3, 8, 8, **kw), torch.randn(4, 3, 3, 3, **kw), torch.randn(4, **kw)
+        fused, stock = conv_relu_pool2d, _stock_conv
+    else:
+        x, w, b = torch.randn(5, 7, **kw), torch.randn(6, 7, **kw), torch.randn(6, **kw)
+        fused, stock = linear_relu, _stock_linear(True)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    want_out = stock(*leaves)
+    grad_out = torch.randn(want_out.shape, **kw).requires_grad_()
+    want = torch.autograd.grad(want_out, leaves, grad_out)
+    got = torch.autograd.grad(fused(*leaves, backend=backend), leaves, grad_out, create_graph=True)
+    for g, ref in zip(got, want, strict=True):
+        assert rel_err(g, ref) < TOL[torch.float64]
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        sum(g.sum() for g in got).backward()
