@@ -15,9 +15,12 @@ import torch
 from fastlenet import _checks, _ext, backends, reference
 from fastlenet._autograd import first_order
 
+# The overloads themselves: calling the packet (torch.ops.fastlenet.conv_relu_pool_fwd) resolves the
+# overload on every call, ~2 us more per call here.
 _CPP_OPS = (
     SimpleNamespace(
-        fwd=torch.ops.fastlenet.conv_relu_pool_fwd, bwd=torch.ops.fastlenet.conv_relu_pool_bwd
+        fwd=torch.ops.fastlenet.conv_relu_pool_fwd.default,
+        bwd=torch.ops.fastlenet.conv_relu_pool_bwd.default,
     )
     if _ext.LOADED
     else None

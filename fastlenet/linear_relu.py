@@ -14,9 +14,12 @@ import torch
 from fastlenet import _checks, _ext, backends, reference
 from fastlenet._autograd import first_order
 
+# The overloads themselves: calling the packet (torch.ops.fastlenet.linear_relu_fwd) resolves the
+# overload on every call, ~2 us more per call here.
 _CPP_OPS = (
     SimpleNamespace(
-        fwd=torch.ops.fastlenet.linear_relu_fwd, bwd=torch.ops.fastlenet.linear_relu_bwd
+        fwd=torch.ops.fastlenet.linear_relu_fwd.default,
+        bwd=torch.ops.fastlenet.linear_relu_bwd.default,
     )
     if _ext.LOADED
     else None
