@@ -218,43 +218,40 @@ void bwd_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeome
 
 // The same two per-sample passes for patches too large to hold in registers (KH > kMaxKH or
 // more than kMaxNV vectors per patch row): accumulators and weight rows as [O][KH][rowlen],
-// one pass over all patch rows (kh0 is always 0).
-template <typename T, int Bytes>
-void bwd_weight_sample_generic(const T* xcl, const T* go, const uint8_t* am,
-                               const ConvPoolGeometry& g, const BwdLayout<T, Bytes>& L, T* gw,
-                               T* gb, int64_t) {
+// one pass over all patch rows (kh0 is always 0). Both visit each window that passes gradient:
+// visit(o, g, patch offset of its argmax, row kh of that patch).
+template <typename T, int Bytes, typename Visit>
+void each_patch_row(const T* go, const uint8_t* am, const ConvPoolGeometry& g,
+                    const BwdLayout<T, Bytes>& L, Visit visit) {
   const int64_t plane = g.ph * g.pw;
   for (int64_t o = 0; o < g.o; ++o)
     for (int64_t k = 0; k < plane; ++k) {
       const uint8_t q = am[o * plane + k];
       if (q == kNoGrad) continue;
       const T gv = go[o * plane + k];
-      const T* base = xcl + L.woff[k] + L.qoff[q];
-      gb[o] += gv;
-      for (int64_t kh = 0; kh < g.kh; ++kh) {
-        T* dst = gw + (o * g.kh + kh) * L.rowlen;
-        const T* src = base + kh * L.wpc;
-        for (int64_t t = 0; t < L.rowlen; ++t) dst[t] += gv * src[t];
-      }
+      const int64_t base = L.woff[k] + L.qoff[q];
+      for (int64_t kh = 0; kh < g.kh; ++kh) visit(o, gv, base + kh * L.wpc, kh);
     }
+}
+
+template <typename T, int Bytes>
+void bwd_weight_sample_generic(const T* xcl, const T* go, const uint8_t* am,
+                               const ConvPoolGeometry& g, const BwdLayout<T, Bytes>& L, T* gw,
+                               T* gb, int64_t) {
+  each_patch_row(go, am, g, L, [&](int64_t o, T gv, int64_t at, int64_t kh) {
+    if (kh == 0) gb[o] += gv;
+    T* dst = gw + (o * g.kh + kh) * L.rowlen;
+    for (int64_t t = 0; t < L.rowlen; ++t) dst[t] += gv * xcl[at + t];
+  });
 }
 
 template <typename T, int Bytes>
 void bwd_input_sample_generic(T* dx, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
                               const BwdLayout<T, Bytes>& L, const T* wcl) {
-  const int64_t plane = g.ph * g.pw;
-  for (int64_t o = 0; o < g.o; ++o)
-    for (int64_t k = 0; k < plane; ++k) {
-      const uint8_t q = am[o * plane + k];
-      if (q == kNoGrad) continue;
-      const T gv = go[o * plane + k];
-      T* base = dx + L.woff[k] + L.qoff[q];
-      for (int64_t kh = 0; kh < g.kh; ++kh) {
-        T* dst = base + kh * L.wpc;
-        const T* src = wcl + (o * g.kh + kh) * L.rowlen;
-        for (int64_t t = 0; t < L.rowlen; ++t) dst[t] += gv * src[t];
-      }
-    }
+  each_patch_row(go, am, g, L, [&](int64_t o, T gv, int64_t at, int64_t kh) {
+    const T* src = wcl + (o * g.kh + kh) * L.rowlen;
+    for (int64_t t = 0; t < L.rowlen; ++t) dx[at + t] += gv * src[t];
+  });
 }
 
 template <typename T, int Bytes>
