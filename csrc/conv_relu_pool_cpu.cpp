@@ -100,12 +100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
   const at::Tensor go = grad_out.contiguous(), am = argmax.contiguous(), x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_bwd_cpu", [&] {
-    const BwdFallback fallback =
-        bwd_bytes(g, sizeof(scalar_t)) == kBwdNarrowBytes
-            ? backward_kernel<scalar_t, kBwdNarrowBytes>(go, am, x, w, g, input_grad, weight_grad,
-                                                         grad_input, grad_weight, grad_bias)
-            : backward_kernel<scalar_t, kVecBytes>(go, am, x, w, g, input_grad, weight_grad,
-                                                   grad_input, grad_weight, grad_bias);
+    const BwdFallback fallback = backward_kernel<scalar_t, kBwdBytes>(
+        go, am, x, w, g, input_grad, weight_grad, grad_input, grad_weight, grad_bias);
     if (fallback.input)
       grad_input.copy_(std::get<0>(dense_backward(go, am, x, w, g, {true, false, false})));
     if (fallback.weight) {

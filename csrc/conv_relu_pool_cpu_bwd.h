@@ -33,17 +33,15 @@
 
 namespace fastlenet::cpu {
 
-// Backward vectors: the widest the target has (64 bytes with AVX-512: LeNet-5's conv2 patch
-// row, KW * C = 30 values, is two of them) where a patch row is long, at most 32 bytes where it
-// fits in that (conv1: 5 values), since AVX-512 CPUs issue two 32-byte FMAs per cycle but one
-// 64-byte FMA.
-constexpr int kBwdNarrowBytes = std::min(32, kVecBytes);
-inline int bwd_bytes(const ConvPoolGeometry& g, int elem_size) {
-  return g.kw * g.c * elem_size <= kBwdNarrowBytes ? kBwdNarrowBytes : kVecBytes;
-}
-// Patch shapes with a register-blocked backward: KH <= 7 rows of NV <= 4 vectors.
+// Backward vectors: at most 32 bytes. AVX-512 CPUs issue two 32-byte FMAs per cycle but one
+// 64-byte FMA, and the backward is bound by its loads and stores, most of which a 64-byte vector
+// at a patch row's start would split over two cache lines (conv2 backward, Zen 4, one thread,
+// standalone loop: grad_w the same, grad_x 3.6 -> 3.0 us per sample with 8-channel pixels).
+constexpr int kBwdBytes = std::min(32, kVecBytes);
+// Patch shapes with a register-blocked backward: KH <= 7 rows of NV <= 5 vectors (conv2's
+// grad_x rows with 8 channels per pixel are 5 vectors of 8 floats).
 constexpr int kMaxKH = 7;
-constexpr int kMaxNV = 4;
+constexpr int kMaxNV = 5;
 // Patch rows one pass of the register-blocked grad_w kernel holds: its KHB * NV accumulators
 // plus a few temporaries fit the vector registers, so AVX2 does conv2's 5 rows of 4 vectors in
 // two passes (3 + 2 rows) instead of spilling accumulators (b64, one thread: 0.34 -> 0.30 ms).
@@ -53,14 +51,33 @@ inline int64_t rows_per_pass(int64_t kh, int64_t nv) {
   return std::clamp<int64_t>((kVecRegs - 4) / nv, 1, kh);
 }
 
+// Pixel stride of the grad_x buffer: C rounded up to a power of two below a vector, or to whole
+// vectors above it, where that costs at most a third more lanes (conv2: 6 -> 8 channels). Its
+// patch rows then start on a VW-aligned element: with 6 channels 3 in 8 of the 32-byte
+// read-modify-writes of grad_x straddle two cache lines, and a window's rows partly overlap
+// the stores of the window before it, which the CPU cannot forward (conv2 grad_x alone, AVX-512,
+// one thread, standalone loop: 4.05 -> 3.06 us per sample, 25 instead of 20 vectors per window).
+inline int64_t padded_pixel(int64_t c, int64_t vw) {
+  int64_t pix = c;
+  if (c < vw) {
+    pix = 1;
+    while (pix < c) pix *= 2;
+  } else {
+    pix = (c + vw - 1) / vw * vw;
+  }
+  return 3 * pix <= 4 * c ? pix : c;
+}
+
 // What the backward kernels share: strides into a channels-last, zero-padded sample
-// buf[y][x][c] (y < HP, x < WP) and, per window position q, the offset of its conv
-// output's first tap relative to the window's first (q = 255 maps to 0 with no gradient).
+// buf[y][x][c] (y < HP, x < WP, c < pix: `pix` elements per pixel, C of them channels) and, per
+// window position q, the offset of its conv output's first tap relative to the window's first
+// (q = 255 maps to 0 with no gradient).
 template <typename T, int Bytes>
 struct BwdLayout {
   static constexpr int VW = VecOf<T, Bytes>::kLanes;
-  int64_t wpc;     // elements per padded row: WP * C
-  int64_t rowlen;  // one patch row: KW * C
+  int64_t pix;     // elements per pixel: C, or more (padded_pixel)
+  int64_t wpc;     // elements per padded row: WP * pix
+  int64_t rowlen;  // one patch row: KW * pix
   int64_t nv;      // vectors per patch row
   int64_t size;    // buffer elements, with a tail so full-vector loads stay in bounds
   std::array<int64_t, 256> qoff{};
@@ -69,59 +86,68 @@ struct BwdLayout {
   // in a standalone loop: 0.21 -> 0.17 ms for 64 samples).
   std::vector<int64_t> woff;
 
-  explicit BwdLayout(const ConvPoolGeometry& g) {
+  BwdLayout(const ConvPoolGeometry& g, int64_t pixel) : pix(pixel) {
     const int64_t wp = g.w + 2 * g.padw;
-    wpc = wp * g.c;
-    rowlen = g.kw * g.c;
+    wpc = wp * pix;
+    rowlen = g.kw * pix;
     nv = (rowlen + VW - 1) / VW;
     const int64_t rowstep = g.psh * g.sh * wpc;  // between pooled rows
-    const int64_t colstep = g.psw * g.sw * g.c;  // between pooled columns
+    const int64_t colstep = g.psw * g.sw * pix;  // between pooled columns
     // The tail keeps full-vector loads of the last patch row, and the stores and loads of the
     // layout conversions (8 values per pixel), in bounds.
     size = (g.h + 2 * g.padh) * wpc + std::max<int64_t>(nv * VW, kTransposeLanes);
     for (int64_t q = 0; q < g.poolh * g.poolw; ++q)
-      qoff[q] = (q / g.poolw) * g.sh * wpc + (q % g.poolw) * g.sw * g.c;
+      qoff[q] = (q / g.poolw) * g.sh * wpc + (q % g.poolw) * g.sw * pix;
     woff.resize(g.ph * g.pw);
     for (int64_t k = 0; k < g.ph * g.pw; ++k) woff[k] = (k / g.pw) * rowstep + (k % g.pw) * colstep;
   }
 };
 
+// Pixels of a row that the layout conversions transpose in blocks of 8: all of them when the row
+// has at least 8, the last block then overlapping the one before it (its pixels are written
+// twice, with the same values) instead of leaving a remainder to the scalar loop (conv2, 14
+// pixels, standalone loop: from_padded_cl 0.50 -> 0.25 us per sample); none in a shorter row.
+inline int64_t transposed_pixels(int64_t w) { return w >= kTransposeLanes ? w : 0; }
+inline int64_t block_start(int64_t xb, int64_t x0) { return std::min(xb, x0 - kTransposeLanes); }
+
 // One sample, planar (C, H, W) to channels-last and padded. float: blocks of 8 pixels x 8
 // channels are transposed in registers (in-process A/B, conv2 batch 64 and 256: both backward
 // ops ~2% faster than the scalar copy, which does the rest). Each pixel's 8 values are stored
-// at row + p * C + c0, in increasing p; lanes past C hold zeros (the rows loaded for channels
-// past C) and land on the next pixel's first channels, or on padding, before those are
-// written. Channel blocks go from the last to the first for the same reason.
+// at row + p * pix + c0, in increasing p; lanes past C hold zeros (the rows loaded for channels
+// past C) and land on the pixel's own padding lanes, the next pixel's first channels, or on
+// padding, before those are written. Channel blocks go from the last to the first for the same
+// reason.
 template <typename T, typename Layout>
 void to_padded_cl(const T* xs, const ConvPoolGeometry& g, const Layout& L, T* dst) {
-  if (g.c == 1) {  // channels-last is the same layout: whole rows
+  if (L.pix == 1) {  // channels-last is the same layout: whole rows
     for (int64_t y = 0; y < g.h; ++y)
       std::memcpy(dst + (y + g.padh) * L.wpc + g.padw, xs + y * g.w, g.w * sizeof(T));
     return;
   }
   int64_t x0 = 0;  // pixels [0, x0) of each row are done by blocks of 8 x 8
   if constexpr (std::is_same_v<T, float>) {
-    x0 = g.w / kTransposeLanes * kTransposeLanes;
+    x0 = transposed_pixels(g.w);
     for (int64_t y = 0; y < g.h; ++y) {
-      T* row = dst + (y + g.padh) * L.wpc + g.padw * g.c;
+      T* row = dst + (y + g.padh) * L.wpc + g.padw * L.pix;
       for (int64_t c0 = (g.c - 1) / kTransposeLanes * kTransposeLanes; c0 >= 0;
            c0 -= kTransposeLanes) {
         const int64_t nc = std::min<int64_t>(kTransposeLanes, g.c - c0);
-        for (int64_t x = 0; x < x0; x += kTransposeLanes) {
+        for (int64_t xb = 0; xb < x0; xb += kTransposeLanes) {
+          const int64_t x = block_start(xb, x0);
           Float8 r[kTransposeLanes];
           for (int64_t i = 0; i < kTransposeLanes; ++i)
             r[i] = i < nc ? load<Float8>(xs + ((c0 + i) * g.h + y) * g.w + x) : Float8{};
           transpose8(r);
-          for (int64_t p = 0; p < kTransposeLanes; ++p) store(row + (x + p) * g.c + c0, r[p]);
+          for (int64_t p = 0; p < kTransposeLanes; ++p) store(row + (x + p) * L.pix + c0, r[p]);
         }
       }
     }
   }
   for (int64_t c = 0; c < g.c; ++c)
     for (int64_t y = 0; y < g.h; ++y) {
-      T* row = dst + (y + g.padh) * L.wpc + g.padw * g.c + c;
+      T* row = dst + (y + g.padh) * L.wpc + g.padw * L.pix + c;
       const T* src = xs + (c * g.h + y) * g.w;
-      for (int64_t x = x0; x < g.w; ++x) row[x * g.c] = src[x];
+      for (int64_t x = x0; x < g.w; ++x) row[x * L.pix] = src[x];
     }
 }
 
@@ -131,15 +157,16 @@ template <typename T, typename Layout>
 void from_padded_cl(const T* src, const ConvPoolGeometry& g, const Layout& L, T* dst) {
   int64_t x0 = 0;
   if constexpr (std::is_same_v<T, float>) {
-    x0 = g.w / kTransposeLanes * kTransposeLanes;
+    x0 = transposed_pixels(g.w);
     for (int64_t y = 0; y < g.h; ++y) {
-      const T* row = src + (y + g.padh) * L.wpc + g.padw * g.c;
+      const T* row = src + (y + g.padh) * L.wpc + g.padw * L.pix;
       for (int64_t c0 = 0; c0 < g.c; c0 += kTransposeLanes) {
         const int64_t nc = std::min<int64_t>(kTransposeLanes, g.c - c0);
-        for (int64_t x = 0; x < x0; x += kTransposeLanes) {
+        for (int64_t xb = 0; xb < x0; xb += kTransposeLanes) {
+          const int64_t x = block_start(xb, x0);
           Float8 r[kTransposeLanes];
           for (int64_t p = 0; p < kTransposeLanes; ++p)
-            r[p] = load<Float8>(row + (x + p) * g.c + c0);
+            r[p] = load<Float8>(row + (x + p) * L.pix + c0);
           transpose8(r);
           for (int64_t i = 0; i < nc; ++i) store(dst + ((c0 + i) * g.h + y) * g.w + x, r[i]);
         }
@@ -148,9 +175,9 @@ void from_padded_cl(const T* src, const ConvPoolGeometry& g, const Layout& L, T*
   }
   for (int64_t c = 0; c < g.c; ++c)
     for (int64_t y = 0; y < g.h; ++y) {
-      const T* row = src + (y + g.padh) * L.wpc + g.padw * g.c + c;
+      const T* row = src + (y + g.padh) * L.wpc + g.padw * L.pix + c;
       T* out = dst + (c * g.h + y) * g.w;
-      for (int64_t x = x0; x < g.w; ++x) out[x] = row[x * g.c];
+      for (int64_t x = x0; x < g.w; ++x) out[x] = row[x * L.pix];
     }
 }
 
@@ -349,10 +376,13 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
                             at::Tensor& grad_input, at::Tensor& grad_weight,
                             at::Tensor& grad_bias) {
   constexpr int VW = BwdLayout<T, Bytes>::VW;
-  const BwdLayout<T, Bytes> L(g);
-  const bool blocked = register_blocked(g, L.nv);
-  // Accumulators and weight rows as [O][KH][NV*VW] (register-blocked) or [O][KH][rowlen].
+  const BwdLayout<T, Bytes> L(g, g.c);                     // grad_w: the input's samples
+  const BwdLayout<T, Bytes> LX(g, padded_pixel(g.c, VW));  // grad_x
+  const bool blocked = register_blocked(g, L.nv), blocked_x = register_blocked(g, LX.nv);
+  // Accumulators as [O][KH][NV*VW] (register-blocked) or [O][KH][rowlen]; the weight for grad_x
+  // the same way, in LX's rows.
   const int64_t rowsize = blocked ? L.nv * VW : L.rowlen;
+  const int64_t rowsize_x = blocked_x ? LX.nv * VW : LX.rowlen;
   const int64_t wsize = g.o * g.kh * rowsize;
   const int64_t sample = g.c * g.h * g.w, plane_out = g.ph * g.pw;
   const T* w = weight.const_data_ptr<T>();
@@ -361,13 +391,14 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   // zeros by the weight (grad_x) or the input (grad_w): Inf/NaN there take the dense path.
   fallback.input = want_input && !span_finite(w, weight.numel());
   want_input = want_input && !fallback.input;
-  std::vector<T> wcl(want_input ? wsize : 0, T(0));  // weight as [O][KH][KW][C], rows padded
+  // The weight as [O][KH][KW][pix], zero past C and past each row.
+  std::vector<T> wcl(want_input ? g.o * g.kh * rowsize_x : 0, T(0));
   if (want_input)
     for (int64_t o = 0; o < g.o; ++o)
       for (int64_t c = 0; c < g.c; ++c)
         for (int64_t kh = 0; kh < g.kh; ++kh)
           for (int64_t kw = 0; kw < g.kw; ++kw)
-            wcl[(o * g.kh + kh) * rowsize + kw * g.c + c] =
+            wcl[(o * g.kh + kh) * rowsize_x + kw * LX.pix + c] =
                 w[((o * g.c + c) * g.kh + kh) * g.kw + kw];
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = want_weight ? std::max<int64_t>(1, std::min(threads, g.n)) : 0;
@@ -383,12 +414,12 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   const WeightSampleFn<T, Bytes> wfn_last =  // the last pass over patch rows
       blocked ? tables.weight[(g.kh - 1) % khb][L.nv - 1] : wfn;
   const InputSampleFn<T, Bytes> ifn =
-      blocked ? tables.input[g.kh - 1][L.nv - 1] : &bwd_input_sample_generic<T, Bytes>;
+      blocked_x ? tables.input[g.kh - 1][LX.nv - 1] : &bwd_input_sample_generic<T, Bytes>;
   const int64_t tasks = chunks + (want_input ? g.n : 0);
   std::atomic<int64_t> next{0};
   std::atomic<bool> x_bad{false}, go_bad{false};
   at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
-    std::vector<T> xcl(want_weight ? L.size : 0, T(0)), dx(want_input ? L.size : 0);
+    AlignedVector<T> xcl(want_weight ? L.size : 0, T(0)), dx(want_input ? LX.size : 0);
     for (int64_t t = next++; t < tasks; t = next++) {
       if (t < chunks) {
         T* gw = partial.data() + t * (wsize + g.o);
@@ -405,8 +436,8 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
         const T* go = gop + n * g.o * plane_out;
         if (!span_finite(go, g.o * plane_out)) go_bad = true;
         std::fill(dx.begin(), dx.end(), T(0));
-        ifn(dx.data(), go, amp + n * g.o * plane_out, g, L, wcl.data());
-        from_padded_cl(dx.data(), g, L, gi + n * sample);
+        ifn(dx.data(), go, amp + n * g.o * plane_out, g, LX, wcl.data());
+        from_padded_cl(dx.data(), g, LX, gi + n * sample);
       }
     }
   });
