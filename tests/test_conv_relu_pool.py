@@ -65,6 +65,19 @@ def test_layout_blocks(channels, width, padding):
     _check_parity(x, weight, bias, conv, "cpu", TOL[torch.float32])
 
 
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+@pytest.mark.parametrize("padding", [0, 1, 2])
+@pytest.mark.parametrize("width", [30, 31, 32, 33])
+def test_columns_phase_split(width, padding):
+    """The CPU forward with lanes over pooled columns (LeNet-5's conv1, and these: 13 to 16
+    pooled columns, 6 output channels) splits each input row into even and odd columns 16 at a
+    time, the rest one by one: widths of whole steps and not, padding that puts the first
+    column in either phase."""
+    geometry = (2, 2, 9, width, 6, 5, 5, 1, padding, 2, 2)
+    x, weight, bias, conv = _inputs(geometry, torch.float32)
+    _check_parity(x, weight, bias, conv, "cpu", TOL[torch.float32])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("geometry", GEOMETRIES[3:7])
 def test_gradcheck_float64(geometry, backend):
