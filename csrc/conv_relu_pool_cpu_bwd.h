@@ -55,9 +55,14 @@ inline int64_t rows_per_pass(int64_t kh, int64_t nv) {
 // vectors above it, where that costs at most a third more lanes (conv2: 6 -> 8 channels). Its
 // patch rows then start on a VW-aligned element: with 6 channels 3 in 8 of the 32-byte
 // read-modify-writes of grad_x straddle two cache lines, and a window's rows partly overlap
-// the stores of the window before it, which the CPU cannot forward (conv2 grad_x alone, AVX-512,
-// one thread, standalone loop: 4.05 -> 3.06 us per sample, 25 instead of 20 vectors per window).
+// the stores of the window before it, which the CPU cannot forward. Measured on AVX-512 (Zen 4):
+// conv2 grad_x alone, one thread, standalone loop, 4.05 -> 3.06 us per sample (25 instead of 20
+// vectors per window); the conv2 backward op 1.19-1.23x with two threads. On AVX2 (Zen 3) the
+// same padding measured no better (its stores cost ~2 cycles aligned or not), so builds without
+// AVX-512 keep C.
+constexpr bool kPadPixels = kVecBytes >= 64;
 inline int64_t padded_pixel(int64_t c, int64_t vw) {
+  if (!kPadPixels) return c;
   int64_t pix = c;
   if (c < vw) {
     pix = 1;

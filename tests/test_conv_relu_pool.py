@@ -57,9 +57,9 @@ def test_parity_with_stock(geometry, dtype, backend):
 @pytest.mark.parametrize(("width", "padding"), [(7, 0), (8, 0), (14, 0), (15, 1), (16, 2), (17, 0)])
 def test_layout_blocks(channels, width, padding):
     """The CPU backward moves float32 samples between layouts 8 pixels x 8 channels at a time,
-    the last block of a row overlapping the one before it, and pads the pixels of its grad_x
-    buffer (3 -> 4, 6 or 7 -> 8, 13 -> 16 channels): channel counts on either side of a block
-    and of that padding, widths below one block, of whole blocks and in between."""
+    the last block of a row overlapping the one before it, and (AVX-512 builds) pads the pixels
+    of its grad_x buffer (3 -> 4, 6 or 7 -> 8, 13 -> 16 channels): channel counts on either side
+    of a block and of that padding, widths below one block, of whole blocks and in between."""
     geometry = (2, channels, 9, width, 5, 3, 3, 1, padding, 2, 2)
     x, weight, bias, conv = _inputs(geometry, torch.float32)
     _check_parity(x, weight, bias, conv, "cpu", TOL[torch.float32])
