@@ -71,8 +71,9 @@ def test_layout_blocks(channels, width, padding):
 def test_columns_phase_split(width, padding):
     """The CPU forward with lanes over pooled columns (LeNet-5's conv1, and these: 13 to 16
     pooled columns, 6 output channels) splits each input row into even and odd columns 16 at a
-    time, the rest one by one: widths of whole steps and not, padding that puts the first
-    column in either phase."""
+    time, the rest one by one (widths of whole steps and not, padding that puts the first
+    column in either phase), and stores a pooled row of fewer than 16 columns as a whole vector
+    where the rows after it have room for the excess, lane by lane in the last row."""
     geometry = (2, 2, 9, width, 6, 5, 5, 1, padding, 2, 2)
     x, weight, bias, conv = _inputs(geometry, torch.float32)
     _check_parity(x, weight, bias, conv, "cpu", TOL[torch.float32])
