@@ -95,15 +95,46 @@ def test_available_backends_says_why():
         assert "unavailable (" in repr(status["cuda"])
 
 
-def test_auto_backend_and_env_override(monkeypatch):
+@pytest.fixture
+def env_backend(monkeypatch):
+    """Sets FASTLENET_BACKEND and has fastlenet read it; both undone after the test."""
+
+    def set_(value):
+        monkeypatch.setenv(backends.ENV_VAR, value)
+        backends.refresh()
+
+    yield set_
+    monkeypatch.undo()
+    backends.refresh()
+
+
+def test_auto_backend_and_env_override(env_backend):
+    cpu = torch.device("cpu")
     expected = "cpu" if _ext.LOADED else "reference"
-    assert backends.resolve("auto", torch.device("cpu")) == expected
-    monkeypatch.setenv(backends.ENV_VAR, "reference")
-    assert backends.resolve("auto", torch.device("cpu")) == "reference"
-    assert backends.resolve("cpu", torch.device("cpu")) == "cpu" or not _ext.LOADED
-    monkeypatch.setenv(backends.ENV_VAR, "fastest")
+    assert backends.resolve("auto", cpu) == expected
+    env_backend("reference")
+    assert backends.resolve("auto", cpu) == "reference"
+    assert backends.resolve("cpu", cpu) == "cpu" or not _ext.LOADED
+    x = torch.randn(2, 3)
+    assert torch.equal(fastlenet.functional.linear(x, torch.eye(3)), x)  # runs on reference
+    env_backend("fastest")
     with pytest.raises(ValueError, match=backends.ENV_VAR):
-        backends.resolve("auto", torch.device("cpu"))
+        backends.resolve("auto", cpu)
+    with pytest.raises(
+        ValueError, match=backends.ENV_VAR
+    ):  # an error is not remembered as an answer
+        backends.resolve("auto", cpu)
+
+
+def test_resolve_remembers_answers_not_errors():
+    cpu = torch.device("cpu")
+    first = backends.resolve("auto", cpu)
+    assert backends.resolve("auto", cpu) == first
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.resolve(["cpu"], cpu)  # unhashable: checked before the cache is asked
+    if _ext.LOADED:
+        with pytest.raises(ValueError, match="cannot run on cuda"):
+            backends.resolve("cpu", torch.device("cuda"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message seen without a GPU")
