@@ -37,7 +37,6 @@ void check_cpu(const at::Tensor& t, const char* name) {
 template <typename T>
 void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
              const ConvPoolGeometry& g, at::Tensor& out, at::Tensor& argmax) {
-  constexpr int kNarrowBytes = std::min(32, kVecBytes);
   constexpr int kNarrow = kNarrowBytes / sizeof(T), kWide = kVecBytes / sizeof(T);
   const bool few = g.o <= kNarrow;
   if (columns_suits<T>(g, few ? kNarrow : kWide))
@@ -100,8 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
   const at::Tensor go = grad_out.contiguous(), am = argmax.contiguous(), x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_bwd_cpu", [&] {
-    const BwdFallback fallback = backward_kernel<scalar_t, kBwdBytes>(
-        go, am, x, w, g, input_grad, weight_grad, grad_input, grad_weight, grad_bias);
+    const BwdFallback fallback = backward_kernel<scalar_t>(go, am, x, w, g, input_grad, weight_grad,
+                                                           grad_input, grad_weight, grad_bias);
     if (fallback.input)
       grad_input.copy_(std::get<0>(dense_backward(go, am, x, w, g, {true, false, false})));
     if (fallback.weight) {

@@ -5,8 +5,9 @@
 //   grad_b[o] += g;  grad_w[o] += g * xpad[n, :, oh*SH:+KH, ow*SW:+KW]
 //   grad_x[n, :, oh*SH-PADH:+KH, ow*SW-PADW:+KW] += g * w[o]
 //
-// Both work on a channels-last, zero-padded copy of each sample, where a patch row (KW * C
-// values) is contiguous: the patch of a window's argmax is KH rows of NV full vectors. For
+// Both work on a channels-last, zero-padded copy of each sample, where a patch row (KW pixels of
+// C values, padded to `pix` in grad_x's buffer) is contiguous: the patch of a window's argmax is
+// KH rows of NV full vectors. For
 // grad_w the accumulators of one output channel stay in registers across its windows; for
 // grad_x the weight rows of one output channel do. grad_w/grad_b: samples are split into a
 // fixed number of chunks (one per thread), each summing into its own buffer, added in chunk
@@ -33,11 +34,12 @@
 
 namespace fastlenet::cpu {
 
-// Backward vectors: at most 32 bytes. AVX-512 CPUs issue two 32-byte FMAs per cycle but one
-// 64-byte FMA, and the backward is bound by its loads and stores, most of which a 64-byte vector
-// at a patch row's start would split over two cache lines (conv2 backward, Zen 4, one thread,
-// standalone loop: grad_w the same, grad_x 3.6 -> 3.0 us per sample with 8-channel pixels).
-constexpr int kBwdBytes = std::min(32, kVecBytes);
+// Backward vectors: at most 32 bytes (kNarrowBytes). AVX-512 CPUs issue two 32-byte FMAs per
+// cycle but one 64-byte FMA, and the backward is bound by its loads and stores, most of which a
+// 64-byte vector at a patch row's start would split over two cache lines (conv2 backward, Zen 4,
+// one thread, standalone loop: grad_w the same, grad_x 3.6 -> 3.0 us per sample with 8-channel
+// pixels).
+constexpr int kBwdBytes = kNarrowBytes;
 // Patch shapes with a register-blocked backward: KH <= 7 rows of NV <= 5 vectors (conv2's
 // grad_x rows with 8 channels per pixel are 5 vectors of 8 floats).
 constexpr int kMaxKH = 7;
@@ -77,9 +79,9 @@ inline int64_t padded_pixel(int64_t c, int64_t vw) {
 // buf[y][x][c] (y < HP, x < WP, c < pix: `pix` elements per pixel, C of them channels) and, per
 // window position q, the offset of its conv output's first tap relative to the window's first
 // (q = 255 maps to 0 with no gradient).
-template <typename T, int Bytes>
+template <typename T>
 struct BwdLayout {
-  static constexpr int VW = VecOf<T, Bytes>::kLanes;
+  static constexpr int VW = VecOf<T, kBwdBytes>::kLanes;
   int64_t pix;     // elements per pixel: C, or more (padded_pixel)
   int64_t wpc;     // elements per padded row: WP * pix
   int64_t rowlen;  // one patch row: KW * pix
@@ -189,11 +191,11 @@ void from_padded_cl(const T* src, const ConvPoolGeometry& g, const Layout& L, T*
 // grad_w of patch rows kh0 .. kh0+KH-1 of one sample, all output channels, accumulated into gw
 // ([O][g.kh][NV*VW]), and grad_b into gb ([O]) in the pass with kh0 = 0. A window with no
 // gradient is visited with g = 0 (branch-free: x is finite here).
-template <typename T, int Bytes, int KH, int NV>
+template <typename T, int KH, int NV>
 void bwd_weight_sample(const T* xcl, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
-                       const BwdLayout<T, Bytes>& L, T* gw, T* gb, int64_t kh0) {
-  using V = typename VecOf<T, Bytes>::type;
-  constexpr int VW = VecOf<T, Bytes>::kLanes;
+                       const BwdLayout<T>& L, T* gw, T* gb, int64_t kh0) {
+  using V = typename VecOf<T, kBwdBytes>::type;
+  constexpr int VW = VecOf<T, kBwdBytes>::kLanes;
   const int64_t plane = g.ph * g.pw;
   xcl += kh0 * L.wpc;
   for (int64_t o = 0; o < g.o; ++o) {
@@ -223,11 +225,11 @@ void bwd_weight_sample(const T* xcl, const T* go, const uint8_t* am, const ConvP
 // grad_x of one sample into dx (channels-last, padded); wcl is the weight as
 // [O][KH][NV*VW], zero beyond each patch row, so full vectors add exact zeros past it (g is
 // finite here).
-template <typename T, int Bytes, int KH, int NV>
+template <typename T, int KH, int NV>
 void bwd_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
-                      const BwdLayout<T, Bytes>& L, const T* wcl) {
-  using V = typename VecOf<T, Bytes>::type;
-  constexpr int VW = VecOf<T, Bytes>::kLanes;
+                      const BwdLayout<T>& L, const T* wcl) {
+  using V = typename VecOf<T, kBwdBytes>::type;
+  constexpr int VW = VecOf<T, kBwdBytes>::kLanes;
   const int64_t plane = g.ph * g.pw;
   for (int64_t o = 0; o < g.o; ++o) {
     V w[KH][NV];
@@ -252,9 +254,9 @@ void bwd_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeome
 // more than kMaxNV vectors per patch row): accumulators and weight rows as [O][KH][rowlen],
 // one pass over all patch rows (kh0 is always 0). Both visit each window that passes gradient:
 // visit(o, g, patch offset of its argmax, row kh of that patch).
-template <typename T, int Bytes, typename Visit>
+template <typename T, typename Visit>
 void each_patch_row(const T* go, const uint8_t* am, const ConvPoolGeometry& g,
-                    const BwdLayout<T, Bytes>& L, Visit visit) {
+                    const BwdLayout<T>& L, Visit visit) {
   const int64_t plane = g.ph * g.pw;
   for (int64_t o = 0; o < g.o; ++o)
     for (int64_t k = 0; k < plane; ++k) {
@@ -266,10 +268,10 @@ void each_patch_row(const T* go, const uint8_t* am, const ConvPoolGeometry& g,
     }
 }
 
-template <typename T, int Bytes>
+template <typename T>
 void bwd_weight_sample_generic(const T* xcl, const T* go, const uint8_t* am,
-                               const ConvPoolGeometry& g, const BwdLayout<T, Bytes>& L, T* gw,
-                               T* gb, int64_t) {
+                               const ConvPoolGeometry& g, const BwdLayout<T>& L, T* gw, T* gb,
+                               int64_t) {
   each_patch_row(go, am, g, L, [&](int64_t o, T gv, int64_t at, int64_t kh) {
     if (kh == 0) gb[o] += gv;
     T* dst = gw + (o * g.kh + kh) * L.rowlen;
@@ -277,44 +279,44 @@ void bwd_weight_sample_generic(const T* xcl, const T* go, const uint8_t* am,
   });
 }
 
-template <typename T, int Bytes>
+template <typename T>
 void bwd_input_sample_generic(T* dx, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
-                              const BwdLayout<T, Bytes>& L, const T* wcl) {
+                              const BwdLayout<T>& L, const T* wcl) {
   each_patch_row(go, am, g, L, [&](int64_t o, T gv, int64_t at, int64_t kh) {
     const T* src = wcl + (o * g.kh + kh) * L.rowlen;
     for (int64_t t = 0; t < L.rowlen; ++t) dx[at + t] += gv * src[t];
   });
 }
 
-template <typename T, int Bytes>
+template <typename T>
 using WeightSampleFn = void (*)(const T*, const T*, const uint8_t*, const ConvPoolGeometry&,
-                                const BwdLayout<T, Bytes>&, T*, T*, int64_t);
-template <typename T, int Bytes>
+                                const BwdLayout<T>&, T*, T*, int64_t);
+template <typename T>
 using InputSampleFn = void (*)(T*, const T*, const uint8_t*, const ConvPoolGeometry&,
-                               const BwdLayout<T, Bytes>&, const T*);
+                               const BwdLayout<T>&, const T*);
 
-template <typename T, int Bytes, int KH, int... NVs>
+template <typename T, int KH, int... NVs>
 constexpr void fill_row(std::integer_sequence<int, NVs...>,
-                        std::array<std::array<WeightSampleFn<T, Bytes>, kMaxNV>, kMaxKH>& wt,
-                        std::array<std::array<InputSampleFn<T, Bytes>, kMaxNV>, kMaxKH>& it) {
-  ((wt[KH - 1][NVs] = &bwd_weight_sample<T, Bytes, KH, NVs + 1>), ...);
-  ((it[KH - 1][NVs] = &bwd_input_sample<T, Bytes, KH, NVs + 1>), ...);
+                        std::array<std::array<WeightSampleFn<T>, kMaxNV>, kMaxKH>& wt,
+                        std::array<std::array<InputSampleFn<T>, kMaxNV>, kMaxKH>& it) {
+  ((wt[KH - 1][NVs] = &bwd_weight_sample<T, KH, NVs + 1>), ...);
+  ((it[KH - 1][NVs] = &bwd_input_sample<T, KH, NVs + 1>), ...);
 }
 
-template <typename T, int Bytes>
+template <typename T>
 struct BwdTables {
-  std::array<std::array<WeightSampleFn<T, Bytes>, kMaxNV>, kMaxKH> weight{};
-  std::array<std::array<InputSampleFn<T, Bytes>, kMaxNV>, kMaxKH> input{};
+  std::array<std::array<WeightSampleFn<T>, kMaxNV>, kMaxKH> weight{};
+  std::array<std::array<InputSampleFn<T>, kMaxNV>, kMaxKH> input{};
   BwdTables() { fill<1, 2, 3, 4, 5, 6, 7>(); }
   template <int... KHs>
   void fill() {
-    (fill_row<T, Bytes, KHs>(std::make_integer_sequence<int, kMaxNV>{}, weight, input), ...);
+    (fill_row<T, KHs>(std::make_integer_sequence<int, kMaxNV>{}, weight, input), ...);
   }
 };
 
-template <typename T, int Bytes>
-const BwdTables<T, Bytes>& bwd_tables() {
-  static const BwdTables<T, Bytes> tables;
+template <typename T>
+const BwdTables<T>& bwd_tables() {
+  static const BwdTables<T> tables;
   return tables;
 }
 
@@ -374,15 +376,15 @@ struct BwdFallback {
 // takes the next task from a shared counter. One op, one parallel region and the finiteness
 // checks inside the tasks (in-process A/B against one op per gradient, conv2 forward + backward:
 // 1.08x at batch 64, 1.03x at 256).
-template <typename T, int Bytes>
+template <typename T>
 BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax,
                             const at::Tensor& input, const at::Tensor& weight,
                             const ConvPoolGeometry& g, bool want_input, bool want_weight,
                             at::Tensor& grad_input, at::Tensor& grad_weight,
                             at::Tensor& grad_bias) {
-  constexpr int VW = BwdLayout<T, Bytes>::VW;
-  const BwdLayout<T, Bytes> L(g, g.c);                     // grad_w: the input's samples
-  const BwdLayout<T, Bytes> LX(g, padded_pixel(g.c, VW));  // grad_x
+  constexpr int VW = BwdLayout<T>::VW;
+  const BwdLayout<T> L(g, g.c);                     // grad_w: the input's samples
+  const BwdLayout<T> LX(g, padded_pixel(g.c, VW));  // grad_x
   const bool blocked = register_blocked(g, L.nv), blocked_x = register_blocked(g, LX.nv);
   // Accumulators as [O][KH][NV*VW] (register-blocked) or [O][KH][rowlen]; the weight for grad_x
   // the same way, in LX's rows.
@@ -412,14 +414,14 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   const T* gop = grad_out.const_data_ptr<T>();
   const uint8_t* amp = argmax.const_data_ptr<uint8_t>();
   T* gi = want_input ? grad_input.data_ptr<T>() : nullptr;
-  const auto& tables = bwd_tables<T, Bytes>();
+  const auto& tables = bwd_tables<T>();
   const int64_t khb = blocked ? rows_per_pass(g.kh, L.nv) : g.kh;
-  const WeightSampleFn<T, Bytes> wfn =
-      blocked ? tables.weight[khb - 1][L.nv - 1] : &bwd_weight_sample_generic<T, Bytes>;
-  const WeightSampleFn<T, Bytes> wfn_last =  // the last pass over patch rows
+  const WeightSampleFn<T> wfn =
+      blocked ? tables.weight[khb - 1][L.nv - 1] : &bwd_weight_sample_generic<T>;
+  const WeightSampleFn<T> wfn_last =  // the last pass over patch rows
       blocked ? tables.weight[(g.kh - 1) % khb][L.nv - 1] : wfn;
-  const InputSampleFn<T, Bytes> ifn =
-      blocked_x ? tables.input[g.kh - 1][LX.nv - 1] : &bwd_input_sample_generic<T, Bytes>;
+  const InputSampleFn<T> ifn =
+      blocked_x ? tables.input[g.kh - 1][LX.nv - 1] : &bwd_input_sample_generic<T>;
   const int64_t tasks = chunks + (want_input ? g.n : 0);
   std::atomic<int64_t> next{0};
   std::atomic<bool> x_bad{false}, go_bad{false};

@@ -25,6 +25,11 @@ constexpr int kVecBytes = 16;
 constexpr int kVecRegs = 16;
 #endif
 
+// Narrow vectors: at most 32 bytes, for kernels whose rows are short or whose loads and stores
+// would straddle cache lines with 64-byte vectors (AVX-512 CPUs issue two 32-byte FMAs per cycle
+// but one 64-byte FMA).
+constexpr int kNarrowBytes = kVecBytes < 32 ? kVecBytes : 32;
+
 // A vector of `Bytes` bytes of T.
 template <typename T, int Bytes>
 struct VecOf {

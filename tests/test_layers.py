@@ -116,13 +116,12 @@ def test_auto_backend_and_env_override(env_backend):
     assert backends.resolve("auto", cpu) == "reference"
     assert backends.resolve("cpu", cpu) == "cpu" or not _ext.LOADED
     x = torch.randn(2, 3)
-    assert torch.equal(fastlenet.functional.linear(x, torch.eye(3)), x)  # runs on reference
+    assert torch.equal(fastlenet.functional.linear(x, torch.eye(3)), x)  # a layer call with it
     env_backend("fastest")
     with pytest.raises(ValueError, match=backends.ENV_VAR):
         backends.resolve("auto", cpu)
-    with pytest.raises(
-        ValueError, match=backends.ENV_VAR
-    ):  # an error is not remembered as an answer
+    # An error is not remembered as an answer: the second call raises too.
+    with pytest.raises(ValueError, match=backends.ENV_VAR):
         backends.resolve("auto", cpu)
 
 
