@@ -1,17 +1,22 @@
-"""Which backend runs an op: the one place where that is decided.
+"""Which backend runs an op, and the table of every backend's ops: the one place for both.
 
 Backends: "cpu" (C++), "cuda" (C++/CUDA), "triton", "reference" (pure PyTorch, the oracle).
 "auto" picks the fastest available for the input's device; the environment variable
 FASTLENET_BACKEND overrides "auto". It is read when fastlenet is imported and by refresh().
+
+Every backend implements every op with the signatures of the schemas in csrc/fastlenet.cpp:
+ops(op, backend) returns its `fwd` and `bwd`. Adding a backend or an op touches `_table`.
 """
 
 import dataclasses
+import importlib
 import importlib.util
 import os
+from types import SimpleNamespace
 
 import torch
 
-from fastlenet import _ext
+from fastlenet import _ext, reference
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 CHOICES = ("auto", *BACKENDS)
@@ -139,3 +144,36 @@ def _resolve(backend: str, device_type: str) -> str:
     if not _runs_on(backend, device_type):
         raise ValueError(f"backend {backend!r} cannot run on {device_type} tensors")
     return backend
+
+
+OPS = ("conv_relu_pool", "linear_relu")
+_OPS: dict[tuple[str, str], SimpleNamespace] = {}
+
+
+def _table(op: str, backend: str) -> SimpleNamespace:
+    if backend == "reference":
+        return SimpleNamespace(
+            fwd=getattr(reference, f"{op}_fwd"), bwd=getattr(reference, f"{op}_bwd")
+        )
+    if backend == "triton":  # imported on first use: importing the kernels imports triton
+        return importlib.import_module(f"fastlenet.kernels.{op}").OPS
+    if backend in ("cpu", "cuda"):
+        # The overloads themselves: calling the packet (torch.ops.fastlenet.<op>_fwd) resolves
+        # the overload on every call, ~2 us more per call on the CI machine.
+        if not _ext.LOADED:
+            raise RuntimeError(_ext.LOAD_ERROR)
+        packets = torch.ops.fastlenet
+        return SimpleNamespace(
+            fwd=getattr(packets, f"{op}_fwd").default, bwd=getattr(packets, f"{op}_bwd").default
+        )
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def ops(op: str, backend: str) -> SimpleNamespace:
+    """`fwd` and `bwd` of `op` (one of OPS) on a concrete backend (see resolve())."""
+    table = _OPS.get((op, backend))
+    if table is None:
+        if op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        table = _OPS[(op, backend)] = _table(op, backend)
+    return table

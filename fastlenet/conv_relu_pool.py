@@ -8,83 +8,17 @@ Backward: only the argmax position of a window whose max is not <= 0 receives gr
 gradients of weight, bias and (when needed) input are computed from those positions alone.
 """
 
-from types import SimpleNamespace
-
 import torch
 
-from fastlenet import _checks, _ext, backends, reference
+from fastlenet import _checks, _ext, backends
 from fastlenet._autograd import first_order
-
-# The overloads themselves: calling the packet (torch.ops.fastlenet.conv_relu_pool_fwd) resolves the
-# overload on every call, ~2 us more per call here.
-_CPP_OPS = (
-    SimpleNamespace(
-        fwd=torch.ops.fastlenet.conv_relu_pool_fwd.default,
-        bwd=torch.ops.fastlenet.conv_relu_pool_bwd.default,
-    )
-    if _ext.LOADED
-    else None
-)
-
-
-def two_pass_bwd(bwd_input, bwd_weight):
-    """conv_relu_pool_bwd's signature over a backend with one op per gradient (Triton, the
-    reference): a gradient not asked for is None."""
-
-    def bwd(
-        grad_out,
-        argmax,
-        input,
-        weight,
-        stride,
-        padding,
-        pool_size,
-        pool_stride,
-        input_grad,
-        weight_grad,
-    ):
-        args = (grad_out, argmax, input, weight, stride, padding, pool_size, pool_stride)
-        grad_input = bwd_input(*args) if input_grad else None
-        grad_weight, grad_bias = bwd_weight(*args) if weight_grad else (None, None)
-        return grad_input, grad_weight, grad_bias
-
-    return bwd
-
-
-_TRITON_OPS = []  # built on first use: importing the Triton kernels imports triton
-
-
-def _triton_ops():
-    if not _TRITON_OPS:
-        from fastlenet.kernels import conv_relu_pool as triton_conv
-
-        ops = triton_conv.OPS
-        _TRITON_OPS.append(
-            SimpleNamespace(fwd=ops.fwd, bwd=two_pass_bwd(ops.bwd_input, ops.bwd_weight))
-        )
-    return _TRITON_OPS[0]
-
-
-_REFERENCE_OPS = SimpleNamespace(
-    fwd=reference.conv_relu_pool_fwd,
-    bwd=two_pass_bwd(reference.conv_relu_pool_bwd_input, reference.conv_relu_pool_bwd_weight),
-)
-
-
-def _ops(backend: str):
-    if backend == "reference":
-        return _REFERENCE_OPS
-    if backend == "triton":
-        return _triton_ops()
-    return _CPP_OPS
 
 
 class ConvReLUPoolFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, pool_size, pool_stride, backend):
-        out, argmax = _ops(backend).fwd(
-            input, weight, bias, stride, padding, pool_size, pool_stride
-        )
+        ops = backends.ops("conv_relu_pool", backend)
+        out, argmax = ops.fwd(input, weight, bias, stride, padding, pool_size, pool_stride)
         ctx.save_for_backward(input, weight, argmax)
         ctx.geometry = (stride, padding, pool_size, pool_stride)
         ctx.backend = backend
@@ -96,7 +30,7 @@ class ConvReLUPoolFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         input, weight, argmax = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_input, grad_weight, grad_bias = _ops(ctx.backend).bwd(
+        grad_input, grad_weight, grad_bias = backends.ops("conv_relu_pool", ctx.backend).bwd(
             grad_out.contiguous(), argmax, input, weight, *ctx.geometry, need[0], need[1] or need[2]
         )
         grad_input = grad_input if need[0] else None
@@ -147,31 +81,33 @@ def _fake_shapes(input, weight, stride, padding, pool_size, pool_stride):
     return (input.shape[0], weight.shape[0], ph, pw)
 
 
+def fwd_fake(input, weight, bias, stride, padding, pool_size, pool_stride):
+    shape = _fake_shapes(input, weight, stride, padding, pool_size, pool_stride)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8)
+
+
+def bwd_fake(
+    grad_out,
+    argmax,
+    input,
+    weight,
+    stride,
+    padding,
+    pool_size,
+    pool_stride,
+    input_grad,
+    weight_grad,
+):
+    def grad_like(t, wanted, shape):
+        return t.new_empty(shape if wanted else (0,))
+
+    return (
+        grad_like(input, input_grad, input.shape),
+        grad_like(weight, weight_grad, weight.shape),
+        grad_like(weight, weight_grad, weight.shape[:1]),
+    )
+
+
 if _ext.LOADED:
-
-    @torch.library.register_fake("fastlenet::conv_relu_pool_fwd")
-    def _(input, weight, bias, stride, padding, pool_size, pool_stride):
-        shape = _fake_shapes(input, weight, stride, padding, pool_size, pool_stride)
-        return input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8)
-
-    @torch.library.register_fake("fastlenet::conv_relu_pool_bwd")
-    def _(
-        grad_out,
-        argmax,
-        input,
-        weight,
-        stride,
-        padding,
-        pool_size,
-        pool_stride,
-        input_grad,
-        weight_grad,
-    ):
-        def grad_like(t, wanted, shape):
-            return t.new_empty(shape if wanted else (0,))
-
-        return (
-            grad_like(input, input_grad, input.shape),
-            grad_like(weight, weight_grad, weight.shape),
-            grad_like(weight, weight_grad, weight.shape[:1]),
-        )
+    torch.library.register_fake("fastlenet::conv_relu_pool_fwd", fwd_fake)
+    torch.library.register_fake("fastlenet::conv_relu_pool_bwd", bwd_fake)

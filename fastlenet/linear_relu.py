@@ -7,46 +7,17 @@ grad_input = g @ weight; grad_weight = g.T @ input;
 grad_bias = g.sum(0).
 """
 
-from types import SimpleNamespace
-
 import torch
 
-from fastlenet import _checks, _ext, backends, reference
+from fastlenet import _checks, _ext, backends
 from fastlenet._autograd import first_order
-
-# The overloads themselves: calling the packet (torch.ops.fastlenet.linear_relu_fwd) resolves the
-# overload on every call, ~2 us more per call here.
-_CPP_OPS = (
-    SimpleNamespace(
-        fwd=torch.ops.fastlenet.linear_relu_fwd.default,
-        bwd=torch.ops.fastlenet.linear_relu_bwd.default,
-    )
-    if _ext.LOADED
-    else None
-)
-
-
-def _triton_ops():
-    from fastlenet.kernels import linear_relu as triton_linear  # imports triton
-
-    return triton_linear.OPS
-
-
-_REFERENCE_OPS = SimpleNamespace(fwd=reference.linear_relu_fwd, bwd=reference.linear_relu_bwd)
-
-
-def _ops(backend: str):
-    if backend == "reference":
-        return _REFERENCE_OPS
-    if backend == "triton":
-        return _triton_ops()
-    return _CPP_OPS
 
 
 class LinearReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, relu, backend):
-        out = _ops(backend).fwd(input, weight, bias, relu)
+        ops = backends.ops("linear_relu", backend)
+        out = ops.fwd(input, weight, bias, relu)
         ctx.save_for_backward(input, weight, out)
         ctx.relu = relu
         ctx.backend = backend
@@ -57,7 +28,7 @@ class LinearReLUFunction(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_out):
         input, weight, out = ctx.saved_tensors
-        grad_input, grad_weight, grad_bias = _ops(ctx.backend).bwd(
+        grad_input, grad_weight, grad_bias = backends.ops("linear_relu", ctx.backend).bwd(
             grad_out.contiguous(), out, input, weight, ctx.relu
         )
         needs = ctx.needs_input_grad
@@ -92,16 +63,18 @@ def linear(input, weight, bias=None, *, backend="auto"):
     return _apply(input, weight, bias, False, backend)
 
 
+def fwd_fake(input, weight, bias, relu):
+    return input.new_empty(input.shape[0], weight.shape[0])
+
+
+def bwd_fake(grad_out, out, input, weight, relu):
+    return (
+        torch.empty_like(input, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        weight.new_empty(weight.shape[0]),
+    )
+
+
 if _ext.LOADED:
-
-    @torch.library.register_fake("fastlenet::linear_relu_fwd")
-    def _(input, weight, bias, relu):
-        return input.new_empty(input.shape[0], weight.shape[0])
-
-    @torch.library.register_fake("fastlenet::linear_relu_bwd")
-    def _(grad_out, out, input, weight, relu):
-        return (
-            torch.empty_like(input, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format),
-            weight.new_empty(weight.shape[0]),
-        )
+    torch.library.register_fake("fastlenet::linear_relu_fwd", fwd_fake)
+    torch.library.register_fake("fastlenet::linear_relu_bwd", bwd_fake)

@@ -2,8 +2,9 @@
 
 Two layers of reference live here:
 - the stock compositions (`conv_relu_pool2d`, `linear_relu`), which autograd differentiates;
-- the same forward/backward split as the registered kernels (`*_fwd`, `*_bwd_*`), with the
-  same saved state, used as the "reference" backend behind the same autograd Function.
+- the same forward/backward split as the registered kernels (`*_fwd`, `*_bwd`), with the
+  same signatures (csrc/fastlenet.cpp) and saved state, used as the "reference" backend behind
+  the same autograd Function.
 
 Shapes: input (N, C, H, W), weight (O, C, KH, KW), conv output (N, O, OH, OW), pooled output
 and argmax (N, O, PH, PW). argmax holds the row-major position i * pool_w + j of the max in
@@ -66,23 +67,31 @@ def _conv_hw(input, weight, stride, padding):
     )
 
 
-def conv_relu_pool_bwd_input(
-    grad_out, argmax, input, weight, stride, padding, pool_size, pool_stride
+def conv_relu_pool_bwd(
+    grad_out,
+    argmax,
+    input,
+    weight,
+    stride,
+    padding,
+    pool_size,
+    pool_stride,
+    input_grad,
+    weight_grad,
 ):
+    """(grad_input, grad_weight, grad_bias); a gradient not asked for has no elements."""
     dense = _dense_grad(
         grad_out, argmax, _conv_hw(input, weight, stride, padding), pool_size, pool_stride
     )
-    return torch.nn.grad.conv2d_input(input.shape, weight, dense, stride, padding)
-
-
-def conv_relu_pool_bwd_weight(
-    grad_out, argmax, input, weight, stride, padding, pool_size, pool_stride
-):
-    dense = _dense_grad(
-        grad_out, argmax, _conv_hw(input, weight, stride, padding), pool_size, pool_stride
+    grad_input = (
+        torch.nn.grad.conv2d_input(input.shape, weight, dense, stride, padding)
+        if input_grad
+        else input.new_empty(0)
     )
+    if not weight_grad:
+        return grad_input, weight.new_empty(0), weight.new_empty(0)
     grad_weight = torch.nn.grad.conv2d_weight(input, weight.shape, dense, stride, padding)
-    return grad_weight, dense.sum((0, 2, 3))
+    return grad_input, grad_weight, dense.sum((0, 2, 3))
 
 
 def linear_relu_fwd(input, weight, bias, relu):

@@ -37,10 +37,11 @@ from types import SimpleNamespace
 import torch
 import triton
 import triton.language as tl
-from fastlenet.kernels import launch
 from torch.library import wrap_triton
 
 from fastlenet import _checks
+from fastlenet import conv_relu_pool as op_module
+from fastlenet.kernels import launch
 
 _dot = launch.dot
 
@@ -351,7 +352,7 @@ def _bwd_weight_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers: tensors in, tensors out, registered as fastlenet::triton_conv_relu_pool_<pass>.
+# Launchers: tensors in, tensors out, registered as fastlenet::triton_conv_relu_pool_{fwd,bwd}.
 # ---------------------------------------------------------------------------------------------
 def _shapes(input, weight, stride, padding, pool_size, pool_stride):
     return _checks.conv_pool_shapes(
@@ -369,13 +370,7 @@ def _common(input, weight):
     }
 
 
-def _fwd_fake(input, weight, bias, stride, padding, pool_size, pool_stride):
-    _, (ph, pw) = _shapes(input, weight, stride, padding, pool_size, pool_stride)
-    shape = (input.shape[0], weight.shape[0], ph, pw)
-    return input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8)
-
-
-@launch.register("triton_conv_relu_pool_fwd", _fwd_fake)
+@launch.register("triton_conv_relu_pool_fwd", op_module.fwd_fake)
 def conv_relu_pool_fwd(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -425,12 +420,7 @@ def conv_relu_pool_fwd(
     return out, argmax
 
 
-def _bwd_input_fake(grad_out, argmax, input, weight, stride, padding, pool_size, pool_stride):
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
-
-
-@launch.register("triton_conv_relu_pool_bwd_input", _bwd_input_fake)
-def conv_relu_pool_bwd_input(
+def _bwd_input(
     grad_out: torch.Tensor,
     argmax: torch.Tensor,
     input: torch.Tensor,
@@ -440,8 +430,7 @@ def conv_relu_pool_bwd_input(
     pool_size: list[int],
     pool_stride: list[int],
 ) -> torch.Tensor:
-    launch.check_device(grad_out, argmax, input, weight)
-    grad_out, argmax, weight = grad_out.contiguous(), argmax.contiguous(), weight.contiguous()
+    weight = weight.contiguous()
     n, c, h, w = input.shape
     o = weight.shape[0]
     (oh, ow), (ph, pw) = _shapes(input, weight, stride, padding, pool_size, pool_stride)
@@ -481,15 +470,7 @@ def conv_relu_pool_bwd_input(
     return grad_input
 
 
-def _bwd_weight_fake(grad_out, argmax, input, weight, stride, padding, pool_size, pool_stride):
-    return (
-        torch.empty_like(weight, memory_format=torch.contiguous_format),
-        weight.new_empty(weight.shape[0]),
-    )
-
-
-@launch.register("triton_conv_relu_pool_bwd_weight", _bwd_weight_fake)
-def conv_relu_pool_bwd_weight(
+def _bwd_weight(
     grad_out: torch.Tensor,
     argmax: torch.Tensor,
     input: torch.Tensor,
@@ -499,8 +480,7 @@ def conv_relu_pool_bwd_weight(
     pool_size: list[int],
     pool_stride: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    launch.check_device(grad_out, argmax, input, weight)
-    grad_out, argmax, input = grad_out.contiguous(), argmax.contiguous(), input.contiguous()
+    input = input.contiguous()
     n, c, h, w = input.shape
     o, _, kh, kw = weight.shape
     (oh, ow), (ph, pw) = _shapes(input, weight, stride, padding, pool_size, pool_stride)
@@ -555,9 +535,30 @@ def conv_relu_pool_bwd_weight(
     return grad_weight, grad_bias
 
 
-#: The three passes with the signatures of fastlenet.reference.conv_relu_pool_*.
+@launch.register("triton_conv_relu_pool_bwd", op_module.bwd_fake)
+def conv_relu_pool_bwd(
+    grad_out: torch.Tensor,
+    argmax: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    pool_size: list[int],
+    pool_stride: list[int],
+    input_grad: bool,
+    weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    launch.check_device(grad_out, argmax, input, weight)
+    args = (grad_out.contiguous(), argmax.contiguous(), input, weight)
+    geometry = (stride, padding, pool_size, pool_stride)
+    grad_input = _bwd_input(*args, *geometry) if input_grad else input.new_empty(0)
+    if not weight_grad:
+        return grad_input, weight.new_empty(0), weight.new_empty(0)
+    return grad_input, *_bwd_weight(*args, *geometry)
+
+
+#: The two ops with the signatures of the schemas in csrc/fastlenet.cpp.
 OPS = SimpleNamespace(
     fwd=torch.ops.fastlenet.triton_conv_relu_pool_fwd,
-    bwd_input=torch.ops.fastlenet.triton_conv_relu_pool_bwd_input,
-    bwd_weight=torch.ops.fastlenet.triton_conv_relu_pool_bwd_weight,
+    bwd=torch.ops.fastlenet.triton_conv_relu_pool_bwd,
 )

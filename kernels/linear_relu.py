@@ -19,8 +19,10 @@ from types import SimpleNamespace
 import torch
 import triton
 import triton.language as tl
-from fastlenet.kernels import launch
 from torch.library import wrap_triton
+
+from fastlenet import linear_relu as op_module
+from fastlenet.kernels import launch
 
 _dot = launch.dot
 
@@ -178,11 +180,7 @@ def _common(input):
     }
 
 
-def _fwd_fake(input, weight, bias, relu):
-    return input.new_empty(input.shape[0], weight.shape[0])
-
-
-@launch.register("triton_linear_relu_fwd", _fwd_fake)
+@launch.register("triton_linear_relu_fwd", op_module.fwd_fake)
 def linear_relu_fwd(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool
 ) -> torch.Tensor:
@@ -211,15 +209,7 @@ def linear_relu_fwd(
     return out
 
 
-def _bwd_fake(grad_out, out, input, weight, relu):
-    return (
-        torch.empty_like(input, memory_format=torch.contiguous_format),
-        torch.empty_like(weight, memory_format=torch.contiguous_format),
-        weight.new_empty(weight.shape[0]),
-    )
-
-
-@launch.register("triton_linear_relu_bwd", _bwd_fake)
+@launch.register("triton_linear_relu_bwd", op_module.bwd_fake)
 def linear_relu_bwd(
     grad_out: torch.Tensor,
     out: torch.Tensor,
@@ -263,7 +253,7 @@ def linear_relu_bwd(
     return grad_input, grad_weight, grad_bias
 
 
-#: The two passes with the signatures of fastlenet.reference.linear_relu_*.
+#: The two ops with the signatures of the schemas in csrc/fastlenet.cpp.
 OPS = SimpleNamespace(
     fwd=torch.ops.fastlenet.triton_linear_relu_fwd, bwd=torch.ops.fastlenet.triton_linear_relu_bwd
 )

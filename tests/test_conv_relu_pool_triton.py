@@ -14,13 +14,13 @@ import sys
 import pytest
 import torch
 from conftest import rel_err
-from fastlenet.kernels import conv_relu_pool as triton_conv
-from fastlenet.kernels import launch
 from parity import check_conv_relu_pool
 
 import fastlenet
 from fastlenet import backends, reference
 from fastlenet.functional import conv_relu_pool2d
+from fastlenet.kernels import conv_relu_pool as triton_conv
+from fastlenet.kernels import launch
 
 # A skipif mark, not a module-level skip: the native compile check imports this module in a
 # process without the interpreter (see test_kernels_compile_natively).
@@ -144,11 +144,10 @@ def _check_ops(x, weight, bias, conv, tol):
     assert rel_err(out, ref_out) < tol
     grad = torch.randn_like(ref_out)
     bwd_args = (grad.to(x.dtype), ref_argmax, x, weight, *conv)
-    grad_input = triton_conv.OPS.bwd_input(*bwd_args)
-    grad_weight, grad_bias = triton_conv.OPS.bwd_weight(*bwd_args)
+    grad_input, grad_weight, grad_bias = triton_conv.OPS.bwd(*bwd_args, True, True)
     ref_bwd = (grad, ref_argmax, args64[0], args64[1], *conv)
-    assert rel_err(grad_input, reference.conv_relu_pool_bwd_input(*ref_bwd)) < tol
-    ref_gw, ref_gb = reference.conv_relu_pool_bwd_weight(*ref_bwd)
+    ref_gi, ref_gw, ref_gb = reference.conv_relu_pool_bwd(*ref_bwd, True, True)
+    assert rel_err(grad_input, ref_gi) < tol
     assert rel_err(grad_weight, ref_gw) < tol
     assert rel_err(grad_bias, ref_gb) < tol
     return out, argmax, ref_argmax
@@ -239,13 +238,9 @@ def test_nan_input(where, device):
     assert torch.equal(argmax, ref_argmax)
     grad = torch.randn_like(out)
     args = (grad, argmax, x, weight, *conv)
-    _same_with_nan(
-        triton_conv.OPS.bwd_input(*args),
-        reference.conv_relu_pool_bwd_input(*args),
-        TOL[torch.float32],
-    )
-    got_w, got_b = triton_conv.OPS.bwd_weight(*args)
-    want_w, want_b = reference.conv_relu_pool_bwd_weight(*args)
+    got_x, got_w, got_b = triton_conv.OPS.bwd(*args, True, True)
+    want_x, want_w, want_b = reference.conv_relu_pool_bwd(*args, True, True)
+    _same_with_nan(got_x, want_x, TOL[torch.float32])
     assert want_w.isnan().any()
     _same_with_nan(got_w, want_w, TOL[torch.float32])
     _same_with_nan(got_b, want_b, TOL[torch.float32])
@@ -259,7 +254,7 @@ def test_all_negative_windows_pass_no_gradient(device):
     assert (out[:, ::2] == 0).all() and (argmax[:, ::2] == 255).all()
     assert (argmax[:, 1::2] != 255).any()
     grad = torch.randn_like(out)
-    grad_weight, grad_bias = triton_conv.OPS.bwd_weight(grad, argmax, x, weight, *conv)
+    _, grad_weight, grad_bias = triton_conv.OPS.bwd(grad, argmax, x, weight, *conv, False, True)
     assert (grad_weight[::2] == 0).all() and (grad_bias[::2] == 0).all()
     assert (grad_bias[1::2] != 0).all()
     x.requires_grad_()
@@ -287,17 +282,18 @@ def test_opcheck(geometry, device):
     ops = torch.ops.fastlenet
     torch.library.opcheck(ops.triton_conv_relu_pool_fwd, (x, weight, bias, *conv))
     torch.library.opcheck(ops.triton_conv_relu_pool_fwd, (x, weight, None, *conv))
-    torch.library.opcheck(ops.triton_conv_relu_pool_bwd_input, (grad, argmax, x, weight, *conv))
-    torch.library.opcheck(ops.triton_conv_relu_pool_bwd_weight, (grad, argmax, x, weight, *conv))
+    for wanted in ((True, True), (True, False), (False, True)):
+        args = (grad, argmax, x, weight, *conv, *wanted)
+        torch.library.opcheck(ops.triton_conv_relu_pool_bwd, args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_weight_gradient_is_deterministic(device):
     x, weight, _, conv, _, argmax, grad = _op_state(GEOMETRIES[1], torch.float32, device)
     args = (grad.float(), argmax, x, weight, *conv)
-    first = triton_conv.OPS.bwd_weight(*args)
+    first = triton_conv.OPS.bwd(*args, False, True)
     for _ in range(2):
-        for a, b in zip(first, triton_conv.OPS.bwd_weight(*args), strict=True):
+        for a, b in zip(first, triton_conv.OPS.bwd(*args, False, True), strict=True):
             assert torch.equal(a, b)
 
 

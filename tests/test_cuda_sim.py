@@ -168,14 +168,14 @@ def _check_conv_bwd(
     args = (go.double(), am, x.double(), weight.double(), *conv)
     params = {**geom, "dtype": dt, "atomics": int(atomics)}
     if "input" in ops:
-        want = reference.conv_relu_pool_bwd_input(*args)
+        want = reference.conv_relu_pool_bwd(*args, True, False)[0]
         got = run_sim(
             driver, "conv_bwd_input", tmp / "input", {"go": go, "am": am, "w": weight}, params,
             {"gx": (dtype, x.shape)},
         )  # fmt: skip
         assert_close(got["gx"], want, tol, "grad_input")
     if "weight" in ops:
-        want_w, want_b = reference.conv_relu_pool_bwd_weight(*args)
+        _, want_w, want_b = reference.conv_relu_pool_bwd(*args, False, True)
         got = run_sim(
             driver, "conv_bwd_weight", tmp / "weight", {"go": go, "am": am, "x": x}, params,
             {"gw": (dtype, weight.shape), "gb": (dtype, b.shape)},
@@ -282,8 +282,8 @@ def test_conv_bwd_skips_bytes_that_are_no_window_position(sim, tmp_path):
         sim["sim_driver"], "conv_bwd_input", tmp_path / "input", {"go": go, "am": bad, "w": weight},
         params, {"gx": (dtype, x.shape)},
     )  # fmt: skip
-    assert rel_err(got["gx"], reference.conv_relu_pool_bwd_input(*args)) < tol
-    want_w, want_b = reference.conv_relu_pool_bwd_weight(*args)
+    assert rel_err(got["gx"], reference.conv_relu_pool_bwd(*args, True, False)[0]) < tol
+    _, want_w, want_b = reference.conv_relu_pool_bwd(*args, False, True)
     got = run_sim(
         sim["sim_driver"], "conv_bwd_weight", tmp_path / "weight", {"go": go, "am": bad, "x": x},
         params, {"gw": (dtype, weight.shape), "gb": (dtype, b.shape)},

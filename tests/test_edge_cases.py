@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import CPU_BACKENDS, rel_err
 
-from fastlenet import conv_relu_pool as conv_module
+from fastlenet import backends
 from fastlenet.functional import conv_relu_pool2d, linear, linear_relu
 
 NAN, INF = float("nan"), float("inf")
@@ -249,7 +249,7 @@ def test_conv_argmax_is_max_pool2d_index(backend):
     the window's max is <= 0."""
     x, w, b = _small_ints(2, 2, 8, 8), _small_ints(3, 2, 3, 3, low=-1, high=2), _small_ints(3)
     geom = ((1, 1), (1, 1), (2, 2), (2, 2))
-    out, argmax = conv_module._ops(backend).fwd(x, w, b, *geom)
+    out, argmax = backends.ops("conv_relu_pool", backend).fwd(x, w, b, *geom)
     conv = F.conv2d(x, w, b, 1, 1)
     pooled, flat = F.max_pool2d(conv, 2, 2, return_indices=True)
     ow = conv.shape[-1]

@@ -14,12 +14,12 @@ import sys
 import pytest
 import torch
 from conftest import rel_err
-from fastlenet.kernels import launch
-from fastlenet.kernels import linear_relu as triton_linear
 from parity import check_linear_relu
 
 from fastlenet import backends, reference
 from fastlenet.functional import linear, linear_relu
+from fastlenet.kernels import launch
+from fastlenet.kernels import linear_relu as triton_linear
 
 # A skipif mark, not a module-level skip: the native compile check imports this module in a
 # process without the interpreter (see test_kernels_compile_natively).
