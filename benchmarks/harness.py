@@ -43,6 +43,7 @@ import torch
 
 import fastlenet
 from fastlenet import backends
+from fastlenet.reference import rel_err
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -334,13 +335,6 @@ class AlternatingTimer:
 #: at batch 1024 moves the gradient's norm by ~1e-4, hence 1e-3 (still 1000x below a wrong
 #: kernel, whose error is O(1)).
 PARITY_TOL = {"forward": 1e-5, "grad": 1e-3}
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    a, e = actual.detach().double(), expected.detach().double()
-    denom = e.norm().item()
-    diff = (a - e).norm().item()
-    return diff / denom if denom > 0 else diff
 
 
 def check_parity(provider: str, what: str, actual, expected, kind: str) -> None:

@@ -19,6 +19,15 @@ import torch.nn.functional as F
 from fastlenet._checks import NO_GRAD
 
 
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64 (0 when both are zero): how tests and
+    benchmarks compare a kernel's result with the reference's."""
+    a, e = actual.detach().double(), expected.detach().double()
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
 def conv_relu_pool2d(input, weight, bias, stride, padding, pool_size, pool_stride):
     """max_pool2d(relu(conv2d(input, weight, bias))), as stock PyTorch computes it."""
     y = F.relu(F.conv2d(input, weight, bias, stride, padding))
