@@ -12,12 +12,13 @@ one message and exit non-zero; set FASTLENET_DEBUG=1 to see the traceback instea
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 
 import torch.multiprocessing as mp
 
-from fastlenet import backends, data, train
+from fastlenet import backends, checkpoint, data, report, train
 from fastlenet.models import MODELS
 
 
@@ -72,6 +73,10 @@ def _common(p):
     p.add_argument("--metrics", metavar="PATH", help="write the results as JSON to PATH")
 
 
+# TrainConfig's defaults, for the help texts of the train command.
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="fastlenet", description="Train and evaluate LeNet-5 on fastlenet's fused kernels."
@@ -80,8 +85,8 @@ def build_parser():
 
     t = sub.add_parser("train", help="train a model (default: LeNet-5 on MNIST to >= 99%%)")
     _common(t)
-    t.add_argument("--epochs", type=_positive_int, help=f"default: {train.DEFAULT_EPOCHS}")
-    t.add_argument("--batch-size", type=_positive_int, help="default: 64")
+    t.add_argument("--epochs", type=_positive_int, help=f"default: {_DEFAULTS['epochs']}")
+    t.add_argument("--batch-size", type=_positive_int, help=f"default: {_DEFAULTS['batch_size']}")
     t.add_argument(
         "--lr",
         type=_float(0, lo_inclusive=False),
@@ -89,17 +94,27 @@ def build_parser():
         + ", ".join(f"{k} {v:g}" for k, v in train.DEFAULT_LR.items())
         + ")",
     )
-    t.add_argument("--momentum", type=_float(0, hi=1), help="SGD momentum (default: 0.9)")
+    t.add_argument(
+        "--momentum",
+        type=_float(0, hi=1),
+        help=f"SGD momentum (default: {_DEFAULTS['momentum']})",
+    )
     t.add_argument(
         "--weight-decay",
         type=_float(0),
         help="default: " + ", ".join(f"{k} {v:g}" for k, v in train.DEFAULT_WEIGHT_DECAY.items()),
     )
-    t.add_argument("--optimizer", choices=train.OPTIMIZERS, help="default: sgd")
     t.add_argument(
-        "--schedule", choices=train.SCHEDULES, help="learning rate schedule (default: onecycle)"
+        "--optimizer", choices=train.OPTIMIZERS, help=f"default: {_DEFAULTS['optimizer']}"
     )
-    t.add_argument("--seed", type=int, help="initial weights and batch order (default: 0)")
+    t.add_argument(
+        "--schedule",
+        choices=train.SCHEDULES,
+        help=f"learning rate schedule (default: {_DEFAULTS['schedule']})",
+    )
+    t.add_argument(
+        "--seed", type=int, help=f"initial weights and batch order (default: {_DEFAULTS['seed']})"
+    )
     t.add_argument(
         "--checkpoint", metavar="PATH", help="save a checkpoint to PATH at every epoch end"
     )
@@ -123,7 +138,7 @@ def build_parser():
     t.add_argument(
         "--nproc",
         type=_positive_int,
-        default=1,
+        default=_DEFAULTS["nproc"],
         help="train with DistributedDataParallel in N processes (gloo on CPU, NCCL on GPU)",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -139,38 +154,19 @@ def build_parser():
     return parser
 
 
-# argparse dest -> TrainConfig field, for the settings whose presence on the command line
-# matters (a resumed run refuses to change them).
-_TRAIN_FIELDS = (
-    "dataset",
-    "data_dir",
-    "model",
-    "epochs",
-    "batch_size",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "optimizer",
-    "schedule",
-    "backend",
-    "device",
-    "threads",
-    "seed",
-    "checkpoint",
-    "resume",
-    "metrics",
-    "stop_after",
-    "nproc",
-)
-
-
 def _train(args):
     from fastlenet import distributed
 
-    given = {k: getattr(args, k) for k in _TRAIN_FIELDS if getattr(args, k) is not None}
-    config = train.TrainConfig(
-        **given, compare_stock=args.compare_stock, progress=not args.no_progress
-    )
+    # Two TrainConfig fields come from flags; every other one from the option of its name
+    # (argparse dest), which counts as given (a resumed run refuses to change the settings
+    # given) unless left out (None: the field's default).
+    flags = {"compare_stock": args.compare_stock, "progress": not args.no_progress}
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(train.TrainConfig)
+        if f.name not in flags and getattr(args, f.name) is not None
+    }
+    config = train.TrainConfig(**given, **flags)
     distributed.run(config, explicit=tuple(given))
 
 
@@ -190,7 +186,7 @@ def _eval(args):
         f"backend {result['backend']}"
     )
     if args.metrics:
-        train._write_json(result, args.metrics)
+        report.write_json(result, args.metrics)
 
 
 def _message(exc) -> str:
@@ -215,7 +211,7 @@ def main(argv=None) -> int:
         return 130
     except (
         data.DataError,
-        train.CheckpointError,
+        checkpoint.CheckpointError,
         ValueError,
         RuntimeError,
         OSError,

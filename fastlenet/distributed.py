@@ -20,7 +20,7 @@ import torch
 import torch.distributed
 import torch.multiprocessing as mp
 
-from fastlenet import data, train
+from fastlenet import checkpoint, data, train
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -97,7 +97,7 @@ def run(config, dataset=None, explicit=()) -> dict:
             f"{torch.cuda.device_count()} visible"
         )
     # A bad checkpoint or a missing dataset fails here, before any process starts.
-    resolved, _ = train.prepare_resume(config, explicit)
+    resolved, _ = checkpoint.prepare_resume(config, explicit)
     if dataset is None:
         image_size = train.MODELS[resolved.model].input_size[1:]
         dataset = data.load(resolved.dataset, resolved.data_dir, pad_to=image_size)

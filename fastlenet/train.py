@@ -1,35 +1,32 @@
-"""Training and evaluation of the fused models: the loop behind `python -m fastlenet train|eval`.
+"""Training of the fused models: the loop behind `python -m fastlenet train` (and `eval`).
 
 One step: index the in-memory training tensors with the next slice of a seeded permutation,
 forward, cross-entropy (mean over the batch), backward, optimizer step, one-cycle LR step.
 
-Resumable and reproducible: a checkpoint (written at every epoch end, atomically: temporary file
-in the same directory, fsync, rename) holds the model, optimizer, LR schedule, torch RNG state
-and the state of the generator that draws each epoch's permutation, so training 2 epochs
-straight and 1 epoch + resume for 1 give bitwise equal parameters on CPU at a fixed thread
-count. A checkpoint records the training settings; a resumed run continues that schedule.
+Resumable and reproducible: a checkpoint written at every epoch end (fastlenet.checkpoint)
+holds the model, optimizer, LR schedule, torch RNG state and the state of the generator that
+draws each epoch's permutation, so training 2 epochs straight and 1 epoch + resume for 1 give
+bitwise equal parameters on CPU at a fixed thread count. A checkpoint records the training
+settings; a resumed run continues that schedule.
 
 --compare-stock trains the stock model (`fused=False`) from the same initial weights on the
 same batches beside the fused one, timing each model's steps separately.
+
+train() in steps: _set_up (threads, device, data, models, optimizers), _restore (--resume),
+then per epoch _train_epoch, _evaluate_epoch and _save_checkpoint. What it prints and returns
+is made by fastlenet.report.
 """
 
-import contextlib
 import dataclasses
-import json
 import math
 import os
-import sys
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
-from fastlenet import backends, data
+from fastlenet import backends, checkpoint, data, report
 from fastlenet.models import MODELS
-
-CHECKPOINT_FORMAT = "fastlenet.checkpoint"
-CHECKPOINT_VERSION = 1
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "constant")
@@ -42,9 +39,6 @@ DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adam": 0.0}
 DEFAULT_EPOCHS = 5
 EVAL_BATCH = 1000  # evaluation only holds activations of this many images at once
-# Relative loss difference between fused and stock steps that the parity tests require over
-# 200 steps (float32); --compare-stock reports for how many steps the runs stay within it.
-PARITY_TOL = 1e-4
 
 # Settings that define a training run: a resumed run must keep them (its schedule, batches and
 # model depend on them). Every other setting (threads, backend, paths, ...) may change.
@@ -60,10 +54,6 @@ RUN_KEYS = (
     "schedule",
     "seed",
 )
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read or does not fit the model."""
 
 
 @dataclasses.dataclass
@@ -166,81 +156,6 @@ def resolve_device(config) -> torch.device:
     if config.device is not None:
         return torch.device(config.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(state: dict, path) -> None:
-    """torch.save(state, path) so that `path` always holds either the old or the new checkpoint:
-    write a temporary file beside it, fsync, then rename it over `path` (atomic on POSIX)."""
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; torch.save would not
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def load_checkpoint(path) -> dict:
-    """A fastlenet checkpoint, or {"model": sd} for a plain state_dict saved by torch.save."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged or foreign file
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path}: unreadable ({first_line})") from e
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        if obj.get("version") != CHECKPOINT_VERSION:
-            raise CheckpointError(
-                f"checkpoint {path}: format version {obj.get('version')}, this fastlenet reads "
-                f"{CHECKPOINT_VERSION}"
-            )
-        return obj
-    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
-        return {"model": obj, "plain": True}
-    raise CheckpointError(
-        f"checkpoint {path}: neither a fastlenet checkpoint nor a model state_dict"
-    )
-
-
-def infer_model(state_dict) -> tuple[str, int]:
-    """(model name, num_classes) of a plain LeNet-5 or Fashion-MNIST CNN state_dict."""
-    keys = set(state_dict)
-    for name, cls in MODELS.items():
-        expected = set(cls(fused=False).state_dict())
-        if keys == expected:
-            last = "fc3.weight" if name == "lenet5" else "fc.weight"
-            return name, int(state_dict[last].shape[0])
-    raise CheckpointError(
-        f"state_dict keys {sorted(keys)} match neither model ({', '.join(MODELS)})"
-    )
-
-
-def load_weights(model, state_dict, path) -> None:
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        raise CheckpointError(f"checkpoint {path} does not fit the model: {detail}") from e
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -354,58 +269,221 @@ class _Runner:
         }
 
     def load(self, state, path):
-        load_weights(self.model, state["model"], path)
+        checkpoint.load_weights(self.model, state["model"], path)
         try:
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
         except (KeyError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({e})") from e
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path}: optimizer state does not fit ({e})"
+            ) from e
 
 
-def _resume_config(config, ckpt, explicit, path) -> "TrainConfig":
-    """The config of a resumed run: the checkpoint's run settings, the rest from `config`.
-    A run setting given explicitly (in `explicit`) that differs is an error."""
-    saved = ckpt.get("config") or {}
-    missing = [k for k in RUN_KEYS if k not in saved]
-    if missing:
-        raise CheckpointError(f"checkpoint {path}: lacks the run settings {missing}")
-    given = config.run_settings()
-    for key in RUN_KEYS:
-        value = given[key]
-        if key in explicit and value != saved[key]:
-            raise ValueError(
-                f"--{key.replace('_', '-')} {value} differs from the checkpoint's {saved[key]}: "
-                "a resumed run continues the checkpoint's schedule (start a new run instead)"
-            )
-    return dataclasses.replace(config, **{k: saved[k] for k in RUN_KEYS})
+# ----------------------------------------------------------------------------- the loop's steps
 
 
-def prepare_resume(config, explicit=()) -> tuple["TrainConfig", dict | None]:
-    """(config, checkpoint) of a run: for --resume, the checkpoint loaded and checked, and the
-    config with the checkpoint's run settings; otherwise (config, None)."""
-    if not config.resume:
-        return config, None
-    ckpt = load_checkpoint(config.resume)
-    if ckpt.get("plain"):
-        raise CheckpointError(
-            f"checkpoint {config.resume}: a plain state_dict holds no optimizer or data-order "
-            "state to resume from (use it with `fastlenet eval`)"
+@dataclasses.dataclass
+class Run:
+    """What one training run works on: made by _set_up, carried on by the steps below and
+    reported by fastlenet.report."""
+
+    config: TrainConfig
+    dist: DistContext
+    threads: int
+    device: torch.device
+    dataset: data.Dataset  # its images and labels on `device`
+    drop_last: bool  # the last batch of an epoch is dropped (see _set_up)
+    backend: str  # the kernels the fused model runs on
+    fused: _Runner
+    stock: _Runner | None  # with --compare-stock
+    order: torch.Generator  # draws each epoch's permutation
+    start_epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)  # one row per epoch
+    step_log: dict = dataclasses.field(default_factory=lambda: {"fused": [], "stock": []})
+
+
+def _set_up(config, dataset, dist) -> Run:
+    """Threads, device, the data on the device, the model(s) with optimizer and schedule, and
+    the generator of the batch order: everything before the first epoch."""
+    threads = config.threads or default_threads()
+    torch.set_num_threads(threads)
+    device = resolve_device(config)
+    if dist.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    dataset = _load_data(config, dataset)
+    on_device = dataclasses.replace(
+        dataset,
+        train_images=dataset.train_images.to(device),
+        train_labels=dataset.train_labels.to(device),
+        test_images=dataset.test_images.to(device),
+        test_labels=dataset.test_labels.to(device),
+    )
+    n_train = len(on_device.train_labels)
+    # Under DDP every global batch is split across ranks; a final batch smaller than the number
+    # of ranks would leave a rank without samples, so it is dropped (single process keeps it).
+    drop_last = dist.world_size > 1 and n_train % config.batch_size < dist.world_size
+    steps_per_epoch = data.num_batches(n_train, config.batch_size, drop_last)
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {n_train} training images")
+
+    fused, stock, backend = _build_runners(
+        config, dataset.num_classes, steps_per_epoch, device, dist
+    )
+    order = torch.Generator().manual_seed(config.seed)
+    return Run(config, dist, threads, device, on_device, drop_last, backend, fused, stock, order)
+
+
+def _load_data(config, dataset):
+    """`dataset`, or config.dataset loaded when it is None; checked against the model's input."""
+    image_size = MODELS[config.model].input_size[1:]
+    if dataset is None:
+        dataset = data.load(config.dataset, config.data_dir, pad_to=image_size)
+    if dataset.image_size != image_size:
+        raise ValueError(
+            f"model {config.model} takes {image_size[0]}x{image_size[1]} images, the dataset "
+            f"holds {dataset.image_size[0]}x{dataset.image_size[1]}"
         )
-    config = _resume_config(config, ckpt, explicit, config.resume)
-    if config.compare_stock and "stock" not in ckpt:
-        raise CheckpointError(
-            f"checkpoint {config.resume} was written without --compare-stock: resume it "
-            "without that flag"
+    return dataset
+
+
+def _build_runners(config, num_classes, steps_per_epoch, device, dist):
+    """(fused runner, stock runner or None, backend): the fused model from config.seed
+    (wrapped in DistributedDataParallel under torch.distributed) and, with --compare-stock,
+    the stock model from the same weights, each with its optimizer and schedule."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, num_classes, True, config.backend, device)
+    backend = backends.resolve(config.backend, device)
+    step_model = model
+    if dist.world_size > 1:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    return config, ckpt
+    opt, sched = build_optimizer(config, model.parameters(), steps_per_epoch)
+    fused = _Runner(model, opt, sched, device, step_model)
+    stock = None
+    if config.compare_stock:
+        stock_model = build_model(config.model, num_classes, False, "auto", device)
+        stock_model.load_state_dict(model.state_dict())
+        stock_opt = build_optimizer(config, stock_model.parameters(), steps_per_epoch)
+        stock = _Runner(stock_model, *stock_opt, device)
+    return fused, stock, backend
 
 
-def _plural(n, word):
-    return f"{n} {word}{'' if n == 1 else 's'}"
+def _restore(run, ckpt, say) -> None:
+    """Puts `run` where the checkpoint `ckpt` of --resume left it: models, optimizers,
+    schedules, RNG and batch-order state, epochs done, history and training seconds."""
+    path, epochs = run.config.resume, run.config.epochs
+    run.fused.load(ckpt, path)
+    if run.stock is not None:
+        run.stock.load(ckpt["stock"], path)
+    try:
+        run.order.set_state(ckpt["data_order"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        run.start_epoch = int(ckpt["epoch"])
+        run.history = list(ckpt["history"])
+        run.step_log = ckpt.get("step_loss", run.step_log)
+        prior_seconds = ckpt.get("train_seconds", {"fused": 0.0, "stock": 0.0})
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise checkpoint.CheckpointError(f"checkpoint {path}: incomplete ({e})") from e
+    if run.start_epoch >= epochs:
+        raise ValueError(f"checkpoint {path} already holds all {epochs} epochs")
+    say(f"resuming {path} after epoch {run.start_epoch}/{epochs}")
+    run.fused.seconds, stock_seconds = prior_seconds["fused"], prior_seconds["stock"]
+    if run.stock is not None:
+        run.stock.seconds = stock_seconds
 
 
-def _fmt_rate(x):
-    return f"{x:,.0f}"
+def _train_epoch(run, epoch) -> float:
+    """The training steps of one epoch, over the batches of its permutation; returns the
+    seconds the fused model's steps took."""
+    fused, config = run.fused, run.config
+    fused.reset_epoch()
+    if run.stock is not None:
+        run.stock.reset_epoch()
+    seconds0 = fused.seconds
+    n_train = len(run.dataset.train_labels)
+    batches = data.epoch_batches(n_train, config.batch_size, run.order, run.drop_last)
+    bar = report.progress(config, run.dist.is_main, epoch, sum(len(b) for b in batches))
+    for i, idx in enumerate(batches):
+        loss = _step(run, idx)
+        if bar is not None:
+            report.progress_step(bar, len(idx), i, len(batches), loss, fused.seconds - seconds0)
+    if bar is not None:
+        bar.close()
+    return fused.seconds - seconds0
+
+
+def _step(run, idx):
+    """One training step of the fused model (and of the stock one beside it) on the global
+    batch `idx` (under torch.distributed, on this rank's share of it); returns the fused
+    model's loss."""
+    dist, local_scale = run.dist, None
+    if dist.world_size > 1:
+        global_n = len(idx)
+        idx = idx.tensor_split(dist.world_size)[dist.rank]
+        local_scale = dist.world_size / global_n
+    idx = idx.to(run.device)
+    x, y = run.dataset.train_images[idx], run.dataset.train_labels[idx]
+    loss = run.fused.step(x, y, local_scale)
+    if run.stock is not None:
+        stock_loss = run.stock.step(x, y)
+        run.step_log["fused"].append(loss.item())
+        run.step_log["stock"].append(stock_loss.item())
+    return loss
+
+
+def _evaluate_epoch(run, epoch, train_seconds, t_epoch) -> dict:
+    """The epoch's row of the history: training loss and accuracy (summed over ranks), test
+    loss and accuracy, time and rate; with --compare-stock the stock model's too."""
+    fused = run.fused
+    totals = torch.stack([fused.loss_sum, fused.correct.double()])
+    count = torch.tensor(float(fused.count), dtype=torch.float64, device=run.device)
+    totals = torch.cat([totals, count.view(1)])
+    if run.dist.world_size > 1:
+        torch.distributed.all_reduce(totals)
+    loss_sum, correct, count = totals.tolist()
+    test_x, test_y = run.dataset.test_images, run.dataset.test_labels
+    test_correct, test_count, test_loss = evaluate(fused.model, test_x, test_y, dist=run.dist)
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / count,
+        "train_accuracy": correct / count,
+        "test_loss": test_loss / test_count,
+        "test_accuracy": test_correct / test_count,
+        "train_seconds": train_seconds,
+        "samples_per_second": count / train_seconds,
+        "wall_seconds": time.perf_counter() - t_epoch,
+    }
+    if run.stock is not None:
+        s_correct, s_count, _ = evaluate(run.stock.model, test_x, test_y)
+        row["stock_test_accuracy"] = s_correct / s_count
+        row["stock_train_loss"] = run.stock.loss_sum.item() / run.stock.count
+    return row
+
+
+def _save_checkpoint(run, epochs_done) -> None:
+    """Writes the checkpoint of `run` after `epochs_done` epochs to config.checkpoint."""
+    fused, stock = run.fused, run.stock
+    state = {
+        "format": checkpoint.CHECKPOINT_FORMAT,
+        "version": checkpoint.CHECKPOINT_VERSION,
+        "config": run.config.run_settings(),
+        "num_classes": run.dataset.num_classes,
+        "epoch": epochs_done,
+        **fused.state(),
+        "data_order": run.order.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "history": run.history,
+        "train_seconds": {
+            "fused": fused.seconds,
+            "stock": stock.seconds if stock else 0.0,
+        },
+    }
+    if stock is not None:
+        state["stock"] = stock.state()
+        state["step_loss"] = run.step_log
+    checkpoint.save_checkpoint(state, run.config.checkpoint)
 
 
 # ----------------------------------------------------------------------------- train
@@ -424,267 +502,32 @@ def train(config: TrainConfig, dataset=None, dist=None, explicit=(), log=None) -
     say = (log or (lambda s: print(s, flush=True))) if main else (lambda s: None)
     wall0 = time.perf_counter()
 
-    config, ckpt = prepare_resume(config, explicit)
-    threads = config.threads or default_threads()
-    torch.set_num_threads(threads)
-    device = resolve_device(config)
-    if dist.world_size > 1 and device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-
-    model_cls = MODELS[config.model]
-    image_size = model_cls.input_size[1:]
-    if dataset is None:
-        dataset = data.load(config.dataset, config.data_dir, pad_to=image_size)
-    if dataset.image_size != image_size:
-        raise ValueError(
-            f"model {config.model} takes {image_size[0]}x{image_size[1]} images, the dataset "
-            f"holds {dataset.image_size[0]}x{dataset.image_size[1]}"
-        )
-    train_x, train_y = dataset.train_images.to(device), dataset.train_labels.to(device)
-    test_x, test_y = dataset.test_images.to(device), dataset.test_labels.to(device)
-    n_train = len(train_y)
-    # Under DDP every global batch is split across ranks; a final batch smaller than the number
-    # of ranks would leave a rank without samples, so it is dropped (single process keeps it).
-    drop_last = dist.world_size > 1 and n_train % config.batch_size < dist.world_size
-    steps_per_epoch = data.num_batches(n_train, config.batch_size, drop_last)
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {n_train} training images")
-
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, dataset.num_classes, True, config.backend, device)
-    backend = backends.resolve(config.backend, device)
-    step_model = model
-    if dist.world_size > 1:
-        step_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    opt, sched = build_optimizer(config, model.parameters(), steps_per_epoch)
-    fused = _Runner(model, opt, sched, device, step_model)
-    stock = None
-    if config.compare_stock:
-        stock_model = build_model(config.model, dataset.num_classes, False, "auto", device)
-        stock_model.load_state_dict(model.state_dict())
-        stock_opt = build_optimizer(config, stock_model.parameters(), steps_per_epoch)
-        stock = _Runner(stock_model, *stock_opt, device)
-
-    order = torch.Generator().manual_seed(config.seed)
-    start_epoch, history, step_log = 0, [], {"fused": [], "stock": []}
-    prior_seconds = {"fused": 0.0, "stock": 0.0}
+    config, ckpt = checkpoint.prepare_resume(config, explicit)
+    run = _set_up(config, dataset, dist)
     if ckpt is not None:
-        fused.load(ckpt, config.resume)
-        if stock is not None:
-            stock.load(ckpt["stock"], config.resume)
-        try:
-            order.set_state(ckpt["data_order"])
-            torch.set_rng_state(ckpt["torch_rng"])
-            start_epoch = int(ckpt["epoch"])
-            history = list(ckpt["history"])
-            step_log = ckpt.get("step_loss", step_log)
-            prior_seconds = ckpt.get("train_seconds", prior_seconds)
-        except (KeyError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {config.resume}: incomplete ({e})") from e
-        if start_epoch >= config.epochs:
-            raise ValueError(f"checkpoint {config.resume} already holds all {config.epochs} epochs")
-        say(f"resuming {config.resume} after epoch {start_epoch}/{config.epochs}")
-    fused.seconds, stock_seconds0 = prior_seconds["fused"], prior_seconds["stock"]
-    if stock is not None:
-        stock.seconds = stock_seconds0
-
+        _restore(run, ckpt, say)
     last_epoch = (
         config.epochs if config.stop_after is None else min(config.epochs, config.stop_after)
     )
-    say(
-        f"fastlenet: {config.model} on {config.dataset} ({n_train:,} train / {len(test_y):,} test "
-        f"images from {dataset.source}); backend {backend} on {device}, {threads} threads"
-        + (f" x {dist.world_size} processes" if dist.world_size > 1 else "")
-        + f"; {config.optimizer} lr {config.peak_lr:g} ({config.schedule}), weight decay "
-        f"{config.decay:g}, batch {config.batch_size}, {_plural(config.epochs, 'epoch')}"
-    )
+    say(report.start_line(run))
 
-    local_scale = None
-    for epoch in range(start_epoch, last_epoch):
-        fused.reset_epoch()
-        if stock is not None:
-            stock.reset_epoch()
+    for epoch in range(run.start_epoch, last_epoch):
         t_epoch = time.perf_counter()
-        seconds0 = fused.seconds
-        batches = data.epoch_batches(n_train, config.batch_size, order, drop_last)
-        bar = _progress(config, main, epoch, sum(len(b) for b in batches))
-        for i, idx in enumerate(batches):
-            global_n = len(idx)
-            if dist.world_size > 1:
-                idx = idx.tensor_split(dist.world_size)[dist.rank]
-                local_scale = dist.world_size / global_n
-            idx = idx.to(device)
-            x, y = train_x[idx], train_y[idx]
-            loss = fused.step(x, y, local_scale)
-            if stock is not None:
-                stock_loss = stock.step(x, y)
-                step_log["fused"].append(loss.item())
-                step_log["stock"].append(stock_loss.item())
-            if bar is not None:
-                bar.update(global_n)
-                if i % 50 == 0 or i == len(batches) - 1:
-                    rate = (bar.n / (fused.seconds - seconds0)) if fused.seconds > seconds0 else 0
-                    bar.set_postfix_str(f"loss {loss.item():.4f}, {_fmt_rate(rate)} samples/s")
-        if bar is not None:
-            bar.close()
-
-        totals = torch.stack([fused.loss_sum, fused.correct.double()])
-        count = torch.tensor(float(fused.count), dtype=torch.float64, device=device)
-        totals = torch.cat([totals, count.view(1)])
-        if dist.world_size > 1:
-            torch.distributed.all_reduce(totals)
-        loss_sum, correct, count = totals.tolist()
-        test_correct, test_count, test_loss = evaluate(model, test_x, test_y, dist=dist)
-        epoch_train_seconds = fused.seconds - seconds0
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / count,
-            "train_accuracy": correct / count,
-            "test_loss": test_loss / test_count,
-            "test_accuracy": test_correct / test_count,
-            "train_seconds": epoch_train_seconds,
-            "samples_per_second": count / epoch_train_seconds,
-            "wall_seconds": time.perf_counter() - t_epoch,
-        }
-        line = (
-            f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f}, "
-            f"test accuracy {100 * row['test_accuracy']:.2f}%, "
-            f"{row['wall_seconds']:.1f} s ({_fmt_rate(row['samples_per_second'])} samples/s)"
-        )
-        if stock is not None:
-            s_correct, s_count, _ = evaluate(stock.model, test_x, test_y)
-            row["stock_test_accuracy"] = s_correct / s_count
-            row["stock_train_loss"] = stock.loss_sum.item() / stock.count
-            line += f"; stock test accuracy {100 * row['stock_test_accuracy']:.2f}%"
-        history.append(row)
-        say(line)
-
+        train_seconds = _train_epoch(run, epoch)
+        row = _evaluate_epoch(run, epoch, train_seconds, t_epoch)
+        run.history.append(row)
+        say(report.epoch_line(config, row))
         if config.checkpoint and main:
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "version": CHECKPOINT_VERSION,
-                "config": config.run_settings(),
-                "num_classes": dataset.num_classes,
-                "epoch": epoch + 1,
-                **fused.state(),
-                "data_order": order.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "history": history,
-                "train_seconds": {
-                    "fused": fused.seconds,
-                    "stock": stock.seconds if stock else 0.0,
-                },
-            }
-            if stock is not None:
-                state["stock"] = stock.state()
-                state["step_loss"] = step_log
-            save_checkpoint(state, config.checkpoint)
+            _save_checkpoint(run, epoch + 1)
         if dist.world_size > 1:
             torch.distributed.barrier()
 
-    metrics = _metrics(config, history, fused, stock, step_log, backend, threads, dist, wall0)
+    metrics = report.metrics(run, wall0)
     if main:
-        _summary(say, config, metrics, last_epoch)
+        report.summary(say, config, metrics, last_epoch)
         if config.metrics:
-            _write_json(metrics, config.metrics)
+            report.write_json(metrics, config.metrics)
     return metrics
-
-
-def _progress(config, main, epoch, total):
-    if not (config.progress and main):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        desc=f"epoch {epoch + 1}/{config.epochs}",
-        unit="img",
-        unit_scale=True,
-        leave=False,
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
-
-
-def _metrics(config, history, fused, stock, step_log, backend, threads, dist, wall0):
-    samples = sum(row["train_seconds"] * row["samples_per_second"] for row in history)
-    last = history[-1] if history else {}
-    metrics = {
-        "model": config.model,
-        "dataset": config.dataset,
-        "backend": backend,
-        "threads": threads,
-        "nproc": dist.world_size,
-        "torch": torch.__version__,
-        "config": config.run_settings(),
-        "epochs_done": len(history),
-        "test_accuracy": last.get("test_accuracy"),
-        "train_seconds": fused.seconds,
-        "samples_per_second": samples / fused.seconds if fused.seconds > 0 else None,
-        "wall_seconds": time.perf_counter() - wall0,
-        "epochs": history,
-    }
-    if stock is not None and step_log["fused"]:
-        f = torch.tensor(step_log["fused"], dtype=torch.float64)
-        s = torch.tensor(step_log["stock"], dtype=torch.float64)
-        rel = (f - s).abs() / s.abs().clamp_min(1e-30)
-        metrics["stock"] = {
-            "test_accuracy": last.get("stock_test_accuracy"),
-            "train_seconds": stock.seconds,
-            "samples_per_second": samples / stock.seconds if stock.seconds > 0 else None,
-            "speedup": stock.seconds / fused.seconds if fused.seconds > 0 else None,
-            "max_rel_loss_diff": rel.max().item(),
-            "mean_rel_loss_diff": rel.mean().item(),
-            "final_rel_loss_diff": rel[-1].item(),
-            # Float rounding differs between the kernels, and SGD amplifies any difference
-            # over many steps: how long the two runs agree to PARITY_TOL tells more than the
-            # maximum over a whole run.
-            "steps_within_parity_tol": int((rel < PARITY_TOL).int().cumprod(0).sum().item()),
-            "step_loss_fused": step_log["fused"],
-            "step_loss_stock": step_log["stock"],
-        }
-    return metrics
-
-
-def _summary(say, config, m, last_epoch):
-    if not m["epochs"]:
-        return
-    say(
-        f"{m['model']} on {m['dataset']}: test accuracy {100 * m['test_accuracy']:.2f}% after "
-        f"{_plural(m['epochs_done'], 'epoch')}; {m['train_seconds']:.1f} s training "
-        f"({_fmt_rate(m['samples_per_second'])} samples/s), {m['wall_seconds']:.1f} s wall; "
-        f"backend {m['backend']}, {m['threads']} threads"
-        + (f" x {m['nproc']} processes" if m["nproc"] > 1 else "")
-    )
-    if "stock" in m:
-        s = m["stock"]
-        say(
-            f"stock PyTorch from the same weights on the same batches: test accuracy "
-            f"{100 * s['test_accuracy']:.2f}%, {s['train_seconds']:.1f} s training "
-            f"({_fmt_rate(s['samples_per_second'])} samples/s); fused speedup "
-            f"{s['speedup']:.2f}x; per-step relative loss difference "
-            f"max {s['max_rel_loss_diff']:.2e}, "
-            f"mean {s['mean_rel_loss_diff']:.2e}, last {s['final_rel_loss_diff']:.2e}; within "
-            f"{PARITY_TOL:g} for the first {s['steps_within_parity_tol']} of "
-            f"{len(s['step_loss_fused'])} steps"
-        )
-    if last_epoch < config.epochs and config.checkpoint:
-        say(
-            f"stopped after epoch {last_epoch}/{config.epochs}: continue with --resume "
-            f"{config.checkpoint}"
-        )
-
-
-def _write_json(obj, path):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -703,23 +546,23 @@ def evaluate_checkpoint(
     """Test accuracy of the model saved in `path` (a fastlenet checkpoint, or a plain
     state_dict of the stock or fused model), run on the fused model."""
     torch.set_num_threads(threads or default_threads())
-    ckpt = load_checkpoint(path)
+    ckpt = checkpoint.load_checkpoint(path)
     if ckpt.get("plain"):
-        inferred, num_classes = infer_model(ckpt["model"])
+        inferred, num_classes = checkpoint.infer_model(ckpt["model"])
         saved_dataset = None
     else:
         try:
             inferred, num_classes = ckpt["config"]["model"], int(ckpt["num_classes"])
             saved_dataset = ckpt["config"]["dataset"]
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path}: incomplete ({e})") from e
+            raise checkpoint.CheckpointError(f"checkpoint {path}: incomplete ({e})") from e
     name = model_name or inferred
     if name not in MODELS:
         raise ValueError(f"model must be one of {tuple(MODELS)}, got {name!r}")
     dataset_name = dataset_name or saved_dataset or "mnist"
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(name, num_classes, True, backends.check_choice(backend), dev)
-    load_weights(model, ckpt["model"], path)
+    checkpoint.load_weights(model, ckpt["model"], path)
     image_size = MODELS[name].input_size[1:]
     if dataset is None:
         dataset = data.load(dataset_name, data_dir, pad_to=image_size)

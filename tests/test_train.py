@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from fastlenet import LeNet5, data, train
+from fastlenet import LeNet5, checkpoint, data, report, train
 from fastlenet.__main__ import main
 
 THREADS = 2  # the fixed thread count of the bitwise tests (the machine has 2 cores)
@@ -86,7 +86,7 @@ def test_same_seed_and_threads_are_bitwise_identical(tmp_path):
 def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
     old = {"model": {"w": torch.randn(5)}, "epoch": 1}
-    train.save_checkpoint(old, path)
+    checkpoint.save_checkpoint(old, path)
     real_save = torch.save
 
     def dies_halfway(obj, f, *args, **kwargs):
@@ -102,7 +102,7 @@ def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 
         monkeypatch.setattr(torch, "save", dies_halfway)
         with pytest.raises(error):
-            train.save_checkpoint({"model": {"w": torch.randn(5)}, "epoch": 2}, path)
+            checkpoint.save_checkpoint({"model": {"w": torch.randn(5)}, "epoch": 2}, path)
         monkeypatch.setattr(torch, "save", real_save)
         kept = torch.load(path, weights_only=True)
         assert kept["epoch"] == 1 and torch.equal(kept["model"]["w"], old["model"]["w"])
@@ -112,7 +112,7 @@ def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 def test_failed_save_during_training_leaves_a_resumable_checkpoint(tmp_path, monkeypatch):
     ds = _dataset()
     path = tmp_path / "ck.pt"
-    real = train.save_checkpoint
+    real = checkpoint.save_checkpoint
     calls = []
 
     def fail_second(state, p):
@@ -121,10 +121,10 @@ def test_failed_save_during_training_leaves_a_resumable_checkpoint(tmp_path, mon
             raise OSError("disk full (simulated)")
         real(state, p)
 
-    monkeypatch.setattr(train, "save_checkpoint", fail_second)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", fail_second)
     with pytest.raises(OSError):
         train.train(_config(checkpoint=str(path)), dataset=ds, log=_quiet)
-    monkeypatch.setattr(train, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
     assert torch.load(path, weights_only=True)["epoch"] == 1
     m = train.train(_config(checkpoint=str(path), resume=str(path)), dataset=ds, log=_quiet)
     assert m["epochs_done"] == 2
@@ -153,7 +153,7 @@ def test_compare_stock_reports_both_models(tmp_path):
     # Same weights, same batches: the first steps agree to rounding (see test_models).
     first_fused, first_stock = s["step_loss_fused"][0], s["step_loss_stock"][0]
     assert abs(first_fused - first_stock) / first_stock < 1e-5
-    assert s["max_rel_loss_diff"] < train.PARITY_TOL
+    assert s["max_rel_loss_diff"] < report.PARITY_TOL
     assert s["steps_within_parity_tol"] == steps
     assert 0 <= s["test_accuracy"] <= 1 and s["speedup"] > 0
     assert any("speedup" in line for line in lines)
