@@ -1,20 +1,13 @@
-// conv2d -> ReLU -> max_pool2d on the CPU, forward and backward.
+// conv2d -> ReLU -> max_pool2d on the CPU: checks, allocation, kernel choice and the
+// TORCH_LIBRARY_IMPL(fastlenet, CPU) registration of the forward and backward ops.
+// Math and saved state: fastlenet/reference.py (conv_relu_pool).
+// Computes: out and argmax (N, O, PH, PW); grad_input, grad_weight, grad_bias in one call.
+// Saves for backward (the autograd Function does): x, w and argmax, one byte per pooled output.
 //
-// Shapes: input x (N, C, H, W); weight w (O, C, KH, KW); bias b (O); conv output
-// y (N, O, OH, OW), never stored; pooled output out and argmax (N, O, PH, PW).
-//
-// Forward:  y[n,o,oh,ow] = b[o] + sum_{c,kh,kw} w[o,c,kh,kw] * xpad[n,c,oh*SH+kh,ow*SW+kw]
-//           m = max over the window (i, j) of y[n,o,ph*PSH+i,pw*PSW+j]   (first max in row-major
-//               order wins ties; NaN wins over numbers, as max_pool2d)
-//           out = relu(m);  argmax = i*POOLW+j of m, or 255 where m <= 0 (no gradient; a NaN
-//           m passes gradient, as stock's ReLU backward does)
-// Saved for backward: x, w and argmax: one byte per pooled output.
-// Backward: only (oh, ow) = the argmax of a window with argmax != 255 gets g = grad_out:
-//           grad_b[o] += g;  grad_w[o,:,:,:] += g * xpad[n, :, oh*SH:+KH, ow*SW:+KW]
-//           grad_x[n, :, oh*SH-PADH:+KH, ow*SW-PADW:+KW] += g * w[o]
-//           one patch per pooled output: about a quarter of a dense conv backward's work.
-//
-// Kernels: conv_relu_pool_cpu_fwd.h (forward), conv_relu_pool_cpu_bwd.h (backward).
+// float32 and float64, contiguous NCHW (inputs are made contiguous); the conv output is never
+// stored. Kernels: conv_relu_pool_cpu_fwd.h (forward), conv_relu_pool_cpu_bwd.h (backward);
+// a gradient that Inf/NaN reach through the zeros the sparse backward skips is recomputed
+// here with dense_backward, as stock's dense backward computes it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

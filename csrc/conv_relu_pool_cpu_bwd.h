@@ -1,21 +1,21 @@
 // Backward kernels of conv2d -> ReLU -> max_pool2d on the CPU.
+// Math and saved state: fastlenet/reference.py (conv_relu_pool).
+// Computes: grad_x, grad_w and grad_b, visiting only the patch of each window's argmax; a
+// gradient that Inf/NaN would reach through the skipped zeros is reported (BwdFallback) and
+// recomputed densely by the caller. Accumulates in the data's own type (float32 or float64).
+// Saves nothing: it reads what the forward saved (conv_relu_pool_cpu_fwd.h): x, w and argmax,
+// one byte per pooled output.
 //
-// From the saved x, w and argmax (forward: conv_relu_pool_cpu_fwd.h), only (oh, ow) = the
-// argmax of a window with argmax != 255 receives g = grad_out[n,o,ph,pw]:
-//   grad_b[o] += g;  grad_w[o] += g * xpad[n, :, oh*SH:+KH, ow*SW:+KW]
-//   grad_x[n, :, oh*SH-PADH:+KH, ow*SW-PADW:+KW] += g * w[o]
-//
-// Both work on a channels-last, zero-padded copy of each sample, where a patch row (KW pixels of
-// C values, padded to `pix` in grad_x's buffer) is contiguous: the patch of a window's argmax is
-// KH rows of NV full vectors. For
-// grad_w the accumulators of one output channel stay in registers across its windows; for
-// grad_x the weight rows of one output channel do. grad_w/grad_b: samples are split into a
-// fixed number of chunks (one per thread), each summing into its own buffer, added in chunk
-// order: bitwise identical run to run for a given thread count.
+// Both gradients work on a channels-last, zero-padded copy of each sample, where a patch row (KW
+// pixels of C values, padded to `pix` in grad_x's buffer) is contiguous: the patch of a window's
+// argmax is KH rows of NV full vectors. For grad_w the accumulators of one output channel stay
+// in registers across its windows; for grad_x the weight rows of one output channel do.
+// grad_w/grad_b: samples are split into a fixed number of chunks (one per thread), each summing
+// into its own buffer, added in chunk order: bitwise identical run to run for a given thread
+// count.
 // The inner loops step a row pointer by the row stride and index vectors with constants: with
 // `base + kh * stride + v * VW`, GCC keeps all KH * NV runtime offsets live, spills them and
-// recomputes addresses per window (conv2, AVX2, alternating both in one process: grad_w 10%,
-// grad_x 5% faster this way).
+// recomputes addresses per window (measured faster this way on AVX2, grad_w and grad_x).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -36,9 +36,8 @@ namespace fastlenet::cpu {
 
 // Backward vectors: at most 32 bytes (kNarrowBytes). AVX-512 CPUs issue two 32-byte FMAs per
 // cycle but one 64-byte FMA, and the backward is bound by its loads and stores, most of which a
-// 64-byte vector at a patch row's start would split over two cache lines (conv2 backward, Zen 4,
-// one thread, standalone loop: grad_w the same, grad_x 3.6 -> 3.0 us per sample with 8-channel
-// pixels).
+// 64-byte vector at a patch row's start would split over two cache lines (measured on AVX-512:
+// grad_x faster with 32-byte vectors and 8-channel pixels, grad_w no slower).
 constexpr int kBwdBytes = kNarrowBytes;
 // Patch shapes with a register-blocked backward: KH <= 7 rows of NV <= 5 vectors (conv2's
 // grad_x rows with 8 channels per pixel are 5 vectors of 8 floats).
@@ -46,9 +45,9 @@ constexpr int kMaxKH = 7;
 constexpr int kMaxNV = 5;
 // Patch rows one pass of the register-blocked grad_w kernel holds: its KHB * NV accumulators
 // plus a few temporaries fit the vector registers, so AVX2 does conv2's 5 rows of 4 vectors in
-// two passes (3 + 2 rows) instead of spilling accumulators (b64, one thread: 0.34 -> 0.30 ms).
-// grad_x keeps all rows in one pass: its spilled weights become memory operands of the FMAs,
-// and a second pass would cost more (0.39 -> 0.49 ms).
+// two passes (3 + 2 rows) instead of spilling accumulators (measured faster). grad_x keeps all
+// rows in one pass: its spilled weights become memory operands of the FMAs, and a second pass
+// measured slower.
 inline int64_t rows_per_pass(int64_t kh, int64_t nv) {
   return std::clamp<int64_t>((kVecRegs - 4) / nv, 1, kh);
 }
@@ -57,10 +56,9 @@ inline int64_t rows_per_pass(int64_t kh, int64_t nv) {
 // vectors above it, where that costs at most a third more lanes (conv2: 6 -> 8 channels). Its
 // patch rows then start on a VW-aligned element: with 6 channels 3 in 8 of the 32-byte
 // read-modify-writes of grad_x straddle two cache lines, and a window's rows partly overlap
-// the stores of the window before it, which the CPU cannot forward. Measured on AVX-512 (Zen 4):
-// conv2 grad_x alone, one thread, standalone loop, 4.05 -> 3.06 us per sample (25 instead of 20
-// vectors per window); the conv2 backward op 1.19-1.23x with two threads. On AVX2 (Zen 3) the
-// same padding measured no better (its stores cost ~2 cycles aligned or not), so builds without
+// the stores of the window before it, which the CPU cannot forward. Measured faster on AVX-512
+// (grad_x and the whole backward op) despite the extra vectors per window. On AVX2 the same
+// padding measured no better (its stores cost the same aligned or not), so builds without
 // AVX-512 keep C.
 constexpr bool kPadPixels = kVecBytes >= 64;
 inline int64_t padded_pixel(int64_t c, int64_t vw) {
@@ -89,8 +87,8 @@ struct BwdLayout {
   int64_t size;    // buffer elements, with a tail so full-vector loads stay in bounds
   std::array<int64_t, 256> qoff{};
   // Per pooled output k = ph * PW + pw: the offset of its window's first tap. One flat loop
-  // over k with this table beats nested ph/pw loops with runtime strides (conv2 grad_w, AVX2,
-  // in a standalone loop: 0.21 -> 0.17 ms for 64 samples).
+  // over k with this table beats nested ph/pw loops with runtime strides (measured on AVX2,
+  // conv2's grad_w).
   std::vector<int64_t> woff;
 
   BwdLayout(const ConvPoolGeometry& g, int64_t pixel) : pix(pixel) {
@@ -112,18 +110,17 @@ struct BwdLayout {
 
 // Pixels of a row that the layout conversions transpose in blocks of 8: all of them when the row
 // has at least 8, the last block then overlapping the one before it (its pixels are written
-// twice, with the same values) instead of leaving a remainder to the scalar loop (conv2, 14
-// pixels, standalone loop: from_padded_cl 0.50 -> 0.25 us per sample); none in a shorter row.
+// twice, with the same values) instead of leaving a remainder to the scalar loop (measured
+// faster; conv2's rows have 14 pixels); none in a shorter row.
 inline int64_t transposed_pixels(int64_t w) { return w >= kTransposeLanes ? w : 0; }
 inline int64_t block_start(int64_t xb, int64_t x0) { return std::min(xb, x0 - kTransposeLanes); }
 
 // One sample, planar (C, H, W) to channels-last and padded. float: blocks of 8 pixels x 8
-// channels are transposed in registers (in-process A/B, conv2 batch 64 and 256: both backward
-// ops ~2% faster than the scalar copy, which does the rest). Each pixel's 8 values are stored
-// at row + p * pix + c0, in increasing p; lanes past C hold zeros (the rows loaded for channels
-// past C) and land on the pixel's own padding lanes, the next pixel's first channels, or on
-// padding, before those are written. Channel blocks go from the last to the first for the same
-// reason.
+// channels are transposed in registers (measured slightly faster than the scalar copy, which
+// does the rest). Each pixel's 8 values are stored at row + p * pix + c0, in increasing p; lanes
+// past C hold zeros (the rows loaded for channels past C) and land on the pixel's own padding
+// lanes, the next pixel's first channels, or on padding, before those are written. Channel
+// blocks go from the last to the first for the same reason.
 template <typename T, typename Layout>
 void to_padded_cl(const T* xs, const ConvPoolGeometry& g, const Layout& L, T* dst) {
   if (L.pix == 1) {  // channels-last is the same layout: whole rows
@@ -374,8 +371,7 @@ struct BwdFallback {
 // thread (a fixed split of the samples, each summing into its own buffer, added in chunk order:
 // bitwise identical run to run for a given thread count), then grad_x per sample; each thread
 // takes the next task from a shared counter. One op, one parallel region and the finiteness
-// checks inside the tasks (in-process A/B against one op per gradient, conv2 forward + backward:
-// 1.08x at batch 64, 1.03x at 256).
+// checks inside the tasks (measured faster than one op per gradient).
 template <typename T>
 BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax,
                             const at::Tensor& input, const at::Tensor& weight,

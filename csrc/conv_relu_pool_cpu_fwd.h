@@ -1,9 +1,9 @@
 // Forward kernels of conv2d -> ReLU -> max_pool2d on the CPU.
-//
-// y[n,o,oh,ow] = b[o] + sum_{c,kh,kw} w[o,c,kh,kw] * xpad[n,c,oh*SH+kh,ow*SW+kw] (never stored)
-// m = max of y over the window (i, j) of each pooled output (first max wins a tie, a NaN wins)
-// out = relu(m); argmax = i*POOLW+j of m, or 255 where m <= 0. Saved for backward (by the
-// caller): x, w and argmax, one byte per pooled output. Backward: conv_relu_pool_cpu_bwd.h.
+// Math and saved state: fastlenet/reference.py (conv_relu_pool).
+// Computes: out and argmax (N, O, PH, PW) from contiguous NCHW x, w, b; the conv output is never
+// stored. Accumulates in the data's own type (float32 or float64).
+// Saves for backward (the caller does): x, w and argmax, one byte per pooled output. Backward:
+// conv_relu_pool_cpu_bwd.h.
 //
 // Two ways to fill the vector lanes, chosen per layer by conv_relu_pool_cpu.cpp:
 // - forward_channels: lanes over output channels, NV vectors of them (NV = 2 on AVX2, whose
@@ -35,8 +35,7 @@ namespace fastlenet::cpu {
 
 // Channel vectors per forward_channels block with many output channels: one with AVX-512's
 // embedded broadcasts and 32 registers; two on AVX2, where every broadcast input is a load of
-// its own and two weight vectors per input halve the loads per FMA (conv2 forward, batch 64,
-// one thread: 1.09 -> 0.49 ms).
+// its own and two weight vectors per input halve the loads per FMA (measured faster on AVX2).
 constexpr int kChannelVectors = kVecRegs >= 32 ? 1 : 2;
 
 // The argmax byte saved per lane: the window position of the max, or kNoGrad where ReLU passes
@@ -227,8 +226,7 @@ constexpr int kColumnsMaxOut = kColumnsAccumulators / kColumnsMaxWindow;
 // `lanes` of the VW columns are outputs; `room`: elements from the block's first output to the
 // end of its channel's plane. Where room >= VW the block stores whole vectors, the lanes past
 // its row landing on the next pooled rows, which the caller writes later (LeNet-5 conv1: 14
-// columns; forward, batch 256, one thread, standalone loop: 3.61 -> 3.32 us per sample);
-// elsewhere lane by lane.
+// columns; measured faster than storing lane by lane); elsewhere lane by lane.
 template <typename T, int OB, int NQ>
 void columns_block(const T* xs, int64_t chan, int64_t row, const int64_t* xoff, const T* wt,
                    int64_t C, int64_t KH, int64_t KW, const T* bias, T* out, uint8_t* am,
@@ -312,8 +310,8 @@ bool columns_suits(const ConvPoolGeometry& g, int channel_lanes) {
 // Phase split of one input row with two phases (S = 2: stride-1 conv, pool stride 2): 16
 // columns at a time, the 8 even ones to one phase and the 8 odd ones to the other, each a
 // contiguous run at split[xx] and split[xx + 1]. Returns the columns done; the caller copies the
-// rest one by one (LeNet-5 conv1 forward, batch 256, one thread, standalone loop: 3.85 -> 3.61 us
-// per sample; the element-by-element copy was 9% of it).
+// rest one by one (the element-by-element copy was a measurable part of LeNet-5 conv1's forward;
+// measured faster this way).
 inline int64_t split_pairs(const float* in, int64_t w, const int64_t* split, float* dst) {
   constexpr int64_t kStep = 2 * kTransposeLanes;
   int64_t xx = 0;

@@ -1,6 +1,7 @@
 // conv2d -> ReLU -> max_pool2d on CUDA: launchers (raw pointers, sizes, a cudaStream_t).
-// The math, the saved state and the kernels are described in conv_relu_pool_cuda.cuh; the
-// tensor checks and the op registration are in conv_relu_pool_cuda_ops.cpp.
+// Math and saved state: fastlenet/reference.py (conv_relu_pool); the kernels are described in
+// conv_relu_pool_cuda.cuh, the tensor checks and the op registration are in
+// conv_relu_pool_cuda_ops.cpp.
 #include "conv_relu_pool_cuda.cuh"
 
 namespace fastlenet::cuda {

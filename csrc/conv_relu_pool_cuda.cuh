@@ -1,19 +1,11 @@
 // conv2d -> ReLU -> max_pool2d on CUDA: kernel bodies (launchers in conv_relu_pool_cuda.cu).
 // The same source runs in the CPU simulator of tests/cuda_sim/ (see cuda_common.cuh).
+// Math and saved state: fastlenet/reference.py (conv_relu_pool).
+// Computes: out and argmax (N, O, PH, PW); grad_x, grad_w and grad_b from grad_out and argmax.
+// Saves for backward (the caller does): x, w and argmax, one byte per pooled output.
 //
 // Shapes (all contiguous, row-major): input x (N, C, H, W); weight w (O, C, KH, KW); bias b (O);
 // conv output y (N, O, OH, OW), never stored; pooled output out and argmax (N, O, PH, PW).
-//
-// Forward:  y[n,o,oh,ow] = b[o] + sum_{c,kh,kw} w[o,c,kh,kw] * xpad[n,c,oh*SH+kh,ow*SW+kw]
-//           m = max over the window (i, j) of y[n,o,ph*PSH+i,pw*PSW+j]   (first max in row-major
-//               order wins ties; NaN wins over numbers, as max_pool2d)
-//           out = relu(m);  argmax = i*POOLW+j of m (the last NaN when m is NaN), or 255 where
-//           m <= 0 (no gradient; a NaN m passes gradient, as stock ReLU's backward does)
-// Saved for backward (by the caller): x, w and argmax: one byte per pooled output.
-// Backward: only (oh, ow) = the argmax of a window with argmax != 255 gets g = grad_out:
-//           grad_b[o] = sum g;  grad_w[o,c,kh,kw] = sum g * xpad[n,c,oh*SH+kh,ow*SW+kw]
-//           grad_x[n,c,y,x] = sum over (o, kh, kw) whose conv output (oh, ow) is the argmax of
-//                             a window it belongs to: g * w[o,c,kh,kw]
 // Accumulation is in acc_t<T> (float32, or float64 for float64 data).
 //
 // Kernels:

@@ -1,6 +1,7 @@
 // conv2d -> ReLU -> max_pool2d on CUDA: tensor checks, allocation and the
-// TORCH_LIBRARY_IMPL(fastlenet, CUDA) registration. The math and the kernels are described in
-// conv_relu_pool_cuda.cuh; the launchers (no torch header) are in conv_relu_pool_cuda.cu.
+// TORCH_LIBRARY_IMPL(fastlenet, CUDA) registration. Math and saved state:
+// fastlenet/reference.py (conv_relu_pool); the kernels are described in conv_relu_pool_cuda.cuh,
+// the launchers (no torch header) are in conv_relu_pool_cuda.cu.
 // Every launch runs on the current stream of the input's device and is checked.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>

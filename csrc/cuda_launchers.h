@@ -67,8 +67,8 @@ cudaError_t linear_relu_fwd(DType dtype, const void* input, const void* weight, 
                             void* out, int64_t batch, int64_t in_features, int64_t out_features,
                             bool relu, cudaStream_t stream, int tile = kAutoTile);
 
-// g = where(out <= 0, 0, grad_out) (grad_out when !relu; out may then be null);
-// grad_input = g @ weight, grad_weight = g^T @ input, grad_bias = sum over rows of g.
+// grad_input (B, I), grad_weight (O, I) and grad_bias (O) of linear_relu (fastlenet/reference.py)
+// from grad_out and out (B, O), the ReLU mask (out may be null when !relu).
 cudaError_t linear_relu_bwd(DType dtype, const void* grad_out, const void* out, const void* input,
                             const void* weight, void* grad_input, void* grad_weight,
                             void* grad_bias, int64_t batch, int64_t in_features,

@@ -1,13 +1,12 @@
 // The fastlenet operator library: every schema is written here, once.
 // Device sources add only TORCH_LIBRARY_IMPL(fastlenet, CPU|CUDA, m); fake
 // (meta) kernels and autograd live beside the Python wrappers in fastlenet/.
+// The math and semantics of each op: fastlenet/reference.py.
 #include <torch/extension.h>
 
 TORCH_LIBRARY(fastlenet, m) {
-  // conv2d -> ReLU -> max_pool2d. `argmax` (uint8, shaped like the output)
-  // holds the row-major position of the max inside each pooling window (max_pool2d's
-  // choice: first of ties, last NaN), or 255 where that max is <= 0 (ReLU passes no
-  // gradient). A NaN max passes gradient, as stock ReLU's backward does.
+  // conv2d -> ReLU -> max_pool2d. `argmax` (uint8, shaped like the output): the
+  // window position of each max, or 255 where no gradient flows (fastlenet/reference.py).
   m.def(
       "conv_relu_pool_fwd(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
       "int[2] padding, int[2] pool_size, int[2] pool_stride) -> (Tensor out, Tensor argmax)");
@@ -17,8 +16,8 @@ TORCH_LIBRARY(fastlenet, m) {
       "conv_relu_pool_bwd(Tensor grad_out, Tensor argmax, Tensor input, Tensor weight, "
       "int[2] stride, int[2] padding, int[2] pool_size, int[2] pool_stride, bool input_grad, "
       "bool weight_grad) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
-  // linear (-> ReLU when `relu`). Backward zeroes grad_out where `out <= 0` when
-  // `relu`; grad_bias is always returned (the caller drops it without bias).
+  // linear (-> ReLU when `relu`). The backward takes `out` as the ReLU mask; grad_bias
+  // is always returned (the caller drops it without bias).
   m.def("linear_relu_fwd(Tensor input, Tensor weight, Tensor? bias, bool relu) -> Tensor");
   m.def(
       "linear_relu_bwd(Tensor grad_out, Tensor out, Tensor input, Tensor weight, bool relu) "

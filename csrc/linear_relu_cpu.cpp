@@ -1,14 +1,13 @@
 // linear -> ReLU on the CPU (also plain linear, `relu` = false).
-//
-// Forward:  out = relu(input @ weight^T + bias)            input (B, I), weight (O, I), out (B, O)
-// Backward: g = where(out <= 0, 0, grad_out)  (g = grad_out without ReLU; a NaN out passes
-//           its gradient, as stock ReLU's backward does)
-//           grad_input = g @ weight;  grad_weight = g^T @ input;  grad_bias = sum_b g
-//           (with two threads the two products run side by side, one thread each)
-// Saved for backward (by the autograd Function): input, weight and out, the ReLU mask.
+// Math and saved state: fastlenet/reference.py (linear_relu).
+// Computes: out (B, O) from input (B, I), weight (O, I), bias (O); grad_input, grad_weight and
+// grad_bias in one call.
+// Saves for backward (the autograd Function does): input, weight and out, the ReLU mask.
 //
 // The products go through ATen/BLAS; what is fused is everything around them: bias and ReLU in
-// one pass over the product, and the mask, the masked gradient and grad_bias in one pass.
+// one pass over the product, and the mask, the masked gradient and grad_bias in one pass (each
+// task owns a column range: deterministic grad_bias). With two threads the backward's two
+// products run side by side, one thread each.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,9 +24,9 @@ namespace {
 constexpr int64_t kElementGrain = 1 << 15;
 // With this many threads the backward's two products (the same number of multiply-adds) run
 // side by side, one thread each: the BLAS splits one small product over two threads poorly
-// (in-process A/B on the 2-core CI VM, backward op: LeNet-5's fc1 1.33x, fc2 1.25x, fc3 1.48x
-// at batch 64; fc1 1.09x at batch 256, 1.06x at 1024). With more threads each product keeps
-// all of them, one after the other (side by side would leave most of them idle).
+// (measured faster this way for each of LeNet-5's three fc layers, most at small batches). With
+// more threads each product keeps all of them, one after the other (side by side would leave
+// most of them idle).
 constexpr int kSideBySideThreads = 2;
 
 at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weight,

@@ -1,6 +1,6 @@
-// linear -> ReLU on CUDA: launchers (raw pointers, sizes, a cudaStream_t). The math, the saved
-// state and the kernels are described in linear_relu_cuda.cuh; the tensor checks and the op
-// registration are in linear_relu_cuda_ops.cpp.
+// linear -> ReLU on CUDA: launchers (raw pointers, sizes, a cudaStream_t). Math and saved
+// state: fastlenet/reference.py (linear_relu); the kernels are described in linear_relu_cuda.cuh,
+// the tensor checks and the op registration are in linear_relu_cuda_ops.cpp.
 //
 // Why a hand-written GEMM rather than cuBLAS through torch: LeNet-5's products are small
 // (batch x 400 x 120 at most), where a cuBLAS call is dominated by its launch and the separate

@@ -1,22 +1,22 @@
 // linear -> ReLU on CUDA (also plain linear, `relu` = false): kernel bodies (launchers in
 // linear_relu_cuda.cu). The same source runs in the CPU simulator of tests/cuda_sim/.
 //
+// Math and saved state: fastlenet/reference.py (linear_relu).
+// Computes: out (B, O); the backward's grad_x, grad_w and grad_b from grad_out and out.
+// Saves for backward (the caller does): x, w and out, the ReLU mask.
+//
 // Shapes (contiguous, row-major): input x (B, I), weight w (O, I), bias b (O), out (B, O).
-// Forward:  out = relu(x @ w^T + b)
-// Backward: g = where(out <= 0, 0, grad_out)   (g = grad_out without ReLU; a NaN out passes
-//           its gradient, as stock ReLU's backward does)
-//           grad_x = g @ w (B, I);  grad_w = g^T @ x (O, I);  grad_b = sum over rows of g (O)
-// Saved for backward (by the caller): x, w and out; out <= 0 is where the gradient stops.
 // Accumulation is in acc_t<T> (float32, or float64 for float64 data).
 //
 // Kernels:
 //  - gemm_kernel<BM, BN, BK, TM, TN>: C (M, N) = A (M, K) @ B (K, N), A and B addressed
-//    through strides so that the three products above read x, w and g in place (no
-//    transposed copies). A block computes a BM x BN tile of C with (BM/TM) x (BN/TN) threads,
-//    each holding a TM x TN register tile; BK-deep slices of A and B are staged in shared
-//    memory (converted to acc_t once). The masked-gradient prologue (A = g, 0 where out <= 0)
-//    is applied while staging A; the bias/ReLU epilogue while writing C. No split over K:
-//    every output element is summed in one fixed order (deterministic).
+//    through strides so that the three products (out, grad_x, grad_w) read x, w and g in
+//    place (no transposed copies). A block computes a BM x BN tile of C with
+//    (BM/TM) x (BN/TN) threads, each holding a TM x TN register tile; BK-deep slices of A and
+//    B are staged in shared memory (converted to acc_t once). The masked-gradient prologue
+//    (A = g, 0 where out <= 0) is applied while staging A; the bias/ReLU epilogue while
+//    writing C. No split over K: every output element is summed in one fixed order
+//    (deterministic).
 //  - column_sum_kernel: grad_b = sum over rows of the masked g; a block of (32, 8) threads per
 //    32 columns, rows split over the 8 lanes, added by a shared-memory tree (deterministic).
 #pragma once

@@ -1,7 +1,7 @@
 // linear -> ReLU on CUDA: tensor checks, allocation and the TORCH_LIBRARY_IMPL(fastlenet, CUDA)
-// registration. The math and the kernels are described in linear_relu_cuda.cuh; the launchers
-// (no torch header) are in linear_relu_cuda.cu. Every launch runs on the current stream of the
-// input's device and is checked.
+// registration. Math and saved state: fastlenet/reference.py (linear_relu); the kernels are
+// described in linear_relu_cuda.cuh, the launchers (no torch header) are in linear_relu_cuda.cu.
+// Every launch runs on the current stream of the input's device and is checked.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

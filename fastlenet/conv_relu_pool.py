@@ -1,11 +1,8 @@
 """conv2d -> ReLU -> max_pool2d: public function, autograd Function and fake kernels.
 
-Forward: out[n,o,ph,pw] = relu(max over window (i, j) of conv(input, weight, bias)[n,o,oh,ow]),
-with oh = ph * pool_stride_h + i, ow = pw * pool_stride_w + j.
-Saved for backward: input, weight and argmax (uint8, one byte per pooled output: the window
-position of the max, or 255 where the max is <= 0 and no gradient flows).
-Backward: only the argmax position of a window whose max is not <= 0 receives grad_out; the
-gradients of weight, bias and (when needed) input are computed from those positions alone.
+Math, argmax rule and saved state: fastlenet/reference.py (conv_relu_pool).
+The Function runs the backend's fwd, saves input, weight and argmax (one byte per pooled
+output), and asks the backend's bwd for all the gradients it needs in one call.
 """
 
 import torch

@@ -1,10 +1,8 @@
 """linear -> ReLU (and plain linear): public functions, autograd Function and fake kernels.
 
-Forward: out = relu(input @ weight.T + bias) (no ReLU when `relu` is false).
-Saved for backward: input, weight and out (the ReLU mask).
-Backward: g = where(out <= 0, 0, grad_out) (a NaN out passes gradient, as stock ReLU's);
-grad_input = g @ weight; grad_weight = g.T @ input;
-grad_bias = g.sum(0).
+Math and saved state: fastlenet/reference.py (linear_relu).
+The Function runs the backend's fwd, saves input, weight and out (the ReLU mask), and asks the
+backend's bwd for all three gradients in one call.
 """
 
 import torch

@@ -1,34 +1,29 @@
 # conv2d -> ReLU -> max_pool2d in Triton, forward and backward.
+# Math and saved state: fastlenet/reference.py (conv_relu_pool).
+# Computes: out and argmax (N, O, PH, PW); grad_input, grad_weight and grad_bias.
+# Saves for backward (the caller does): input, weight and argmax (uint8, one byte per output).
 #
 # Layouts (all contiguous, NCHW): input x (N, C, H, W); weight w (O, C, KH, KW), read as the
 # (O, K) matrix with K = C * KH * KW and k = (c * KH + kh) * KW + kw; bias b (O,); conv output
 # y (N, O, OH, OW), never stored; pooled output and argmax (N, O, PH, PW).
 #
-# Forward, one program per (BLOCK_M pooled outputs) x (BLOCK_N output channels) tile:
-#   y[n,o,oh,ow] = b[o] + sum_k x[n, c, oh*sh - padh + kh, ow*sw - padw + kw] * w[o, k]
-#   for each window position p = i * pool_w + j (row-major), the conv tile at
+# Forward, one program per (BLOCK_M pooled outputs) x (BLOCK_N output channels) tile: for each
+#   window position p = i * pool_w + j in row-major order, the conv tile at
 #   oh = ph * pool_sh + i, ow = pw * pool_sw + j is an implicit GEMM (tl.dot over K blocks of
-#   the im2col rows gathered on the fly); the running max and its position stay in registers:
-#   the first maximum in row-major order wins a tie, a NaN replaces the max (the last NaN
-#   of the window wins, as in max_pool2d).
-#   out = relu(max) (NaN stays NaN); argmax = p of the max, or 255 where max <= 0 (ReLU passes
-#   no gradient there; a NaN max passes gradient, as stock's ReLU backward does).
-# Saved for backward (by the caller): input, weight and argmax (uint8, one byte per output).
-# Backward, with the sparse conv-output gradient
-#   dy[n,o,oh,ow] = sum over windows (ph, pw) whose argmax points at (oh, ow) of grad_out[...]
-#   gathered from argmax and grad_out inside the operand loads (never stored; each conv
-#   position lies in at most ceil(pool / pool_stride) windows per axis):
-#   grad_input = conv_transpose(dy, w): implicit GEMM over rows (n, ih, iw), columns c and
+#   the im2col rows gathered on the fly); the running max and its position stay in registers.
+# Backward, with the conv-output gradient dy of the reference gathered from argmax and grad_out
+#   inside the operand loads (never stored; each conv position lies in at most
+#   ceil(pool / pool_stride) windows per axis):
+#   grad_input (a transposed conv of dy): implicit GEMM over rows (n, ih, iw), columns c and
 #     depth (o, kh, kw).
-#   grad_weight[o, k] = sum over conv positions (n, oh, ow) of dy * x_patch(k);
-#     grad_bias[o] = sum of dy. Every conv position is a reduction row, as in the stock dense
-#     backward, so an Inf/NaN in the input reaches grad_weight exactly where it does in stock.
+#   grad_weight and grad_bias: implicit GEMM over columns k with every conv position
+#     (n, oh, ow) a reduction row, as in the stock dense backward, so an Inf/NaN in the input
+#     reaches grad_weight exactly where it does in stock.
 #     Deterministic two-stage reduction: each of S splits of the rows writes a partial (O, K)
 #     and (O,) in the accumulation dtype, a second kernel sums the splits in order. No atomics.
-# Non-finite values reach every output and gradient exactly where they do in stock's float64
-# composition: grad_input takes NaN/Inf weights out of its dot and adds them on a rare path
-# (see _add_nonfinite_taps), since the dot would multiply them by the zeros of taps that meet
-# no conv position.
+# Non-finite values (their rule: the reference): grad_input takes NaN/Inf weights out of its dot
+# and adds them on a rare path (see _add_nonfinite_taps), since the dot would multiply them by
+# the zeros of taps that meet no conv position.
 # Dtypes: float16/bfloat16 operands with float32 accumulation; float32 (TF32 off unless
 # launch.set_allow_tf32(True)); float64 accumulates in float64 (its weight gradient on FMA
 # units: Triton 3.8 cannot lower that float64 tl.dot, see launch.dot_fma_needed).

@@ -1,17 +1,18 @@
 # linear -> ReLU (or plain linear) in Triton, forward and backward.
+# Math and saved state: fastlenet/reference.py (linear_relu).
+# Computes: out (M, N); grad_input, grad_weight and grad_bias.
+# Saves for backward (the caller does): input, weight and out (the ReLU mask).
 #
 # Layouts (contiguous, row-major): input x (M, K); weight w (N, K) as in nn.Linear; bias b (N,);
 # out (M, N).
 #
-# Forward, one program per (BLOCK_M rows) x (BLOCK_N features) tile, tl.dot over K blocks:
-#   out = relu(x @ w.T + b)      (no ReLU when RELU is false); bias and ReLU in the epilogue.
-# Saved for backward (by the caller): input, weight and out (the ReLU mask).
-# Backward, with the masked gradient g = where(out <= 0, 0, grad_out) formed inside the operand
-# loads (never stored; a NaN out passes gradient, as stock's threshold_backward does):
-#   grad_input  = g @ w          (M, K): one program per output tile, reduction over N.
-#   grad_weight = g.T @ x        (N, K) and grad_bias = g.sum(0) (N,): deterministic two-stage
-#     reduction over the rows M: each of S splits writes partial (N, K) and (N,) sums in the
-#     accumulation dtype, a second kernel adds the splits in order. No atomics.
+# Forward, one program per (BLOCK_M rows) x (BLOCK_N features) tile, tl.dot over K blocks; bias
+#   and ReLU (when RELU) in the epilogue.
+# Backward, with the reference's masked gradient g formed inside the operand loads (not stored):
+#   grad_input (M, K): one program per output tile, reduction over N.
+#   grad_weight (N, K) and grad_bias (N,): deterministic two-stage reduction over the rows M:
+#     each of S splits writes partial (N, K) and (N,) sums in the accumulation dtype, a second
+#     kernel adds the splits in order. No atomics.
 # Dtypes: float16/bfloat16 operands with float32 accumulation; float32 (TF32 off unless
 # launch.set_allow_tf32(True)); float64 accumulates in float64.
 from types import SimpleNamespace
