@@ -1,25 +1,16 @@
 """What the fused ops' autograd Functions share."""
 
-import functools
-
 import torch
-from torch.autograd.function import once_differentiable
 
 
-def first_order(backward):
-    """`once_differentiable` where a second backward is possible, the plain call elsewhere.
+def backward_backend(ctx) -> str:
+    """The backend that computes a fused Function's backward.
 
-    Only with create_graph=True is grad mode on inside backward; there the guard makes a second
-    backward through these gradients raise. Without it (every training step) the guard's
-    no_grad block and output checks are skipped: ~12 us less per backward on the 2-core CI
-    machine, five times per LeNet-5 step.
+    First-order gradients (grad mode off inside backward: every training step) come from the
+    forward's own backend. With create_graph=True grad mode is on, and the gradients must carry
+    a graph of their own so that they can be differentiated again (gradient penalties,
+    Hessian-vector products): the reference's backward builds them from differentiable PyTorch
+    ops, with the argmax and ReLU mask the forward saved, so the second derivative is stock's
+    (the mask and the choice of maximum are piecewise constant).
     """
-    guarded = once_differentiable(backward)
-
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        if torch.is_grad_enabled():
-            return guarded(ctx, *grads)
-        return backward(ctx, *grads)
-
-    return wrapper
+    return "reference" if torch.is_grad_enabled() else ctx.backend

@@ -8,7 +8,7 @@ output), and asks the backend's bwd for all the gradients it needs in one call.
 import torch
 
 from fastlenet import _checks, _ext, backends
-from fastlenet._autograd import first_order
+from fastlenet._autograd import backward_backend
 
 
 class ConvReLUPoolFunction(torch.autograd.Function):
@@ -23,11 +23,11 @@ class ConvReLUPoolFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @first_order
     def backward(ctx, grad_out):
         input, weight, argmax = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_input, grad_weight, grad_bias = backends.ops("conv_relu_pool", ctx.backend).bwd(
+        bwd = backends.ops("conv_relu_pool", backward_backend(ctx)).bwd
+        grad_input, grad_weight, grad_bias = bwd(
             grad_out.contiguous(), argmax, input, weight, *ctx.geometry, need[0], need[1] or need[2]
         )
         grad_input = grad_input if need[0] else None

@@ -8,7 +8,7 @@ backend's bwd for all three gradients in one call.
 import torch
 
 from fastlenet import _checks, _ext, backends
-from fastlenet._autograd import first_order
+from fastlenet._autograd import backward_backend
 
 
 class LinearReLUFunction(torch.autograd.Function):
@@ -23,10 +23,9 @@ class LinearReLUFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @first_order
     def backward(ctx, grad_out):
         input, weight, out = ctx.saved_tensors
-        grad_input, grad_weight, grad_bias = backends.ops("linear_relu", ctx.backend).bwd(
+        grad_input, grad_weight, grad_bias = backends.ops("linear_relu", backward_backend(ctx)).bwd(
             grad_out.contiguous(), out, input, weight, ctx.relu
         )
         needs = ctx.needs_input_grad

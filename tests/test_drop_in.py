@@ -1,0 +1,84 @@
+"""What a user of stock layers can observe, and fastlenet must match: second-order gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CPU_BACKENDS, rel_err
+
+from fastlenet.functional import conv_relu_pool2d, linear, linear_relu
+from fastlenet.models import LeNet5
+
+F64 = {"dtype": torch.float64}
+
+# (N, C, H, W, O, KH, KW, stride, padding, pool, pool_stride): small enough for gradgradcheck
+# (and the Triton interpreter); pool 2, pool 3 stride 2, no pool, padding and stride 2.
+CONV_GRID = [
+    (2, 3, 8, 8, 4, 3, 3, 1, 1, 2, 2),
+    (1, 2, 9, 8, 3, 3, 2, 1, 0, 3, 2),
+    (2, 2, 6, 6, 3, 3, 3, 1, 1, 1, 1),
+    (1, 2, 9, 9, 2, 3, 3, 2, 1, 2, 2),
+]
+
+
+def _conv_case(geometry, seed=0):
+    n, c, h, w, o, kh, kw, *conv = geometry
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=gen, **F64)
+    weight = torch.randn(o, c, kh, kw, generator=gen, **F64)
+    bias = torch.randn(o, generator=gen, **F64)
+    return [t.requires_grad_() for t in (x, weight, bias)], conv
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("geometry", CONV_GRID)
+def test_conv_gradgradcheck(geometry, backend):
+    (x, weight, bias), (stride, padding, pool, pool_stride) = _conv_case(geometry)
+
+    def fn(x, weight, bias):
+        return conv_relu_pool2d(
+            x, weight, bias, stride, padding, pool, pool_stride, backend=backend
+        )
+
+    assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("fn", [linear_relu, linear])
+def test_linear_gradgradcheck(fn, backend):
+    gen = torch.Generator().manual_seed(1)
+    x, weight, bias = (torch.randn(*s, generator=gen, **F64) for s in ((5, 7), (6, 7), (6,)))
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+    assert torch.autograd.gradgradcheck(lambda *a: fn(*a, backend=backend), leaves)
+
+
+def _grads_with_penalty(model, x, y):
+    """Cross-entropy plus the squared norm of its gradient with respect to the input (the
+    input-gradient regulariser): every parameter's gradient goes through a second backward."""
+    x = x.clone().requires_grad_()
+    loss = F.cross_entropy(model(x), y)
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    (loss + 10.0 * gx.pow(2).sum()).backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradient_penalty_step_matches_stock(backend):
+    torch.manual_seed(0)
+    fused = LeNet5(fused=True, backend=backend).double()
+    stock = LeNet5(fused=False).double()
+    stock.load_state_dict(fused.state_dict())
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.05, momentum=0.9)
+    opt_s = torch.optim.SGD(stock.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):
+        x, y = torch.randn(8, 1, 32, 32, **F64), torch.randint(0, 10, (8,))
+        got, want = _grads_with_penalty(fused, x, y), _grads_with_penalty(stock, x, y)
+        for name, g in want.items():
+            assert rel_err(got[name], g) < 1e-10, name
+        opt_f.step()
+        opt_s.step()
+        opt_f.zero_grad()
+        opt_s.zero_grad()
+    for (name, p), q in zip(fused.named_parameters(), stock.parameters(), strict=True):
+        assert rel_err(p, q) < 1e-10, name
+
+
