@@ -7,6 +7,7 @@ fastlenet.available_backends()                      # which kernels run here, an
 """
 
 from fastlenet import functional, nn
+from fastlenet._checks import ArgumentError, ArgumentTypeError
 from fastlenet.backends import available_backends
 from fastlenet.models import FashionCNN, LeNet5
 from fastlenet.nn import ConvReLUPool2d, Linear, LinearReLU
@@ -14,6 +15,8 @@ from fastlenet.nn import ConvReLUPool2d, Linear, LinearReLU
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "ConvReLUPool2d",
     "FashionCNN",
     "LeNet5",

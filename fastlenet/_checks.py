@@ -1,12 +1,24 @@
 """Argument checks and output-shape arithmetic shared by every fastlenet op.
 
 One set of checks for the Python side (csrc/checks.h is the C++ one). Errors name the
-argument and what was expected: TypeError for a wrong type, ValueError for a wrong value.
+argument and what was expected: TypeError for an argument of the wrong Python type; for the
+mistakes where stock PyTorch raises RuntimeError (a wrong shape, geometry, dtype or device), an
+error that is also a RuntimeError, so that `except RuntimeError` written for stock still works:
+ArgumentError (a ValueError) and ArgumentTypeError (a TypeError).
 """
 
 from collections.abc import Sequence
 
 import torch
+
+
+class ArgumentError(ValueError, RuntimeError):
+    """A bad argument value: a ValueError, and the RuntimeError stock raises for it."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """A tensor of the wrong dtype: a TypeError, and the RuntimeError stock raises for it."""
+
 
 #: argmax byte meaning "this window passes no gradient" (its max pre-activation is <= 0);
 #: so a pooling window holds at most 255 positions.
@@ -34,18 +46,18 @@ def pair(value, name: str) -> tuple[int, int]:
 def check_geometry(stride, padding, pool_size, pool_stride) -> None:
     """Convolution and pooling settings that the kernels support."""
     if min(stride) < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
+        raise ArgumentError(f"stride must be >= 1, got {stride}")
     if min(padding) < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
+        raise ArgumentError(f"padding must be >= 0, got {padding}")
     if min(pool_size) < 1:
-        raise ValueError(f"pool_size must be >= 1, got {pool_size}")
+        raise ArgumentError(f"pool_size must be >= 1, got {pool_size}")
     if pool_size[0] * pool_size[1] > MAX_POOL_WINDOW:
-        raise ValueError(
+        raise ArgumentError(
             f"pool_size {pool_size} has more than {MAX_POOL_WINDOW} positions "
             "(the argmax of a window is stored in one byte)"
         )
     if min(pool_stride) < 1:
-        raise ValueError(f"pool_stride must be >= 1, got {pool_stride}")
+        raise ArgumentError(f"pool_stride must be >= 1, got {pool_stride}")
 
 
 def conv_pool_shapes(in_hw, kernel_hw, stride, padding, pool_size, pool_stride):
@@ -70,18 +82,18 @@ def check_params(input, weight, bias, weight_rank: int) -> None:
     if bias is not None:
         _tensor(bias, "bias")
     if not input.is_floating_point():
-        raise TypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
+        raise ArgumentTypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
         if t.dtype != input.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {input.dtype}")
+            raise ArgumentTypeError(f"{name} has dtype {t.dtype} but input has dtype {input.dtype}")
         if t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+            raise ArgumentError(f"{name} is on {t.device} but input is on {input.device}")
     if weight.dim() != weight_rank:
-        raise ValueError(f"weight must be {weight_rank}-D, got shape {tuple(weight.shape)}")
+        raise ArgumentError(f"weight must be {weight_rank}-D, got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(
+        raise ArgumentError(
             f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}"
         )
 
@@ -89,15 +101,15 @@ def check_params(input, weight, bias, weight_rank: int) -> None:
 def check_conv_input(input, weight, stride, padding, pool_size, pool_stride):
     """Checks a 4-D conv input against weight; returns the pooled output (H, W)."""
     if input.dim() != 4:
-        raise ValueError(
+        raise ArgumentError(
             f"input must be 3-D (C, H, W) or 4-D (N, C, H, W), got shape {tuple(input.shape)}"
         )
     if 0 in weight.shape:
-        raise ValueError(
+        raise ArgumentError(
             f"weight must have no zero-size dimension, got shape {tuple(weight.shape)}"
         )
     if input.shape[1] != weight.shape[1]:
-        raise ValueError(
+        raise ArgumentError(
             f"input has {input.shape[1]} channels but weight expects {weight.shape[1]} "
             f"(weight shape {tuple(weight.shape)})"
         )
@@ -105,12 +117,12 @@ def check_conv_input(input, weight, stride, padding, pool_size, pool_stride):
         input.shape[-2:], weight.shape[-2:], stride, padding, pool_size, pool_stride
     )
     if oh < 1 or ow < 1:
-        raise ValueError(
+        raise ArgumentError(
             f"input of spatial size {tuple(input.shape[-2:])} (padding {padding}) is smaller "
             f"than the kernel {tuple(weight.shape[-2:])}"
         )
     if ph < 1 or pw < 1:
-        raise ValueError(
+        raise ArgumentError(
             f"convolution output {(oh, ow)} is smaller than the pooling window {pool_size}"
         )
     return ph, pw
@@ -118,9 +130,9 @@ def check_conv_input(input, weight, stride, padding, pool_size, pool_stride):
 
 def check_linear_input(input, weight) -> None:
     if input.dim() < 1:
-        raise ValueError("input must have at least 1 dimension (..., in_features), got a scalar")
+        raise ArgumentError("input must have at least 1 dimension (..., in_features), got a scalar")
     if input.shape[-1] != weight.shape[1]:
-        raise ValueError(
+        raise ArgumentError(
             f"input has {input.shape[-1]} features in its last dimension but weight expects "
             f"{weight.shape[1]} (weight shape {tuple(weight.shape)})"
         )

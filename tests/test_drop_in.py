@@ -1,10 +1,12 @@
-"""What a user of stock layers can observe, and fastlenet must match: second-order gradients."""
+"""What a user of stock layers can observe, and fastlenet must match: second-order gradients
+and exception types."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CPU_BACKENDS, rel_err
 
+import fastlenet
 from fastlenet.functional import conv_relu_pool2d, linear, linear_relu
 from fastlenet.models import LeNet5
 
@@ -80,5 +82,39 @@ def test_gradient_penalty_step_matches_stock(backend):
         opt_s.zero_grad()
     for (name, p), q in zip(fused.named_parameters(), stock.parameters(), strict=True):
         assert rel_err(p, q) < 1e-10, name
+
+
+def _stock_conv(x, weight, bias, stride=1, padding=0, pool=2):
+    return F.max_pool2d(F.relu(F.conv2d(x, weight, bias, stride, padding)), pool)
+
+
+# Mistakes for which stock raises RuntimeError: fastlenet's error is a RuntimeError too (and
+# the ValueError / TypeError it always was).
+BAD_CALLS = {
+    "channel mismatch": (lambda x, w: (x, w[:, :2]), {}, ValueError),
+    "zero stride": (lambda x, w: (x, w), {"stride": 0}, ValueError),
+    "negative padding": (lambda x, w: (x, w), {"padding": -1}, ValueError),
+    "pool larger than the input": (lambda x, w: (x, w), {"pool": 9}, ValueError),
+    "dtype mismatch": (lambda x, w: (x.double(), w), {}, TypeError),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_errors_are_the_runtime_errors_stock_raises(case):
+    make, kw, also = BAD_CALLS[case]
+    x, weight = make(torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3))
+    with pytest.raises(RuntimeError):
+        _stock_conv(x, weight, None, **kw)
+    kw = {"pool_size" if k == "pool" else k: v for k, v in kw.items()}
+    with pytest.raises(RuntimeError) as info:
+        conv_relu_pool2d(x, weight, None, **kw)
+    assert isinstance(info.value, also)
+
+
+def test_linear_errors_are_runtime_errors():
+    with pytest.raises(RuntimeError):
+        F.linear(torch.randn(2, 5), torch.randn(3, 4))
+    with pytest.raises(fastlenet.ArgumentError, match="5 features"):
+        linear_relu(torch.randn(2, 5), torch.randn(3, 4))
 
 
