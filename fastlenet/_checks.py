@@ -69,6 +69,16 @@ def conv_pool_shapes(in_hw, kernel_hw, stride, padding, pool_size, pool_stride):
     return (oh, ow), (ph, pw)
 
 
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether stock's convolution treats `t` as channels_last: a 4-D tensor laid out as one
+    and not also plain contiguous (size-1 dimensions can make both true)."""
+    return (
+        t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 def _tensor(value, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

@@ -20,6 +20,9 @@ class ConvReLUPoolFunction(torch.autograd.Function):
         ctx.geometry = (stride, padding, pool_size, pool_stride)
         ctx.backend = backend
         ctx.has_bias = bias is not None
+        ctx.channels_last = _checks.channels_last(input) or _checks.channels_last(weight)
+        if ctx.channels_last:  # stock's conv: channels_last output and gradients
+            out = out.contiguous(memory_format=torch.channels_last)
         return out
 
     @staticmethod
@@ -33,6 +36,11 @@ class ConvReLUPoolFunction(torch.autograd.Function):
         grad_input = grad_input if need[0] else None
         grad_weight = grad_weight if need[1] else None
         grad_bias = grad_bias if ctx.has_bias and need[2] else None
+        if ctx.channels_last:
+            grad_input, grad_weight = (
+                None if g is None else g.contiguous(memory_format=torch.channels_last)
+                for g in (grad_input, grad_weight)
+            )
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 

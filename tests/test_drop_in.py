@@ -1,10 +1,12 @@
-"""What a user of stock layers can observe, and fastlenet must match: second-order gradients
-and exception types."""
+"""What a user of stock layers can observe, and fastlenet must match: second-order gradients,
+exception types and memory formats."""
+
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CPU_BACKENDS, rel_err
+from torch import nn
 
 import fastlenet
 from fastlenet.functional import conv_relu_pool2d, linear, linear_relu
@@ -118,3 +120,40 @@ def test_linear_errors_are_runtime_errors():
         linear_relu(torch.randn(2, 5), torch.randn(3, 4))
 
 
+def _layout(t):
+    if t.is_contiguous():
+        return "contiguous"
+    return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "strided"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("where", ["input", "weight", "both"])
+@pytest.mark.parametrize("pool", [2, 1])
+def test_memory_format_follows_stock(where, pool, backend):
+    (x, weight, bias), _ = _conv_case((2, 3, 10, 10, 4, 3, 3, 1, 0, 2, 2))
+    cl = torch.channels_last
+    if where in ("input", "both"):
+        x = x.detach().contiguous(memory_format=cl).requires_grad_()
+    if where in ("weight", "both"):
+        weight = weight.detach().contiguous(memory_format=cl).requires_grad_()
+    got = conv_relu_pool2d(x, weight, bias, pool_size=pool, backend=backend)
+    want = _stock_conv(x, weight, bias, pool=pool)
+    assert _layout(got) == _layout(want) == "channels_last"
+    assert rel_err(got, want) < 1e-12
+    grad = torch.randn(want.shape, **F64)
+    got_g = torch.autograd.grad(got, (x, weight, bias), grad)
+    want_g = torch.autograd.grad(want, (x, weight, bias), grad)
+    for g, w in zip(got_g, want_g, strict=True):
+        assert _layout(g) == _layout(w)
+        assert rel_err(g, w) < 1e-12
+
+
+def test_channels_last_module():
+    torch.manual_seed(0)
+    fused = fastlenet.ConvReLUPool2d(3, 8, 5).to(memory_format=torch.channels_last)
+    stock = nn.Conv2d(3, 8, 5).to(memory_format=torch.channels_last)
+    stock.load_state_dict(fused.state_dict())
+    x = torch.randn(4, 3, 16, 16)
+    got, want = fused(x), F.max_pool2d(F.relu(stock(x)), 2)
+    assert _layout(got) == _layout(want) == "channels_last"
+    assert rel_err(got, want) < 1e-5
