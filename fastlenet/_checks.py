@@ -60,6 +60,20 @@ def check_geometry(stride, padding, pool_size, pool_stride) -> None:
         raise ArgumentError(f"pool_stride must be >= 1, got {pool_stride}")
 
 
+PADDING_STRINGS = ("valid", "same")
+
+
+def check_padding_string(padding: str, stride) -> None:
+    if padding not in PADDING_STRINGS:
+        raise ArgumentError(
+            f"padding must be an int, a pair of ints or one of {PADDING_STRINGS}, got {padding!r}"
+        )
+    if padding == "same" and tuple(stride) != (1, 1):
+        raise ArgumentError(
+            f"padding='same' is not supported for strided convolutions (stride {tuple(stride)})"
+        )
+
+
 def conv_pool_shapes(in_hw, kernel_hw, stride, padding, pool_size, pool_stride):
     """(conv output H, W), (pooled output H, W) for floor-mode conv and pooling."""
     oh = (in_hw[0] + 2 * padding[0] - kernel_hw[0]) // stride[0] + 1

@@ -6,6 +6,7 @@ output), and asks the backend's bwd for all the gradients it needs in one call.
 """
 
 import torch
+import torch.nn.functional as F
 
 from fastlenet import _checks, _ext, backends
 from fastlenet._autograd import backward_backend
@@ -58,16 +59,20 @@ def conv_relu_pool2d(
     """max_pool2d(relu(conv2d(input, weight, bias, stride, padding)), pool_size, pool_stride).
 
     input: (N, C, H, W) or unbatched (C, H, W); weight: (O, C, KH, KW); bias: (O,) or None.
-    stride, padding, pool_size, pool_stride: int or pair; pool_stride defaults to pool_size;
-    pool_size=1 means conv + ReLU alone. Floor mode, dilation 1, groups 1.
-    Returns (N, O, PH, PW), or (O, PH, PW) for unbatched input.
+    stride, padding, pool_size, pool_stride: int or pair; padding may also be "valid" (0) or
+    "same" (stride 1; for an even kernel the extra row/column of zeros goes at the bottom/right,
+    as stock's); pool_stride defaults to pool_size; pool_size=1 means conv + ReLU alone. Floor
+    mode, dilation 1, groups 1. Returns (N, O, PH, PW), or (O, PH, PW) for unbatched input.
     """
     stride = _checks.pair(stride, "stride")
-    padding = _checks.pair(padding, "padding")
     pool_size = _checks.pair(pool_size, "pool_size")
     pool_stride = pool_size if pool_stride is None else _checks.pair(pool_stride, "pool_stride")
-    _checks.check_geometry(stride, padding, pool_size, pool_stride)
     _checks.check_params(input, weight, bias, weight_rank=4)
+    if isinstance(padding, str):
+        input, padding = _string_padding(input, weight, stride, padding)
+    else:
+        padding = _checks.pair(padding, "padding")
+    _checks.check_geometry(stride, padding, pool_size, pool_stride)
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
@@ -77,6 +82,19 @@ def conv_relu_pool2d(
         input, weight, bias, stride, padding, pool_size, pool_stride, name
     )
     return out.squeeze(0) if unbatched else out
+
+
+def _string_padding(input, weight, stride, padding: str):
+    """(input, padding pair) for padding="valid" or "same", as stock's conv2d pads."""
+    _checks.check_padding_string(padding, stride)
+    if padding == "valid":
+        return input, (0, 0)
+    total = [k - 1 for k in weight.shape[-2:]]
+    before = tuple(t // 2 for t in total)
+    extra = [t - b - b for t, b in zip(total, before, strict=True)]  # 1 for an even kernel
+    if any(extra):
+        input = F.pad(input, (0, extra[1], 0, extra[0]))
+    return input, before
 
 
 def _fake_shapes(input, weight, stride, padding, pool_size, pool_stride):

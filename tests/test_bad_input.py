@@ -236,10 +236,16 @@ CONV_CASES = [
     ),
     ("stride_none", _with(stride=None), TypeError, r"stride must be an int or a pair of ints"),
     (
-        "padding_same",
-        _with(padding="same"),
-        TypeError,
-        r"padding must be an int or a pair of ints, got 'same'",
+        "padding_string",
+        _with(padding="full"),
+        ValueError,
+        r"padding must be an int, a pair of ints or one of \('valid', 'same'\), got 'full'",
+    ),
+    (
+        "padding_same_strided",
+        _with(padding="same", stride=2),
+        ValueError,
+        r"padding='same' is not supported for strided convolutions",
     ),
     (
         "pool_size_float_pair",
@@ -386,8 +392,8 @@ CONV_LAYER_INIT_CASES = [
     ),
     ("stride_0", {"stride": 0}, ValueError, r"stride must be >= 1, got \(0, 0\)"),
     ("padding_negative", {"padding": -2}, ValueError, r"padding must be >= 0, got \(-2, -2\)"),
-    ("padding_same", {"padding": "same"}, TypeError, r"padding must be an int or a pair of ints"),
-    ("padding_valid", {"padding": "valid"}, TypeError, r"padding must be an int or a pair"),
+    ("padding_string", {"padding": "full"}, ValueError, r"padding must be an int, a pair of ints"),
+    ("padding_same_strided", {"padding": "same", "stride": 2}, ValueError, r"strided convolutions"),
     ("pool_size_0", {"pool_size": 0}, ValueError, r"pool_size must be >= 1, got \(0, 0\)"),
     (
         "pool_window_256",
@@ -397,16 +403,11 @@ CONV_LAYER_INIT_CASES = [
     ),
     ("pool_stride_0", {"pool_stride": 0}, ValueError, r"pool_stride must be >= 1, got \(0, 0\)"),
     ("backend_unknown", {"backend": "gpu"}, ValueError, r"backend must be one of"),
-    # nn.Conv2d accepts these; the fused kernels have dilation 1, groups 1 and zero padding
-    # only, so the layer has no such arguments and Python names the unexpected one.
-    ("dilation", {"dilation": 2}, TypeError, r"unexpected keyword argument 'dilation'"),
-    ("groups", {"groups": 3}, TypeError, r"unexpected keyword argument 'groups'"),
-    (
-        "padding_mode",
-        {"padding_mode": "reflect"},
-        TypeError,
-        r"unexpected keyword argument 'padding_mode'",
-    ),
+    # nn.Conv2d's arguments: the fused kernels have dilation 1, groups 1 and zero padding only,
+    # so the layer takes stock's defaults alone and names any other value.
+    ("dilation", {"dilation": 2}, ValueError, r"dilation must be 1 .*, got 2"),
+    ("groups", {"groups": 3}, ValueError, r"groups must be 1 .*, got 3"),
+    ("padding_mode", {"padding_mode": "reflect"}, ValueError, r"padding_mode must be 'zeros'"),
 ]
 
 

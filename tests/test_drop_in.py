@@ -1,6 +1,7 @@
 """What a user of stock layers can observe, and fastlenet must match: second-order gradients,
-exception types and memory formats."""
+exception types, memory formats and nn.Conv2d's constructor arguments."""
 
+import warnings
 
 import pytest
 import torch
@@ -157,3 +158,33 @@ def test_channels_last_module():
     got, want = fused(x), F.max_pool2d(F.relu(stock(x)), 2)
     assert _layout(got) == _layout(want) == "channels_last"
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("kernel", [(3, 3), (4, 4), (2, 5)])
+def test_string_padding_matches_stock(kernel, padding, backend):
+    torch.manual_seed(0)
+    fused = fastlenet.ConvReLUPool2d(3, 5, kernel, padding=padding, backend=backend).double()
+    stock = nn.Conv2d(3, 5, kernel, padding=padding).double()
+    stock.load_state_dict(fused.state_dict())
+    assert fused.padding == stock.padding == padding
+    assert f"padding={padding!r}" in repr(fused)
+    x = torch.randn(2, 3, 11, 10, **F64, requires_grad=True)
+    with warnings.catch_warnings():  # stock warns (once) that an even kernel copies the input
+        warnings.simplefilter("ignore")
+        want = F.max_pool2d(F.relu(stock(x)), 2)
+    got = fused(x)
+    assert got.shape == want.shape
+    assert rel_err(got, want) < 1e-12
+    grad = torch.randn(want.shape, **F64)
+    leaves = (x, fused.weight, fused.bias)
+    got_g = torch.autograd.grad(got, leaves, grad)
+    want_g = torch.autograd.grad(want, (x, stock.weight, stock.bias), grad)
+    for g, w in zip(got_g, want_g, strict=True):
+        assert rel_err(g, w) < 1e-12
+
+
+def test_stock_defaults_are_accepted():
+    layer = fastlenet.ConvReLUPool2d(3, 4, 3, dilation=1, groups=1, padding_mode="zeros")
+    assert layer(torch.randn(1, 3, 8, 8)).shape == (1, 4, 3, 3)

@@ -25,11 +25,25 @@ class ConvReLUPool2d(nn.Module):
         pool_size=2,
         pool_stride=None,
         *,
+        dilation=1,
+        groups=1,
+        padding_mode="zeros",
         backend="auto",
         device=None,
         dtype=None,
     ):
         super().__init__()
+        # Accepted so that code written for nn.Conv2d reads the same; only stock's defaults are
+        # the fused op (README: what is supported).
+        if _checks.pair(dilation, "dilation") != (1, 1):
+            raise ValueError(f"dilation must be 1 (the fused conv has none), got {dilation!r}")
+        if groups != 1:
+            raise ValueError(f"groups must be 1 (the fused conv is not grouped), got {groups!r}")
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"padding_mode must be 'zeros' (the fused conv pads with zeros), "
+                f"got {padding_mode!r}"
+            )
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -39,12 +53,17 @@ class ConvReLUPool2d(nn.Module):
         if min(self.kernel_size) < 1:
             raise ValueError(f"kernel_size must be >= 1, got {self.kernel_size}")
         self.stride = _checks.pair(stride, "stride")
-        self.padding = _checks.pair(padding, "padding")
+        if isinstance(padding, str):  # kept as given, as nn.Conv2d does
+            _checks.check_padding_string(padding, self.stride)
+            self.padding = padding
+        else:
+            self.padding = _checks.pair(padding, "padding")
         self.pool_size = _checks.pair(pool_size, "pool_size")
         self.pool_stride = (
             self.pool_size if pool_stride is None else _checks.pair(pool_stride, "pool_stride")
         )
-        _checks.check_geometry(self.stride, self.padding, self.pool_size, self.pool_stride)
+        numeric = (0, 0) if isinstance(padding, str) else self.padding
+        _checks.check_geometry(self.stride, numeric, self.pool_size, self.pool_stride)
         self.backend = backends.check_choice(backend)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
@@ -77,7 +96,7 @@ class ConvReLUPool2d(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
+            f"stride={self.stride}, padding={self.padding!r}, bias={self.bias is not None}, "
             f"pool_size={self.pool_size}, pool_stride={self.pool_stride}, "
             f"backend={self.backend!r}"
         )
