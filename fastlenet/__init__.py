@@ -1,6 +1,7 @@
 """fastlenet: fused conv+ReLU+max-pool and linear+ReLU kernels for training small CNNs.
 
 import fastlenet
+model = fastlenet.fuse(model)                       # an existing stock model, fused
 layer = fastlenet.ConvReLUPool2d(1, 6, 5)          # drop-in for nn.Conv2d + ReLU + pool
 y = fastlenet.functional.conv_relu_pool2d(x, w, b)  # the same op as a function
 fastlenet.available_backends()                      # which kernels run here, and why not
@@ -9,6 +10,7 @@ fastlenet.available_backends()                      # which kernels run here, an
 from fastlenet import functional, nn
 from fastlenet._checks import ArgumentError, ArgumentTypeError
 from fastlenet.backends import available_backends
+from fastlenet.fuse import fuse
 from fastlenet.models import FashionCNN, LeNet5
 from fastlenet.nn import ConvReLUPool2d, Linear, LinearReLU
 
@@ -24,5 +26,6 @@ __all__ = [
     "LinearReLU",
     "available_backends",
     "functional",
+    "fuse",
     "nn",
 ]

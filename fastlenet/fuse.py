@@ -1,0 +1,393 @@
+"""fuse(model): fastlenet's fused ops in a model written with stock layers, and the same rewrite
+as a torch.compile backend ("fastlenet").
+
+Patterns, in modules (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Linear) or functional calls
+(F.conv2d, F.relu / torch.relu / .relu() / inplace variants, F.max_pool2d, F.linear):
+    conv2d -> ReLU -> max_pool2d   and   conv2d -> max_pool2d -> ReLU   (ReLU and max commute)
+    conv2d -> ReLU                 (the fused op with pool_size=1)
+    linear -> ReLU
+A match is fused only when it is exactly the fused op (dilation 1, groups 1, zero padding mode;
+pool without padding or dilation, floor mode, no indices) and its intermediate tensors feed
+nothing else. Everything else is left as it was, with the reason in the report.
+"""
+
+import copy
+import dataclasses
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fastlenet import backends
+from fastlenet.conv_relu_pool import conv_relu_pool2d
+from fastlenet.linear_relu import linear_relu
+from fastlenet.nn import ConvReLUPool2d, LinearReLU
+
+log = logging.getLogger(__name__)
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
+_RELU_METHODS = ("relu", "relu_")
+_CONV_FUNCTIONS = (F.conv2d,)  # torch.conv2d is F.conv2d
+_POOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d)
+_LINEAR_FUNCTIONS = (F.linear,)
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
+_LINEAR_ARGS = ("input", "weight", "bias")
+
+
+@dataclasses.dataclass
+class FuseReport:
+    """What fuse() did: `fused` and `left` hold one line per layer; `traced` is False when the
+    model could not be traced with torch.fx and only nn.Sequential containers were searched."""
+
+    traced: bool = True
+    fused: list = dataclasses.field(default_factory=list)
+    left: list = dataclasses.field(default_factory=list)
+    note: str = ""
+
+    def __str__(self) -> str:
+        lines = [f"fastlenet.fuse: {len(self.fused)} fused, {len(self.left)} left alone"]
+        if self.note:
+            lines.append(f"  {self.note}")
+        lines += [f"  fused: {line}" for line in self.fused]
+        lines += [f"  left:  {line}" for line in self.left]
+        return "\n".join(lines)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _bind(node, names, defaults):
+    """The call's arguments by name (positional and keyword), defaults filled in."""
+    values = dict(defaults)
+    values.update(zip(names, node.args, strict=False))
+    values.update(node.kwargs)
+    return values
+
+
+@dataclasses.dataclass
+class _Call:
+    """One conv, pool, linear or ReLU node, with what the fused op needs to know of it."""
+
+    kind: str
+    node: fx.Node
+    input: fx.Node
+    args: dict
+    module: nn.Module | None = None
+    problem: str = ""  # why this node cannot be part of a fused op
+
+
+def _classify(node, modules) -> _Call | None:
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        if isinstance(module, nn.Conv2d):
+            conv = {
+                "stride": module.stride,
+                "padding": module.padding,
+                "dilation": module.dilation,
+                "groups": module.groups,
+                "padding_mode": module.padding_mode,
+            }
+            return _conv_call(node, node.args[0], conv, module)
+        if isinstance(module, nn.ReLU):
+            return _Call("relu", node, node.args[0], {})
+        if isinstance(module, nn.MaxPool2d):
+            pool = {k: getattr(module, k) for k in _POOL_ARGS[1:]}
+            pool["return_indices"] = module.return_indices
+            return _pool_call(node, node.args[0], pool)
+        if isinstance(module, nn.Linear):
+            return _Call("linear", node, node.args[0], {}, module)
+        return None
+    if node.op == "call_function":
+        if node.target in _RELU_FUNCTIONS:
+            return _Call("relu", node, node.args[0], {})
+        if node.target in _CONV_FUNCTIONS:
+            conv = _bind(node, _CONV_ARGS, {"bias": None, "stride": 1, "padding": 0})
+            conv.setdefault("dilation", 1)
+            conv.setdefault("groups", 1)
+            conv["padding_mode"] = "zeros"
+            return _conv_call(node, conv.pop("input"), conv, None)
+        if node.target in _POOL_FUNCTIONS:
+            pool = _bind(node, _POOL_ARGS, {"stride": None, "padding": 0, "dilation": 1})
+            pool.setdefault("ceil_mode", False)
+            pool.setdefault("return_indices", False)
+            return _pool_call(node, pool.pop("input"), pool)
+        if node.target in _LINEAR_FUNCTIONS:
+            lin = _bind(node, _LINEAR_ARGS, {"bias": None})
+            return _Call("linear", node, lin.pop("input"), lin)
+    if node.op == "call_method" and node.target in _RELU_METHODS:
+        return _Call("relu", node, node.args[0], {})
+    return None
+
+
+def _conv_call(node, input, conv, module) -> _Call:
+    problems = []
+    if _pair(conv["dilation"]) != (1, 1):
+        problems.append(f"dilation {conv['dilation']}")
+    if conv["groups"] != 1:
+        problems.append(f"groups {conv['groups']}")
+    if conv["padding_mode"] != "zeros":
+        problems.append(f"padding_mode {conv['padding_mode']!r}")
+    return _Call("conv", node, input, conv, module, ", ".join(problems))
+
+
+def _pool_call(node, input, pool) -> _Call:
+    problems = []
+    if _pair(pool["padding"]) != (0, 0):
+        problems.append(f"padding {pool['padding']}")
+    if _pair(pool["dilation"]) != (1, 1):
+        problems.append(f"dilation {pool['dilation']}")
+    if pool["ceil_mode"]:
+        problems.append("ceil_mode=True")
+    if pool["return_indices"]:
+        problems.append("return_indices=True")
+    return _Call("pool", node, input, pool, problem=", ".join(problems))
+
+
+def _sole_user(node):
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _follow(call, modules, kind):
+    """The node after `call` when it is its only user and of `kind` (and fusable), else None."""
+    user = _sole_user(call.node)
+    nxt = None if user is None else _classify(user, modules)
+    if nxt is None or nxt.kind != kind or nxt.input is not call.node or nxt.problem:
+        return None
+    return nxt
+
+
+def _name(call) -> str:
+    return str(call.node.target) if call.node.op == "call_module" else call.node.name
+
+
+def _conv_chain(conv, modules):
+    """(pool or None, the chain's last call) after `conv`: ReLU then pool, pool then ReLU, or
+    ReLU alone; or the reason why there is none."""
+    relu = _follow(conv, modules, "relu")
+    if relu is not None:
+        pool = _follow(relu, modules, "pool")
+        return pool, pool or relu
+    pool = _follow(conv, modules, "pool")
+    if pool is not None:
+        relu = _follow(pool, modules, "relu")
+        if relu is not None:
+            return pool, relu
+    if len(conv.node.users) > 1:
+        return f"its output feeds {len(conv.node.users)} nodes"
+    return "not followed by a ReLU that only it feeds"
+
+
+def rewrite(gm: fx.GraphModule, backend: str = "auto", functional: bool = False) -> FuseReport:
+    """Fuses the patterns of `gm`'s graph in place. Matched modules are replaced by fastlenet's
+    layers holding the same Parameter objects (same state_dict keys); with `functional`, or for
+    functional calls, by calls of fastlenet's functions."""
+    backends.check_choice(backend)
+    report = FuseReport()
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.graph is not gm.graph:  # erased by an earlier match
+            continue
+        call = _classify(node, modules)
+        if call is None or call.kind not in ("conv", "linear"):
+            continue
+        if call.problem:
+            report.left.append(f"{_name(call)}: {call.problem}")
+            continue
+        if call.kind == "conv":
+            chain = _conv_chain(call, modules)
+            if isinstance(chain, str):
+                report.left.append(f"{_name(call)}: {chain}")
+                continue
+            pool, last = chain
+            _fuse_conv(gm, call, pool, last, backend, functional)
+            what = "conv2d -> ReLU -> max_pool2d" if pool else "conv2d -> ReLU"
+        else:
+            relu = _follow(call, modules, "relu")
+            if relu is None:
+                report.left.append(f"{_name(call)}: not followed by a ReLU that only it feeds")
+                continue
+            _fuse_linear(gm, call, relu, backend, functional)
+            what = "linear -> ReLU"
+        report.fused.append(f"{_name(call)}: {what}")
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return report
+
+
+def _replace(gm, first, last, target, args, kwargs, op="call_function"):
+    """A new node computing `last`'s value from `first`'s input; the old nodes go."""
+    graph = gm.graph
+    with graph.inserting_after(last):
+        new = graph.create_node(op, target, args, kwargs)
+    last.replace_all_uses_with(new)
+    doomed = [last]
+    while doomed[-1] is not first:
+        doomed.append(doomed[-1].args[0])
+    for node in doomed:
+        graph.erase_node(node)
+    return new
+
+
+def _fuse_conv(gm, conv, pool, last, backend, functional):
+    a = conv.args
+    pool_size = _pair(pool.args["kernel_size"]) if pool else (1, 1)
+    stride = pool.args["stride"] if pool else None
+    pool_stride = pool_size if stride in (None, ()) else _pair(stride)
+    if conv.module is not None and not functional:
+        gm.add_submodule(
+            conv.node.target, _conv_layer(conv.module, pool_size, pool_stride, backend)
+        )
+        _replace(gm, conv.node, last.node, conv.node.target, (conv.input,), {}, "call_module")
+        return
+    weight, bias = _params(gm, conv)
+    kwargs = {"backend": backend}
+    geometry = (_pair(a["stride"]), a["padding"], pool_size, pool_stride)
+    _replace(
+        gm, conv.node, last.node, conv_relu_pool2d, (conv.input, weight, bias, *geometry), kwargs
+    )
+
+
+def _fuse_linear(gm, lin, last, backend, functional):
+    if lin.module is not None and not functional:
+        gm.add_submodule(lin.node.target, _linear_layer(lin.module, backend))
+        _replace(gm, lin.node, last.node, lin.node.target, (lin.input,), {}, "call_module")
+        return
+    weight, bias = _params(gm, lin)
+    _replace(gm, lin.node, last.node, linear_relu, (lin.input, weight, bias), {"backend": backend})
+
+
+def _params(gm, call):
+    """Graph values of a call's weight and bias (get_attr nodes for a module's parameters)."""
+    if call.module is None:
+        return call.args["weight"], call.args.get("bias")
+    with gm.graph.inserting_before(call.node):
+        weight = gm.graph.get_attr(f"{call.node.target}.weight")
+        bias = None
+        if call.module.bias is not None:
+            bias = gm.graph.get_attr(f"{call.node.target}.bias")
+    return weight, bias
+
+
+_SEQUENTIAL_PATTERNS = (
+    ((nn.Conv2d, nn.ReLU, nn.MaxPool2d), "conv2d -> ReLU -> max_pool2d"),
+    ((nn.Conv2d, nn.MaxPool2d, nn.ReLU), "conv2d -> ReLU -> max_pool2d"),
+    ((nn.Conv2d, nn.ReLU), "conv2d -> ReLU"),
+    ((nn.Linear, nn.ReLU), "linear -> ReLU"),
+)
+
+
+def _fuse_sequentials(model, backend, report):
+    """Module-level fallback: runs of layers inside nn.Sequential containers. The first layer of
+    a run becomes the fused layer (same Parameters, same key), the others nn.Identity."""
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        layers = list(seq)
+        i = 0
+        while i < len(layers):
+            for types, what in _SEQUENTIAL_PATTERNS:
+                run = layers[i : i + len(types)]
+                if len(run) == len(types) and all(map(isinstance, run, types)):
+                    fused = _fused_layer(run, backend)
+                    if fused is not None:
+                        seq[i] = fused
+                        for j in range(i + 1, i + len(types)):
+                            seq[j] = nn.Identity()
+                        report.fused.append(f"{name}.{i}: {what}")
+                        i += len(types) - 1
+                        break
+            i += 1
+
+
+def _fused_layer(run, backend):
+    first = run[0]
+    if isinstance(first, nn.Linear):
+        return _linear_layer(first, backend)
+    if first.dilation != (1, 1) or first.groups != 1 or first.padding_mode != "zeros":
+        return None
+    pool = next((m for m in run if isinstance(m, nn.MaxPool2d)), None)
+    if pool is None:
+        return _conv_layer(first, (1, 1), (1, 1), backend)
+    if _pool_call(None, None, _module_pool(pool)).problem:
+        return None
+    size = _pair(pool.kernel_size)
+    return _conv_layer(
+        first, size, size if pool.stride in (None, ()) else _pair(pool.stride), backend
+    )
+
+
+def _module_pool(pool):
+    args = {k: getattr(pool, k) for k in _POOL_ARGS[1:]}
+    args["return_indices"] = pool.return_indices
+    return args
+
+
+def _conv_layer(conv, pool_size, pool_stride, backend):
+    """A ConvReLUPool2d holding `conv`'s Parameter objects (not copies)."""
+    m = conv
+    layer = ConvReLUPool2d(
+        m.in_channels,
+        m.out_channels,
+        m.kernel_size,
+        m.stride,
+        m.padding,
+        m.bias is not None,
+        pool_size,
+        pool_stride,
+        backend=backend,
+        device="meta",
+    )
+    layer.weight, layer.bias = m.weight, m.bias
+    return layer.train(m.training)
+
+
+def _linear_layer(linear, backend):
+    """A LinearReLU holding `linear`'s Parameter objects (not copies)."""
+    m = linear
+    layer = LinearReLU(
+        m.in_features, m.out_features, m.bias is not None, backend=backend, device="meta"
+    )
+    layer.weight, layer.bias = m.weight, m.bias
+    return layer.train(m.training)
+
+
+def fuse(model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """A module computing the same function as `model` with fastlenet's fused ops wherever they
+    compute exactly the same thing. It shares `model`'s Parameter objects (an optimizer built
+    on `model` keeps working) and has its state_dict keys; `model` itself is not changed.
+    What was fused and what was left alone, and why, is in the returned module's
+    `fuse_report` (a FuseReport) and logged at INFO level by the "fastlenet.fuse" logger."""
+    backends.check_choice(backend)
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:  # data-dependent control flow, untraceable calls, ...
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        fused = copy.deepcopy(model, memo=shared)
+        note = f"torch.fx could not trace the model ({exc}); only nn.Sequential was searched"
+        report = FuseReport(traced=False, note=note)
+        _fuse_sequentials(fused, backend, report)
+    else:
+        report = rewrite(gm, backend)
+        fused = gm
+        fused.train(model.training)
+    fused.fuse_report = report
+    log.info("%s", report)
+    return fused
+
+
+def compile_backend(gm: fx.GraphModule, example_inputs):
+    """torch.compile(model, backend="fastlenet"): the rewrite on the graph Dynamo captured (its
+    parameters are graph inputs: functional calls), then Inductor compiles the result.
+    Registered through the torch_dynamo_backends entry point (setup.py)."""
+    report = rewrite(gm, functional=True)
+    log.info("%s", report)
+    # lookup_backend: how the torch.compiler custom-backend guide composes backends.
+    return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+
+
+__all__ = ["FuseReport", "compile_backend", "fuse", "rewrite"]

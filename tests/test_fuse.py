@@ -1,0 +1,271 @@
+"""fastlenet.fuse and torch.compile(backend="fastlenet") on models written with stock layers."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+from torch import nn
+
+import fastlenet
+from fastlenet.fuse import compile_backend
+from fastlenet.nn import ConvReLUPool2d, LinearReLU
+
+F64 = {"dtype": torch.float64}
+
+
+class TutorialNet(nn.Module):
+    """The PyTorch tutorial's LeNet: layers as modules, ReLU and pooling functional."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class FashionBlocks(nn.Module):
+    """The Fashion-MNIST CNN as nn.Sequential blocks (pool before ReLU in the second)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer1 = nn.Sequential(nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
+        self.layer2 = nn.Sequential(
+            nn.Conv2d(16, 32, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(inplace=True)
+        )
+        self.fc = nn.Linear(32 * 7 * 7, 10)
+
+    def forward(self, x):
+        return self.fc(self.layer2(self.layer1(x)).flatten(1))
+
+
+def _no_pool_net():
+    """3x3 convolutions without pooling."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding="same"),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 12 * 12, 10),
+    )
+
+
+class ExamplesNet(nn.Module):
+    """pytorch/examples' MNIST Net: conv-relu-conv-relu-pool-dropout-fc-relu-dropout-fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(64 * 5 * 5, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = F.relu(x)
+        x = self.conv2(x)
+        x = x.relu()
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = self.fc1(x)
+        x = torch.relu(x)
+        x = self.dropout2(x)
+        x = self.fc2(x)
+        return F.log_softmax(x, dim=1)
+
+
+def _mlp():
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(144, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)
+    )
+
+
+# name: (model factory, input size, number of fused layers)
+NETWORKS = {
+    "tutorial": (TutorialNet, (1, 32, 32), 4),
+    "fashion_blocks": (FashionBlocks, (1, 28, 28), 2),
+    "no_pool": (_no_pool_net, (1, 12, 12), 2),
+    "examples": (ExamplesNet, (1, 14, 14), 3),
+    "mlp": (_mlp, (1, 12, 12), 2),
+}
+
+
+def _fused_count(model):
+    return sum(isinstance(m, ConvReLUPool2d | LinearReLU) for m in model.modules())
+
+
+def _forward(model, x, seed):
+    torch.manual_seed(seed)  # dropout draws the same masks on both sides
+    return model(x)
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_fused_network_matches_stock(name):
+    make, size, count = NETWORKS[name]
+    torch.manual_seed(0)
+    model = make().double()
+    fused = fastlenet.fuse(model)
+    assert _fused_count(fused) == count == len(fused.fuse_report.fused)
+    assert _fused_count(model) == 0  # the original is unchanged
+    assert list(fused.state_dict()) == list(model.state_dict())
+    assert {id(p) for p in fused.parameters()} == {id(p) for p in model.parameters()}
+    x = torch.randn(3, *size, **F64, requires_grad=True)
+    got, want = _forward(fused, x, 1), _forward(model, x, 1)
+    assert rel_err(got, want) < 1e-12
+    grad = torch.randn_like(want)
+    params = list(model.parameters())
+    got_g = torch.autograd.grad(got, [x, *params], grad)
+    want_g = torch.autograd.grad(want, [x, *params], grad)
+    for g, w in zip(got_g, want_g, strict=True):
+        assert rel_err(g, w) < 1e-12
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_twenty_training_steps_match_stock(name):
+    """An optimizer built on the stock model before fuse() trains the fused one."""
+    make, size, _ = NETWORKS[name]
+    torch.manual_seed(0)
+    stock = make().double()
+    twin = make().double()
+    twin.load_state_dict(stock.state_dict())
+    opt_twin = torch.optim.SGD(twin.parameters(), lr=0.02, momentum=0.9)
+    opt = torch.optim.SGD(stock.parameters(), lr=0.02, momentum=0.9)
+    fused = fastlenet.fuse(stock)
+    for step in range(20):
+        x, y = torch.randn(8, *size, **F64), torch.randint(0, 10, (8,))
+        for model, o in ((fused, opt), (twin, opt_twin)):
+            o.zero_grad()
+            F.cross_entropy(_forward(model, x, step), y).backward()
+            o.step()
+    want = twin.state_dict()
+    for key, got in stock.state_dict().items():
+        assert rel_err(got, want[key]) < 1e-9, key
+
+
+def test_state_dict_loads_both_ways():
+    torch.manual_seed(0)
+    fused = fastlenet.fuse(TutorialNet())
+    other = TutorialNet()
+    fused.load_state_dict(other.state_dict())
+    assert torch.equal(fused.conv1.weight, other.conv1.weight)
+    other.load_state_dict(fastlenet.fuse(TutorialNet()).state_dict())
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        return F.max_pool2d(y, 2) + F.avg_pool2d(y, 2)  # the ReLU output feeds two nodes
+
+
+class _CeilPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        return F.max_pool2d(F.relu(self.conv(x)), 2, ceil_mode=True)
+
+
+# What is not the fused op stays as it was: the pool whose input feeds something else too, or
+# whose settings differ (conv + ReLU alone still fuse: the op with pool_size 1), and convs the
+# op does not support.
+NOT_FUSED = {
+    "reused ReLU output": (_Residual, "conv2d -> ReLU", None),
+    "ceil_mode pool": (_CeilPool, "conv2d -> ReLU", None),
+    "dilated conv": (
+        lambda: nn.Sequential(nn.Conv2d(4, 4, 3, dilation=2), nn.ReLU()),
+        None,
+        "0: dilation (2, 2)",
+    ),
+    "grouped conv": (
+        lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.ReLU(), nn.MaxPool2d(2)),
+        None,
+        "0: groups 2",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", NOT_FUSED)
+def test_what_must_not_fuse_is_left_alone(case):
+    make, fused_what, left_reason = NOT_FUSED[case]
+    torch.manual_seed(0)
+    model = make().double()
+    fused = fastlenet.fuse(model)
+    report = fused.fuse_report
+    if fused_what is None:
+        assert report.fused == []
+        assert _fused_count(fused) == 0
+    else:
+        assert [line.split(": ")[1] for line in report.fused] == [fused_what]
+        assert fused.conv.pool_size == (1, 1)
+    if left_reason is not None:
+        assert left_reason in report.left
+    x = torch.randn(2, 4, 9, 9, **F64)
+    assert rel_err(fused(x), model(x)) < 1e-12
+
+
+def test_untraceable_model_falls_back_to_sequentials(caplog):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: torch.fx cannot trace it
+                x = -x
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = Branchy().double()
+    with caplog.at_level(logging.INFO, logger="fastlenet.fuse"):
+        fused = fastlenet.fuse(model)
+    report = fused.fuse_report
+    assert not report.traced and "could not trace" in report.note
+    assert report.fused == ["body.0: conv2d -> ReLU -> max_pool2d"]
+    assert "1 fused" in caplog.text
+    assert isinstance(fused.body[0], ConvReLUPool2d) and isinstance(model.body[0], nn.Conv2d)
+    assert fused.body[0].weight is model.body[0].weight
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 1, 10, 10, **F64)
+    assert rel_err(fused(x), model(x)) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["fastlenet", compile_backend], ids=["by-name", "function"])
+def test_compile_backend_trains_like_eager(backend, caplog):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ExamplesNet().double().eval()  # no dropout: compiled and eager draw differently
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(4, 1, 14, 14, **F64)
+    with caplog.at_level(logging.INFO, logger="fastlenet.fuse"):
+        got = compiled(x)
+    assert "3 fused" in caplog.text
+    want = model(x)
+    assert rel_err(got, want) < 1e-12
+    grad = torch.randn_like(want)
+    params = list(model.parameters())
+    for g, w in zip(
+        torch.autograd.grad(got, params, grad),
+        torch.autograd.grad(want, params, grad),
+        strict=True,
+    ):
+        assert rel_err(g, w) < 1e-12
