@@ -4,6 +4,7 @@ forward and every gradient, float64 gradcheck, opcheck of the registered ops, de
 import pytest
 import torch
 from conftest import rel_err
+from geometry import conv_inputs, conv_op_args, conv_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from parity import check_conv_relu_pool
@@ -13,31 +14,19 @@ from fastlenet.functional import conv_relu_pool2d
 
 BACKENDS = [b for b in ("cpu", "reference") if b == "reference" or _ext.LOADED]
 
-# (N, C, H, W, O, KH, KW, stride, padding, pool_size, pool_stride)
-GEOMETRIES = [
-    (4, 1, 32, 32, 6, 5, 5, 1, 0, 2, 2),  # LeNet-5 conv1
-    (3, 6, 14, 14, 16, 5, 5, 1, 0, 2, 2),  # LeNet-5 conv2
-    (2, 16, 28, 28, 32, 5, 5, 1, 2, 2, 2),  # Fashion-MNIST CNN conv2 (padding)
-    (2, 3, 11, 9, 20, 3, 2, (2, 1), (1, 0), 3, 2),  # odd sizes, overlapping pools
-    (1, 2, 7, 8, 5, 3, 3, 1, 1, 1, 1),  # pool_size=1: conv + ReLU alone
-    (3, 2, 13, 10, 9, 4, 3, 2, 2, (2, 3), (3, 1)),  # strides everywhere
-    (2, 1, 5, 5, 3, 5, 5, 1, 0, 1, 1),  # 1x1 conv output
-    (0, 3, 8, 8, 4, 3, 3, 1, 0, 2, 2),  # empty batch
-]
+# The rows of the shared table the C++ CPU and reference tests run; the tests below index them.
+GEOMETRIES = conv_rows(
+    "lenet_conv1",
+    "lenet_conv2",
+    "fashion_conv2",
+    "odd",
+    "no_pool",
+    "strides",
+    "conv_1x1",
+    "empty_batch",
+)
 # float32 kernels are compared with a float64 reference: sums of up to a few hundred terms.
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
-
-
-def _inputs(geometry, dtype, requires_grad=True):
-    n, c, h, w, o, kh, kw, *conv = geometry
-    x = torch.randn(n, c, h, w, dtype=dtype, requires_grad=requires_grad)
-    weight = torch.randn(o, c, kh, kw, dtype=dtype, requires_grad=requires_grad)
-    bias = torch.randn(o, dtype=dtype, requires_grad=requires_grad)
-    return x, weight, bias, conv
-
-
-def _pairs(conv):
-    return [(v, v) if isinstance(v, int) else v for v in conv]
 
 
 def _check_parity(x, weight, bias, conv, backend, tol):
@@ -48,7 +37,7 @@ def _check_parity(x, weight, bias, conv, backend, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_parity_with_stock(geometry, dtype, backend):
-    x, weight, bias, conv = _inputs(geometry, dtype)
+    x, weight, bias, conv = conv_inputs(geometry, dtype)
     _check_parity(x, weight, bias, conv, backend, TOL[dtype])
 
 
@@ -61,7 +50,7 @@ def test_layout_blocks(channels, width, padding):
     of its grad_x buffer (3 -> 4, 6 or 7 -> 8, 13 -> 16 channels): channel counts on either side
     of a block and of that padding, widths below one block, of whole blocks and in between."""
     geometry = (2, channels, 9, width, 5, 3, 3, 1, padding, 2, 2)
-    x, weight, bias, conv = _inputs(geometry, torch.float32)
+    x, weight, bias, conv = conv_inputs(geometry, torch.float32)
     _check_parity(x, weight, bias, conv, "cpu", TOL[torch.float32])
 
 
@@ -75,14 +64,14 @@ def test_columns_phase_split(width, padding):
     column in either phase), and stores a pooled row of fewer than 16 columns as a whole vector
     where the rows after it have room for the excess, lane by lane in the last row."""
     geometry = (2, 2, 9, width, 6, 5, 5, 1, padding, 2, 2)
-    x, weight, bias, conv = _inputs(geometry, torch.float32)
+    x, weight, bias, conv = conv_inputs(geometry, torch.float32)
     _check_parity(x, weight, bias, conv, "cpu", TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("geometry", GEOMETRIES[3:7])
 def test_gradcheck_float64(geometry, backend):
-    x, weight, bias, conv = _inputs(geometry, torch.float64)
+    x, weight, bias, conv = conv_inputs(geometry, torch.float64)
     # Random inputs keep every window's max and every pre-activation away from the kinks
     # by far more than gradcheck's eps (1e-6), so the finite differences are exact.
     assert torch.autograd.gradcheck(
@@ -131,7 +120,7 @@ def test_random_geometry_float64(n, c, o, kh, kw, stride, padding, pool, pool_st
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("subset", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (1, 1, 0)])
 def test_requires_grad_subsets(subset, backend):
-    x, weight, bias, conv = _inputs(GEOMETRIES[1], torch.float32, requires_grad=False)
+    x, weight, bias, conv = conv_inputs(GEOMETRIES[1], torch.float32, requires_grad=False)
     for t, flag in zip((x, weight, bias), subset, strict=True):
         t.requires_grad_(bool(flag))
     _check_parity(x, weight, bias, conv, backend, TOL[torch.float32])
@@ -139,13 +128,11 @@ def test_requires_grad_subsets(subset, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_bias_and_unbatched(backend):
-    x, weight, _, conv = _inputs(GEOMETRIES[0], torch.float32)
+    x, weight, _, conv = conv_inputs(GEOMETRIES[0], torch.float32)
     _check_parity(x, weight, None, conv, backend, TOL[torch.float32])
     single = x[0].detach().requires_grad_()
     out = conv_relu_pool2d(single, weight, None, *conv, backend=backend)
-    ref = reference.conv_relu_pool2d(
-        single.unsqueeze(0).double(), weight.double(), None, *_pairs(conv)
-    )
+    ref = reference.conv_relu_pool2d(single.unsqueeze(0).double(), weight.double(), None, *conv)
     assert out.shape == ref.shape[1:]
     assert rel_err(out, ref[0]) < TOL[torch.float32]
 
@@ -153,7 +140,7 @@ def test_no_bias_and_unbatched(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 def test_noncontiguous_input(layout, backend):
-    x, weight, bias, conv = _inputs(GEOMETRIES[2], torch.float32, requires_grad=False)
+    x, weight, bias, conv = conv_inputs(GEOMETRIES[2], torch.float32, requires_grad=False)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     else:
@@ -164,20 +151,12 @@ def test_noncontiguous_input(layout, backend):
     _check_parity(x, weight, bias, conv, backend, TOL[torch.float32])
 
 
-def _op_args(geometry, dtype):
-    x, weight, bias, conv = _inputs(geometry, dtype, requires_grad=False)
-    conv = _pairs(conv)
-    out, argmax = torch.ops.fastlenet.conv_relu_pool_fwd(x, weight, bias, *conv)
-    grad = torch.randn_like(out)
-    return x, weight, bias, conv, grad, argmax
-
-
 @pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
 @pytest.mark.parametrize("geometry", GEOMETRIES[:6])
 def test_opcheck(geometry):
     # The ops run inside ConvReLUPoolFunction with grad mode off, so they are checked on
     # tensors that do not require grad (autograd is the Function's, tested above).
-    x, weight, bias, conv, grad, argmax = _op_args(geometry, torch.float32)
+    x, weight, bias, conv, grad, argmax = conv_op_args(geometry, torch.float32)
     ops = torch.ops.fastlenet
     torch.library.opcheck(ops.conv_relu_pool_fwd, (x, weight, bias, *conv))
     torch.library.opcheck(ops.conv_relu_pool_fwd, (x, weight, None, *conv))
@@ -190,7 +169,7 @@ def test_opcheck(geometry):
 def test_bwd_gives_the_gradients_asked_for(geometry):
     """One backward op, three requests: each gradient matches the reference and does not
     depend on whether the other was asked for; the one not asked for has no elements."""
-    x, weight, _, conv, grad, argmax = _op_args(geometry, torch.float64)
+    x, weight, _, conv, grad, argmax = conv_op_args(geometry, torch.float64)
     args = (grad, argmax, x, weight, *conv)
     ops = torch.ops.fastlenet
     both = ops.conv_relu_pool_bwd(*args, True, True)
@@ -208,7 +187,7 @@ def test_bwd_gives_the_gradients_asked_for(geometry):
 
 @pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
 def test_saved_state_matches_reference():
-    x, weight, bias, conv, _, argmax = _op_args(GEOMETRIES[3], torch.float64)
+    x, weight, bias, conv, _, argmax = conv_op_args(GEOMETRIES[3], torch.float64)
     _, ref_argmax = reference.conv_relu_pool_fwd(x, weight, bias, *conv)
     assert argmax.dtype == torch.uint8
     assert torch.equal(argmax, ref_argmax)
@@ -219,7 +198,7 @@ def test_saved_state_matches_reference():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_backward_is_deterministic(threads):
     torch.set_num_threads(threads)
-    x, weight, _, conv, grad, argmax = _op_args(
+    x, weight, _, conv, grad, argmax = conv_op_args(
         (64, 6, 14, 14, 16, 5, 5, 1, 0, 2, 2), torch.float32
     )
     ops = torch.ops.fastlenet

@@ -8,6 +8,7 @@ same kernels in the CPU simulator).
 import pytest
 import torch
 from conftest import rel_err
+from geometry import conv_inputs, conv_op_args, conv_rows, pairs
 from parity import check_conv_relu_pool
 
 from fastlenet import reference
@@ -17,33 +18,25 @@ pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
 BACKEND = "cuda"
 
-# (N, C, H, W, O, KH, KW, stride, padding, pool_size, pool_stride)
-GEOMETRIES = [
-    (4, 1, 32, 32, 6, 5, 5, 1, 0, 2, 2),  # LeNet-5 conv1
-    (3, 6, 14, 14, 16, 5, 5, 1, 0, 2, 2),  # LeNet-5 conv2
-    (2, 16, 28, 28, 32, 5, 5, 1, 2, 2, 2),  # Fashion-MNIST CNN conv2 (padding)
-    (2, 3, 11, 9, 20, 3, 2, (2, 1), (1, 0), 3, 2),  # odd sizes, overlapping pools
-    (1, 2, 7, 8, 5, 3, 3, 1, 1, 1, 1),  # pool_size=1: conv + ReLU alone
-    (3, 2, 13, 10, 9, 4, 3, 2, 2, (2, 3), (3, 1)),  # strides everywhere
-    (2, 1, 5, 5, 3, 5, 5, 1, 0, 1, 1),  # 1x1 conv output
-    (2, 64, 20, 20, 8, 7, 7, 1, 3, 2, 2),  # 64 channels of 7x7: several staged channel chunks
-    (0, 3, 8, 8, 4, 3, 3, 1, 0, 2, 2),  # empty batch
-]
+# The rows of the shared table the CUDA tests run; the tests below index them.
+GEOMETRIES = conv_rows(
+    "lenet_conv1",
+    "lenet_conv2",
+    "fashion_conv2",
+    "odd",
+    "no_pool",
+    "strides",
+    "conv_1x1",
+    "channels_64_7x7",
+    "empty_batch",
+)
 # Against the float64 reference on the same (rounded) inputs: float32 sums of up to a few
 # thousand terms; float16/bfloat16 accumulate in float32 and round the result (2^-11, 2^-8).
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def _pairs(conv):
-    return [(v, v) if isinstance(v, int) else tuple(v) for v in conv]
-
-
 def _inputs(geometry, dtype, requires_grad=True):
-    n, c, h, w, o, kh, kw, *conv = geometry
-    x = torch.randn(n, c, h, w, device=DEVICE).to(dtype).requires_grad_(requires_grad)
-    weight = torch.randn(o, c, kh, kw, device=DEVICE).to(dtype).requires_grad_(requires_grad)
-    bias = torch.randn(o, device=DEVICE).to(dtype).requires_grad_(requires_grad)
-    return x, weight, bias, _pairs(conv)
+    return conv_inputs(geometry, dtype, DEVICE, requires_grad)
 
 
 def _check_parity(x, weight, bias, conv, tol):
@@ -73,9 +66,7 @@ def test_gradcheck_float64(geometry):
 
 
 def _op_args(geometry, dtype):
-    x, weight, bias, conv = _inputs(geometry, dtype, requires_grad=False)
-    out, argmax = torch.ops.fastlenet.conv_relu_pool_fwd(x, weight, bias, *conv)
-    return x, weight, bias, conv, torch.randn_like(out), argmax
+    return conv_op_args(geometry, dtype, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -109,7 +100,7 @@ def test_ties_nan_and_dead_windows():
     weight = torch.randint(-1, 2, (16, 6, 5, 5), device=DEVICE).double()
     bias = torch.randint(-1, 2, (16,), device=DEVICE).double()
     x.view(-1)[torch.randperm(x.numel(), device=DEVICE)[:4]] = float("nan")
-    conv = _pairs((1, 0, 2, 2))
+    conv = pairs((1, 0, 2, 2))
     out, argmax = torch.ops.fastlenet.conv_relu_pool_fwd(x, weight, bias, *conv)
     ref_out, ref_argmax = reference.conv_relu_pool_fwd(x, weight, bias, *conv)
     assert torch.equal(argmax, ref_argmax)

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 from conftest import rel_err
+from geometry import CONV, TRITON_CONV, conv_inputs, conv_rows, pairs
 from parity import check_conv_relu_pool
 
 import fastlenet
@@ -33,35 +34,11 @@ INTERPRETED = backends.triton_interpreted()
 # CPU tensors only through the interpreter; CUDA tensors only natively (with a GPU).
 DEVICES = ["cpu"] if INTERPRETED else [pytest.param("cuda", marks=pytest.mark.gpu)]
 
-# (N, C, H, W, O, KH, KW, stride, padding, pool_size, pool_stride), small enough for the
-# interpreter (each one runs in well under a second there).
-GEOMETRIES = [
-    (2, 1, 16, 16, 6, 5, 5, 1, 0, 2, 2),  # LeNet-5 conv1 on a smaller image; 2 reduction splits
-    (3, 6, 14, 14, 16, 5, 5, 1, 0, 2, 2),  # LeNet-5 conv2: K = 150 (3 K blocks), 75 rows
-    (2, 3, 11, 9, 20, 3, 2, (2, 1), (1, 0), 3, 2),  # odd sizes, overlapping pools
-    (1, 2, 7, 8, 5, 3, 3, 1, 1, 1, 1),  # pool_size=1: conv + ReLU alone
-    (3, 2, 13, 10, 9, 4, 3, 2, 2, (2, 3), (3, 1)),  # strides everywhere
-    (2, 2, 10, 11, 4, 3, 3, 1, 0, 2, 3),  # pool_stride > pool_size: gaps between windows
-    (1, 2, 6, 6, 70, 3, 3, 1, 1, 2, 2),  # 70 channels: two channel blocks
-    (2, 1, 5, 5, 3, 5, 5, 1, 0, 1, 1),  # 1x1 conv output
-    (0, 3, 8, 8, 4, 3, 3, 1, 0, 2, 2),  # empty batch
-]
+# The small rows of the shared table (geometry.TRITON_CONV); the tests below index them.
+GEOMETRIES = conv_rows(*TRITON_CONV)
 # float32 kernels against the float64 reference: sums of at most a few hundred products
 # (measured rel_err ~1e-7); float64 against float64: rounding only.
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
-
-
-def _pairs(conv):
-    return [(v, v) if isinstance(v, int) else tuple(v) for v in conv]
-
-
-def _inputs(geometry, dtype, device, requires_grad=True):
-    n, c, h, w, o, kh, kw, *conv = geometry
-    make = dict(dtype=dtype, device=device, requires_grad=requires_grad)
-    x = torch.randn(n, c, h, w, **make)
-    weight = torch.randn(o, c, kh, kw, **make)
-    bias = torch.randn(o, **make)
-    return x, weight, bias, _pairs(conv)
 
 
 def _check_parity(x, weight, bias, conv, tol):
@@ -73,20 +50,20 @@ def _check_parity(x, weight, bias, conv, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_parity_with_reference(geometry, dtype, device):
-    x, weight, bias, conv = _inputs(geometry, dtype, device)
+    x, weight, bias, conv = conv_inputs(geometry, dtype, device)
     _check_parity(x, weight, bias, conv, TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_bias_unbatched_and_grad_subsets(device):
-    x, weight, _, conv = _inputs(GEOMETRIES[2], torch.float32, device)
+    x, weight, _, conv = conv_inputs(GEOMETRIES[2], torch.float32, device)
     _check_parity(x, weight, None, conv, TOL[torch.float32])
     single = x[0].detach().requires_grad_()
     out = conv_relu_pool2d(single, weight, None, *conv, backend="triton")
     ref = reference.conv_relu_pool2d(single[None].double(), weight.double(), None, *conv)
     assert out.shape == ref.shape[1:] and rel_err(out, ref[0]) < TOL[torch.float32]
     for subset in [(1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)]:
-        leaves = _inputs(GEOMETRIES[4], torch.float32, device, requires_grad=False)
+        leaves = conv_inputs(GEOMETRIES[4], torch.float32, device, requires_grad=False)
         for t, flag in zip(leaves[:3], subset, strict=True):
             t.requires_grad_(bool(flag))
         _check_parity(*leaves, TOL[torch.float32])
@@ -94,7 +71,7 @@ def test_no_bias_unbatched_and_grad_subsets(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_noncontiguous_input(device):
-    x, weight, bias, conv = _inputs(GEOMETRIES[1], torch.float32, device, requires_grad=False)
+    x, weight, bias, conv = conv_inputs(GEOMETRIES[1], torch.float32, device, requires_grad=False)
     x = x.to(memory_format=torch.channels_last).requires_grad_()
     assert not x.is_contiguous()
     _check_parity(x, weight.requires_grad_(), bias, conv, TOL[torch.float32])
@@ -108,7 +85,7 @@ def test_gradcheck_float64(geometry, device):
     # kink, so finite differences are exact. fast_mode compares one random projection of the
     # Jacobian: the full one costs two forward passes per input element, 10-50 s each here
     # under the interpreter (the full check runs on the tiny shape below).
-    x, weight, bias, conv = _inputs((1, c, h, w, 2, kh, kw, *conv), torch.float64, device)
+    x, weight, bias, conv = conv_inputs((1, c, h, w, 2, kh, kw, *conv), torch.float64, device)
     assert torch.autograd.gradcheck(
         lambda a, b, bb: conv_relu_pool2d(a, b, bb, *conv, backend="triton"),
         (x, weight, bias),
@@ -118,7 +95,7 @@ def test_gradcheck_float64(geometry, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_float64_full_jacobian(device):
-    x, weight, bias, conv = _inputs((1, 1, 6, 5, 2, 2, 2, 1, 1, 2, (2, 1)), torch.float64, device)
+    x, weight, bias, conv = conv_inputs(CONV["tiny"], torch.float64, device)
     assert torch.autograd.gradcheck(
         lambda a, b, bb: conv_relu_pool2d(a, b, bb, *conv, backend="triton"), (x, weight, bias)
     )
@@ -126,7 +103,7 @@ def test_gradcheck_float64_full_jacobian(device):
 
 def _op_state(geometry, dtype, device):
     """Inputs, the reference's saved argmax and a random grad_out for the raw ops."""
-    x, weight, bias, conv = _inputs(geometry, dtype, device, requires_grad=False)
+    x, weight, bias, conv = conv_inputs(geometry, dtype, device, requires_grad=False)
     ref_out, ref_argmax = reference.conv_relu_pool_fwd(
         x.double(), weight.double(), bias.double(), *conv
     )
@@ -163,7 +140,7 @@ LOW_TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("geometry", GEOMETRIES[1:3])
 def test_low_precision_against_float64(geometry, dtype, device):
-    x, weight, bias, conv = _inputs(geometry, dtype, device, requires_grad=False)
+    x, weight, bias, conv = conv_inputs(geometry, dtype, device, requires_grad=False)
     _, argmax, ref_argmax = _check_ops(x, weight, bias, conv, LOW_TOL[dtype])
     # Near-ties may resolve differently once the products are summed in another order.
     assert (argmax != ref_argmax).float().mean().item() < 0.02
@@ -172,7 +149,7 @@ def test_low_precision_against_float64(geometry, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_saved_argmax_matches_reference(dtype, device):
-    x, weight, bias, conv = _inputs(GEOMETRIES[2], dtype, device, requires_grad=False)
+    x, weight, bias, conv = conv_inputs(GEOMETRIES[2], dtype, device, requires_grad=False)
     _, argmax, ref_argmax = _check_ops(x, weight, bias, conv, TOL[dtype])
     assert torch.equal(argmax, ref_argmax)
     assert (argmax == 255).any() and (argmax != 255).any()  # both kinds of window occur
@@ -185,7 +162,7 @@ def test_ties_pick_first_max(geometry, dtype, device):
     # Small integers make every conv sum exact in any order, so windows tie often and the
     # kernel must pick the first maximum in row-major order exactly as max_pool2d does.
     n, c, h, w, o, kh, kw, *conv = geometry
-    conv = _pairs(conv)
+    conv = pairs(conv)
     x = torch.randint(-1, 2, (n, c, h, w), device=device).to(dtype)
     weight = torch.randint(-1, 2, (o, c, kh, kw), device=device).to(dtype)
     bias = torch.randint(-1, 2, (o,), device=device).to(dtype)
@@ -202,7 +179,7 @@ def test_all_tied_windows(device):
     blocks = torch.randn(2, 3, 4, 5, device=device)
     x = blocks.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
     weight = torch.randn(4, 3, 1, 1, device=device)
-    conv = _pairs([1, 0, 2, 2])
+    conv = pairs([1, 0, 2, 2])
     out, argmax = triton_conv.OPS.fwd(x, weight, None, *conv)
     positive = out > 0
     assert positive.any() and (~positive).any()
@@ -223,7 +200,7 @@ def test_nan_input(where, device):
     # only there (a 1x1 kernel maps input rows to conv rows): the output and grad_input stay
     # finite, grad_weight is NaN as in stock's dense backward (0 * NaN).
     geometry = GEOMETRIES[5] if where == "inside" else (2, 2, 8, 9, 4, 1, 1, 1, 0, 2, 3)
-    x, weight, bias, conv = _inputs(geometry, torch.float32, device, requires_grad=False)
+    x, weight, bias, conv = conv_inputs(geometry, torch.float32, device, requires_grad=False)
     if where == "inside":
         x[0, 1, 4, 4] = float("nan")
         x[1, 0, 2, 3] = float("nan")  # two NaNs in some windows: the last one wins
@@ -248,7 +225,7 @@ def test_nan_input(where, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_all_negative_windows_pass_no_gradient(device):
-    x, weight, bias, conv = _inputs(GEOMETRIES[1], torch.float32, device, requires_grad=False)
+    x, weight, bias, conv = conv_inputs(GEOMETRIES[1], torch.float32, device, requires_grad=False)
     bias[::2] = -1e4  # every pre-activation of the even channels is negative
     out, argmax = triton_conv.OPS.fwd(x, weight, bias, *conv)
     assert (out[:, ::2] == 0).all() and (argmax[:, ::2] == 255).all()
@@ -263,7 +240,7 @@ def test_all_negative_windows_pass_no_gradient(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device):
-    x, weight, bias, conv = _inputs(GEOMETRIES[-1], torch.float32, device)
+    x, weight, bias, conv = conv_inputs(GEOMETRIES[-1], torch.float32, device)
     out = conv_relu_pool2d(x, weight, bias, *conv, backend="triton")
     assert out.shape == (0, 4, 3, 3)
     out.sum().backward()
@@ -306,7 +283,7 @@ def test_small_shapes_run_the_multi_split_reduction():
 
 @pytest.mark.gpu
 def test_tf32_option():
-    x, weight, bias, conv = _inputs(GEOMETRIES[1], torch.float32, "cuda", requires_grad=False)
+    x, weight, bias, conv = conv_inputs(GEOMETRIES[1], torch.float32, "cuda", requires_grad=False)
     ref, _ = reference.conv_relu_pool_fwd(x.double(), weight.double(), bias.double(), *conv)
     assert launch.dot_precision(torch.float32) == "ieee"
     launch.set_allow_tf32(True)

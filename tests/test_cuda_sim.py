@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import rel_err
+from geometry import CONV, SIM_CONV, pairs
 
 from fastlenet import reference
 
@@ -98,26 +99,14 @@ def run_sim(driver: Path, op: str, tmp: Path, inputs: dict, params: dict, output
 # ---------------------------------------------------------------------------------------------
 # conv2d -> ReLU -> max_pool2d
 
-# (N, C, H, W, O, KH, KW, stride, padding, pool_size, pool_stride)
-CONV_GEOMETRIES = {
-    "lenet_conv1": (2, 1, 12, 12, 6, 5, 5, 1, 2, 2, 2),  # padding; 6 channels = 4 + 2
-    "lenet_conv2": (2, 6, 14, 14, 16, 5, 5, 1, 0, 2, 2),  # 4 full channel blocks
-    "odd": (3, 3, 11, 9, 5, 3, 2, (2, 1), (1, 0), 3, 2),  # overlapping pools, odd sizes
-    "strides": (2, 2, 13, 10, 3, 4, 3, 2, 2, (2, 3), (3, 1)),
-    "no_pool": (1, 2, 7, 6, 3, 3, 3, 1, 1, 1, 1),  # pool_size 1: conv + ReLU
-    "tiles": (1, 2, 21, 20, 2, 3, 3, 1, 0, 2, 2),  # 9 x 9 pooled: 2 x 2 tiles, partial
-    "slices": (3, 1, 40, 40, 2, 3, 3, 1, 0, 1, 1),  # 4332 pooled positions: 5 bwd slices
-}
-
-
-def _pairs(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
+# The simulator's rows of the shared table (geometry.SIM_CONV), by name.
+CONV_GEOMETRIES = {name: CONV[name] for name in SIM_CONV}
 
 
 def _conv_case(name, dtype, kind="randn"):
     """Inputs (in `dtype`) and geometry of one case. kind: randn, ints (ties), nan, negative."""
     n, c, h, w, o, kh, kw, *rest = CONV_GEOMETRIES[name]
-    stride, padding, pool, pool_stride = (_pairs(v) for v in rest)
+    stride, padding, pool, pool_stride = pairs(rest)
     if kind == "ints":  # small integers: exact in every dtype, so windows hold exact ties
         x = torch.randint(-2, 3, (n, c, h, w)).to(dtype)
         weight = torch.randint(-1, 2, (o, c, kh, kw)).to(dtype)
@@ -197,12 +186,12 @@ def test_conv_bwd(sim, tmp_path, name, dt):
 
 
 @pytest.mark.parametrize("dt", ["f16", "bf16"])
-@pytest.mark.parametrize("name", ["lenet_conv2", "odd"])
+@pytest.mark.parametrize("name", ["lenet_conv2", "odd_small"])
 def test_conv_bwd_half(sim, tmp_path, name, dt):
     _check_conv_bwd(sim["sim_driver"], tmp_path, name, dt)
 
 
-@pytest.mark.parametrize("name", ["lenet_conv2", "odd", "strides"])
+@pytest.mark.parametrize("name", ["lenet_conv2", "odd_small", "strides"])
 def test_conv_ties_pick_the_first_max(sim, tmp_path, name):
     got = _check_conv_fwd(sim["sim_driver"], tmp_path, name, "f32", kind="ints")
     assert (got["argmax"] == 255).any() and (got["argmax"] != 255).any()
@@ -236,19 +225,19 @@ def _plant_inf_grad(x, weight, go, am):
 
 
 @pytest.mark.parametrize("edit", [_plant_inf_weight, _plant_inf_x, _plant_inf_grad])
-@pytest.mark.parametrize("name", ["lenet_conv1", "odd"])
+@pytest.mark.parametrize("name", ["lenet_conv1_padded", "odd_small"])
 def test_conv_bwd_inf_and_nan_propagate_as_in_stock(sim, tmp_path, name, edit):
     _check_conv_bwd(sim["sim_driver"], tmp_path, name, "f64", edit=edit)
 
 
 def test_conv_all_negative_windows(sim, tmp_path):
-    got = _check_conv_fwd(sim["sim_driver"], tmp_path, "odd", "f32", kind="negative")
+    got = _check_conv_fwd(sim["sim_driver"], tmp_path, "odd_small", "f32", kind="negative")
     assert (got["argmax"] == 255).all() and (got["out"] == 0).all()
-    _check_conv_bwd(sim["sim_driver"], tmp_path, "odd", "f32", kind="negative")
+    _check_conv_bwd(sim["sim_driver"], tmp_path, "odd_small", "f32", kind="negative")
 
 
 def test_conv_fwd_without_bias(sim, tmp_path):
-    _check_conv_fwd(sim["sim_driver"], tmp_path, "odd", "f32", bias=False)
+    _check_conv_fwd(sim["sim_driver"], tmp_path, "odd_small", "f32", bias=False)
 
 
 # Shared-memory budgets that force the other forward paths on small shapes. lenet_conv2 stages
@@ -292,7 +281,7 @@ def test_conv_bwd_skips_bytes_that_are_no_window_position(sim, tmp_path):
 
 
 def test_conv_empty_batch(sim, tmp_path):
-    x, weight, b, conv, params = _conv_case("odd", torch.float32)
+    x, weight, b, conv, params = _conv_case("odd_small", torch.float32)
     params["n"] = 0
     x = x[:0]
     _, am = reference.conv_relu_pool_fwd(x, weight, b, *conv)
@@ -387,11 +376,11 @@ def test_tsan_catches_a_missing_syncthreads(sim_tsan):
 def test_tsan_no_race_in_the_kernels(sim_tsan, tmp_path):
     """Every kernel and launcher path once under TSan (run_sim fails on any report)."""
     d = sim_tsan["sim_driver"]
-    _check_conv_fwd(d, tmp_path / "fwd", "odd", "f32")
+    _check_conv_fwd(d, tmp_path / "fwd", "odd_small", "f32")
     _check_conv_fwd(d, tmp_path / "chunked", "lenet_conv2", "f32", smem=1700)
-    _check_conv_fwd(d, tmp_path / "unstaged", "odd", "f32", smem=16)
-    _check_conv_bwd(d, tmp_path / "bwd", "odd", "f32")
-    _check_conv_bwd(d, tmp_path / "atomics", "odd", "f32", atomics=True, ops=("weight",))
-    _check_conv_bwd(d, tmp_path / "dense", "odd", "f32", kind="nan", ops=("weight",))
+    _check_conv_fwd(d, tmp_path / "unstaged", "odd_small", "f32", smem=16)
+    _check_conv_bwd(d, tmp_path / "bwd", "odd_small", "f32")
+    _check_conv_bwd(d, tmp_path / "atomics", "odd_small", "f32", atomics=True, ops=("weight",))
+    _check_conv_bwd(d, tmp_path / "dense", "odd_small", "f32", kind="nan", ops=("weight",))
     _check_linear(d, tmp_path / "lin32", (33, 20, 40, 32), "f32")
     _check_linear(d, tmp_path / "lin64", (9, 20, 10, 64), "f32")

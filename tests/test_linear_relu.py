@@ -3,13 +3,15 @@ forward and every gradient, float64 gradcheck, opcheck of the registered ops."""
 
 import pytest
 import torch
+from geometry import linear_inputs, linear_rows
 from parity import check_linear_relu
 
 from fastlenet import _ext
 from fastlenet.functional import linear, linear_relu
 
 BACKENDS = [b for b in ("cpu", "reference") if b == "reference" or _ext.LOADED]
-SHAPES = [(64, 400, 120), (64, 120, 84), (64, 84, 10), (1, 7, 3), (13, 33, 65), (0, 5, 4)]
+# The rows of the shared table the C++ CPU and reference tests run; the tests below index them.
+SHAPES = linear_rows("lenet_fc1", "lenet_fc2", "lenet_fc3", "one_row", "odd", "empty_batch")
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 FUNCTIONS = {"linear_relu": (linear_relu, True), "linear": (linear, False)}
 
@@ -23,10 +25,7 @@ def _check(fn_name, x, weight, bias, backend, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_parity_with_stock(shape, dtype, fn_name, backend):
-    b, i, o = shape
-    x = torch.randn(b, i, dtype=dtype, requires_grad=True)
-    weight = torch.randn(o, i, dtype=dtype, requires_grad=True)
-    bias = torch.randn(o, dtype=dtype, requires_grad=True)
+    x, weight, bias = linear_inputs(shape, dtype)
     _check(fn_name, x, weight, bias, backend, TOL[dtype])
     _check(fn_name, x, weight, None, backend, TOL[dtype])
 
@@ -65,8 +64,7 @@ def test_requires_grad_subsets(subset, backend):
 @pytest.mark.parametrize("shape", SHAPES[3:])
 def test_opcheck(shape, relu):
     # Called with grad mode off inside LinearReLUFunction: checked without requires_grad.
-    b, i, o = shape
-    x, weight, bias = torch.randn(b, i), torch.randn(o, i), torch.randn(o)
+    x, weight, bias = linear_inputs(shape, torch.float32, requires_grad=False)
     ops = torch.ops.fastlenet
     torch.library.opcheck(ops.linear_relu_fwd, (x, weight, bias, relu))
     torch.library.opcheck(ops.linear_relu_fwd, (x, weight, None, relu))

@@ -8,6 +8,7 @@ same kernels in the CPU simulator).
 import pytest
 import torch
 from conftest import rel_err
+from geometry import linear_inputs, linear_rows
 from parity import check_linear_relu
 
 from fastlenet import reference
@@ -17,17 +18,10 @@ pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
 BACKEND = "cuda"
 
-# LeNet-5's three layers, odd sizes crossing both GEMM tiles, one row, an empty batch, and a
-# product large enough for the 64 x 64 tile.
-SHAPES = [
-    (64, 400, 120),
-    (64, 120, 84),
-    (64, 84, 10),
-    (1, 7, 3),
-    (13, 33, 65),
-    (0, 5, 4),
-    (1500, 700, 650),
-]
+# The rows of the shared table the CUDA tests run; the tests below index them.
+SHAPES = linear_rows(
+    "lenet_fc1", "lenet_fc2", "lenet_fc3", "one_row", "odd", "empty_batch", "tile_64"
+)
 # Against the float64 reference on the same (rounded) inputs: float32 sums of up to 1500
 # terms; float16/bfloat16 accumulate in float32 and round the result (2^-11, 2^-8).
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -35,11 +29,7 @@ FUNCTIONS = {"linear_relu": (linear_relu, True), "linear": (linear, False)}
 
 
 def _inputs(shape, dtype, requires_grad=True):
-    b, i, o = shape
-    return [
-        torch.randn(*s, device=DEVICE).to(dtype).requires_grad_(requires_grad)
-        for s in ((b, i), (o, i), (o,))
-    ]
+    return linear_inputs(shape, dtype, DEVICE, requires_grad)
 
 
 def _check(fn_name, x, weight, bias, tol):

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 from conftest import rel_err
+from geometry import TRITON_LINEAR, linear_inputs, linear_rows
 from parity import check_linear_relu
 
 from fastlenet import backends, reference
@@ -31,27 +32,11 @@ pytestmark = pytest.mark.skipif(
 INTERPRETED = backends.triton_interpreted()
 DEVICES = ["cpu"] if INTERPRETED else [pytest.param("cuda", marks=pytest.mark.gpu)]
 
-# (rows, in_features, out_features)
-SHAPES = [
-    (8, 400, 120),  # LeNet-5 fc1: K = 400 is 7 K blocks under the interpreter
-    (37, 50, 23),  # odd everywhere
-    (130, 7, 3),  # 130 rows: three row blocks, several reduction splits
-    (3, 84, 70),  # 70 features: two feature blocks of 64
-    (1, 1, 1),
-    (0, 5, 4),  # empty batch
-]
+# The small rows of the shared table (geometry.TRITON_LINEAR); the tests below index them.
+SHAPES = linear_rows(*TRITON_LINEAR)
 # float32 against float64: sums of at most 400 products (measured rel_err ~1e-7).
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 FUNCS = {True: linear_relu, False: linear}
-
-
-def _inputs(shape, dtype, device, requires_grad=True, bias=True):
-    m, k, n = shape
-    make = dict(dtype=dtype, device=device, requires_grad=requires_grad)
-    x = torch.randn(m, k, **make)
-    weight = torch.randn(n, k, **make)
-    b = torch.randn(n, **make) if bias else None
-    return x, weight, b
 
 
 def _check_parity(x, weight, bias, relu, tol):
@@ -63,20 +48,20 @@ def _check_parity(x, weight, bias, relu, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_parity_with_reference(shape, dtype, relu, device):
-    x, weight, bias = _inputs(shape, dtype, device)
+    x, weight, bias = linear_inputs(shape, dtype, device)
     _check_parity(x, weight, bias, relu, TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_bias_leading_dims_and_grad_subsets(device):
-    x, weight, _ = _inputs(SHAPES[1], torch.float32, device)
+    x, weight, _ = linear_inputs(SHAPES[1], torch.float32, device)
     _check_parity(x, weight, None, True, TOL[torch.float32])
     x3 = torch.randn(2, 3, 50, device=device, requires_grad=True)
     out = linear_relu(x3, weight, None, backend="triton")
     ref = reference.linear_relu(x3.double(), weight.double(), None)
     assert out.shape == (2, 3, 23) and rel_err(out, ref) < TOL[torch.float32]
     for subset in [(1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)]:
-        leaves = _inputs(SHAPES[2], torch.float32, device, requires_grad=False)
+        leaves = linear_inputs(SHAPES[2], torch.float32, device, requires_grad=False)
         for t, flag in zip(leaves, subset, strict=True):
             t.requires_grad_(bool(flag))
         _check_parity(*leaves, True, TOL[torch.float32])
@@ -94,7 +79,7 @@ def test_noncontiguous_input(device):
 @pytest.mark.parametrize("relu", [True, False])
 def test_gradcheck_float64(relu, device):
     # Random inputs keep every pre-activation far (>> eps = 1e-6) from the ReLU kink.
-    x, weight, bias = _inputs((5, 7, 4), torch.float64, device)
+    x, weight, bias = linear_inputs((5, 7, 4), torch.float64, device)
     func = FUNCS[relu]
     assert torch.autograd.gradcheck(
         lambda a, b, c: func(a, b, c, backend="triton"), (x, weight, bias)
@@ -127,7 +112,7 @@ LOW_TOL = {torch.float16: 1e-3, torch.bfloat16: 1.2e-2}
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_low_precision_against_float64(shape, dtype, relu, device):
-    x, weight, bias = _inputs(shape, dtype, device, requires_grad=False)
+    x, weight, bias = linear_inputs(shape, dtype, device, requires_grad=False)
     _check_ops(x, weight, bias, relu, LOW_TOL[dtype])
 
 
@@ -136,7 +121,7 @@ def test_low_precision_against_float64(shape, dtype, relu, device):
 def test_nan_matches_stock(which, device):
     # Stock's ReLU backward zeroes the gradient only where out <= 0, so a NaN output passes
     # its gradient on; the oracle is stock autograd in float64 on the same values.
-    tensors = list(_inputs(SHAPES[1], torch.float32, device, requires_grad=False))
+    tensors = list(linear_inputs(SHAPES[1], torch.float32, device, requires_grad=False))
     index = {"input": (3, 7), "weight": (5, 2), "bias": (4,)}[which]
     tensors[["input", "weight", "bias"].index(which)][index] = float("nan")
     leaves = [t.requires_grad_() for t in tensors]
@@ -155,7 +140,7 @@ def test_nan_matches_stock(which, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_all_negative_rows_pass_no_gradient(device):
-    x, weight, bias = _inputs(SHAPES[1], torch.float32, device, requires_grad=False)
+    x, weight, bias = linear_inputs(SHAPES[1], torch.float32, device, requires_grad=False)
     bias[::2] = -1e4
     out = triton_linear.OPS.fwd(x, weight, bias, True)
     assert (out[:, ::2] == 0).all() and (out[:, 1::2] > 0).any()
@@ -171,7 +156,7 @@ def test_all_negative_rows_pass_no_gradient(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device):
-    x, weight, bias = _inputs(SHAPES[-1], torch.float32, device)
+    x, weight, bias = linear_inputs(SHAPES[-1], torch.float32, device)
     out = linear_relu(x, weight, bias, backend="triton")
     assert out.shape == (0, 4)
     out.sum().backward()
@@ -185,7 +170,7 @@ def test_empty_batch(device):
 @pytest.mark.parametrize("shape", SHAPES[1:3])
 def test_opcheck(shape, relu, device):
     # The ops run inside LinearReLUFunction with grad mode off: checked without requires_grad.
-    x, weight, bias = _inputs(shape, torch.float32, device, requires_grad=False)
+    x, weight, bias = linear_inputs(shape, torch.float32, device, requires_grad=False)
     ops = torch.ops.fastlenet
     torch.library.opcheck(ops.triton_linear_relu_fwd, (x, weight, bias, relu))
     torch.library.opcheck(ops.triton_linear_relu_fwd, (x, weight, None, relu))
@@ -196,7 +181,7 @@ def test_opcheck(shape, relu, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_is_deterministic(device):
-    x, weight, bias = _inputs(SHAPES[2], torch.float32, device, requires_grad=False)
+    x, weight, bias = linear_inputs(SHAPES[2], torch.float32, device, requires_grad=False)
     out = triton_linear.OPS.fwd(x, weight, bias, True)
     args = (torch.randn_like(out), out, x, weight, True)
     first = triton_linear.OPS.bwd(*args)
@@ -214,7 +199,7 @@ def test_small_shapes_run_the_multi_split_reduction():
 
 @pytest.mark.gpu
 def test_tf32_option():
-    x, weight, bias = _inputs(SHAPES[0], torch.float32, "cuda", requires_grad=False)
+    x, weight, bias = linear_inputs(SHAPES[0], torch.float32, "cuda", requires_grad=False)
     ref = reference.linear_relu_fwd(x.double(), weight.double(), bias.double(), True)
     launch.set_allow_tf32(True)
     try:
