@@ -235,6 +235,7 @@ class _Runner:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
         self.count = 0
+        self.epoch_seconds0 = self.seconds
 
     def step(self, x, y, loss_scale=None):
         """One training step; returns the loss tensor (mean over x)."""
@@ -452,13 +453,18 @@ def _evaluate_epoch(run, epoch, train_seconds, t_epoch) -> dict:
         "test_loss": test_loss / test_count,
         "test_accuracy": test_correct / test_count,
         "train_seconds": train_seconds,
+        "elapsed_train_seconds": fused.seconds,  # all epochs so far: accuracy vs time
         "samples_per_second": count / train_seconds,
         "wall_seconds": time.perf_counter() - t_epoch,
     }
     if run.stock is not None:
-        s_correct, s_count, _ = evaluate(run.stock.model, test_x, test_y)
+        stock = run.stock
+        s_correct, s_count, s_loss = evaluate(stock.model, test_x, test_y)
         row["stock_test_accuracy"] = s_correct / s_count
-        row["stock_train_loss"] = run.stock.loss_sum.item() / run.stock.count
+        row["stock_test_loss"] = s_loss / s_count
+        row["stock_train_loss"] = stock.loss_sum.item() / stock.count
+        row["stock_train_seconds"] = stock.seconds - stock.epoch_seconds0
+        row["stock_elapsed_train_seconds"] = stock.seconds
     return row
 
 
