@@ -17,7 +17,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAVED_NAME = "saved_for_backward.csv"
-OPS = ("lenet5", "conv_relu_pool", "linear_relu")  # the order of the sections
+OPS = ("lenet5", "fuse", "conv_relu_pool", "linear_relu")  # the order of the sections
 PASS_ORDER = {"train_step": 0, "inference": 1, "forward": 2, "backward": 3, "full": 4}
 #: LeNet-5's useful FLOPs per sample (2 x dense MACs; see harness.py), quoted in the header.
 LENET_FWD_MFLOP = 0.833040

@@ -1,4 +1,5 @@
-"""LeNet-5 and the Fashion-MNIST CNN of the PyTorch tutorials, fused or stock.
+"""LeNet-5 and the Fashion-MNIST CNN of the PyTorch tutorials, fused or stock; and
+pytorch/examples' MNIST Net in stock layers only (what fastlenet.fuse is shown on).
 
 Both variants of a model have the same state_dict keys as the tutorial network, so a stock
 checkpoint loads into the fused model (and back) with strict=True.
@@ -68,6 +69,38 @@ class FashionCNN(nn.Module):
             x = F.max_pool2d(F.relu(self.conv1(x)), 2)
             x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         return self.fc(torch.flatten(x, 1))
+
+
+class ExamplesNet(nn.Module):
+    """pytorch/examples' MNIST Net, as written there (1x28x28 -> conv 32@3x3, ReLU -> conv
+    64@3x3, ReLU, pool 2 -> dropout -> 9216 -> 128, ReLU -> dropout -> num_classes,
+    log-softmax); `input_size` may be smaller (fc1 is sized for it)."""
+
+    input_size = (1, 28, 28)
+
+    def __init__(self, num_classes=10, input_size=(1, 28, 28)):
+        super().__init__()
+        side = (input_size[1] - 4) // 2
+        self.conv1 = nn.Conv2d(input_size[0], 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(64 * side * side, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = F.relu(x)
+        x = self.conv2(x)
+        x = F.relu(x)
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = self.fc1(x)
+        x = F.relu(x)
+        x = self.dropout2(x)
+        x = self.fc2(x)
+        return F.log_softmax(x, dim=1)
 
 
 MODELS = {"lenet5": LeNet5, "fashion-cnn": FashionCNN}

@@ -10,6 +10,7 @@ from torch import nn
 
 import fastlenet
 from fastlenet.fuse import compile_backend
+from fastlenet.models import ExamplesNet
 from fastlenet.nn import ConvReLUPool2d, LinearReLU
 
 F64 = {"dtype": torch.float64}
@@ -62,31 +63,19 @@ def _no_pool_net():
     )
 
 
-class ExamplesNet(nn.Module):
-    """pytorch/examples' MNIST Net: conv-relu-conv-relu-pool-dropout-fc-relu-dropout-fc."""
+class ReLUForms(nn.Module):
+    """The other ways of writing a ReLU: a method, torch.relu, in place."""
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, 1)
-        self.conv2 = nn.Conv2d(32, 64, 3, 1)
-        self.dropout1 = nn.Dropout(0.25)
-        self.dropout2 = nn.Dropout(0.5)
-        self.fc1 = nn.Linear(64 * 5 * 5, 128)
-        self.fc2 = nn.Linear(128, 10)
+        self.conv1 = nn.Conv2d(1, 4, 3)
+        self.conv2 = nn.Conv2d(4, 6, 3)
+        self.fc = nn.Linear(6 * 2 * 2, 10)
 
     def forward(self, x):
-        x = self.conv1(x)
-        x = F.relu(x)
-        x = self.conv2(x)
-        x = x.relu()
-        x = F.max_pool2d(x, 2)
-        x = self.dropout1(x)
-        x = torch.flatten(x, 1)
-        x = self.fc1(x)
-        x = torch.relu(x)
-        x = self.dropout2(x)
-        x = self.fc2(x)
-        return F.log_softmax(x, dim=1)
+        x = F.max_pool2d(self.conv1(x).relu(), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x), inplace=True), 2, 2)
+        return torch.relu(self.fc(x.flatten(1)))
 
 
 def _mlp():
@@ -100,8 +89,9 @@ NETWORKS = {
     "tutorial": (TutorialNet, (1, 32, 32), 4),
     "fashion_blocks": (FashionBlocks, (1, 28, 28), 2),
     "no_pool": (_no_pool_net, (1, 12, 12), 2),
-    "examples": (ExamplesNet, (1, 14, 14), 3),
+    "examples": (lambda: ExamplesNet(input_size=(1, 14, 14)), (1, 14, 14), 3),
     "mlp": (_mlp, (1, 12, 12), 2),
+    "relu_forms": (ReLUForms, (1, 14, 14), 3),
 }
 
 
@@ -253,7 +243,9 @@ def test_untraceable_model_falls_back_to_sequentials(caplog):
 def test_compile_backend_trains_like_eager(backend, caplog):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = ExamplesNet().double().eval()  # no dropout: compiled and eager draw differently
+    model = (
+        ExamplesNet(input_size=(1, 14, 14)).double().eval()
+    )  # no dropout: compiled and eager draw differently
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     x = torch.randn(4, 1, 14, 14, **F64)
     with caplog.at_level(logging.INFO, logger="fastlenet.fuse"):

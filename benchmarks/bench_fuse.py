@@ -1,0 +1,91 @@
+"""Models written with stock layers, as users have them: one training step (forward,
+cross-entropy, backward, SGD momentum step) of the model in eager mode, after
+`fastlenet.fuse(model)`, under `torch.compile(model)` and under
+`torch.compile(model, backend="fastlenet")`. Models: LeNet-5 and the Fashion-MNIST CNN (their
+stock variants) and pytorch/examples' MNIST Net; batch 64 and 256 (where FASTLENET_BENCH_BATCHES
+has them).
+
+Like bench_lenet5, every provider steps with SGD(momentum=0.9, fused=True) at lr=0, so every
+round times the same weights.
+"""
+
+import functools
+
+import harness
+import pytest
+import torch
+import torch.nn.functional as F
+from bench_lenet5 import train_step_fn
+
+import fastlenet
+from fastlenet.models import ExamplesNet, FashionCNN, LeNet5
+
+OP = "fuse"
+S = harness.settings()
+BATCHES = [b for b in S.batches if b in (64, 256)]
+MODELS = {
+    "LeNet-5 1x32x32": lambda: LeNet5(fused=False),
+    "FashionCNN 1x28x28": lambda: FashionCNN(fused=False),
+    "pytorch/examples Net 1x28x28": ExamplesNet,
+}
+PROVIDERS = ("fastlenet-fuse", "fastlenet-compile", "eager", "compile")
+CASES = [(m, b) for m in MODELS for b in BATCHES]
+
+
+@functools.cache
+def initial_state(name):
+    torch.manual_seed(0)
+    return MODELS[name]().state_dict()
+
+
+def make_model(name):
+    model = MODELS[name]()
+    model.load_state_dict(initial_state(name))
+    return model.to(S.device)
+
+
+def make_data(name, batch):
+    gen = torch.Generator().manual_seed(0)
+    size = (1, 32, 32) if name.startswith("LeNet") else (1, 28, 28)
+    x = torch.randn(batch, *size, generator=gen)
+    return x.to(S.device), torch.randint(0, 10, (batch,), generator=gen).to(S.device)
+
+
+def check(provider, model, name, x, y):
+    """Logits and every gradient against the float64 stock model (dropout off on both)."""
+    ref = make_model(name).double().eval()
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    logits = model(x)
+    F.cross_entropy(logits, y).backward()
+    ref_logits = ref(x.double())
+    F.cross_entropy(ref_logits, y).backward()
+    harness.check_parity(provider, "logits", logits, ref_logits, "forward")
+    ref_params = dict(ref.named_parameters())
+    for key, p in model.named_parameters():
+        key = key.removeprefix("_orig_mod.")
+        harness.check_parity(provider, f"{key}.grad", p.grad, ref_params[key].grad, "grad")
+    model.zero_grad(set_to_none=True)
+    model.train()
+
+
+@pytest.mark.parametrize(("name", "batch"), CASES, ids=[f"{m.split()[0]}-b{b}" for m, b in CASES])
+def test_fuse(bench, compiled, name, batch):
+    x, y = make_data(name, batch)
+    models = {"eager": make_model(name), "fastlenet-fuse": fastlenet.fuse(make_model(name))}
+    compile_s = {}
+    for provider, backend in (("compile", "inductor"), ("fastlenet-compile", "fastlenet")):
+
+        def build(backend=backend):
+            c = torch.compile(make_model(name), backend=backend, dynamic=False)
+            first = lambda: F.cross_entropy(c(x), y).backward()  # noqa: E731
+            return c, harness.timed_first_call(first, S)
+
+        models[provider], compile_s[provider] = compiled((OP, name, batch, backend), build)
+    fns = {}
+    for provider in PROVIDERS:
+        check(provider, models[provider], name, x, y)
+        fns[provider] = train_step_fn(models[provider], x, y)
+    bench.run(
+        op=OP, pass_="train_step", shape=name, batch=batch, flops=0, fns=fns, compile_s=compile_s
+    )
