@@ -1,11 +1,14 @@
-"""Command line: `python -m fastlenet train|eval` (also installed as the `fastlenet` script).
+"""Command line: `python -m fastlenet train|eval|plot` (also installed as the `fastlenet` script).
 
   fastlenet train                         LeNet-5 on MNIST, the default schedule (make train)
   fastlenet train --compare-stock         the stock model beside it: loss difference, speedup
   fastlenet train --dataset fashion-mnist --model fashion-cnn --epochs 10
   fastlenet train --checkpoint ck.pt --stop-after 1; fastlenet train --resume ck.pt
   fastlenet train --nproc 2               DistributedDataParallel in 2 processes (gloo / NCCL)
+  fastlenet train --tensorboard runs      event files for `tensorboard --logdir runs`
+  fastlenet train --compare-stock --plot acc.png --metrics m.json   accuracy vs training time
   fastlenet eval --checkpoint ck.pt       test accuracy of a saved model (fastlenet or stock)
+  fastlenet plot m.json acc.png           the --plot picture again, from --metrics JSON
 
 Errors a user can fix (bad arguments, missing data, unreadable or mismatched checkpoints) print
 one message and exit non-zero; set FASTLENET_DEBUG=1 to see the traceback instead.
@@ -13,6 +16,7 @@ one message and exit non-zero; set FASTLENET_DEBUG=1 to see the traceback instea
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 
@@ -81,7 +85,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="fastlenet", description="Train and evaluate LeNet-5 on fastlenet's fused kernels."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,plot}")
 
     t = sub.add_parser("train", help="train a model (default: LeNet-5 on MNIST to >= 99%%)")
     _common(t)
@@ -142,6 +146,26 @@ def build_parser():
         help="train with DistributedDataParallel in N processes (gloo on CPU, NCCL on GPU)",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="write TensorBoard event files to DIR/fastlenet (and DIR/stock with "
+        "--compare-stock): training loss, learning rate and samples/s every --log-every steps, "
+        "test loss and accuracy per epoch, the settings; watch with `tensorboard --logdir DIR`",
+    )
+    t.add_argument(
+        "--log-every",
+        type=_positive_int,
+        metavar="N",
+        help=f"steps between TensorBoard points of the training loss (default: "
+        f"{_DEFAULTS['log_every']})",
+    )
+    t.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="draw test accuracy against training seconds to PATH (.png, .svg or .pdf), "
+        "with stock's beside it under --compare-stock",
+    )
 
     e = sub.add_parser("eval", help="test accuracy of a saved model")
     _common(e)
@@ -151,6 +175,9 @@ def build_parser():
         required=True,
         help="a fastlenet checkpoint, or a state_dict of the stock or fused model (torch.save)",
     )
+    pl = sub.add_parser("plot", help="draw a --metrics JSON of `train` as --plot does")
+    pl.add_argument("metrics_json", metavar="METRICS", help="a JSON written by train --metrics")
+    pl.add_argument("path", metavar="PATH", help="the picture to write (.png, .svg or .pdf)")
     return parser
 
 
@@ -189,6 +216,24 @@ def _eval(args):
         report.write_json(result, args.metrics)
 
 
+def _plot(args):
+    from fastlenet import plot
+
+    if os.path.splitext(args.path)[1].lower() not in train.PLOT_FORMATS:
+        raise ValueError(f"PATH must end in one of {', '.join(train.PLOT_FORMATS)}: {args.path!r}")
+    try:
+        with open(args.metrics_json) as f:
+            metrics = json.load(f)
+        if not metrics["epochs"]:
+            raise ValueError("no epochs")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"{args.metrics_json}: not a --metrics JSON of a training run ({e})"
+        ) from e
+    plot.save(metrics, args.path)
+    print(f"plot: test accuracy vs training seconds in {args.path}")
+
+
 def _message(exc) -> str:
     text = str(exc).strip()
     # A worker's exception comes back from torch.multiprocessing as its whole traceback: keep
@@ -204,6 +249,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "train":
             _train(args)
+        elif args.command == "plot":
+            _plot(args)
         else:
             _eval(args)
     except KeyboardInterrupt:

@@ -86,6 +86,35 @@ def summary(say, config, m, last_epoch):
         )
 
 
+def tensorboard_line(config, run_dirs) -> str:
+    """Where --tensorboard writes, and how to watch it."""
+    return (
+        f"tensorboard: {', '.join(run_dirs.values())}; watch with: tensorboard --logdir "
+        f"{config.tensorboard}"
+    )
+
+
+def config_text(run, name) -> str:
+    """The settings of `run` as a markdown table, for the TensorBoard run `name` (fastlenet or
+    stock): the run settings (defaults resolved) and where and how it ran."""
+    config = run.config
+    rows = {
+        "model": f"{config.model} ({'stock PyTorch' if name == 'stock' else 'fastlenet fused'})",
+        **{k: v for k, v in config.run_settings().items() if k != "model"},
+        "data": f"{run.dataset.source} ({len(run.dataset.train_labels):,} train / "
+        f"{len(run.dataset.test_labels):,} test images)",
+        "backend": run.backend if name == "fastlenet" else "stock",
+        "device": str(run.device),
+        "threads": run.threads,
+        "processes": run.dist.world_size,
+        "log every": f"{config.log_every} steps",
+        "torch": torch.__version__,
+    }
+    return "\n".join(
+        ["| setting | value |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows.items())]
+    )
+
+
 # ----------------------------------------------------------------------------- progress bar
 
 

@@ -15,6 +15,11 @@ same batches beside the fused one, timing each model's steps separately.
 train() in steps: _set_up (threads, device, data, models, optimizers), _restore (--resume),
 then per epoch _train_epoch, _evaluate_epoch and _save_checkpoint. What it prints and returns
 is made by fastlenet.report.
+
+Watching a run: --tensorboard DIR writes TensorBoard event files (fastlenet.tensorboard_log:
+training loss, learning rate and samples/s every --log-every steps, test loss and accuracy
+per epoch), --plot PATH draws test accuracy against training seconds (fastlenet.plot). Each
+is imported only when its option is given, and only by rank 0.
 """
 
 import dataclasses
@@ -38,6 +43,9 @@ SCHEDULES = ("onecycle", "constant")
 DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adam": 0.0}
 DEFAULT_EPOCHS = 5
+DEFAULT_LOG_EVERY = 50  # steps between TensorBoard points of the training loss
+# What --plot can write (matplotlib infers the format from the suffix).
+PLOT_FORMATS = (".png", ".svg", ".pdf")
 EVAL_BATCH = 1000  # evaluation only holds activations of this many images at once
 
 # Settings that define a training run: a resumed run must keep them (its schedule, batches and
@@ -79,6 +87,9 @@ class TrainConfig:
     stop_after: int | None = None  # stop once this many epochs are done (resume later)
     nproc: int = 1
     progress: bool = True
+    tensorboard: str | None = None  # directory of the TensorBoard runs
+    log_every: int = DEFAULT_LOG_EVERY  # steps between TensorBoard points of the training loss
+    plot: str | None = None  # file of the test accuracy vs training seconds picture
 
     def validate(self):
         """Raises ValueError naming the setting that is out of range."""
@@ -99,7 +110,7 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         backends.check_choice(self.backend)
-        for name in ("epochs", "batch_size", "nproc"):
+        for name in ("epochs", "batch_size", "nproc", "log_every"):
             positive(name)
         positive("threads", allow_none=True)
         positive("stop_after", allow_none=True)
@@ -117,6 +128,10 @@ class TrainConfig:
             raise ValueError("device 'cuda' requested but torch sees no CUDA device")
         if self.compare_stock and self.nproc > 1:
             raise ValueError("--compare-stock runs in one process: drop --nproc")
+        if self.plot is not None and os.path.splitext(self.plot)[1].lower() not in PLOT_FORMATS:
+            raise ValueError(
+                f"plot must be a file ending in one of {', '.join(PLOT_FORMATS)}, got {self.plot!r}"
+            )
         return self
 
     @property
@@ -236,11 +251,15 @@ class _Runner:
         self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
         self.count = 0
         self.epoch_seconds0 = self.seconds
+        # (loss sum, samples, seconds) of the epoch at the last TensorBoard point: _log_steps
+        self.logged = (0.0, 0, self.seconds)
+        self.lr = None  # the learning rate of the last step
 
     def step(self, x, y, loss_scale=None):
         """One training step; returns the loss tensor (mean over x)."""
         _sync(self.device)
         t0 = time.perf_counter()
+        lr = self.opt.param_groups[0]["lr"]  # this step's: sched.step() sets the next one
         self.opt.zero_grad(set_to_none=True)
         out = self.step_model(x)
         if loss_scale is None:
@@ -257,6 +276,7 @@ class _Runner:
         _sync(self.device)
         self.seconds += time.perf_counter() - t0
         loss = loss.detach()
+        self.lr = lr
         self.loss_sum += loss.double() * len(y)
         self.correct += (out.detach().argmax(1) == y).sum()
         self.count += len(y)
@@ -301,6 +321,13 @@ class Run:
     start_epoch: int = 0
     history: list = dataclasses.field(default_factory=list)  # one row per epoch
     step_log: dict = dataclasses.field(default_factory=lambda: {"fused": [], "stock": []})
+    steps_per_epoch: int = 0
+    tensorboard: object = None  # a tensorboard_log.Writer on rank 0 with --tensorboard
+
+    def runners(self):
+        """(name, runner) of the models trained: fastlenet, then stock with --compare-stock."""
+        named = [("fastlenet", self.fused), ("stock", self.stock)]
+        return [(name, r) for name, r in named if r is not None]
 
 
 def _set_up(config, dataset, dist) -> Run:
@@ -332,7 +359,9 @@ def _set_up(config, dataset, dist) -> Run:
         config, dataset.num_classes, steps_per_epoch, device, dist
     )
     order = torch.Generator().manual_seed(config.seed)
-    return Run(config, dist, threads, device, on_device, drop_last, backend, fused, stock, order)
+    run = Run(config, dist, threads, device, on_device, drop_last, backend, fused, stock, order)
+    run.steps_per_epoch = steps_per_epoch
+    return run
 
 
 def _load_data(config, dataset):
@@ -408,6 +437,8 @@ def _train_epoch(run, epoch) -> float:
     bar = report.progress(config, run.dist.is_main, epoch, sum(len(b) for b in batches))
     for i, idx in enumerate(batches):
         loss = _step(run, idx)
+        if config.tensorboard and ((i + 1) % config.log_every == 0 or i == len(batches) - 1):
+            _log_steps(run, epoch * len(batches) + i + 1)
         if bar is not None:
             report.progress_step(bar, len(idx), i, len(batches), loss, fused.seconds - seconds0)
     if bar is not None:
@@ -432,6 +463,32 @@ def _step(run, idx):
         run.step_log["fused"].append(loss.item())
         run.step_log["stock"].append(stock_loss.item())
     return loss
+
+
+def _log_steps(run, global_step) -> None:
+    """TensorBoard's point at `global_step` (every config.log_every steps of an epoch, and at
+    its last): each model's mean training loss over the samples since the last point, read
+    from the sums the steps keep on the device (one host sync per point, none per step), the
+    learning rate of the last step, and samples/s over those steps. Under torch.distributed
+    every rank joins the reduction of the loss; rank 0 alone writes."""
+    values = {}
+    for name, runner in run.runners():
+        if run.dist.world_size > 1:
+            totals = torch.stack([runner.loss_sum, runner.loss_sum.new_tensor(runner.count)])
+            torch.distributed.all_reduce(totals)
+            loss_sum, count = totals.tolist()
+        else:
+            loss_sum, count = runner.loss_sum.item(), runner.count
+        logged_sum, logged_count, logged_seconds = runner.logged
+        runner.logged = (loss_sum, count, runner.seconds)
+        seconds = runner.seconds - logged_seconds
+        values[name] = {
+            "train/loss": (loss_sum - logged_sum) / (count - logged_count),
+            "train/lr": runner.lr,
+            "train/samples_per_second": (count - logged_count) / seconds if seconds > 0 else 0.0,
+        }
+    if run.tensorboard is not None:
+        run.tensorboard.add(global_step, values)
 
 
 def _evaluate_epoch(run, epoch, train_seconds, t_epoch) -> dict:
@@ -516,23 +573,43 @@ def train(config: TrainConfig, dataset=None, dist=None, explicit=(), log=None) -
         config.epochs if config.stop_after is None else min(config.epochs, config.stop_after)
     )
     say(report.start_line(run))
+    if config.tensorboard and main:
+        from fastlenet import tensorboard_log
 
-    for epoch in range(run.start_epoch, last_epoch):
-        t_epoch = time.perf_counter()
-        train_seconds = _train_epoch(run, epoch)
-        row = _evaluate_epoch(run, epoch, train_seconds, t_epoch)
-        run.history.append(row)
-        say(report.epoch_line(config, row))
-        if config.checkpoint and main:
-            _save_checkpoint(run, epoch + 1)
-        if dist.world_size > 1:
-            torch.distributed.barrier()
+        run.tensorboard = tensorboard_log.Writer(
+            config.tensorboard,
+            {name: report.config_text(run, name) for name, _ in run.runners()},
+            start_step=run.start_epoch * run.steps_per_epoch,
+        )
+        say(report.tensorboard_line(config, run.tensorboard.run_dirs))
+
+    try:
+        for epoch in range(run.start_epoch, last_epoch):
+            t_epoch = time.perf_counter()
+            train_seconds = _train_epoch(run, epoch)
+            row = _evaluate_epoch(run, epoch, train_seconds, t_epoch)
+            run.history.append(row)
+            say(report.epoch_line(config, row))
+            if run.tensorboard is not None:
+                run.tensorboard.add_epoch((epoch + 1) * run.steps_per_epoch, row)
+            if config.checkpoint and main:
+                _save_checkpoint(run, epoch + 1)
+            if dist.world_size > 1:
+                torch.distributed.barrier()
+    finally:
+        if run.tensorboard is not None:
+            run.tensorboard.close()
 
     metrics = report.metrics(run, wall0)
     if main:
         report.summary(say, config, metrics, last_epoch)
         if config.metrics:
             report.write_json(metrics, config.metrics)
+        if config.plot and metrics["epochs"]:
+            from fastlenet import plot
+
+            plot.save(metrics, config.plot)
+            say(f"plot: test accuracy vs training seconds in {config.plot}")
     return metrics
 
 
