@@ -15,7 +15,7 @@ import harness
 import pytest
 import torch
 import torch.nn.functional as F
-from bench_lenet5 import train_step_fn
+from bench_lenet5 import check, train_step_fn
 
 import fastlenet
 from fastlenet.models import ExamplesNet, FashionCNN, LeNet5
@@ -51,24 +51,6 @@ def make_data(name, batch):
     return x.to(S.device), torch.randint(0, 10, (batch,), generator=gen).to(S.device)
 
 
-def check(provider, model, name, x, y):
-    """Logits and every gradient against the float64 stock model (dropout off on both)."""
-    ref = make_model(name).double().eval()
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    logits = model(x)
-    F.cross_entropy(logits, y).backward()
-    ref_logits = ref(x.double())
-    F.cross_entropy(ref_logits, y).backward()
-    harness.check_parity(provider, "logits", logits, ref_logits, "forward")
-    ref_params = dict(ref.named_parameters())
-    for key, p in model.named_parameters():
-        key = key.removeprefix("_orig_mod.")
-        harness.check_parity(provider, f"{key}.grad", p.grad, ref_params[key].grad, "grad")
-    model.zero_grad(set_to_none=True)
-    model.train()
-
-
 @pytest.mark.parametrize(("name", "batch"), CASES, ids=[f"{m.split()[0]}-b{b}" for m, b in CASES])
 def test_fuse(bench, compiled, name, batch):
     x, y = make_data(name, batch)
@@ -84,7 +66,9 @@ def test_fuse(bench, compiled, name, batch):
         models[provider], compile_s[provider] = compiled((OP, name, batch, backend), build)
     fns = {}
     for provider in PROVIDERS:
-        check(provider, models[provider], name, x, y)
+        model = models[provider].eval()  # dropout off while checked
+        check(provider, model, x, y, "train_step", ref=make_model(name).double())
+        model.train()
         fns[provider] = train_step_fn(models[provider], x, y)
     bench.run(
         op=OP, pass_="train_step", shape=name, batch=batch, flops=0, fns=fns, compile_s=compile_s

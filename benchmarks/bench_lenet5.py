@@ -84,10 +84,13 @@ def inference_fn(model, x):
     return infer
 
 
-def check(provider, model, x, y, pass_):
-    """Logits (and, for training, every parameter gradient) against the float64 stock model."""
-    ref = LeNet5(fused=False).double().to(S.device)
-    ref.load_state_dict(initial_state())
+def check(provider, model, x, y, pass_, ref=None):
+    """Logits (and, for training, every parameter gradient) against the float64 stock model
+    (`ref`, LeNet-5's by default; in eval mode, as `model` is checked)."""
+    if ref is None:
+        ref = LeNet5(fused=False).double().to(S.device)
+        ref.load_state_dict(initial_state())
+    ref.eval()
     if pass_ == "inference":
         with torch.inference_mode():
             harness.check_parity(provider, "logits", model(x), ref(x.double()), "forward")

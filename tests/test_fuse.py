@@ -10,30 +10,10 @@ from torch import nn
 
 import fastlenet
 from fastlenet.fuse import compile_backend
-from fastlenet.models import ExamplesNet
+from fastlenet.models import ExamplesNet, LeNet5
 from fastlenet.nn import ConvReLUPool2d, LinearReLU
 
 F64 = {"dtype": torch.float64}
-
-
-class TutorialNet(nn.Module):
-    """The PyTorch tutorial's LeNet: layers as modules, ReLU and pooling functional."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 5)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
 
 
 class FashionBlocks(nn.Module):
@@ -73,7 +53,7 @@ class ReLUForms(nn.Module):
         self.fc = nn.Linear(6 * 2 * 2, 10)
 
     def forward(self, x):
-        x = F.max_pool2d(self.conv1(x).relu(), 2)
+        x = F.max_pool2d(self.conv1(x).relu(), (2, 2))
         x = F.max_pool2d(F.relu(self.conv2(x), inplace=True), 2, 2)
         return torch.relu(self.fc(x.flatten(1)))
 
@@ -86,7 +66,8 @@ def _mlp():
 
 # name: (model factory, input size, number of fused layers)
 NETWORKS = {
-    "tutorial": (TutorialNet, (1, 32, 32), 4),
+    # the PyTorch tutorial's LeNet: layers as modules, ReLU and pooling functional
+    "tutorial": (lambda: LeNet5(fused=False), (1, 32, 32), 4),
     "fashion_blocks": (FashionBlocks, (1, 28, 28), 2),
     "no_pool": (_no_pool_net, (1, 12, 12), 2),
     "examples": (lambda: ExamplesNet(input_size=(1, 14, 14)), (1, 14, 14), 3),
@@ -149,11 +130,11 @@ def test_twenty_training_steps_match_stock(name):
 
 def test_state_dict_loads_both_ways():
     torch.manual_seed(0)
-    fused = fastlenet.fuse(TutorialNet())
-    other = TutorialNet()
+    fused = fastlenet.fuse(LeNet5(fused=False))
+    other = LeNet5(fused=False)
     fused.load_state_dict(other.state_dict())
     assert torch.equal(fused.conv1.weight, other.conv1.weight)
-    other.load_state_dict(fastlenet.fuse(TutorialNet()).state_dict())
+    other.load_state_dict(fastlenet.fuse(LeNet5(fused=False)).state_dict())
 
 
 class _Residual(nn.Module):
