@@ -1,4 +1,4 @@
-"""The shapes every backend's tests share, by name, and the builders of their inputs.
+"""The shapes and backends every backend's tests share, by name, and the builders of inputs.
 
 CONV holds the conv2d -> ReLU -> max_pool2d geometries, LINEAR the linear shapes: one table
 each for the C++ CPU, reference, CUDA and Triton tests and the CUDA simulator. A test that runs
@@ -6,9 +6,27 @@ some rows only names them; a backend that cannot afford every row runs a selecti
 TRITON_CONV / TRITON_LINEAR for Triton, whose interpreter runs each program instance in Python
 (each row takes well under a second there; natively the same rows run on the GPU), and SIM_CONV
 for the CUDA simulator (tests/test_cuda_sim.py), which runs every CUDA thread as a std::thread.
+
+A test of a property every backend has is parametrized over the backends with conv_cases,
+linear_cases or backend_cases: one row per backend that runs here, with the device of its
+tensors (device()); the rows on CUDA tensors carry the `gpu` mark, so `pytest -m gpu` runs them
+on a GPU and they are deselected elsewhere (tests/conftest.py).
 """
 
+import itertools
+
+import pytest
 import torch
+from conftest import CPU_BACKENDS
+
+from fastlenet import backends
+
+F32, F64 = torch.float32, torch.float64
+HALF = [torch.float16, torch.bfloat16]
+#: Relative error allowed against the float64 reference on the same (rounded) inputs: float64
+#: rounding; float32 sums of up to a few thousand terms; float16/bfloat16 accumulate in float32
+#: and round the result (2^-11, 2^-8).
+TOL = {F64: 1e-12, F32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 # (N, C, H, W, O, KH, KW, stride, padding, pool_size, pool_stride)
 CONV = {
@@ -47,6 +65,7 @@ TRITON_CONV = [
     "pool_gaps",
     "channels_70",
     "conv_1x1",
+    "tiny",
     "empty_batch",
 ]
 #: The rows the CUDA simulator runs: no empty batch (tests/test_cuda_sim.py has its own case).
@@ -74,6 +93,7 @@ LINEAR = {
     "row_blocks": (130, 7, 3),  # 130 rows: three Triton row blocks, several reduction splits
     "feature_blocks": (3, 84, 70),  # 70 features: two Triton feature blocks of 64
     "one": (1, 1, 1),
+    "tiny": (5, 7, 4),  # small enough for a float64 gradcheck in Triton's interpreter
 }
 
 #: The shapes Triton runs (see the module docstring).
@@ -83,6 +103,7 @@ TRITON_LINEAR = [
     "row_blocks",
     "feature_blocks",
     "one",
+    "tiny",
     "empty_batch",
 ]
 
@@ -102,14 +123,21 @@ def pairs(conv):
     return [(v, v) if isinstance(v, int) else tuple(v) for v in conv]
 
 
+def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=False):
+    """torch.randn drawn on the CPU and moved to `device`: every backend's tests see the same
+    values, so what a test checks of its data (windows of both kinds occur, ...) holds on every
+    device when it holds on this one."""
+    return torch.randn(*shape, dtype=dtype).to(device).requires_grad_(requires_grad)
+
+
 def conv_inputs(geometry, dtype, device="cpu", requires_grad=True):
     """Random input, weight and bias of `geometry`, and its stride, padding, pool_size and
     pool_stride as pairs."""
     n, c, h, w, o, kh, kw, *rest = geometry
-    make = dict(dtype=dtype, device=device, requires_grad=requires_grad)
-    x = torch.randn(n, c, h, w, **make)
-    weight = torch.randn(o, c, kh, kw, **make)
-    bias = torch.randn(o, **make)
+    x, weight, bias = (
+        randn(*shape, dtype=dtype, device=device, requires_grad=requires_grad)
+        for shape in ((n, c, h, w), (o, c, kh, kw), (o,))
+    )
     return x, weight, bias, pairs(rest)
 
 
@@ -117,15 +145,81 @@ def linear_inputs(shape, dtype, device="cpu", requires_grad=True, bias=True):
     """Random input, weight and bias (None without `bias`) of shape (rows, in, out)."""
     m, k, n = shape
     make = dict(dtype=dtype, device=device, requires_grad=requires_grad)
-    x = torch.randn(m, k, **make)
-    weight = torch.randn(n, k, **make)
-    return x, weight, torch.randn(n, **make) if bias else None
+    x, weight = randn(m, k, **make), randn(n, k, **make)
+    return x, weight, randn(n, **make) if bias else None
 
 
-def conv_op_args(geometry, dtype, device="cpu", fwd=None):
-    """Arguments of the registered ops: input, weight, bias, the geometry as pairs, a random
-    grad_out and the argmax `fwd` saves (the C++ op by default)."""
-    x, weight, bias, geom = conv_inputs(geometry, dtype, device, requires_grad=False)
-    fwd = fwd or torch.ops.fastlenet.conv_relu_pool_fwd
-    out, argmax = fwd(x, weight, bias, *geom)
+def conv_op_args(geometry, dtype, backend="cpu"):
+    """Arguments of `backend`'s ops: input, weight, bias, the geometry as pairs, a random
+    grad_out and the argmax the backend's forward saves."""
+    x, weight, bias, geom = conv_inputs(geometry, dtype, device(backend), requires_grad=False)
+    out, argmax = backends.ops("conv_relu_pool", backend).fwd(x, weight, bias, *geom)
     return x, weight, bias, geom, torch.randn_like(out), argmax
+
+
+# --- backends ---------------------------------------------------------------------------------
+
+#: Every backend, and the ones with kernels of their own (the reference is their oracle).
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+KERNELS = ("cpu", "cuda", "triton")
+
+
+def device(backend):
+    """The device of a backend's tensors in the tests: CUDA for "cuda", and for "triton" unless
+    it runs in its interpreter (on CPU tensors); CPU for "cpu" and "reference"."""
+    if backend == "cuda" or (backend == "triton" and not backends.triton_interpreted()):
+        return "cuda"
+    return "cpu"
+
+
+def _marks(backend):
+    """The marks of a backend's rows, or None where its rows are left out (a CPU backend that
+    is unavailable here, as conftest.CPU_BACKENDS)."""
+    if device(backend) == "cpu":
+        return [] if backend in CPU_BACKENDS else None
+    marks = [pytest.mark.gpu]
+    status = backends.available_backends()[backend]
+    if backend == "triton" and not status:
+        marks.append(pytest.mark.skip(reason=f"triton backend: {status}"))
+    return marks
+
+
+def _id(value):
+    return str(value).removeprefix("torch.")
+
+
+def param(backend, *values, id):
+    """A test's row `values` on `backend`: a list of one pytest param with the backend's marks,
+    or an empty list where the backend does not run here."""
+    marks = _marks(backend)
+    return [] if marks is None else [pytest.param(*values, id=id, marks=marks)]
+
+
+def _cases(backend_names, names, small, axes):
+    params = []
+    for backend in backend_names:
+        for name in names:
+            if backend == "triton" and name is not None and name not in small:
+                continue
+            for values in itertools.product(*axes):
+                row = (backend,) if name is None else (backend, name)
+                ids = ([] if name is None else [name]) + [_id(v) for v in values] + [backend]
+                params += param(backend, *row, *values, id="-".join(ids))
+    return params
+
+
+def conv_cases(backend_names, names, *axes):
+    """pytest params (backend, name, *values): every backend of `backend_names` that runs here,
+    every geometry of `names` it runs (Triton: those of TRITON_CONV), and every combination of
+    one value of each of `axes`."""
+    return _cases(backend_names, names, TRITON_CONV, axes)
+
+
+def linear_cases(backend_names, names, *axes):
+    """As conv_cases, for the shapes of LINEAR (Triton: those of TRITON_LINEAR)."""
+    return _cases(backend_names, names, TRITON_LINEAR, axes)
+
+
+def backend_cases(backend_names, *axes):
+    """pytest params (backend, *values): as conv_cases, without a geometry."""
+    return _cases(backend_names, [None], (), axes)

@@ -1,0 +1,79 @@
+"""conv_relu_pool2d on the C++ CPU backend alone: the layout blocks of its backward, the
+column phases of its forward, and random geometries in float64 against the reference. What
+every backend has is in tests/test_conv_relu_pool.py and tests/test_ops.py."""
+
+import pytest
+import torch
+from conftest import rel_err
+from geometry import TOL, conv_inputs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from parity import check_conv_relu_pool
+
+from fastlenet import _ext, reference
+from fastlenet.functional import conv_relu_pool2d
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+@pytest.mark.parametrize("channels", [3, 6, 7, 8, 9, 13, 17])
+@pytest.mark.parametrize(("width", "padding"), [(7, 0), (8, 0), (14, 0), (15, 1), (16, 2), (17, 0)])
+def test_layout_blocks(channels, width, padding):
+    """The CPU backward moves float32 samples between layouts 8 pixels x 8 channels at a time,
+    the last block of a row overlapping the one before it, and (AVX-512 builds) pads the pixels
+    of its grad_x buffer (3 -> 4, 6 or 7 -> 8, 13 -> 16 channels): channel counts on either side
+    of a block and of that padding, widths below one block, of whole blocks and in between."""
+    geometry = (2, channels, 9, width, 5, 3, 3, 1, padding, 2, 2)
+    x, weight, bias, conv = conv_inputs(geometry, torch.float32)
+    check_conv_relu_pool(x, weight, bias, conv, "cpu", TOL[torch.float32])
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+@pytest.mark.parametrize("padding", [0, 1, 2])
+@pytest.mark.parametrize("width", [30, 31, 32, 33])
+def test_columns_phase_split(width, padding):
+    """The CPU forward with lanes over pooled columns (LeNet-5's conv1, and these: 13 to 16
+    pooled columns, 6 output channels) splits each input row into even and odd columns 16 at a
+    time, the rest one by one (widths of whole steps and not, padding that puts the first
+    column in either phase), and stores a pooled row of fewer than 16 columns as a whole vector
+    where the rows after it have room for the excess, lane by lane in the last row."""
+    geometry = (2, 2, 9, width, 6, 5, 5, 1, padding, 2, 2)
+    x, weight, bias, conv = conv_inputs(geometry, torch.float32)
+    check_conv_relu_pool(x, weight, bias, conv, "cpu", TOL[torch.float32])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 3),
+    c=st.integers(1, 3),
+    o=st.integers(1, 19),
+    kh=st.integers(1, 4),
+    kw=st.integers(1, 4),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    pool=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    pool_stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    extra=st.tuples(st.integers(0, 6), st.integers(0, 6)),
+    bias=st.booleans(),
+)
+def test_random_geometry_float64(n, c, o, kh, kw, stride, padding, pool, pool_stride, extra, bias):
+    if not _ext.LOADED:
+        pytest.fail(_ext.LOAD_ERROR)
+    # The smallest input whose conv output holds one pooling window, plus `extra`.
+    h = max(1, (pool[0] - 1) * stride[0] + kh - 2 * padding[0]) + extra[0]
+    w = max(1, (pool[1] - 1) * stride[1] + kw - 2 * padding[1]) + extra[1]
+    if h + 2 * padding[0] < kh or w + 2 * padding[1] < kw:
+        h, w = h + kh, w + kw
+    x = torch.randn(n, c, h, w, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(o, c, kh, kw, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(o, dtype=torch.float64, requires_grad=True) if bias else None
+    conv = [stride, padding, pool, pool_stride]
+    out = conv_relu_pool2d(x, weight, b, *conv, backend="cpu")
+    ref = reference.conv_relu_pool2d(x, weight, b, *conv)
+    assert rel_err(out, ref) < 1e-12
+    if out.numel():
+        grad = torch.randn_like(out)
+        leaves = [t for t in (x, weight, b) if t is not None]
+        got = torch.autograd.grad(out, leaves, grad)
+        want = torch.autograd.grad(ref, leaves, grad)
+        for g1, g2 in zip(got, want, strict=True):
+            assert rel_err(g1, g2) < 1e-12
