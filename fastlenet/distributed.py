@@ -20,7 +20,7 @@ import torch
 import torch.distributed
 import torch.multiprocessing as mp
 
-from fastlenet import checkpoint, data, train
+from fastlenet import checkpoint, data, models, train
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -99,7 +99,7 @@ def run(config, dataset=None, explicit=()) -> dict:
     # A bad checkpoint or a missing dataset fails here, before any process starts.
     resolved, _ = checkpoint.prepare_resume(config, explicit)
     if dataset is None:
-        image_size = train.MODELS[resolved.model].input_size[1:]
+        image_size = models.input_size(resolved.model)[1:]
         dataset = data.load(resolved.dataset, resolved.data_dir, pad_to=image_size)
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()

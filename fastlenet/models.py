@@ -5,11 +5,15 @@ Both variants of a model have the same state_dict keys as the tutorial network, 
 checkpoint loads into the fused model (and back) with strict=True.
 """
 
+import importlib
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastlenet import nn as fnn
+from fastlenet.fuse import fuse
 
 
 class LeNet5(nn.Module):
@@ -104,3 +108,42 @@ class ExamplesNet(nn.Module):
 
 
 MODELS = {"lenet5": LeNet5, "fashion-cnn": FashionCNN}
+
+
+#: What a user's model class takes when it has no `input_size` attribute: MNIST's images.
+DEFAULT_INPUT_SIZE = (1, 28, 28)
+
+
+def model_class(name: str) -> type:
+    """The class of a built-in model (a key of MODELS) or of a user's model given as
+    "module:Class" (imported from the Python path, which holds the working directory under
+    `python -m`). Raises ValueError naming what is wrong."""
+    if name in MODELS:
+        return MODELS[name]
+    module_name, sep, class_name = name.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ValueError(f"model must be one of {tuple(MODELS)} or module:Class, got {name!r}")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"model {name!r}: cannot import it ({e})") from e
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"model {name!r} is not an nn.Module class")
+    return cls
+
+
+def input_size(name: str) -> tuple[int, int, int]:
+    """(C, H, W) the model takes: its class's `input_size`, else DEFAULT_INPUT_SIZE."""
+    return tuple(getattr(model_class(name), "input_size", DEFAULT_INPUT_SIZE))
+
+
+def build(name: str, num_classes: int, fused: bool, backend: str) -> nn.Module:
+    """A built-in model (fused or stock), or a user's model class instantiated (with
+    num_classes when it takes that argument) and, when `fused`, passed through
+    fastlenet.fuse: its own layers, fastlenet's kernels where they compute the same thing."""
+    cls = model_class(name)
+    if name in MODELS:
+        return cls(num_classes=num_classes, fused=fused, backend=backend)
+    takes = inspect.signature(cls).parameters
+    model = cls(num_classes=num_classes) if "num_classes" in takes else cls()
+    return fuse(model, backend=backend) if fused else model

@@ -41,7 +41,14 @@ def start_line(run) -> str:
         + (f" x {run.dist.world_size} processes" if run.dist.world_size > 1 else "")
         + f"; {config.optimizer} lr {config.peak_lr:g} ({config.schedule}), weight decay "
         f"{config.decay:g}, batch {config.batch_size}, {_plural(config.epochs, 'epoch')}"
+        + _fuse_lines(run.fused.model)
     )
+
+
+def _fuse_lines(model) -> str:
+    """What fastlenet.fuse did to a user's model (module:Class), as lines after the first."""
+    report = getattr(model, "fuse_report", None)
+    return "" if report is None else "\n" + str(report)
 
 
 def epoch_line(config, row) -> str:

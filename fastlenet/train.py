@@ -30,8 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastlenet import backends, checkpoint, data, report
-from fastlenet.models import MODELS
+from fastlenet import backends, checkpoint, data, models, report
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "constant")
@@ -103,8 +102,7 @@ class TrainConfig:
 
         if self.dataset not in data.DATASETS:
             raise ValueError(f"dataset must be one of {data.DATASETS}, got {self.dataset!r}")
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {tuple(MODELS)}, got {self.model!r}")
+        models.model_class(self.model)  # a built-in name or an importable module:Class
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
@@ -177,7 +175,8 @@ def resolve_device(config) -> torch.device:
 
 
 def build_model(name, num_classes, fused, backend, device):
-    return MODELS[name](num_classes=num_classes, fused=fused, backend=backend).to(device)
+    """The fused or stock model (see fastlenet.models.build: user classes go through fuse)."""
+    return models.build(name, num_classes, fused, backend).to(device)
 
 
 def build_optimizer(config, params, steps_per_epoch):
@@ -366,7 +365,7 @@ def _set_up(config, dataset, dist) -> Run:
 
 def _load_data(config, dataset):
     """`dataset`, or config.dataset loaded when it is None; checked against the model's input."""
-    image_size = MODELS[config.model].input_size[1:]
+    image_size = models.input_size(config.model)[1:]
     if dataset is None:
         dataset = data.load(config.dataset, config.data_dir, pad_to=image_size)
     if dataset.image_size != image_size:
@@ -640,13 +639,12 @@ def evaluate_checkpoint(
         except (KeyError, TypeError, ValueError) as e:
             raise checkpoint.CheckpointError(f"checkpoint {path}: incomplete ({e})") from e
     name = model_name or inferred
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {tuple(MODELS)}, got {name!r}")
+    models.model_class(name)
     dataset_name = dataset_name or saved_dataset or "mnist"
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(name, num_classes, True, backends.check_choice(backend), dev)
     checkpoint.load_weights(model, ckpt["model"], path)
-    image_size = MODELS[name].input_size[1:]
+    image_size = models.input_size(name)[1:]
     if dataset is None:
         dataset = data.load(dataset_name, data_dir, pad_to=image_size)
     t0 = time.perf_counter()

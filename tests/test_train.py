@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from fastlenet import LeNet5, checkpoint, data, report, train
+from fastlenet import FashionCNN, LeNet5, checkpoint, data, report, train
 from fastlenet.__main__ import main
 
 THREADS = 2  # the fixed thread count of the bitwise tests (the machine has 2 cores)
@@ -223,6 +223,38 @@ def test_cli_train_then_eval(tmp_path, idx_dir, capsys):
     assert f"{100 * accuracy:.2f}%" in capsys.readouterr().out
 
 
+USER_MODEL = """
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 5), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc1 = nn.Linear(4 * 12 * 12, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(torch.flatten(self.features(x), 1))))
+"""
+
+
+def test_cli_trains_a_user_model_fused_beside_stock(tmp_path, idx_dir, capsys, monkeypatch):
+    (tmp_path / "user_net.py").write_text(USER_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    metrics = tmp_path / "m.json"
+    argv = ["train", "--model", "user_net:Net", "--compare-stock", "--data-dir", str(idx_dir)]
+    argv += ["--epochs", "1", "--batch-size", "32", "--no-progress", "--device", "cpu"]
+    assert main([*argv, "--threads", str(THREADS), "--metrics", str(metrics)]) == 0
+    out = capsys.readouterr().out
+    assert "fastlenet.fuse: 2 fused, 1 left alone" in out
+    assert "features.0: conv2d -> ReLU -> max_pool2d" in out and "fc1: linear -> ReLU" in out
+    stock = json.loads(metrics.read_text())["stock"]
+    assert stock["max_rel_loss_diff"] < report.PARITY_TOL
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -248,7 +280,7 @@ def test_cli_bad_checkpoints(tmp_path, idx_dir, capsys):
     assert "unreadable" in capsys.readouterr().err
     # A stock Fashion-MNIST CNN evaluated as LeNet-5: keys do not fit.
     fashion = tmp_path / "fashion.pt"
-    torch.save(train.MODELS["fashion-cnn"](fused=False).state_dict(), fashion)
+    torch.save(FashionCNN(fused=False).state_dict(), fashion)
     assert main(["eval", "--checkpoint", str(fashion), "--model", "lenet5", *common]) == 1
     assert "does not fit the model" in capsys.readouterr().err
     # Wrong shapes under the right keys.
@@ -271,6 +303,8 @@ def test_cli_bad_checkpoints(tmp_path, idx_dir, capsys):
         ["train", "--lr", "nan"],
         ["train", "--momentum", "1.5"],
         ["train", "--model", "resnet"],
+        ["train", "--model", "no_such_module:Net"],
+        ["train", "--model", "os:path"],
         ["train", "--backend", "gpu"],
         ["bogus"],
         ["eval"],
