@@ -125,10 +125,12 @@ def config_text(run, name) -> str:
 # ----------------------------------------------------------------------------- progress bar
 
 
-def progress(config, main, epoch, total):
-    """A tqdm bar on stderr for one epoch of `total` images, or None (no bar wanted, or not
-    the main process)."""
-    if not (config.progress and main):
+def progress(config, main, epoch, total, stream=None):
+    """A tqdm bar on stderr for one epoch of `total` images, or None: no bar wanted, not the
+    main process, or stderr is not a terminal (a log file gets the one line per epoch that
+    train prints, not a redrawn bar)."""
+    stream = sys.stderr if stream is None else stream
+    if not (config.progress and main and stream.isatty()):
         return None
     from tqdm import tqdm
 
@@ -139,7 +141,7 @@ def progress(config, main, epoch, total):
         unit_scale=True,
         leave=False,
         dynamic_ncols=True,
-        file=sys.stderr,
+        file=stream,
     )
 
 

@@ -4,6 +4,7 @@ checkpoints, metrics, --compare-stock, eval of fastlenet and stock checkpoints, 
 Small synthetic datasets (fastlenet.data.synthetic) keep each run to a second or two.
 """
 
+import io
 import json
 import os
 import subprocess
@@ -142,6 +143,21 @@ def test_metrics_json(tmp_path):
         assert 0 <= row["test_accuracy"] <= 1 and row["train_loss"] > 0
         assert 0 <= row["train_accuracy"] <= 1
     assert saved["config"]["lr"] == train.DEFAULT_LR["sgd"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal():
+    config = _config(progress=True)
+    assert report.progress(config, True, 0, 100, stream=io.StringIO()) is None  # a log file
+    assert report.progress(config, False, 0, 100, stream=_Terminal()) is None  # not rank 0
+    bar = report.progress(config, True, 0, 100, stream=_Terminal())
+    report.progress_step(bar, 100, 0, 1, torch.tensor(0.5), 1.0)
+    bar.close()
+    assert bar.n == 100
 
 
 def test_compare_stock_reports_both_models(tmp_path):
