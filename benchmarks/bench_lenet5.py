@@ -2,13 +2,15 @@
 step) and forward-only inference, per batch size, for every fastlenet backend against the
 stock model (eager and torch.compile of the model; the loss and optimizer stay eager).
 
-Input (N, 1, 32, 32) standard normal, labels uniform in 0..9. Every provider steps with the
-optimizer `fastlenet.train` builds, SGD(momentum=0.9, fused=True): the fastest stock one on
-CPU, so stock is not slowed by a per-parameter loop fastlenet's own training does not run. It
-runs with lr=0: the step does all its arithmetic, but every step sees the same weights. The
-fused backward skips pooling windows and units that pass no gradient, so weights drifting over
-thousands of timed steps would change how much work it does; with lr=0 all providers time the
-same model at every round.
+Input (N, 1, 32, 32) standard normal, labels uniform in 0..9. In `train_step` every provider
+steps with the optimizer `fastlenet.train` builds, SGD(momentum=0.9, fused=True): the fastest
+stock one on CPU, so stock is not slowed by a per-parameter loop fastlenet's own training does
+not run; `train_step_sgd` steps with torch.optim.SGD(momentum=0.9) as users write it (its
+default implementation), on every side alike. The optimizer runs with lr=0: the step does
+all its arithmetic, but every step sees the same weights. The fused backward skips pooling
+windows and units that pass no gradient, so weights drifting over thousands of timed steps
+would change how much work it does; with lr=0 all providers time the same model at every
+round.
 """
 
 import functools
@@ -21,7 +23,8 @@ import torch.nn.functional as F
 from fastlenet.models import LeNet5
 
 OP = "lenet5"
-PASSES = ("train_step", "inference")
+PASSES = ("train_step", "train_step_sgd", "inference")
+TRAINING = ("train_step", "train_step_sgd")
 S = harness.settings()
 CASES = [(b, p) for b in S.batches for p in PASSES]
 SHAPE = "1x32x32 -> 10"
@@ -34,10 +37,10 @@ def flops(batch: int, pass_: str) -> int:
     total = 0
     for cin, cout, hw, input_grad in convs:
         fwd = harness.conv_flops(batch, cin, cout, hw, (5, 5))
-        total += harness.pass_flops(fwd, input_grad, "full" if pass_ == "train_step" else "forward")
+        total += harness.pass_flops(fwd, input_grad, "full" if pass_ in TRAINING else "forward")
     for fin, fout in fcs:
         fwd = harness.linear_flops(batch, fin, fout)
-        total += harness.pass_flops(fwd, True, "full" if pass_ == "train_step" else "forward")
+        total += harness.pass_flops(fwd, True, "full" if pass_ in TRAINING else "forward")
     return total
 
 
@@ -63,8 +66,9 @@ def make_model(provider: str):
     return model.to(S.device)
 
 
-def train_step_fn(model, x, y):
-    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, fused=True)
+def train_step_fn(model, x, y, fused_sgd=True):
+    fused = {"fused": True} if fused_sgd else {}  # else SGD's default (foreach) implementation
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, **fused)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -128,11 +132,16 @@ def test_lenet5(bench, compiled, batch, pass_):
                 first = lambda: F.cross_entropy(c(x), y).backward()  # noqa: E731
             return c, harness.timed_first_call(first, S)
 
-        models["compile"], compile_s["compile"] = compiled((OP, pass_, batch), build)
+        # both training passes time the same compiled model (only the optimizer differs)
+        key = (OP, "inference" if pass_ == "inference" else "train", batch)
+        models["compile"], compile_s["compile"] = compiled(key, build)
     fns = {}
     for name, model in models.items():
         check(name, model, x, y, pass_)
-        fns[name] = train_step_fn(model, x, y) if pass_ == "train_step" else inference_fn(model, x)
+        if pass_ in TRAINING:
+            fns[name] = train_step_fn(model, x, y, fused_sgd=pass_ == "train_step")
+        else:
+            fns[name] = inference_fn(model, x)
     bench.run(
         op=OP,
         pass_=pass_,

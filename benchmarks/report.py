@@ -18,7 +18,14 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 SAVED_NAME = "saved_for_backward.csv"
 OPS = ("lenet5", "fuse", "conv_relu_pool", "linear_relu")  # the order of the sections
-PASS_ORDER = {"train_step": 0, "inference": 1, "forward": 2, "backward": 3, "full": 4}
+PASS_ORDER = {
+    "train_step": 0,
+    "train_step_sgd": 1,
+    "inference": 2,
+    "forward": 3,
+    "backward": 4,
+    "full": 5,
+}
 #: LeNet-5's useful FLOPs per sample (2 x dense MACs; see harness.py), quoted in the header.
 LENET_FWD_MFLOP = 0.833040
 LENET_BWD_MFLOP = 1.430880
@@ -259,7 +266,8 @@ def main(argv=None) -> int:
         "is first checked against the float64 reference (outputs and gradients). "
         "forward = forward with autograd recording; backward = backward alone (graphs built "
         "untimed); full = both. train_step = zero_grad, forward, cross-entropy, backward, "
-        "SGD(momentum 0.9, fused=True) step; inference = forward under torch.inference_mode. "
+        "SGD(momentum 0.9, fused=True) step; train_step_sgd = the same with torch.optim.SGD's "
+        "default implementation; inference = forward under torch.inference_mode. "
         "compile = torch.compile(dynamic=False) of the stock model/composition, steady state; "
         "`compile s` = its first call(s) (compilation) from a fresh inductor cache. "
         "Inputs are seeded standard-normal tensors; LeNet-5 uses random labels and SGD with "
