@@ -20,10 +20,15 @@ if not HAS_CUDA and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastlenet  # noqa: E402
+from fastlenet import backends  # noqa: E402
+from fastlenet.reference import rel_err  # noqa: E402, F401  (the tests' comparison)
 
-#: backends that run on CPU tensors here, in the order the tests use them.
+#: backends that run on CPU tensors here, in the order the tests use them (Triton only under
+#: its interpreter: on a GPU machine it is available but runs on CUDA tensors alone).
 CPU_BACKENDS = [
-    name for name in ("cpu", "triton", "reference") if fastlenet.available_backends()[name]
+    name
+    for name in ("cpu", "triton", "reference")
+    if fastlenet.available_backends()[name] and (name != "triton" or backends.triton_interpreted())
 ]
 
 
@@ -42,11 +47,3 @@ def _seed_and_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected||, in float64 (0 when both are zero)."""
-    a, e = actual.detach().double(), expected.detach().double()
-    denom = e.norm().item()
-    diff = (a - e).norm().item()
-    return diff / denom if denom > 0 else diff
