@@ -3,6 +3,7 @@ exception types, memory formats and nn.Conv2d's constructor arguments."""
 
 import warnings
 
+import geometry
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,15 +16,6 @@ from fastlenet.models import LeNet5
 
 F64 = {"dtype": torch.float64}
 
-# (N, C, H, W, O, KH, KW, stride, padding, pool, pool_stride): small enough for gradgradcheck
-# (and the Triton interpreter); pool 2, pool 3 stride 2, no pool, padding and stride 2.
-CONV_GRID = [
-    (2, 3, 8, 8, 4, 3, 3, 1, 1, 2, 2),
-    (1, 2, 9, 8, 3, 3, 2, 1, 0, 3, 2),
-    (2, 2, 6, 6, 3, 3, 3, 1, 1, 1, 1),
-    (1, 2, 9, 9, 2, 3, 3, 2, 1, 2, 2),
-]
-
 
 def _conv_case(geometry, seed=0):
     n, c, h, w, o, kh, kw, *conv = geometry
@@ -34,26 +26,31 @@ def _conv_case(geometry, seed=0):
     return [t.requires_grad_() for t in (x, weight, bias)], conv
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("geometry", CONV_GRID)
-def test_conv_gradgradcheck(geometry, backend):
-    (x, weight, bias), (stride, padding, pool, pool_stride) = _conv_case(geometry)
+# Rows of the shared table that gradgradcheck can afford (every input element is perturbed;
+# fast_mode checks a random projection of the Jacobians): pool 2, pool 3 stride 2 with odd
+# sizes, no pool, strides and padding everywhere, pool_stride > pool_size.
+GRADGRAD_ROWS = ("tiny", "no_pool", "pool_gaps", "odd_small", "strides")
+
+
+@pytest.mark.parametrize(("backend", "name"), geometry.conv_cases(geometry.BACKENDS, GRADGRAD_ROWS))
+def test_conv_gradgradcheck(backend, name):
+    x, weight, bias, conv = geometry.conv_inputs(
+        geometry.CONV[name], torch.float64, geometry.device(backend)
+    )
 
     def fn(x, weight, bias):
-        return conv_relu_pool2d(
-            x, weight, bias, stride, padding, pool, pool_stride, backend=backend
-        )
+        return conv_relu_pool2d(x, weight, bias, *conv, backend=backend)
 
-    assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(fn, (x, weight, bias), fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("fn", [linear_relu, linear])
-def test_linear_gradgradcheck(fn, backend):
-    gen = torch.Generator().manual_seed(1)
-    x, weight, bias = (torch.randn(*s, generator=gen, **F64) for s in ((5, 7), (6, 7), (6,)))
-    leaves = [t.requires_grad_() for t in (x, weight, bias)]
-    assert torch.autograd.gradgradcheck(lambda *a: fn(*a, backend=backend), leaves)
+@pytest.mark.parametrize(
+    ("backend", "relu"), geometry.backend_cases(geometry.BACKENDS, (True, False))
+)
+def test_linear_gradgradcheck(backend, relu):
+    x, weight, bias = geometry.linear_inputs((5, 7, 6), torch.float64, geometry.device(backend))
+    fn = linear_relu if relu else linear
+    assert torch.autograd.gradgradcheck(lambda *a: fn(*a, backend=backend), (x, weight, bias))
 
 
 def _grads_with_penalty(model, x, y):
