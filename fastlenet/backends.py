@@ -12,7 +12,8 @@ import dataclasses
 import importlib
 import importlib.util
 import os
-from types import SimpleNamespace
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -147,14 +148,18 @@ def _resolve(backend: str, device_type: str) -> str:
 
 
 OPS = ("conv_relu_pool", "linear_relu")
-_OPS: dict[tuple[str, str], SimpleNamespace] = {}
 
 
-def _table(op: str, backend: str) -> SimpleNamespace:
+class Ops(NamedTuple):
+    """One op on one backend: its forward and backward, with the schemas' signatures."""
+
+    fwd: Callable
+    bwd: Callable
+
+
+def _table(op: str, backend: str) -> Ops:
     if backend == "reference":
-        return SimpleNamespace(
-            fwd=getattr(reference, f"{op}_fwd"), bwd=getattr(reference, f"{op}_bwd")
-        )
+        return Ops(getattr(reference, f"{op}_fwd"), getattr(reference, f"{op}_bwd"))
     if backend == "triton":  # imported on first use: importing the kernels imports triton
         return importlib.import_module(f"fastlenet.kernels.{op}").OPS
     if backend in ("cpu", "cuda"):
@@ -163,13 +168,21 @@ def _table(op: str, backend: str) -> SimpleNamespace:
         if not _ext.LOADED:
             raise RuntimeError(_ext.LOAD_ERROR)
         packets = torch.ops.fastlenet
-        return SimpleNamespace(
-            fwd=getattr(packets, f"{op}_fwd").default, bwd=getattr(packets, f"{op}_bwd").default
-        )
+        return Ops(getattr(packets, f"{op}_fwd").default, getattr(packets, f"{op}_bwd").default)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def ops(op: str, backend: str) -> SimpleNamespace:
+# Filled at import for every backend but Triton (whose import is deferred), so that
+# torch.compile finds the entry and traces no construction of it: a first call inside a
+# compiled region would otherwise break the graph.
+_OPS: dict[tuple[str, str], Ops] = {
+    (op, backend): _table(op, backend)
+    for op in OPS
+    for backend in ("reference", *(("cpu", "cuda") if _ext.LOADED else ()))
+}
+
+
+def ops(op: str, backend: str) -> Ops:
     """`fwd` and `bwd` of `op` (one of OPS) on a concrete backend (see resolve())."""
     table = _OPS.get((op, backend))
     if table is None:

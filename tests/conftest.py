@@ -47,3 +47,20 @@ def _seed_and_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def write_idx_files(directory, seed=2):
+    """A small synthetic dataset as the four standard idx files (gzipped) in `directory`."""
+    from fastlenet import data
+
+    directory.mkdir()
+    arrays = data.synthetic_arrays(n_train=128, n_test=32, seed=seed)
+    for key, stem in data.IDX_FILES.items():
+        data.write_idx(directory / (stem + ".gz"), arrays[key])
+    return directory
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    """write_idx_files in a fresh directory: what --data-dir reads in the CLI tests."""
+    return write_idx_files(tmp_path / "idx")

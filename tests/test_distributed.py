@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, write_idx_files
 
 from fastlenet import data, distributed, train
 
@@ -63,11 +63,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
 
 
 def test_torchrun_runs_the_same_command(tmp_path):
-    directory = tmp_path / "idx"
-    directory.mkdir()
-    arrays = data.synthetic_arrays(n_train=128, n_test=32, seed=6)
-    for key, stem in data.IDX_FILES.items():
-        data.write_idx(directory / (stem + ".gz"), arrays[key])
+    directory = write_idx_files(tmp_path / "idx", seed=6)
     args = [
         *("-m", "fastlenet", "train", "--data-dir", str(directory), "--epochs", "1"),
         *("--batch-size", "32", "--lr", "0.05", "--threads", "2", "--no-progress"),

@@ -1,6 +1,9 @@
 """The drop-in layers: parameters, init, state_dict and repr as the stock layers; the public
 API's backend selection; torch.compile(fullgraph=True) through the registered ops."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import rel_err
@@ -157,3 +160,22 @@ def test_compile_fullgraph_lenet5():
     assert rel_err(loss, eager_loss) < 1e-6
     for got, want in zip(grads, eager_grads, strict=True):
         assert rel_err(got, want) < 1e-5
+
+
+_COMPILE_FIRST = """
+import torch, fastlenet
+model = fastlenet.LeNet5(backend="cpu")
+compiled = torch.compile(model, fullgraph=True)
+compiled(torch.randn(4, 1, 32, 32)).sum().backward()
+assert model.conv1.weight.grad is not None
+"""
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+def test_compile_fullgraph_as_the_first_call():
+    """In a fresh process, no eager call before the compiled one: whatever fastlenet builds on
+    first use must not be built inside the traced region (a graph break under fullgraph)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FIRST], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -212,16 +212,6 @@ def test_eval_fastlenet_and_stock_checkpoints(tmp_path):
 # ----------------------------------------------------------------------------- the CLI
 
 
-@pytest.fixture
-def idx_dir(tmp_path):
-    directory = tmp_path / "idx"
-    directory.mkdir()
-    arrays = data.synthetic_arrays(n_train=128, n_test=32, seed=2)
-    for key, stem in data.IDX_FILES.items():
-        data.write_idx(directory / (stem + ".gz"), arrays[key])
-    return directory
-
-
 def test_cli_train_then_eval(tmp_path, idx_dir, capsys):
     ck, metrics = tmp_path / "ck.pt", tmp_path / "m.json"
     common = ["--data-dir", str(idx_dir), "--threads", str(THREADS)]

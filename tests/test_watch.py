@@ -217,16 +217,6 @@ def test_plot_without_stock_and_to_99():
 # ----------------------------------------------------------------------------- the CLI
 
 
-@pytest.fixture
-def idx_dir(tmp_path):
-    directory = tmp_path / "idx"
-    directory.mkdir()
-    arrays = data.synthetic_arrays(n_train=128, n_test=32, seed=2)
-    for key, stem in data.IDX_FILES.items():
-        data.write_idx(directory / (stem + ".gz"), arrays[key])
-    return directory
-
-
 def _train_argv(idx_dir, *extra):
     return [
         *("train", "--data-dir", str(idx_dir), "--threads", str(THREADS), "--device", "cpu"),
