@@ -9,7 +9,6 @@ harness.py); the dotted grey line is torch.compile over eager. Rows run with a n
 allocator environment are drawn in their own colour and named in the legend.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ matplotlib.use("Agg")  # files only, no display
 
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-from report import default_csv, num, read
+from report import num, run_parser, run_rows
 
 PASSES = ("forward", "backward", "full")
 #: The issue's speed target (3x over stock) drawn on every panel.
@@ -55,17 +54,14 @@ def series(rows, provider, alloc, column):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--csv", type=Path, default=default_csv())
-    parser.add_argument("--run", help="run id (column `run`); default: the latest in the file")
+    parser = run_parser(__doc__)
     parser.add_argument("--out", type=Path, help="default: results/speedup_<device>.png")
     args = parser.parse_args(argv)
-    rows = read(args.csv)
-    if not rows:
-        print(f"no benchmark rows in {args.csv}: run `make bench` first", file=sys.stderr)
+    found = run_rows(args)
+    if found is None:
         return 1
-    run = args.run or rows[-1]["run"]
-    rows = [r for r in rows if r["run"] == run and r["op"] != "mm_peak"]
+    run, rows = found
+    rows = [r for r in rows if r["op"] != "mm_peak"]
     if not rows:
         print(f"run {run!r} has no timing rows in {args.csv}", file=sys.stderr)
         return 1

@@ -213,21 +213,37 @@ def targets(rows: list[dict], saved: list[dict]) -> list[str]:
     return out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the scripts that read one run of the CSV (this one and plot.py)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--csv", type=Path, default=default_csv())
     parser.add_argument("--run", help="run id (column `run`); default: the latest in the file")
-    parser.add_argument("--save", action="store_true", help="also write results/table_<device>.md")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_rows(args) -> tuple[str, list[dict]] | None:
+    """(run id, its rows) of args.run (default: the latest) in args.csv, or None after saying
+    on stderr why there are none."""
     rows = read(args.csv)
     if not rows:
         print(f"no benchmark rows in {args.csv}: run `make bench` first", file=sys.stderr)
-        return 1
+        return None
     run = args.run or rows[-1]["run"]
     rows = [r for r in rows if r["run"] == run]
     if not rows:
         print(f"run {run!r} is not in {args.csv}", file=sys.stderr)
+        return None
+    return run, rows
+
+
+def main(argv=None) -> int:
+    parser = run_parser(__doc__)
+    parser.add_argument("--save", action="store_true", help="also write results/table_<device>.md")
+    args = parser.parse_args(argv)
+    found = run_rows(args)
+    if found is None:
         return 1
+    run, rows = found
     saved = [r for r in read(args.csv.with_name(SAVED_NAME)) if r["run"] == run]
 
     lines_out: list[str] = []

@@ -80,6 +80,13 @@ def _fused_count(model):
     return sum(isinstance(m, ConvReLUPool2d | LinearReLU) for m in model.modules())
 
 
+def _stock_and_fused(make):
+    """A float64 stock model from a fixed seed and fastlenet.fuse of it."""
+    torch.manual_seed(0)
+    model = make().double()
+    return model, fastlenet.fuse(model)
+
+
 def _forward(model, x, seed):
     torch.manual_seed(seed)  # dropout draws the same masks on both sides
     return model(x)
@@ -88,9 +95,7 @@ def _forward(model, x, seed):
 @pytest.mark.parametrize("name", NETWORKS)
 def test_fused_network_matches_stock(name):
     make, size, count = NETWORKS[name]
-    torch.manual_seed(0)
-    model = make().double()
-    fused = fastlenet.fuse(model)
+    model, fused = _stock_and_fused(make)
     assert _fused_count(fused) == count == len(fused.fuse_report.fused)
     assert _fused_count(model) == 0  # the original is unchanged
     assert list(fused.state_dict()) == list(model.state_dict())
@@ -178,9 +183,7 @@ NOT_FUSED = {
 @pytest.mark.parametrize("case", NOT_FUSED)
 def test_what_must_not_fuse_is_left_alone(case):
     make, fused_what, left_reason = NOT_FUSED[case]
-    torch.manual_seed(0)
-    model = make().double()
-    fused = fastlenet.fuse(model)
+    model, fused = _stock_and_fused(make)
     report = fused.fuse_report
     if fused_what is None:
         assert report.fused == []
