@@ -25,8 +25,8 @@
 # and adds them on a rare path (see _add_nonfinite_taps), since the dot would multiply them by
 # the zeros of taps that meet no conv position.
 # Dtypes: float16/bfloat16 operands with float32 accumulation; float32 (TF32 off unless
-# launch.set_allow_tf32(True)); float64 accumulates in float64 (its weight gradient on FMA
-# units: Triton 3.8 cannot lower that float64 tl.dot, see launch.dot_fma_needed).
+# launch.set_allow_tf32(True)); float64 accumulates in float64 (its input and weight gradients
+# on FMA units: Triton 3.8 cannot lower those float64 tl.dots, see launch.dot_fma_needed).
 from types import SimpleNamespace
 
 import torch
@@ -256,7 +256,10 @@ def _bwd_input_kernel(
         # non-finite ones on the taps that exist (as stock does, 0 * Inf = NaN included).
         w_acc = b_tile.to(acc_dtype)
         finite = tl.abs(w_acc) < float("inf")  # false for NaN and +/-Inf
-        acc = _dot(a_tile, tl.where(finite, b_tile, 0.0), acc, DOT_PRECISION, DOT_UPCAST)
+        if ACC_FP64:  # float64 inputs: the dot on FMA units, as in the weight gradient
+            acc = launch.dot_fma(a_tile, tl.where(finite, b_tile, 0.0), acc)
+        else:
+            acc = _dot(a_tile, tl.where(finite, b_tile, 0.0), acc, DOT_PRECISION, DOT_UPCAST)
         if tl.sum((~finite).to(tl.int32)) > 0:
             acc = _add_nonfinite_taps(acc, a_tile.to(acc_dtype), ok, w_acc, finite, BLOCK_K)
     off = (n.to(tl.int64)[:, None] * C + chans[None, :]) * (H * W) + rem[:, None]
@@ -434,6 +437,8 @@ def _bwd_input(
     if grad_input.numel() == 0:
         return grad_input
     cfg = launch.gemm_blocks(rows, c, depth)
+    if launch.dot_fma_needed(input.dtype) and not launch.INTERPRETED:  # the ACC_FP64 path
+        cfg.update(launch.FMA_BLOCKS)
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(c, cfg["BLOCK_N"]))
     wrap_triton(_bwd_input_kernel)[grid](
         grad_out,

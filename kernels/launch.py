@@ -169,7 +169,8 @@ FMA_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 8}
 
 def dot_fma_needed(dtype: torch.dtype) -> bool:
     """float64 operands take dot_fma where a kernel asks for it. Triton 3.8 fails to lower a
-    float64 tl.dot whose operand is gathered as in conv_relu_pool's weight gradient ("fp64
+    float64 tl.dot whose operand is gathered as in conv_relu_pool's weight gradient, and its
+    input gradient with windows that do not overlap (pool <= pool stride, LeNet-5's) ("fp64
     don't support largeK MMA", found compiling for sm_80 and sm_90 without a GPU). The
     interpreter runs the same path, so the tests cover it."""
     return dtype == torch.float64
