@@ -358,14 +358,93 @@ def _shapes(input, weight, stride, padding, pool_size, pool_stride):
     )
 
 
-def _common(input, weight):
+def _common(kernel_size, dtype):
     return {
-        "KH": weight.shape[2],
-        "KW": weight.shape[3],
-        "ACC_FP64": launch.acc_is_fp64(input.dtype),
-        "DOT_PRECISION": launch.dot_precision(input.dtype),
-        "DOT_UPCAST": launch.dot_upcast(input.dtype),
+        "KH": kernel_size[0],
+        "KW": kernel_size[1],
+        "ACC_FP64": launch.acc_is_fp64(dtype),
+        "DOT_PRECISION": launch.dot_precision(dtype),
+        "DOT_UPCAST": launch.dot_upcast(dtype),
     }
+
+
+def _pool(pool_size, pool_stride):
+    """The backward's pool constexprs: window and the windows holding one conv output."""
+    return {
+        "POOL_H": pool_size[0],
+        "POOL_W": pool_size[1],
+        "WIN_H": triton.cdiv(pool_size[0], pool_stride[0]),
+        "WIN_W": triton.cdiv(pool_size[1], pool_stride[1]),
+    }
+
+
+# The launch configuration of each kernel (constexprs, num_warps and compile options) from the
+# sizes alone: the launchers pass exactly these, and tests/test_gpu_budgets.py compiles them.
+def _fwd_config(rows, o, depth, kernel_size, pool_size, has_bias, dtype):
+    return {
+        "POOL_H": pool_size[0],
+        "POOL_W": pool_size[1],
+        "HAS_BIAS": has_bias,
+        **_common(kernel_size, dtype),
+        **launch.gemm_blocks(rows, o, depth, "conv_fwd"),
+        **launch.compile_options("conv_fwd"),
+    }
+
+
+def _bwd_input_config(rows, c, depth, kernel_size, pool_size, pool_stride, dtype):
+    cfg = launch.gemm_blocks(rows, c, depth, "conv_bwd_input")
+    if launch.dot_fma_needed(dtype) and not launch.INTERPRETED:  # the kernel's ACC_FP64 path
+        cfg.update(launch.FMA_BLOCKS, num_warps=4)
+    return {
+        **_pool(pool_size, pool_stride),
+        **_common(kernel_size, dtype),
+        **cfg,
+        **launch.compile_options("conv_bwd_input"),
+    }
+
+
+def _bwd_weight_config(o, depth, rows, kernel_size, pool_size, pool_stride, dtype):
+    cfg = launch.gemm_blocks(o, depth, rows, "conv_bwd_weight")
+    fma = launch.dot_fma_needed(dtype)
+    if fma and not launch.INTERPRETED:
+        cfg.update(launch.FMA_BLOCKS, num_warps=4)
+    return {
+        **_pool(pool_size, pool_stride),
+        **_common(kernel_size, dtype),
+        "DOT_FMA": fma,
+        **cfg,
+        **launch.compile_options("conv_bwd_weight"),
+    }
+
+
+def launch_plan(
+    input_shape, weight_shape, stride, padding, pool_size, pool_stride, dtype, has_bias=True
+):
+    """[(name, kernel, config)] of the launches of a forward and a full backward at this shape:
+    config as the launchers pass it (constexprs, num_warps, compile options)."""
+    n, c, h, w = input_shape
+    o, _, kh, kw = weight_shape
+    shapes = _checks.conv_pool_shapes((h, w), (kh, kw), stride, padding, pool_size, pool_stride)
+    (oh, ow), (ph, pw) = shapes
+    depth = c * kh * kw
+    return [
+        (
+            "fwd",
+            _fwd_kernel,
+            _fwd_config(n * ph * pw, o, depth, (kh, kw), pool_size, has_bias, dtype),
+        ),
+        (
+            "bwd_input",
+            _bwd_input_kernel,
+            _bwd_input_config(n * h * w, c, o * kh * kw, (kh, kw), pool_size, pool_stride, dtype),
+        ),
+        (
+            "bwd_weight",
+            _bwd_weight_kernel,
+            _bwd_weight_config(o, depth, n * oh * ow, (kh, kw), pool_size, pool_stride, dtype),
+        ),
+        ("sum_splits", launch._sum_splits_kernel, launch.sum_splits_config()),
+    ]
 
 
 @launch.register("triton_conv_relu_pool_fwd", op_module.fwd_fake)
@@ -388,7 +467,8 @@ def conv_relu_pool_fwd(
     rows, depth = n * ph * pw, c * weight.shape[2] * weight.shape[3]
     if out.numel() == 0:
         return out, argmax
-    cfg = launch.gemm_blocks(rows, o, depth)
+    kernel_size = weight.shape[2:]
+    cfg = _fwd_config(rows, o, depth, kernel_size, pool_size, bias is not None, input.dtype)
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(o, cfg["BLOCK_N"]))
     wrap_triton(_fwd_kernel)[grid](
         input,
@@ -409,10 +489,6 @@ def conv_relu_pool_fwd(
         padding[1],
         pool_stride[0],
         pool_stride[1],
-        POOL_H=pool_size[0],
-        POOL_W=pool_size[1],
-        HAS_BIAS=bias is not None,
-        **_common(input, weight),
         **cfg,
     )
     return out, argmax
@@ -436,9 +512,8 @@ def _bwd_input(
     rows, depth = n * h * w, o * weight.shape[2] * weight.shape[3]
     if grad_input.numel() == 0:
         return grad_input
-    cfg = launch.gemm_blocks(rows, c, depth)
-    if launch.dot_fma_needed(input.dtype) and not launch.INTERPRETED:  # the ACC_FP64 path
-        cfg.update(launch.FMA_BLOCKS)
+    kernel_size = weight.shape[2:]
+    cfg = _bwd_input_config(rows, c, depth, kernel_size, pool_size, pool_stride, input.dtype)
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(c, cfg["BLOCK_N"]))
     wrap_triton(_bwd_input_kernel)[grid](
         grad_out,
@@ -460,11 +535,6 @@ def _bwd_input(
         padding[1],
         pool_stride[0],
         pool_stride[1],
-        POOL_H=pool_size[0],
-        POOL_W=pool_size[1],
-        WIN_H=triton.cdiv(pool_size[0], pool_stride[0]),
-        WIN_W=triton.cdiv(pool_size[1], pool_stride[1]),
-        **_common(input, weight),
         **cfg,
     )
     return grad_input
@@ -490,10 +560,7 @@ def _bwd_weight(
         return torch.zeros_like(weight, memory_format=torch.contiguous_format), weight.new_zeros(o)
     grad_weight = launch.new_output((o, c, kh, kw), weight.dtype, weight.device)
     grad_bias = launch.new_output((o,), weight.dtype, weight.device)
-    cfg = launch.gemm_blocks(o, depth, rows)
-    fma = launch.dot_fma_needed(input.dtype)
-    if fma and not launch.INTERPRETED:
-        cfg.update(launch.FMA_BLOCKS)
+    cfg = _bwd_weight_config(o, depth, rows, (kh, kw), pool_size, pool_stride, input.dtype)
     tiles = (triton.cdiv(o, cfg["BLOCK_M"]), triton.cdiv(depth, cfg["BLOCK_N"]))
     splits = launch.num_splits(rows, cfg["BLOCK_K"], tiles[0] * tiles[1], input.device)
     chunk, splits = launch.split_chunk(rows, splits, cfg["BLOCK_K"])
@@ -522,12 +589,6 @@ def _bwd_weight(
         padding[1],
         pool_stride[0],
         pool_stride[1],
-        POOL_H=pool_size[0],
-        POOL_W=pool_size[1],
-        WIN_H=triton.cdiv(pool_size[0], pool_stride[0]),
-        WIN_W=triton.cdiv(pool_size[1], pool_stride[1]),
-        DOT_FMA=fma,
-        **_common(input, weight),
         **cfg,
     )
     launch.sum_splits(part_w, grad_weight)

@@ -14,6 +14,8 @@ fake tensors of tracing, so there the same function is registered with
 """
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -85,29 +87,90 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Block sizes
+# Block sizes, warps and stages: the launch configuration of every GEMM-shaped kernel
 #
-# tl.dot needs every block dimension >= 16. Natively: 64 rows by up to 64 columns with 32-deep
-# K steps is the usual tile of a small-channel implicit GEMM (about 24 KB of fp32 operands in
-# shared memory per stage, 4 warps); the column block follows the channel count because LeNet's
-# layers have 6 to 120 output channels. Under the interpreter every program and every K step
-# costs Python overhead while numpy does the block math, so blocks are as large as the shape
-# allows: a 64x400 by 400x120 product took 1.5 s with 16-wide blocks and 15 ms with 64-wide
-# ones (issue 6).
+# tl.dot needs every block dimension >= 16.
+#
+# Natively the rule keeps every kernel within the resource budget that tests/test_gpu_budgets.py
+# checks on cubins compiled for sm_80 and sm_90 (no GPU needed): at most MAX_REGISTERS registers
+# per thread and no spill to local memory in float32 (TF32 or not), float16 and bfloat16, so
+# that at least 16 of an SM's 64 warps (25%) can be resident. The implicit-GEMM conv kernels
+# gather their operands element by element (im2col addresses, and for the backward the argmax
+# bytes and grad_out of up to WIN_H * WIN_W windows per element), so their registers grow with
+# the gathered elements each thread holds per K step more than with the tile: one
+# configuration for all shapes (64 x 64 x 32, 4 warps, 3 stages) took up to 255 registers and
+# 1144 bytes of spills per thread in the float32 conv kernels, 8 warps per SM. The rule, per
+# kernel kind (from sweeps of compiles for sm_80 and sm_90 with Triton 3.8; the resulting table
+# is benchmarks/results/gpu_static.md):
+#   BLOCK_K = 16 everywhere: the float32 dot runs on FMA units, where each thread holds whole
+#     K-deep rows and columns of its outputs' operands; 32-deep steps took 25-60 more registers.
+#   BLOCK_M, BLOCK_N: the next power of two of the rows / columns, clamped to [16, max]. The
+#     gathered conv operands cap columns at 32 and grad_input's rows at 32 (each of its
+#     elements gathers argmax and grad_out from up to 4 windows).
+#   num_warps: 8 for the tiles whose 4-warp version took over 128 registers (the forward's of
+#     64 rows, grad_input's of 32, grad_weight's of 64, dense tiles of 2048 outputs or more)
+#     and for grad_weight's 32-row tiles (96-114 registers at 4 warps, 48-80 at 8); else 4.
+#   num_stages: 1 for the gathered conv kernels (a second stage kept the next step's gathered
+#     addresses live: 80 -> 141 registers for the forward's 64 x 16 tile), 2 for the linear
+#     kernels' plain loads (104 -> 106 registers for a 64 x 64 tile).
+# Under the interpreter every program and every K step costs Python overhead while numpy does
+# the block math, so blocks are as large as the shape allows: a 64x400 by 400x120 product took
+# 1.5 s with 16-wide blocks and 15 ms with 64-wide ones (issue 6).
 # ---------------------------------------------------------------------------------------------
-_NATIVE = {"rows": 64, "cols_max": 64, "k_max": 32, "num_warps": 4}
+
+#: Registers per thread natively: the compile option `maxnreg` (PTX .maxnreg) of every launch.
+#: Without it ptxas sometimes trades a few registers for 8-40 bytes of spills on its own, to
+#: raise occupancy (seen at 64-80 registers); with it, a tile that needs more than the budget
+#: spills, and the budget test fails.
+MAX_REGISTERS = 128
+
+
+@dataclass(frozen=True)
+class _Rule:
+    rows_max: int  # largest BLOCK_M
+    cols_max: int  # largest BLOCK_N
+    eight_warps: Callable[[int, int], bool]  # (BLOCK_M, BLOCK_N) -> use 8 warps
+    num_stages: int
+
+
+#: kind -> rule (see above). "dense": linear_relu's kernels; "conv_fwd", "conv_bwd_input" and
+#: "conv_bwd_weight": conv_relu_pool's (rows, cols, depth as their launchers pass them).
+_RULES = {
+    "dense": _Rule(64, 64, lambda m, n: m * n >= 2048, 2),
+    "conv_fwd": _Rule(64, 32, lambda m, n: m >= 64, 1),
+    "conv_bwd_input": _Rule(32, 32, lambda m, n: m >= 32, 1),
+    "conv_bwd_weight": _Rule(64, 32, lambda m, n: m >= 32, 1),
+}
 _INTERP = {"rows": 64, "cols_max": 64, "k_max": 64, "num_warps": 4}
 
 
-def gemm_blocks(rows: int, cols: int, depth: int) -> dict:
-    """Block sizes of a (rows x depth) @ (depth x cols) tile loop: BLOCK_M, BLOCK_N, BLOCK_K."""
-    cfg = _INTERP if INTERPRETED else _NATIVE
+def gemm_blocks(rows: int, cols: int, depth: int, kind: str = "dense") -> dict:
+    """Block sizes and warps of a (rows x depth) @ (depth x cols) tile loop: BLOCK_M, BLOCK_N,
+    BLOCK_K and num_warps (see the rule above; `kind` names the kernel's row of it)."""
+    if INTERPRETED:
+        cfg = _INTERP
+        return {
+            "BLOCK_M": _pow2_clamp(rows, 16, cfg["rows"]),
+            "BLOCK_N": _pow2_clamp(cols, 16, cfg["cols_max"]),
+            "BLOCK_K": _pow2_clamp(depth, 16, cfg["k_max"]),
+            "num_warps": cfg["num_warps"],
+        }
+    rule = _RULES[kind]
+    m = _pow2_clamp(rows, 16, rule.rows_max)
+    n = _pow2_clamp(cols, 16, rule.cols_max)
     return {
-        "BLOCK_M": _pow2_clamp(rows, 16, cfg["rows"]),
-        "BLOCK_N": _pow2_clamp(cols, 16, cfg["cols_max"]),
-        "BLOCK_K": _pow2_clamp(depth, 16, cfg["k_max"]),
-        "num_warps": cfg["num_warps"],
+        "BLOCK_M": m,
+        "BLOCK_N": n,
+        "BLOCK_K": 16,
+        "num_warps": 8 if rule.eight_warps(m, n) else 4,
     }
+
+
+def compile_options(kind: str = "dense") -> dict:
+    """The launch's compile options besides num_warps: num_stages and maxnreg (natively)."""
+    if INTERPRETED:
+        return {}
+    return {"num_stages": _RULES[kind].num_stages, "maxnreg": MAX_REGISTERS}
 
 
 # Split count of the first stage of a weight-gradient reduction over `length` rows.
@@ -207,8 +270,13 @@ def sum_splits(part: torch.Tensor, out: torch.Tensor) -> None:
         return
     grid = (triton.cdiv(length, _SUM_BLOCK),)
     torch.library.wrap_triton(_sum_splits_kernel)[grid](
-        part, out, part.shape[0], length, BLOCK=_SUM_BLOCK
+        part, out, part.shape[0], length, **sum_splits_config()
     )
+
+
+def sum_splits_config() -> dict:
+    """Constexprs and compile options of _sum_splits_kernel's launch."""
+    return {"BLOCK": _SUM_BLOCK, "num_warps": 4, **compile_options("dense")}
 
 
 def register(name: str, fake):
@@ -225,10 +293,13 @@ def register(name: str, fake):
     return wrap
 
 
-def compile_natively(kernel, pointers: dict, constexprs: dict, arch: int, num_warps: int = 4):
-    """Compiles `kernel` to a cubin for sm_<arch> without a GPU (TRITON_INTERPRET unset):
-    pointer arguments typed by `pointers` (name -> "*fp32", ...), scalars as i32, constexprs
-    given. Lets a machine without a GPU check that every kernel lowers natively."""
+def compile_native(
+    kernel, pointers: dict, constexprs: dict, arch: int, options: dict | None = None
+):
+    """Compiles `kernel` for sm_<arch> without a GPU (TRITON_INTERPRET unset): pointer arguments
+    typed by `pointers` (name -> "*fp32", ...), scalars as i32, constexprs given, compile
+    `options` (num_warps, num_stages, maxnreg) as a launch passes them. Returns triton's
+    CompiledKernel (its asm["cubin"], and metadata.shared: dynamic shared memory in bytes)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -241,7 +312,10 @@ def compile_natively(kernel, pointers: dict, constexprs: dict, arch: int, num_wa
         signature=signature,
         constexprs={(names.index(k),): v for k, v in constexprs.items()},
     )
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
-    )
-    return compiled.asm["cubin"]
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options or {})
+
+
+def compile_natively(kernel, pointers: dict, constexprs: dict, arch: int, num_warps: int = 4):
+    """The cubin of compile_native with `num_warps` (a machine without a GPU can check that
+    every kernel lowers natively)."""
+    return compile_native(kernel, pointers, constexprs, arch, {"num_warps": num_warps}).asm["cubin"]

@@ -173,12 +173,29 @@ def _bwd_weight_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers: tensors in, tensors out, registered as fastlenet::triton_linear_relu_<pass>.
 # ---------------------------------------------------------------------------------------------
-def _common(input):
+def _config(rows, cols, depth, dtype, relu):
+    """Constexprs, num_warps and compile options of one launch (a rows x cols tile loop over
+    depth): the launchers pass exactly these, and tests/test_gpu_budgets.py compiles them."""
     return {
-        "ACC_FP64": launch.acc_is_fp64(input.dtype),
-        "DOT_PRECISION": launch.dot_precision(input.dtype),
-        "DOT_UPCAST": launch.dot_upcast(input.dtype),
+        "RELU": relu,
+        "ACC_FP64": launch.acc_is_fp64(dtype),
+        "DOT_PRECISION": launch.dot_precision(dtype),
+        "DOT_UPCAST": launch.dot_upcast(dtype),
+        **launch.gemm_blocks(rows, cols, depth),
+        **launch.compile_options(),
     }
+
+
+def launch_plan(rows, in_features, out_features, dtype, has_bias=True, relu=True):
+    """[(name, kernel, config)] of the launches of a forward and a full backward at this shape:
+    config as the launchers pass it (constexprs, num_warps, compile options)."""
+    m, k, n = rows, in_features, out_features
+    return [
+        ("fwd", _fwd_kernel, {**_config(m, n, k, dtype, relu), "HAS_BIAS": has_bias}),
+        ("bwd_input", _bwd_input_kernel, _config(m, k, n, dtype, relu)),
+        ("bwd_weight", _bwd_weight_kernel, _config(n, k, m, dtype, relu)),
+        ("sum_splits", launch._sum_splits_kernel, launch.sum_splits_config()),
+    ]
 
 
 @launch.register("triton_linear_relu_fwd", op_module.fwd_fake)
@@ -192,7 +209,7 @@ def linear_relu_fwd(
     out = launch.new_output((m, n), input.dtype, input.device)
     if out.numel() == 0:
         return out
-    cfg = launch.gemm_blocks(m, n, k)
+    cfg = _config(m, n, k, input.dtype, relu)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     wrap_triton(_fwd_kernel)[grid](
         input,
@@ -203,8 +220,6 @@ def linear_relu_fwd(
         n,
         k,
         HAS_BIAS=bias is not None,
-        RELU=relu,
-        **_common(input),
         **cfg,
     )
     return out
@@ -223,15 +238,12 @@ def linear_relu_bwd(
     input, weight = input.contiguous(), weight.contiguous()
     m, k = input.shape
     n = weight.shape[0]
-    common = _common(input)
 
     grad_input = launch.new_output((m, k), input.dtype, input.device)
     if grad_input.numel():
-        cfg = launch.gemm_blocks(m, k, n)
+        cfg = _config(m, k, n, input.dtype, relu)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(k, cfg["BLOCK_N"]))
-        wrap_triton(_bwd_input_kernel)[grid](
-            grad_out, out, weight, grad_input, m, n, k, RELU=relu, **common, **cfg
-        )
+        wrap_triton(_bwd_input_kernel)[grid](grad_out, out, weight, grad_input, m, n, k, **cfg)
 
     if m == 0:  # no rows: the weight and bias gradients are zero
         return grad_input, torch.zeros_like(weight), weight.new_zeros(n)
@@ -239,15 +251,15 @@ def linear_relu_bwd(
     grad_bias = launch.new_output((n,), weight.dtype, weight.device)
     if n == 0:
         return grad_input, grad_weight, grad_bias
-    cfg = launch.gemm_blocks(n, k, m)
+    cfg = _config(n, k, m, input.dtype, relu)
     tiles = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(max(k, 1), cfg["BLOCK_N"]))
     splits = launch.num_splits(m, cfg["BLOCK_K"], tiles[0] * tiles[1], input.device)
     chunk, splits = launch.split_chunk(m, splits, cfg["BLOCK_K"])
-    acc_dtype = torch.float64 if common["ACC_FP64"] else torch.float32
+    acc_dtype = torch.float64 if cfg["ACC_FP64"] else torch.float32
     part_w = launch.new_output((splits, n, k), acc_dtype, input.device)
     part_b = launch.new_output((splits, n), acc_dtype, input.device)
     wrap_triton(_bwd_weight_kernel)[(*tiles, splits)](
-        grad_out, out, input, part_w, part_b, m, n, k, chunk, RELU=relu, **common, **cfg
+        grad_out, out, input, part_w, part_b, m, n, k, chunk, **cfg
     )
     launch.sum_splits(part_w, grad_weight)
     launch.sum_splits(part_b, grad_bias)
