@@ -11,9 +11,11 @@ namespace {
 // maxima in registers and reuses every staged input value OCB times; 4 keeps the registers
 // low and splits LeNet-5's 6 and 16 channels into 2 and 4 blocks (2 idle lanes for conv1).
 constexpr int kOcb = 4;
-// Pooled outputs per forward block edge: an 8 x 8 tile is 64 threads (two warps); smaller
-// pooled planes get a tile of their own size (LeNet-5's conv2: 5 x 5).
+// Pooled outputs per forward tile edge: an 8 x 8 tile is 64 threads (two warps); smaller
+// pooled planes get a tile of their own size (LeNet-5's conv2: 5 x 5), and a block takes as many
+// samples' tiles as fit in kConvFwdThreads threads (conv_relu_pool_fwd_plan).
 constexpr int64_t kTile = 8;
+constexpr int64_t kWarp = 32;
 // Threads per block of the element-wise kernels (bwd_input, reduce): a common default that
 // keeps 8 blocks of 256 resident per SM on sm_80/sm_90.
 constexpr int kThreads = 256;
@@ -41,32 +43,57 @@ unsigned grid_for(int64_t total) {
 
 }  // namespace
 
+ConvFwdPlan conv_relu_pool_fwd_plan(DType dtype, const ConvGeom& g, int64_t smem_budget) {
+  ConvFwdPlan p{};
+  p.tph = imax<int64_t>(1, imin(kTile, g.ph));
+  p.tpw = imax<int64_t>(1, imin(kTile, g.pw));
+  p.tiles_w = ceil_div(g.pw, p.tpw);
+  const int64_t tsize = p.tph * p.tpw;
+  const int64_t tih = ((p.tph - 1) * g.psh + g.poolh - 1) * g.sh + g.kh;
+  const int64_t tiw = ((p.tpw - 1) * g.psw + g.poolw - 1) * g.sw + g.kw;
+  // Bytes one staged channel takes: the patches of `samples` samples and the OCB filters.
+  const auto per_channel = [&](int64_t samples) {
+    return static_cast<int64_t>((samples * tih * tiw + kOcb * g.kh * g.kw) * acc_size(dtype));
+  };
+  p.samples = imax<int64_t>(1, imin<int64_t>(g.n, kConvFwdThreads / tsize));
+  // The budget shrinks with the block's warps (12 KiB a warp of the default 48 KiB): a block of
+  // one warp (a small batch of small pooled planes) that took all 48 KiB would leave room for
+  // only 3 warps per SM on sm_80.
+  const int64_t budget =
+      smem_budget * ceil_div(p.samples * tsize, kWarp) / (kConvFwdThreads / kWarp);
+  if (per_channel(1) > budget) {
+    p.chunk = 0;  // a patch of one channel does not fit: read global memory (L1/L2) directly
+  } else {
+    // Fewer samples only where the patches of one channel would not fit otherwise (small test
+    // budgets, or 128 samples of 1 x 1 pooled outputs in float64).
+    while (per_channel(p.samples) > budget) p.samples /= 2;
+    p.chunk = imin(g.c, budget / per_channel(p.samples));
+  }
+  p.smem = p.chunk * per_channel(p.samples);
+  p.threads = ceil_div(p.samples * tsize, kWarp) * kWarp;
+  return p;
+}
+
 cudaError_t conv_relu_pool_fwd(DType dtype, const void* input, const void* weight, const void* bias,
                                void* out, uint8_t* argmax, const ConvGeom& g, cudaStream_t stream,
                                int64_t smem_budget) {
   if (g.n == 0) return cudaSuccess;
-  const int64_t tph = imin(kTile, g.ph), tpw = imin(kTile, g.pw);
-  const int64_t tiles_h = ceil_div(g.ph, tph), tiles_w = ceil_div(g.pw, tpw);
-  const int64_t tih = ((tph - 1) * g.psh + g.poolh - 1) * g.sh + g.kh;
-  const int64_t tiw = ((tpw - 1) * g.psw + g.poolw - 1) * g.sw + g.kw;
-  const int64_t per_channel = (tih * tiw + kOcb * g.kh * g.kw) * acc_size(dtype);
-  const int64_t chunk = imin(g.c, smem_budget / per_channel);
-  const dim3 grid(static_cast<unsigned>(tiles_h * tiles_w),
+  const ConvFwdPlan p = conv_relu_pool_fwd_plan(dtype, g, smem_budget);
+  const dim3 grid(static_cast<unsigned>(ceil_div(g.ph, p.tph) * p.tiles_w),
                   static_cast<unsigned>(ceil_div<int64_t>(g.o, kOcb)),
-                  static_cast<unsigned>(imin(g.n, kMaxGridYZ)));
-  const dim3 block(static_cast<unsigned>(tpw), static_cast<unsigned>(tph));
+                  static_cast<unsigned>(imin(ceil_div(g.n, p.samples), kMaxGridYZ)));
+  const dim3 block(static_cast<unsigned>(p.threads));
   return dispatch(dtype, [&]<typename T>() {
     const auto* x = static_cast<const T*>(input);
     const auto* w = static_cast<const T*>(weight);
     const auto* b = static_cast<const T*>(bias);
-    if (chunk >= 1) {
+    if (p.chunk >= 1) {
       auto kernel = conv_relu_pool_fwd_kernel<T, kOcb, true>;
-      FASTLENET_LAUNCH(kernel, grid, block, chunk * per_channel, stream, x, w, b,
-                       static_cast<T*>(out), argmax, g, chunk, tiles_w);
-    } else {  // a patch of one channel does not fit: read global memory (L1/L2) directly
+      FASTLENET_LAUNCH(kernel, grid, block, p.smem, stream, x, w, b, static_cast<T*>(out), argmax,
+                       g, p);
+    } else {
       auto kernel = conv_relu_pool_fwd_kernel<T, kOcb, false>;
-      FASTLENET_LAUNCH(kernel, grid, block, 0, stream, x, w, b, static_cast<T*>(out), argmax, g,
-                       int64_t(0), tiles_w);
+      FASTLENET_LAUNCH(kernel, grid, block, 0, stream, x, w, b, static_cast<T*>(out), argmax, g, p);
     }
     return cudaGetLastError();
   });
@@ -137,4 +164,34 @@ cudaError_t conv_relu_pool_bwd_weight(DType dtype, const void* grad_out, const u
   });
 }
 
+namespace {
+
+// The launches of conv_relu_pool_fwd, _bwd_input and _bwd_weight (see cuda_launchers.h).
+int64_t conv_launches(DType dtype, const ConvGeom& g, char* out, int64_t size) {
+  const ConvFwdPlan p = conv_relu_pool_fwd_plan(dtype, g);
+  char fwd[96];
+  std::snprintf(fwd, sizeof fwd, "conv_relu_pool_fwd_kernel<T, %d, %s>", kOcb,
+                p.chunk >= 1 ? "true" : "false");
+  char partial[96];
+  std::snprintf(partial, sizeof partial, "conv_relu_pool_bwd_weight_partial_kernel<T, %d, %d>",
+                kWeightLanes, kPositionLanes);
+  int64_t used = 0;
+  const bool ok =
+      put_launch(out, size, used, fwd, p.threads, p.smem) &&
+      put_launch(out, size, used, "conv_relu_pool_bwd_input_kernel<T>", kThreads, 0) &&
+      put_launch(out, size, used, "nonfinite_kernel<T>", kThreads, 0) &&
+      put_launch(out, size, used, partial, kWeightLanes * kPositionLanes, 0) &&
+      put_launch(out, size, used, "conv_relu_pool_bwd_weight_reduce_kernel<T>", kThreads, 0);
+  return ok ? used : -1;
+}
+
+}  // namespace
 }  // namespace fastlenet::cuda
+
+extern "C" int64_t fastlenet_cuda_conv_relu_pool_launches(int dtype, const int64_t* c, char* out,
+                                                          int64_t size) {
+  const fastlenet::cuda::ConvGeom g{c[0],  c[1],  c[2],  c[3],  c[4],  c[5],  c[6],
+                                    c[7],  c[8],  c[9],  c[10], c[11], c[12], c[13],
+                                    c[14], c[15], c[16], c[17], c[18]};
+  return fastlenet::cuda::conv_launches(static_cast<fastlenet::cuda::DType>(dtype), g, out, size);
+}

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 
 #include "cuda_launchers.h"
 
@@ -95,5 +96,17 @@ cudaError_t dispatch(DType dtype, F&& f) {
 }
 
 inline size_t acc_size(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
+
+// Appends one launch line, "<kernel>|<threads>|<dynamic smem>\n", to `out` (the launch lists of
+// cuda_launchers.h); false when it does not fit in `size` bytes with the NUL.
+inline bool put_launch(char* out, int64_t size, int64_t& used, const char* kernel, int64_t threads,
+                       int64_t smem) {
+  const int len =
+      std::snprintf(out + used, static_cast<size_t>(size - used), "%s|%lld|%lld\n", kernel,
+                    static_cast<long long>(threads), static_cast<long long>(smem));
+  if (len < 0 || used + len >= size) return false;
+  used += len;
+  return true;
+}
 
 }  // namespace fastlenet::cuda

@@ -36,8 +36,29 @@ struct ConvGeom {
 
 // Shared memory one block of the conv forward kernel may use: 48 KiB is what every GPU since
 // sm_20 grants without cudaFuncSetAttribute opt-in. Tests pass smaller budgets to reach the
-// channel-chunked and the unstaged paths on small shapes.
+// channel-chunked and the unstaged paths on small shapes. A 4-warp block that uses all of it
+// still leaves room for 3 blocks (12 warps) per SM on sm_80 (164 KiB) and 4 on sm_90 (228 KiB).
 constexpr int64_t kConvSmemBudget = 48 * 1024;
+
+// Threads per conv forward block, at most: 4 warps. (No __launch_bounds__ on the kernel: with
+// it ptxas traded registers for 16-72 bytes of spills, seen with CUDA 13.0.)
+constexpr int kConvFwdThreads = 128;
+
+// The conv forward's launch (conv_relu_pool_fwd_plan): a block computes one tile of
+// tph x tpw pooled outputs of OCB output channels for `samples` samples, one thread per pooled
+// output, so that a small pooled plane still fills whole warps (LeNet-5's conv2: 5 x 5 pooled
+// outputs, 5 samples = 125 threads of a 128-thread block, where one sample alone was a
+// 25-thread block).
+struct ConvFwdPlan {
+  int64_t tph, tpw;  // pooled tile
+  int64_t tiles_w;   // tiles per pooled row
+  int64_t samples;   // samples per block
+  int64_t threads;   // samples * tph * tpw rounded up to whole warps
+  int64_t chunk;     // input channels staged in shared memory at once; 0: unstaged
+  int64_t smem;      // dynamic shared memory per block, bytes
+};
+ConvFwdPlan conv_relu_pool_fwd_plan(DType dtype, const ConvGeom& g,
+                                    int64_t smem_budget = kConvSmemBudget);
 
 // out, argmax: (N, O, PH, PW). bias may be null.
 cudaError_t conv_relu_pool_fwd(DType dtype, const void* input, const void* weight, const void* bias,
@@ -76,3 +97,15 @@ cudaError_t linear_relu_bwd(DType dtype, const void* grad_out, const void* out, 
                             int tile = kAutoTile);
 
 }  // namespace fastlenet::cuda
+
+// Every kernel launch the launchers above make for one shape, for tools that check the
+// kernels' resources without a GPU (tests/test_gpu_budgets.py and benchmarks/gpu_static.py call
+// them through ctypes): one line per launch, "<kernel>|<threads per block>|<dynamic shared
+// memory bytes>", the kernel written as its demangled name with T for the element type
+// ("conv_relu_pool_fwd_kernel<T, 4, true>"). dtype: a DType value. conv: the 19 ConvGeom
+// fields in order. Returns the length written (NUL excluded), or -1 when `size` is too small.
+extern "C" int64_t fastlenet_cuda_conv_relu_pool_launches(int dtype, const int64_t* conv, char* out,
+                                                          int64_t size);
+extern "C" int64_t fastlenet_cuda_linear_relu_launches(int dtype, int64_t batch,
+                                                       int64_t in_features, int64_t out_features,
+                                                       char* out, int64_t size);

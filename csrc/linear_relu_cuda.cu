@@ -17,26 +17,31 @@ namespace {
 // shared loads. Small tile: 32 x 32 x 16, used when 64 x 64 tiles would make fewer blocks than
 // kSmallTileBelow (an H100's 132 SMs; an A100 has 108) and leave SMs idle.
 constexpr int kBK = 16;
+constexpr int kEdge = 16;  // threads per block edge
 constexpr int64_t kSmallTileBelow = 132;
 // Column-sum block: 32 columns (one warp's width, coalesced rows) x 8 row lanes.
 constexpr int kSumCols = 32;
 constexpr int kSumRows = 8;
 
+// The tile edge the GEMM of an (m x n) output uses when the caller leaves it to the size.
+int auto_tile(int64_t m, int64_t n) {
+  return ceil_div<int64_t>(m, 64) * ceil_div<int64_t>(n, 64) < kSmallTileBelow ? 32 : 64;
+}
+
 template <typename T>
 cudaError_t gemm(const GemmArgs<T>& p, int tile, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
-  if (tile == kAutoTile)
-    tile = ceil_div<int64_t>(p.m, 64) * ceil_div<int64_t>(p.n, 64) < kSmallTileBelow ? 32 : 64;
+  if (tile == kAutoTile) tile = auto_tile(p.m, p.n);
   if (tile != 32 && tile != 64) return cudaErrorInvalidValue;
   const int64_t gy = ceil_div<int64_t>(p.m, tile);
   if (gy > kMaxGridYZ) return cudaErrorInvalidValue;  // more than 2 or 4 million rows
   const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(p.n, tile)), static_cast<unsigned>(gy));
   if (tile == 64) {
     auto kernel = gemm_kernel<T, 64, 64, kBK, 4, 4>;
-    FASTLENET_LAUNCH(kernel, grid, dim3(16, 16), 0, stream, p);
+    FASTLENET_LAUNCH(kernel, grid, dim3(kEdge, kEdge), 0, stream, p);
   } else {
     auto kernel = gemm_kernel<T, 32, 32, kBK, 2, 2>;
-    FASTLENET_LAUNCH(kernel, grid, dim3(16, 16), 0, stream, p);
+    FASTLENET_LAUNCH(kernel, grid, dim3(kEdge, kEdge), 0, stream, p);
   }
   return cudaGetLastError();
 }
@@ -113,4 +118,32 @@ cudaError_t linear_relu_bwd(DType dtype, const void* grad_out, const void* out, 
   });
 }
 
+namespace {
+
+// The launches of linear_relu_fwd and linear_relu_bwd with automatic tiles (cuda_launchers.h).
+int64_t linear_launches(int64_t batch, int64_t in_features, int64_t out_features, char* out,
+                        int64_t size) {
+  int64_t used = 0;
+  // out (B, O), grad_x (B, I), grad_w (O, I): one GEMM each.
+  const int64_t products[3][2] = {
+      {batch, out_features}, {batch, in_features}, {out_features, in_features}};
+  for (const auto& mn : products) {
+    const int tile = auto_tile(mn[0], mn[1]);
+    char name[96];
+    std::snprintf(name, sizeof name, "gemm_kernel<T, %d, %d, %d, %d, %d>", tile, tile, kBK,
+                  tile / kEdge, tile / kEdge);
+    if (!put_launch(out, size, used, name, kEdge * kEdge, 0)) return -1;
+  }
+  char sum[64];
+  std::snprintf(sum, sizeof sum, "column_sum_kernel<T, %d, %d>", kSumCols, kSumRows);
+  return put_launch(out, size, used, sum, kSumCols * kSumRows, 0) ? used : -1;
+}
+
+}  // namespace
 }  // namespace fastlenet::cuda
+
+extern "C" int64_t fastlenet_cuda_linear_relu_launches(int, int64_t batch, int64_t in_features,
+                                                       int64_t out_features, char* out,
+                                                       int64_t size) {
+  return fastlenet::cuda::linear_launches(batch, in_features, out_features, out, size);
+}
