@@ -69,6 +69,7 @@ bench: $(BUILT)
 	$(BENCH_MALLOC_ENV) $(PY) -m pytest benchmarks/bench_lenet5.py
 	$(PY) benchmarks/report.py --save
 	$(PY) benchmarks/plot.py
+	$(PY) benchmarks/gpu_static.py --save
 
 plot: $(DEPS)
 	$(PY) benchmarks/plot.py
