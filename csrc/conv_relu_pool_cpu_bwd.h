@@ -323,8 +323,32 @@ inline bool register_blocked(const ConvPoolGeometry& g, int64_t nv) {
 
 // The conv output's gradient, dense: grad_out at each window's argmax, 0 elsewhere. Used
 // where Inf/NaN must propagate exactly as in the stock composition's dense backward.
+// Elements per task of masked_grad's pass: below this a parallel region costs more than it.
+constexpr int64_t kMaskGrain = 1 << 15;
+
+// True when every conv output is a pooling window of its own (pool_size 1, pool_stride 1).
+inline bool windows_are_outputs(const ConvPoolGeometry& g) {
+  return g.poolh == 1 && g.poolw == 1 && g.psh == 1 && g.psw == 1;
+}
+
+// grad_out where argmax passes gradient, else 0: the conv output's gradient when every conv
+// output is a window of its own (one parallel pass, no index arithmetic or scatter).
+inline at::Tensor masked_grad(const at::Tensor& grad_out, const at::Tensor& argmax) {
+  at::Tensor out = at::empty_like(grad_out);
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "masked_grad", [&] {
+    const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
+    const uint8_t* am = argmax.const_data_ptr<uint8_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, grad_out.numel(), kMaskGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) o[i] = am[i] == kNoGrad ? scalar_t(0) : go[i];
+    });
+  });
+  return out;
+}
+
 inline at::Tensor dense_grad(const at::Tensor& grad_out, const at::Tensor& argmax,
                              const ConvPoolGeometry& g) {
+  if (windows_are_outputs(g)) return masked_grad(grad_out, argmax);  // already conv-shaped
   const at::Tensor valid = argmax != kNoGrad;
   const at::Tensor pos = at::where(valid, argmax.to(at::kLong), 0);
   const auto lopt = argmax.options().dtype(at::kLong);
