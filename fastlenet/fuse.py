@@ -32,7 +32,15 @@ _CONV_FUNCTIONS = (F.conv2d,)  # torch.conv2d is F.conv2d
 _POOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d)
 _LINEAR_FUNCTIONS = (F.linear,)
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
+_POOL_ARGS = (
+    "input",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "ceil_mode",
+    "return_indices",
+)
 _LINEAR_ARGS = ("input", "weight", "bias")
 
 
@@ -90,19 +98,17 @@ def _classify(node, modules) -> _Call | None:
                 "groups": module.groups,
                 "padding_mode": module.padding_mode,
             }
-            return _conv_call(node, node.args[0], conv, module)
+            return _conv_call(node, _input(node), conv, module)
         if isinstance(module, nn.ReLU):
-            return _Call("relu", node, node.args[0], {})
+            return _Call("relu", node, _input(node), {})
         if isinstance(module, nn.MaxPool2d):
-            pool = {k: getattr(module, k) for k in _POOL_ARGS[1:]}
-            pool["return_indices"] = module.return_indices
-            return _pool_call(node, node.args[0], pool)
+            return _pool_call(node, _input(node), _module_pool(module))
         if isinstance(module, nn.Linear):
-            return _Call("linear", node, node.args[0], {}, module)
+            return _Call("linear", node, _input(node), {}, module)
         return None
     if node.op == "call_function":
         if node.target in _RELU_FUNCTIONS:
-            return _Call("relu", node, node.args[0], {})
+            return _Call("relu", node, _input(node), {})
         if node.target in _CONV_FUNCTIONS:
             conv = _bind(node, _CONV_ARGS, {"bias": None, "stride": 1, "padding": 0})
             conv.setdefault("dilation", 1)
@@ -110,16 +116,20 @@ def _classify(node, modules) -> _Call | None:
             conv["padding_mode"] = "zeros"
             return _conv_call(node, conv.pop("input"), conv, None)
         if node.target in _POOL_FUNCTIONS:
-            pool = _bind(node, _POOL_ARGS, {"stride": None, "padding": 0, "dilation": 1})
-            pool.setdefault("ceil_mode", False)
-            pool.setdefault("return_indices", False)
+            defaults = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
+            pool = _bind(node, _POOL_ARGS, {**defaults, "return_indices": False})
             return _pool_call(node, pool.pop("input"), pool)
         if node.target in _LINEAR_FUNCTIONS:
             lin = _bind(node, _LINEAR_ARGS, {"bias": None})
             return _Call("linear", node, lin.pop("input"), lin)
     if node.op == "call_method" and node.target in _RELU_METHODS:
-        return _Call("relu", node, node.args[0], {})
+        return _Call("relu", node, _input(node), {})
     return None
+
+
+def _input(node):
+    """A call's first argument (its input), positional or by name."""
+    return node.args[0] if node.args else node.kwargs.get("input")
 
 
 def _conv_call(node, input, conv, module) -> _Call:
@@ -213,7 +223,7 @@ def rewrite(gm: fx.GraphModule, backend: str = "auto", functional: bool = False)
             _fuse_linear(gm, call, relu, backend, functional)
             what = "linear -> ReLU"
         report.fused.append(f"{_name(call)}: {what}")
-    gm.graph.eliminate_dead_code()
+    # No eliminate_dead_code: an unused in-place call (x.relu_()) would count as dead.
     gm.graph.lint()
     gm.recompile()
     return report
@@ -322,9 +332,7 @@ def _fused_layer(run, backend):
 
 
 def _module_pool(pool):
-    args = {k: getattr(pool, k) for k in _POOL_ARGS[1:]}
-    args["return_indices"] = pool.return_indices
-    return args
+    return {k: getattr(pool, k) for k in _POOL_ARGS[1:]}
 
 
 def _conv_layer(conv, pool_size, pool_stride, backend):

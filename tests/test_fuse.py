@@ -161,12 +161,39 @@ class _CeilPool(nn.Module):
         return F.max_pool2d(F.relu(self.conv(x)), 2, ceil_mode=True)
 
 
+class _InplaceKept(nn.Module):
+    """An in-place ReLU whose result is not used: the conv output, changed in place, is."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y.relu_()
+        return F.max_pool2d(y, 2) * 2
+
+
+class _PoolIndices(nn.Module):
+    """max_pool2d with return_indices given positionally (the 7th argument)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        out, _ = F.max_pool2d(F.relu(self.conv(x)), 2, 2, 0, 1, False, True)
+        return out
+
+
 # What is not the fused op stays as it was: the pool whose input feeds something else too, or
 # whose settings differ (conv + ReLU alone still fuse: the op with pool_size 1), and convs the
 # op does not support.
 NOT_FUSED = {
     "reused ReLU output": (_Residual, "conv2d -> ReLU", None),
     "ceil_mode pool": (_CeilPool, "conv2d -> ReLU", None),
+    "unused in-place ReLU": (_InplaceKept, None, "conv: its output feeds 2 nodes"),
+    "pool indices": (_PoolIndices, "conv2d -> ReLU", None),
     "dilated conv": (
         lambda: nn.Sequential(nn.Conv2d(4, 4, 3, dilation=2), nn.ReLU()),
         None,
