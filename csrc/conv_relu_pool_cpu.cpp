@@ -88,13 +88,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
   const auto shape = [](bool wanted, std::vector<int64_t> sizes) {
     return wanted ? sizes : std::vector<int64_t>{0};
   };
+  const at::Tensor go = grad_out.contiguous(), am = argmax.contiguous(), x = input.contiguous();
+  const at::Tensor w = weight.contiguous();
   if (windows_are_outputs(g) && g.c * g.kh * g.kw >= kDenseDepth) {
     // No pooling: every conv output passes gradient unless ReLU stops it, so the sparse
     // kernels save no work, and with deep patches ATen's dense backward (oneDNN GEMMs) runs
     // them faster.
-    auto [gi, gw, gb] =
-        dense_backward(grad_out.contiguous(), argmax.contiguous(), input.contiguous(),
-                       weight.contiguous(), g, {input_grad, weight_grad, weight_grad});
+    auto [gi, gw, gb] = dense_backward(go, am, x, w, g, {input_grad, weight_grad, weight_grad});
     const auto none = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
     return {input_grad ? gi : none(input), weight_grad ? gw : none(weight),
             weight_grad ? gb : none(weight)};
@@ -105,8 +105,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
   maybe_poison(grad_input);
   maybe_poison(grad_weight);
   maybe_poison(grad_bias);
-  const at::Tensor go = grad_out.contiguous(), am = argmax.contiguous(), x = input.contiguous();
-  const at::Tensor w = weight.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_bwd_cpu", [&] {
     const BwdFallback fallback = backward_kernel<scalar_t>(go, am, x, w, g, input_grad, weight_grad,
                                                            grad_input, grad_weight, grad_bias);
