@@ -91,14 +91,7 @@ def _classify(node, modules) -> _Call | None:
     if node.op == "call_module":
         module = modules.get(node.target)
         if isinstance(module, nn.Conv2d):
-            conv = {
-                "stride": module.stride,
-                "padding": module.padding,
-                "dilation": module.dilation,
-                "groups": module.groups,
-                "padding_mode": module.padding_mode,
-            }
-            return _conv_call(node, _input(node), conv, module)
+            return _conv_call(node, _input(node), _module_conv(module), module)
         if isinstance(module, nn.ReLU):
             return _Call("relu", node, _input(node), {})
         if isinstance(module, nn.MaxPool2d):
@@ -237,7 +230,7 @@ def _replace(gm, first, last, target, args, kwargs, op="call_function"):
     last.replace_all_uses_with(new)
     doomed = [last]
     while doomed[-1] is not first:
-        doomed.append(doomed[-1].args[0])
+        doomed.append(_input(doomed[-1]))
     for node in doomed:
         graph.erase_node(node)
     return new
@@ -245,9 +238,9 @@ def _replace(gm, first, last, target, args, kwargs, op="call_function"):
 
 def _fuse_conv(gm, conv, pool, last, backend, functional):
     a = conv.args
-    pool_size = _pair(pool.args["kernel_size"]) if pool else (1, 1)
-    stride = pool.args["stride"] if pool else None
-    pool_stride = pool_size if stride in (None, ()) else _pair(stride)
+    pool_size, pool_stride = (
+        _pool_window(pool.args["kernel_size"], pool.args["stride"]) if pool else ((1, 1), (1, 1))
+    )
     if conv.module is not None and not functional:
         gm.add_submodule(
             conv.node.target, _conv_layer(conv.module, pool_size, pool_stride, backend)
@@ -318,21 +311,32 @@ def _fused_layer(run, backend):
     first = run[0]
     if isinstance(first, nn.Linear):
         return _linear_layer(first, backend)
-    if first.dilation != (1, 1) or first.groups != 1 or first.padding_mode != "zeros":
+    if _conv_call(None, None, _module_conv(first), first).problem:
         return None
     pool = next((m for m in run if isinstance(m, nn.MaxPool2d)), None)
     if pool is None:
         return _conv_layer(first, (1, 1), (1, 1), backend)
     if _pool_call(None, None, _module_pool(pool)).problem:
         return None
-    size = _pair(pool.kernel_size)
-    return _conv_layer(
-        first, size, size if pool.stride in (None, ()) else _pair(pool.stride), backend
-    )
+    return _conv_layer(first, *_pool_window(pool.kernel_size, pool.stride), backend)
+
+
+def _module_conv(conv):
+    """What _conv_call reads of an nn.Conv2d."""
+    keys = ("stride", "padding", "dilation", "groups", "padding_mode")
+    return {k: getattr(conv, k) for k in keys}
 
 
 def _module_pool(pool):
+    """What _pool_call reads of an nn.MaxPool2d."""
     return {k: getattr(pool, k) for k in _POOL_ARGS[1:]}
+
+
+def _pool_window(kernel_size, stride):
+    """(pool_size, pool_stride) as pairs; a stride of None or () is the window's size, as in
+    max_pool2d."""
+    size = _pair(kernel_size)
+    return size, size if stride in (None, ()) else _pair(stride)
 
 
 def _conv_layer(conv, pool_size, pool_stride, backend):
