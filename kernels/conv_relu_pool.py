@@ -27,14 +27,12 @@
 # Dtypes: float16/bfloat16 operands with float32 accumulation; float32 (TF32 off unless
 # launch.set_allow_tf32(True)); float64 accumulates in float64 (its input and weight gradients
 # on FMA units: Triton 3.8 cannot lower those float64 tl.dots, see launch.dot_fma_needed).
-from types import SimpleNamespace
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from fastlenet import _checks
+from fastlenet import _checks, backends
 from fastlenet import conv_relu_pool as op_module
 from fastlenet.kernels import launch
 
@@ -619,7 +617,6 @@ def conv_relu_pool_bwd(
 
 
 #: The two ops with the signatures of the schemas in csrc/fastlenet.cpp.
-OPS = SimpleNamespace(
-    fwd=torch.ops.fastlenet.triton_conv_relu_pool_fwd,
-    bwd=torch.ops.fastlenet.triton_conv_relu_pool_bwd,
+OPS = backends.Ops(
+    torch.ops.fastlenet.triton_conv_relu_pool_fwd, torch.ops.fastlenet.triton_conv_relu_pool_bwd
 )

@@ -15,13 +15,12 @@
 #     kernel adds the splits in order. No atomics.
 # Dtypes: float16/bfloat16 operands with float32 accumulation; float32 (TF32 off unless
 # launch.set_allow_tf32(True)); float64 accumulates in float64.
-from types import SimpleNamespace
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from fastlenet import backends
 from fastlenet import linear_relu as op_module
 from fastlenet.kernels import launch
 
@@ -267,6 +266,6 @@ def linear_relu_bwd(
 
 
 #: The two ops with the signatures of the schemas in csrc/fastlenet.cpp.
-OPS = SimpleNamespace(
-    fwd=torch.ops.fastlenet.triton_linear_relu_fwd, bwd=torch.ops.fastlenet.triton_linear_relu_bwd
+OPS = backends.Ops(
+    torch.ops.fastlenet.triton_linear_relu_fwd, torch.ops.fastlenet.triton_linear_relu_bwd
 )

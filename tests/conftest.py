@@ -64,3 +64,18 @@ def write_idx_files(directory, seed=2):
 def idx_dir(tmp_path):
     """write_idx_files in a fresh directory: what --data-dir reads in the CLI tests."""
     return write_idx_files(tmp_path / "idx")
+
+
+def benchmark_script(name):
+    """benchmarks/<name>.py loaded as a module: tests that check what `make bench` reports
+    (and share its helpers) import it this way, benchmarks/ not being a package."""
+    import importlib.util
+    from pathlib import Path
+
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]

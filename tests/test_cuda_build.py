@@ -7,15 +7,14 @@ silently drop them (FASTLENET_CUDA=0 is the explicit way to do that, and fails h
 """
 
 import glob
-import importlib.util
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import benchmark_script
 
 from fastlenet import _ext
 
@@ -41,18 +40,6 @@ def _cuda_home():
     return None
 
 
-def _cuobjdump(cuda_home):
-    """cuobjdump of the toolkit, on PATH, or the one triton ships (some toolkits lack it)."""
-    candidates = [cuda_home / "bin" / "cuobjdump", shutil.which("cuobjdump")]
-    spec = importlib.util.find_spec("triton")
-    if spec is not None and spec.origin is not None:
-        candidates.append(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
-    for c in candidates:
-        if c and Path(c).is_file() and os.access(c, os.X_OK):
-            return str(c)
-    return None
-
-
 @pytest.fixture(scope="module")
 def library():
     cuda_home = _cuda_home()
@@ -63,7 +50,7 @@ def library():
         f"nvcc is at {cuda_home} but fastlenet._C was built without its CUDA kernels "
         "(FASTLENET_CUDA=0, or the build fell back): rebuild with `make build`"
     )
-    tool = _cuobjdump(cuda_home)
+    tool = benchmark_script("gpu_static").cuobjdump()
     if tool is None:
         pytest.fail("cuobjdump not found (CUDA toolkit bin/, PATH, or triton's bundled copy)")
     return tool, _ext._C.__file__

@@ -14,17 +14,14 @@ compiled natively in a subprocess without TRITON_INTERPRET, as the native compil
 """
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import benchmark_script
 
 from fastlenet import _ext
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_static.py"
-_SPEC = importlib.util.spec_from_file_location("gpu_static", _PATH)
-gpu_static = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(gpu_static)
+gpu_static = benchmark_script("gpu_static")
 
 
 def _report(rows) -> str:
