@@ -22,6 +22,18 @@ TORCH_LIBRARY(fastlenet, m) {
   m.def(
       "linear_relu_bwd(Tensor grad_out, Tensor out, Tensor input, Tensor weight, bool relu) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // A straight chain of the ops above as one call each way (fastlenet/chain.py): `spec` holds
+  // kChainInts ints per layer (csrc/chain_cpu.cpp), a conv_relu_pool or a linear_relu, with a
+  // flatten before the first linear. What the per-op backward reads: `activations`, the output
+  // of every layer but the last (the next one's input), and each conv's `argmax`. chain_bwd
+  // returns grad_input (no elements unless `input_grad`), then each layer's grad_weight and
+  // grad_bias.
+  m.def(
+      "chain_fwd(Tensor input, Tensor[] weights, Tensor?[] biases, int[] spec) "
+      "-> (Tensor out, Tensor[] activations, Tensor[] argmax)");
+  m.def(
+      "chain_bwd(Tensor grad_out, Tensor input, Tensor out, Tensor[] activations, "
+      "Tensor[] argmax, Tensor[] weights, int[] spec, bool input_grad) -> Tensor[]");
 }
 
 namespace {

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastlenet import chain
 from fastlenet import nn as fnn
 from fastlenet.fuse import fuse
 
@@ -39,13 +40,17 @@ class LeNet5(nn.Module):
             self.fc3 = nn.Linear(84, num_classes)
 
     def forward(self, x):
-        if self.fused:
-            x = self.conv2(self.conv1(x))
-            return self.fc3(self.fc2(self.fc1(torch.flatten(x, 1))))
+        if self.fused:  # one autograd node when it may (fastlenet/chain.py)
+            layers = (self.conv1, self.conv2, self.fc1, self.fc2, self.fc3)
+            return chain.run(layers, x, self._layered)
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         x = torch.flatten(x, 1)
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+    def _layered(self, x):
+        x = self.conv2(self.conv1(x))
+        return self.fc3(self.fc2(self.fc1(torch.flatten(x, 1))))
 
 
 class FashionCNN(nn.Module):
@@ -67,12 +72,14 @@ class FashionCNN(nn.Module):
             self.fc = nn.Linear(32 * 7 * 7, num_classes)
 
     def forward(self, x):
-        if self.fused:
-            x = self.conv2(self.conv1(x))
-        else:
-            x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-            x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        if self.fused:  # one autograd node when it may (fastlenet/chain.py)
+            return chain.run((self.conv1, self.conv2, self.fc), x, self._layered)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         return self.fc(torch.flatten(x, 1))
+
+    def _layered(self, x):
+        return self.fc(torch.flatten(self.conv2(self.conv1(x)), 1))
 
 
 class ExamplesNet(nn.Module):

@@ -1,0 +1,141 @@
+// A straight chain of fastlenet layers on the CPU, one call forward and one call backward:
+// conv_relu_pool layers, then (flattened) linear_relu layers, each run by its own CPU op
+// through the dispatcher, so that the chain computes exactly what the layers compute one by
+// one (bitwise: the same kernels on the same tensors). What it saves: every layer's input
+// and its argmax (conv) or its out (linear: the ReLU mask), what the per-op backward reads.
+// Math: fastlenet/reference.py (conv_relu_pool, linear_relu); spec layout: kChainInts below,
+// written by fastlenet/chain.py.
+//
+// What the chain removes is per-layer overhead outside the kernels: one autograd node and one
+// Python-to-C++ call each way instead of one per layer.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace fastlenet {
+namespace {
+
+// Ints per layer in `spec`: kind, then conv: stride (2), padding (2), pool_size (2),
+// pool_stride (2); linear: relu, then unused zeros.
+constexpr int64_t kChainInts = 9;
+constexpr int64_t kConv = 0, kLinear = 1;
+
+struct Layer {
+  int64_t kind;
+  at::IntArrayRef stride, padding, pool_size, pool_stride;
+  bool relu;
+};
+
+std::vector<Layer> parse(at::IntArrayRef spec, size_t layers) {
+  TORCH_CHECK(spec.size() == layers * kChainInts, "spec must hold ", kChainInts,
+              " ints per layer (", layers, " layers), got ", spec.size());
+  std::vector<Layer> out;
+  bool seen_linear = false;
+  for (size_t i = 0; i < layers; ++i) {
+    const at::IntArrayRef s = spec.slice(i * kChainInts, kChainInts);
+    TORCH_CHECK(s[0] == kConv || s[0] == kLinear, "spec: layer ", i, " kind must be ", kConv,
+                " (conv) or ", kLinear, " (linear), got ", s[0]);
+    TORCH_CHECK(!(seen_linear && s[0] == kConv), "spec: layer ", i,
+                " is a conv after a linear layer");
+    seen_linear = seen_linear || s[0] == kLinear;
+    out.push_back({s[0], s.slice(1, 2), s.slice(3, 2), s.slice(5, 2), s.slice(7, 2), s[1] != 0});
+  }
+  return out;
+}
+
+using ConvFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                   const std::optional<at::Tensor>&,
+                                                   at::IntArrayRef, at::IntArrayRef,
+                                                   at::IntArrayRef, at::IntArrayRef);
+using ConvBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                               const at::Tensor&, const at::Tensor&,
+                                                               at::IntArrayRef, at::IntArrayRef,
+                                                               at::IntArrayRef, at::IntArrayRef,
+                                                               bool, bool);
+using LinearFwd = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                             bool);
+using LinearBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
+                                                                 const at::Tensor&,
+                                                                 const at::Tensor&,
+                                                                 const at::Tensor&, bool);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_fwd_cpu(
+    const at::Tensor& input, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef spec) {
+  static const auto conv = op<ConvFwd>("fastlenet::conv_relu_pool_fwd");
+  static const auto linear = op<LinearFwd>("fastlenet::linear_relu_fwd");
+  TORCH_CHECK(!weights.empty() && biases.size() == weights.size(),
+              "weights and biases must be non-empty lists of the same length, got ", weights.size(),
+              " and ", biases.size());
+  const std::vector<Layer> layers = parse(spec, weights.size());
+  std::vector<at::Tensor> activations, argmaxes;
+  activations.reserve(layers.size() - 1);
+  at::Tensor x = input;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const Layer& l = layers[i];
+    if (i > 0) activations.push_back(x);
+    if (l.kind == kConv) {
+      auto [out, argmax] =
+          conv.call(x, weights[i], biases.get(i), l.stride, l.padding, l.pool_size, l.pool_stride);
+      argmaxes.push_back(argmax);
+      x = out;
+    } else {
+      x = linear.call(x.dim() == 2 ? x : x.flatten(1), weights[i], biases.get(i), l.relu);
+    }
+  }
+  return {x, activations, argmaxes};
+}
+
+std::vector<at::Tensor> chain_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                      const at::Tensor& out, at::TensorList activations,
+                                      at::TensorList argmaxes, at::TensorList weights,
+                                      at::IntArrayRef spec, bool input_grad) {
+  static const auto conv = op<ConvBwd>("fastlenet::conv_relu_pool_bwd");
+  static const auto linear = op<LinearBwd>("fastlenet::linear_relu_bwd");
+  const std::vector<Layer> layers = parse(spec, weights.size());
+  const auto convs =
+      std::count_if(layers.begin(), layers.end(), [](const Layer& l) { return l.kind == kConv; });
+  TORCH_CHECK(activations.size() + 1 == layers.size(), "activations must hold ", layers.size() - 1,
+              " tensors (one per layer but the last), got ", activations.size());
+  TORCH_CHECK(argmaxes.size() == static_cast<size_t>(convs), "argmax must hold ", convs,
+              " tensors (one per conv layer), got ", argmaxes.size());
+  std::vector<at::Tensor> grads(1 + 2 * layers.size());
+  at::Tensor g = grad_out;
+  size_t conv_index = static_cast<size_t>(convs);
+  for (size_t i = layers.size(); i-- > 0;) {
+    const Layer& l = layers[i];
+    const at::Tensor& x = i > 0 ? activations[i - 1] : input;
+    const bool want_input = i > 0 || input_grad;
+    at::Tensor gi;
+    if (l.kind == kConv) {
+      std::tie(gi, grads[1 + 2 * i], grads[2 + 2 * i]) =
+          conv.call(g.contiguous(), argmaxes[--conv_index], x, weights[i], l.stride, l.padding,
+                    l.pool_size, l.pool_stride, want_input, true);
+    } else {
+      const at::Tensor& y = i + 1 < layers.size() ? activations[i] : out;  // the ReLU mask
+      std::tie(gi, grads[1 + 2 * i], grads[2 + 2 * i]) =
+          linear.call(g.contiguous(), y, x.dim() == 2 ? x : x.flatten(1), weights[i], l.relu);
+      if (x.dim() != 2) gi = gi.view(x.sizes());  // the flatten undone
+    }
+    g = gi;
+  }
+  grads[0] = input_grad ? g : at::empty({0}, grad_out.options());
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlenet, CPU, m) {
+  m.impl("chain_fwd", &chain_fwd_cpu);
+  m.impl("chain_bwd", &chain_bwd_cpu);
+}
+
+}  // namespace fastlenet

@@ -1,0 +1,198 @@
+"""A straight chain of fastlenet layers as ONE autograd node (CPU backend).
+
+conv_relu_pool layers, a flatten, then linear(_relu) layers -- LeNet-5, the Fashion CNN, a
+`fastlenet.nn.Sequential` of fastlenet layers -- run forward in one C++ call (chain_fwd) and
+backward in one (chain_bwd), each calling the per-layer CPU ops (csrc/chain_cpu.cpp): the same
+kernels on the same tensors, so the numbers are the per-layer path's, bit for bit. What goes
+is the per-layer cost outside the kernels: a Python autograd.Function, an engine node, the
+Python argument checks and a Python-to-C++ call per layer and pass.
+
+`run(layers, x, layered)` takes the chain when nothing a user could observe differs, and calls
+`layered(x)` (the per-layer path) otherwise: hooks on a layer, torch.compile tracing, another
+backend or device, a channels_last or non-contiguous input or weight, unbatched input, string
+padding. The per-layer checks run on the first call of each shape (the layered path, which
+raises what the layers raise); later calls with that shape take the chain.
+"""
+
+import torch
+from torch.nn.modules import module as _module
+
+from fastlenet import _ext, backends
+from fastlenet.nn.conv_relu_pool import ConvReLUPool2d
+from fastlenet.nn.linear_relu import _FusedLinear
+
+#: Ints per layer in the spec (kChainInts in csrc/chain_cpu.cpp): kind, then conv: stride,
+#: padding, pool_size, pool_stride (two each); linear: relu, then zeros.
+LAYER_INTS = 9
+CONV, LINEAR = 0, 1
+_DTYPES = (torch.float32, torch.float64)
+
+
+def spec(layers) -> list[int] | None:
+    """The chain_fwd spec of `layers`, or None when they are not a chain it runs."""
+    out: list[int] = []
+    seen_linear = False
+    for layer in layers:
+        if type(layer) is ConvReLUPool2d and not seen_linear:
+            if isinstance(layer.padding, str):
+                return None
+            out += [CONV, *layer.stride, *layer.padding, *layer.pool_size, *layer.pool_stride]
+        elif isinstance(layer, _FusedLinear):
+            seen_linear = True
+            out += [LINEAR, int(layer.relu)] + [0] * (LAYER_INTS - 2)
+        else:
+            return None
+    return out or None
+
+
+def _hooked(layer) -> bool:
+    return bool(
+        layer._forward_hooks
+        or layer._forward_pre_hooks
+        or layer._backward_hooks
+        or layer._backward_pre_hooks
+    )
+
+
+def _global_hooks() -> bool:
+    return bool(
+        _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    )
+
+
+# Shapes (input and every parameter, with dtype) whose per-layer checks have passed.
+_CHECKED: set[tuple] = set()
+
+
+def _key(x, layers):
+    """The shapes key of this call, or None when it cannot take the chain."""
+    if type(x) is not torch.Tensor or x.dim() != 4 or not x.is_contiguous():
+        return None
+    device, dtype = x.device, x.dtype
+    if device.type != "cpu" or dtype not in _DTYPES:
+        return None
+    key = [x.shape, dtype]
+    for layer in layers:
+        if _hooked(layer) or backends.resolve(layer.backend, device) != "cpu":
+            return None
+        for p in (layer.weight, layer.bias):
+            if p is None:
+                key.append(None)
+                continue
+            if p.device != device or p.dtype != dtype or not p.is_contiguous():
+                return None
+            key.append(p.shape)
+    return tuple(key)
+
+
+def run(layers, x, layered):
+    """layers applied to x as one autograd node when it may, else `layered(x)`."""
+    if not _ext.LOADED or torch.compiler.is_compiling() or _global_hooks():
+        return layered(x)
+    layer_spec = spec(layers)
+    key = None if layer_spec is None else _key(x, layers)
+    if key is None:
+        return layered(x)
+    if key not in _CHECKED:
+        out = layered(x)  # the layers' own checks, and errors, on a shape's first call
+        _CHECKED.add(key)
+        return out
+    params = [t for layer in layers for t in (layer.weight, layer.bias)]
+    return ChainFunction.apply(layer_spec, x, *params)
+
+
+class ChainFunction(torch.autograd.Function):
+    """forward(spec, input, w0, b0, w1, b1, ...): the chain's output; a bias may be None."""
+
+    @staticmethod
+    def forward(ctx, layer_spec, input, *params):
+        weights, biases = list(params[0::2]), list(params[1::2])
+        out, activations, argmax = torch.ops.fastlenet.chain_fwd.default(
+            input, weights, biases, layer_spec
+        )
+        ctx.spec = layer_spec
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.counts = (len(weights), sum(ctx.has_bias), len(activations))
+        present = [b for b in biases if b is not None]
+        ctx.save_for_backward(input, out, *weights, *present, *activations, *argmax)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, out, *rest = ctx.saved_tensors
+        n, n_bias, n_act = ctx.counts
+        weights, present = rest[:n], iter(rest[n : n + n_bias])
+        biases = [next(present) if has else None for has in ctx.has_bias]
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: a graph through every intermediate
+            return (None, *_grads_with_graph(ctx.spec, grad_out, input, weights, biases, need))
+        activations, argmax = rest[n + n_bias : n + n_bias + n_act], rest[n + n_bias + n_act :]
+        grads = torch.ops.fastlenet.chain_bwd.default(
+            grad_out.contiguous(), input, out, activations, argmax, weights, ctx.spec, need[1]
+        )
+        result = [grads[0] if need[1] else None]
+        for i in range(n):
+            result.append(grads[1 + 2 * i] if need[2 + 2 * i] else None)
+            wanted = ctx.has_bias[i] and need[3 + 2 * i]
+            result.append(grads[2 + 2 * i] if wanted else None)
+        return (None, *result)
+
+
+def layered(layer_spec, input, weights, biases):
+    """The chain layer by layer through the per-layer Functions (CPU backend)."""
+    from fastlenet.conv_relu_pool import conv_relu_pool2d
+    from fastlenet.linear_relu import linear, linear_relu
+
+    x = input
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        s = layer_spec[i * LAYER_INTS : (i + 1) * LAYER_INTS]
+        if s[0] == CONV:
+            x = conv_relu_pool2d(x, w, b, s[1:3], s[3:5], s[5:7], s[7:9], backend="cpu")
+        else:
+            x = (linear_relu if s[1] else linear)(torch.flatten(x, 1), w, b, backend="cpu")
+    return x
+
+
+def _grads_with_graph(layer_spec, grad_out, input, weights, biases, need):
+    """Every gradient, differentiable again: the forward recomputed layer by layer (whose
+    backward under create_graph is the reference's, fastlenet/_autograd.py) and differentiated
+    with a graph, so second derivatives reach every intermediate as the per-layer path's do."""
+    leaves = [input, *(t for pair in zip(weights, biases, strict=True) for t in pair)]
+    wanted = [t for t, n in zip(leaves, need[1:], strict=True) if n and t is not None]
+    with torch.enable_grad():
+        out = layered(layer_spec, input, weights, biases)
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+    pairs = zip(leaves, need[1:], strict=True)
+    return [next(grads) if n and t is not None else None for t, n in pairs]
+
+
+def fwd_fake(input, weights, biases, layer_spec):
+    from fastlenet.conv_relu_pool import fwd_fake as conv_fake
+
+    activations, argmaxes = [], []
+    x = input
+    for i, w in enumerate(weights):
+        s = layer_spec[i * LAYER_INTS : (i + 1) * LAYER_INTS]
+        if i > 0:
+            activations.append(x)
+        if s[0] == CONV:
+            x, argmax = conv_fake(x, w, biases[i], s[1:3], s[3:5], s[5:7], s[7:9])
+            argmaxes.append(argmax)
+        else:
+            x = x.new_empty(x.shape[0], w.shape[0])
+    return x, activations, argmaxes
+
+
+def bwd_fake(grad_out, input, out, activations, argmax, weights, layer_spec, input_grad):
+    grads = [input.new_empty(input.shape if input_grad else (0,))]
+    for w in weights:
+        grads += [w.new_empty(w.shape), w.new_empty(w.shape[:1])]
+    return grads
+
+
+if _ext.LOADED:
+    torch.library.register_fake("fastlenet::chain_fwd", fwd_fake)
+    torch.library.register_fake("fastlenet::chain_bwd", bwd_fake)

@@ -1,0 +1,254 @@
+"""The chain path (fastlenet/chain.py): a straight chain of fastlenet layers as one autograd
+node. It must compute what the per-layer path computes, bit for bit (the same kernels), and
+what stock computes; fall back to the per-layer path wherever a user could see a difference
+(hooks, layouts, compile); and its two registered ops pass opcheck and reject a bad spec."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+
+import fastlenet
+from fastlenet import chain
+from fastlenet import nn as fnn
+from fastlenet.models import FashionCNN, LeNet5
+
+pytestmark = pytest.mark.skipif(
+    not fastlenet.available_backends()["cpu"], reason="the chain runs on the C++ CPU backend"
+)
+
+MODELS = {"lenet5": (LeNet5, (1, 32, 32)), "fashion-cnn": (FashionCNN, (1, 28, 28))}
+
+
+def _pair(name, dtype=torch.float32):
+    """The fused model twice with the same weights: one to run as a chain, one layer by layer."""
+    cls, size = MODELS[name]
+    torch.manual_seed(1)
+    a = cls(fused=True, backend="cpu").to(dtype)
+    b = cls(fused=True, backend="cpu").to(dtype)
+    b.load_state_dict(a.state_dict())
+    return a, b, size
+
+
+def _data(size, batch=8, dtype=torch.float32, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *size, generator=gen, dtype=dtype)
+    return x, torch.randint(0, 10, (batch,), generator=gen)
+
+
+def _chained(model, x):
+    """model(x) on the chain: a first call of each shape runs layer by layer (its checks)."""
+    with torch.no_grad():
+        model(x)
+    out = model(x)
+    assert type(out.grad_fn).__name__ == "ChainFunctionBackward"
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_chain_equals_layers_bitwise(name, dtype):
+    chained, layered, size = _pair(name, dtype)
+    x, y = _data(size, dtype=dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_a = _chained(chained, xa)
+    out_b = layered._layered(xb)
+    assert type(out_b.grad_fn).__name__ != "ChainFunctionBackward"
+    assert torch.equal(out_a, out_b)
+    F.cross_entropy(out_a, y).backward()
+    F.cross_entropy(out_b, y).backward()
+    assert torch.equal(xa.grad, xb.grad)
+    for (key, pa), pb in zip(chained.named_parameters(), layered.parameters(), strict=True):
+        assert torch.equal(pa.grad, pb.grad), key
+
+
+def test_chain_200_sgd_steps_equal_layers():
+    chained, layered, size = _pair("lenet5")
+    steps = []
+    for model, forward in ((chained, chained), (layered, layered._layered)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        for i in range(200):
+            x, y = _data(size, batch=4, seed=i)
+            opt.zero_grad()
+            F.cross_entropy(forward(x), y).backward()
+            opt.step()
+        steps.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*steps, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_chain_matches_stock_step_by_step(name):
+    """float64, from shared weights: every step's loss and every parameter after it."""
+    cls, size = MODELS[name]
+    torch.manual_seed(2)
+    fused = cls(fused=True, backend="cpu").double()
+    stock = cls(fused=False).double()
+    stock.load_state_dict(fused.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (fused, stock)]
+    for i in range(20):
+        x, y = _data(size, batch=8, dtype=torch.float64, seed=100 + i)
+        losses = []
+        for model, opt in zip((fused, stock), opts, strict=True):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        if i > 0:  # the first call of a shape runs layer by layer
+            assert type(fused(x).grad_fn).__name__ == "ChainFunctionBackward"
+        assert rel_err(losses[0], losses[1]) < 1e-12
+        for pf, ps in zip(fused.parameters(), stock.parameters(), strict=True):
+            assert rel_err(pf, ps) < 1e-10
+
+
+def test_hooks_take_the_layer_path():
+    model, _, size = _pair("lenet5")
+    x, y = _data(size)
+    _chained(model, x)
+    seen = []
+    handle = model.conv2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    grads = []
+    back = model.fc1.register_full_backward_hook(lambda m, gi, go: grads.append(go[0].shape))
+    out = model(x)
+    F.cross_entropy(out, y).backward()
+    assert seen == [(8, 16, 5, 5)] and grads == [(8, 120)]
+    handle.remove()
+    back.remove()
+    assert type(model(x).grad_fn).__name__ == "ChainFunctionBackward"
+
+
+def test_parameter_hooks_and_grad_accumulation():
+    """Tensor hooks on parameters see the chain's gradients; .grad accumulates."""
+    model, layered, size = _pair("lenet5")
+    x, y = _data(size)
+    _chained(model, x)
+    seen = []
+    model.fc3.weight.register_hook(lambda g: seen.append(g.clone()))
+    for _ in range(2):
+        F.cross_entropy(model(x), y).backward()
+    for _ in range(2):
+        F.cross_entropy(layered._layered(x), y).backward()
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+    for pa, pb in zip(model.parameters(), layered.parameters(), strict=True):
+        assert torch.equal(pa.grad, pb.grad)
+
+
+def test_second_order_gradients_match_layers():
+    """A gradient penalty through the chain: create_graph recomputes layer by layer, so the
+    second derivative reaches every layer's weights."""
+    chained, layered, size = _pair("lenet5", torch.float64)
+    x, y = _data(size, dtype=torch.float64)
+    _chained(chained, x)
+    results = []
+    for model, fwd in ((chained, chained), (layered, layered._layered)):
+        loss = F.cross_entropy(fwd(x), y)
+        grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+        penalty = sum((g**2).sum() for g in grads)
+        results.append(torch.autograd.grad(penalty, list(model.parameters())))
+    for a, b in zip(*results, strict=True):
+        assert rel_err(a, b) < 1e-12
+        assert a.abs().sum() > 0
+
+
+def test_gradcheck_chain_function():
+    torch.manual_seed(4)
+    layers = [fnn.ConvReLUPool2d(2, 3, 3, padding=1, backend="cpu"), fnn.LinearReLU(27, 5)]
+    layers.append(fnn.Linear(5, 4, bias=False))
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    params = []
+    for m in layers:
+        for p in (m.weight, m.bias):
+            params.append(None if p is None else p.detach().double().requires_grad_())
+    spec = chain.spec(layers)
+    assert torch.autograd.gradcheck(
+        lambda x, *p: chain.ChainFunction.apply(spec, x, *p), (x, *params)
+    )
+
+
+def _channels_last_weight(model):
+    w = model.conv2.weight
+    w.data = w.data.contiguous(memory_format=torch.channels_last)
+
+
+def _fallbacks():
+    x = torch.randn(2, 1, 32, 32)
+    return {
+        "channels_last_weight": (_channels_last_weight, x),
+        "non_contiguous_input": (lambda m: None, x.transpose(2, 3)),
+        "global_hook": ("global", x),
+        "string_padding": (lambda m: setattr(m.conv1, "padding", "valid"), x),
+    }
+
+
+@pytest.mark.parametrize("case", list(_fallbacks()))
+def test_fallbacks_take_the_layer_path(case):
+    model, layered, _ = _pair("lenet5")
+    change, x = _fallbacks()[case]
+    _chained(model, torch.randn(2, 1, 32, 32))
+    handle = None
+    if change == "global":
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    else:
+        change(model)
+        change(layered)
+    try:
+        out = model(x)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert type(out.grad_fn).__name__ != "ChainFunctionBackward"
+    assert torch.equal(out, layered._layered(x))
+
+
+def test_bad_input_raises_what_the_layers_raise():
+    model, _, _ = _pair("lenet5")
+    _chained(model, torch.randn(2, 1, 32, 32))
+    with pytest.raises(fastlenet.ArgumentError, match="channels") as chained:
+        model(torch.randn(2, 3, 32, 32))
+    with pytest.raises(fastlenet.ArgumentError) as layered:
+        model._layered(torch.randn(2, 3, 32, 32))
+    assert str(chained.value) == str(layered.value)
+
+
+def _op_args(dtype=torch.float32):
+    torch.manual_seed(5)
+    x = torch.randn(3, 2, 9, 9, dtype=dtype)
+    weights = [torch.randn(4, 2, 3, 3, dtype=dtype), torch.randn(7, 36, dtype=dtype)]
+    weights.append(torch.randn(5, 7, dtype=dtype))
+    biases = [torch.randn(4, dtype=dtype), None, torch.randn(5, dtype=dtype)]
+    spec = [0, 1, 1, 0, 0, 3, 3, 2, 2, 1, 1, *[0] * 7, 1, 0, *[0] * 7]
+    return x, weights, biases, spec
+
+
+def test_opcheck_chain_ops():
+    x, weights, biases, spec = _op_args()
+    torch.library.opcheck(torch.ops.fastlenet.chain_fwd.default, (x, weights, biases, spec))
+    out, activations, argmax = torch.ops.fastlenet.chain_fwd(x, weights, biases, spec)
+    grad = torch.randn_like(out)
+    for input_grad in (True, False):
+        args = (grad, x, out, activations, argmax, weights, spec, input_grad)
+        torch.library.opcheck(torch.ops.fastlenet.chain_bwd.default, args)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda s: s[:-1], "spec must hold 9 ints per layer"),
+        (lambda s: [2, *s[1:]], "kind must be"),
+        (lambda s: s[9:18] + s[:9] + s[18:], "conv after a linear"),
+    ],
+)
+def test_chain_ops_reject_a_bad_spec(change, match):
+    x, weights, biases, spec = _op_args()
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fastlenet.chain_fwd(x, weights, biases, change(spec))
+    out, activations, argmax = torch.ops.fastlenet.chain_fwd(x, weights, biases, spec)
+    grad = torch.randn_like(out)
+    with pytest.raises(RuntimeError, match=match):
+        bad = change(spec)
+        torch.ops.fastlenet.chain_bwd(grad, x, out, activations, argmax, weights, bad, True)
+    with pytest.raises(RuntimeError, match="activations must hold 2 tensors"):
+        torch.ops.fastlenet.chain_bwd(grad, x, out, activations[:-1], argmax, weights, spec, True)
+    with pytest.raises(RuntimeError, match="argmax must hold 1 tensors"):
+        torch.ops.fastlenet.chain_bwd(grad, x, out, activations, [], weights, spec, True)
