@@ -102,7 +102,8 @@ def make_inputs(shape: ConvShape, batch: int, seed: int = 0):
 
 
 def check(provider, f, shape, x, w, b, g):
-    """Forward output and every gradient of f against the float64 stock composition."""
+    """Forward output (recorded and under no_grad) and every gradient of f against the float64
+    stock composition."""
     xd, wd, bd = (t.detach().double().requires_grad_(t.requires_grad) for t in (x, w, b))
     pad, pool, pool_stride = ((v, v) for v in (shape.padding, shape.pool, shape.pool_stride))
     yd = reference.conv_relu_pool2d(xd, wd, bd, (1, 1), pad, pool, pool_stride)
@@ -111,6 +112,8 @@ def check(provider, f, shape, x, w, b, g):
     y = f(x, w, b)
     y.backward(g)
     harness.check_parity(provider, "output", y, yd, "forward")
+    with torch.no_grad():  # the inference pass's path
+        harness.check_parity(provider, "output under no_grad", f(x, w, b), yd, "forward")
     harness.check_parity(provider, "grad_weight", w.grad, wd.grad, "grad")
     harness.check_parity(provider, "grad_bias", b.grad, bd.grad, "grad")
     if x.requires_grad:

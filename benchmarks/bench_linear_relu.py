@@ -70,7 +70,8 @@ def make_inputs(shape: LinearShape, batch: int, seed: int = 0):
 
 
 def check(provider, f, relu, x, w, b, g):
-    """Forward output and every gradient of f against the float64 stock composition."""
+    """Forward output (recorded and under no_grad) and every gradient of f against the float64
+    stock composition."""
     xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
     yd = reference.linear_relu(xd, wd, bd, relu)
     yd.backward(g.double())
@@ -78,6 +79,8 @@ def check(provider, f, relu, x, w, b, g):
     y = f(x, w, b)
     y.backward(g)
     harness.check_parity(provider, "output", y, yd, "forward")
+    with torch.no_grad():  # the inference pass's path
+        harness.check_parity(provider, "output under no_grad", f(x, w, b), yd, "forward")
     for what, got, want in (("grad_input", x, xd), ("grad_weight", w, wd), ("grad_bias", b, bd)):
         harness.check_parity(provider, what, got.grad, want.grad, "grad")
     harness.clear_grads([x, w, b])
