@@ -321,16 +321,17 @@ def sweep_report(run: str, rows: list[dict], alloc_tags) -> str:
         "\nShape sweep of issue 16: the fastlenet ops against the stock composition in eager "
         "mode (conv2d -> relu -> max_pool2d, no pool call without pooling; linear -> relu), "
         "float32, batch 64 and 256, timed alternately as the other benchmarks "
-        f"(FASTLENET_BENCH_SWEEP_CASE_S per case). Targets: never below {low:g}x; {target:g}x "
-        "for forward + backward (`full`) of pooled conv layers. inference = forward under "
-        "torch.no_grad; backward = backward alone (graphs built untimed); full = both. "
-        "`x eager` = median over rounds of t_eager / t_fastlenet (> 1: fastlenet faster); "
-        "GFLOP/s count the dense FLOPs (2 x conv/matmul multiply-adds; backward: grad_weight, "
-        "and grad_input except for first layers, whose input is the data) of fastlenet's "
-        "time: its backward skips windows that pass no gradient and is credited them, so "
-        "it can exceed the mm peak. Shapes: name, channels, input size, kernel, padding "
-        "(pN), pooling (2 with stride 2 unless `pool3/2` or `no-pool`); linear: in->out, "
-        "`no-relu` for plain linear.",
+        "(FASTLENET_BENCH_SWEEP_CASE_S per case). "
+        f"Targets: never below {low:.1f}x; {target:.1f}x for forward + backward (`full`) of "
+        "pooled conv layers. inference = forward under torch.no_grad; backward = backward "
+        "alone (graphs built untimed); full = both. `x eager` = median over rounds of "
+        "t_eager / t_fastlenet (> 1: fastlenet faster). GFLOP/s count the dense FLOPs "
+        "(2 x conv/matmul multiply-adds; backward: grad_weight, and grad_input except for "
+        "first layers, whose input is the data) over fastlenet's time, % peak relates them "
+        "to the run's torch.mm figure; they can exceed it (the fused backward skips windows "
+        "that pass no gradient and is credited them). Shapes: name, channels, input size, "
+        "kernel, padding (pN), pooling (2 with stride 2 unless `pool3/2` or `no-pool`); "
+        "linear: in->out, `no-relu` for plain linear.",
         "\n## Summary\n",
         sweep_summary(sweep, alloc_tags),
     ]
