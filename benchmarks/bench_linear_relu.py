@@ -146,8 +146,8 @@ SWEEP_CASES = harness.sweep_cases(SWEEP, S)
 
 @functools.lru_cache(maxsize=1)
 def checked_sweep_inputs(name: str, batch: int):
-    """make_inputs of a sweep shape, every provider checked on them first (once per shape and
-    batch: the cases of one shape and batch run one after another)."""
+    """make_inputs of a sweep shape, every provider checked on them first: once per shape and
+    batch, not per pass (the cases of one shape and batch run one after another)."""
     shape = SWEEP[name]
     x, w, b, g = make_inputs(shape, batch)
     for provider, f in eager_providers(shape).items():
@@ -161,14 +161,13 @@ def checked_sweep_inputs(name: str, batch: int):
 def test_linear_relu_sweep(bench, name, batch, pass_):
     shape = SWEEP[name]
     x, w, b, g = checked_sweep_inputs(name, batch)
+    fns = eager_providers(shape)
     bench.run(
         op=SWEEP_OP,
         pass_=pass_,
         shape=shape.describe(name),
         batch=batch,
         flops=shape.flops(batch, pass_),
-        fns={
-            n: harness.op_pass_fn(f, (x, w, b), g, pass_) for n, f in eager_providers(shape).items()
-        },
+        fns={n: harness.op_pass_fn(f, (x, w, b), g, pass_) for n, f in fns.items()},
         case_s=S.sweep_case_s,
     )
