@@ -59,7 +59,9 @@ sanitize: $(DEPS)
 
 # Benchmarks (benchmarks/harness.py has every setting): fastlenet against stock eager and
 # torch.compile, providers timed alternately; prints the table, appends rows to
-# benchmarks/results/*.csv, writes the PNG and the table there. ~10 min on this 2-core machine;
+# benchmarks/results/*.csv, writes the PNGs and the tables there. ~13 min on this 2-core machine,
+# 3 of them the shape sweep (issue 16: bench_*.py -k sweep, batch 64 and 256 only, its own
+# case budget FASTLENET_BENCH_SWEEP_CASE_S; results/sweep_<device>.md and .png);
 # quick run: FASTLENET_BENCH_BATCHES=64 make bench. The second pytest run times LeNet-5 again
 # with glibc told to keep freed activation buffers; the table shows it as separate rows.
 BENCH_MALLOC_ENV ?= MALLOC_TRIM_THRESHOLD_=268435456 MALLOC_MMAP_THRESHOLD_=33554432

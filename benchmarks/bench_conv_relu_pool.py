@@ -5,9 +5,19 @@ the bytes each saves for backward.
 conv1: (N, 1, 32, 32) -> conv 6@5x5 -> (N, 6, 28, 28) -> pool 2 -> (N, 6, 14, 14); its input
 is the data, so (as in LeNet-5) no input gradient is computed.
 conv2: (N, 6, 14, 14) -> conv 16@5x5 -> (N, 16, 10, 10) -> pool 2 -> (N, 16, 5, 5).
+
+The shape sweep (issue 16, `pytest benchmarks -k sweep`): the fastlenet backends against stock
+eager at SWEEP's shapes (the conv layers of LeNet-5, the Fashion-MNIST CNN, pytorch/examples'
+Net and VGG-style stacks, and the corners of the envelope: 1-128 input and 6-128 output
+channels, odd counts among them, 3x3 and 5x5 kernels, padding 0 to k//2, 8x8 to 32x32 inputs,
+pool 2, pool 3 stride 2 and no pool), batch 64 and 256 only, passes inference (forward under
+torch.no_grad; FASTLENET_BENCH_PASSES' "forward" selects it), backward and full, each case with
+the smaller budget FASTLENET_BENCH_SWEEP_CASE_S. Rows have op `conv_relu_pool_sweep`;
+report.py tables them in results/sweep_<device>.md, plot.py draws results/sweep_<device>.png.
 """
 
 import dataclasses
+import functools
 
 import harness
 import pytest
@@ -22,18 +32,36 @@ OP = "conv_relu_pool"
 
 @dataclasses.dataclass(frozen=True)
 class ConvShape:
+    """A square conv layer with stride 1 and its pooling (pool=1: none)."""
+
     in_ch: int
     out_ch: int
     hw: int
     kernel: int
-    input_grad: bool
+    input_grad: bool  # False for a network's first layer: its input is the data
+    padding: int = 0
+    pool: int = 2
+    pool_stride: int = 2
 
     @property
     def conv_hw(self) -> int:
-        return self.hw - self.kernel + 1
+        return self.hw + 2 * self.padding - self.kernel + 1
+
+    @property
+    def pooled_hw(self) -> int:
+        return (self.conv_hw - self.pool) // self.pool_stride + 1
 
     def describe(self, layer: str) -> str:
-        return f"{layer} {self.in_ch}->{self.out_ch} {self.hw}x{self.hw} k{self.kernel}"
+        """e.g. "conv1 1->6 32x32 k5", then " p2" for padding and " no-pool" or " pool3/2"
+        where the pooling is not 2 with stride 2."""
+        out = f"{layer} {self.in_ch}->{self.out_ch} {self.hw}x{self.hw} k{self.kernel}"
+        if self.padding:
+            out += f" p{self.padding}"
+        if self.pool == 1:
+            return out + " no-pool"
+        if (self.pool, self.pool_stride) != (2, 2):
+            out += f" pool{self.pool}/{self.pool_stride}"
+        return out
 
     def flops(self, batch: int, pass_: str) -> int:
         hw, k = (self.conv_hw,) * 2, (self.kernel,) * 2
@@ -49,9 +77,14 @@ S = harness.settings()
 CASES = [(layer, b, p) for layer in SHAPES for b in S.batches for p in S.passes]
 
 
-def stock(x, w, b):
-    """The composition users write: conv2d, relu, max_pool2d."""
-    return F.max_pool2d(F.relu(F.conv2d(x, w, b)), 2)
+def stock_fn(shape: ConvShape):
+    """The composition users write: conv2d, relu, max_pool2d (none when pool is 1)."""
+
+    def stock(x, w, b):
+        y = F.relu(F.conv2d(x, w, b, padding=shape.padding))
+        return y if shape.pool == 1 else F.max_pool2d(y, shape.pool, shape.pool_stride)
+
+    return stock
 
 
 def make_inputs(shape: ConvShape, batch: int, seed: int = 0):
@@ -61,22 +94,26 @@ def make_inputs(shape: ConvShape, batch: int, seed: int = 0):
     w = torch.randn(shape.out_ch, shape.in_ch, shape.kernel, shape.kernel, generator=gen)
     w /= fan_in**0.5
     b = torch.randn(shape.out_ch, generator=gen) * 0.1
-    pooled = shape.conv_hw // 2
+    pooled = shape.pooled_hw
     g = torch.randn(batch, shape.out_ch, pooled, pooled, generator=gen)
     dev = S.device
     x = x.to(dev).requires_grad_(shape.input_grad)
     return x, w.to(dev).requires_grad_(), b.to(dev).requires_grad_(), g.to(dev)
 
 
-def check(provider, f, x, w, b, g):
-    """Forward output and every gradient of f against the float64 stock composition."""
+def check(provider, f, shape, x, w, b, g):
+    """Forward output (recorded and under no_grad) and every gradient of f against the float64
+    stock composition."""
     xd, wd, bd = (t.detach().double().requires_grad_(t.requires_grad) for t in (x, w, b))
-    yd = reference.conv_relu_pool2d(xd, wd, bd, (1, 1), (0, 0), (2, 2), (2, 2))
+    pad, pool, pool_stride = ((v, v) for v in (shape.padding, shape.pool, shape.pool_stride))
+    yd = reference.conv_relu_pool2d(xd, wd, bd, (1, 1), pad, pool, pool_stride)
     yd.backward(g.double())
     harness.clear_grads([x, w, b])
     y = f(x, w, b)
     y.backward(g)
     harness.check_parity(provider, "output", y, yd, "forward")
+    with torch.no_grad():  # the inference pass's path
+        harness.check_parity(provider, "output under no_grad", f(x, w, b), yd, "forward")
     harness.check_parity(provider, "grad_weight", w.grad, wd.grad, "grad")
     harness.check_parity(provider, "grad_bias", b.grad, bd.grad, "grad")
     if x.requires_grad:
@@ -84,23 +121,34 @@ def check(provider, f, x, w, b, g):
     harness.clear_grads([x, w, b])
 
 
-def fused(backend):
-    return lambda x, w, b: conv_relu_pool2d(x, w, b, backend=backend)
+def fused_fn(backend, shape: ConvShape):
+    def fused(x, w, b):
+        return conv_relu_pool2d(
+            x, w, b, 1, shape.padding, shape.pool, shape.pool_stride, backend=backend
+        )
+
+    return fused
+
+
+def eager_providers(shape: ConvShape):
+    """{provider: f(x, w, b)} of the fastlenet backends and stock eager."""
+    fns = {}
+    for name in S.providers:
+        if name.startswith("fastlenet-"):
+            fns[name] = fused_fn(name.removeprefix("fastlenet-"), shape)
+        elif name == "eager":
+            fns[name] = stock_fn(shape)
+    return fns
 
 
 def providers(layer, batch, compiled, x, w, b, g):
     """{provider: f(x, w, b)} and {provider: compile seconds}."""
-    fns, compile_s = {}, {}
-    for name in S.providers:
-        if name.startswith("fastlenet-"):
-            fns[name] = fused(name.removeprefix("fastlenet-"))
-        elif name == "eager":
-            fns[name] = stock
-
+    shape = SHAPES[layer]
+    fns, compile_s = eager_providers(shape), {}
     if "compile" in S.providers:
 
         def build():
-            c = torch.compile(stock, dynamic=False)
+            c = torch.compile(stock_fn(shape), dynamic=False)
             seconds = harness.timed_first_call(lambda: c(x, w, b).backward(g), S)
             return c, seconds
 
@@ -116,7 +164,7 @@ def test_conv_relu_pool(bench, compiled, layer, batch, pass_):
     x, w, b, g = make_inputs(shape, batch)
     fns, compile_s = providers(layer, batch, compiled, x, w, b, g)
     for name, f in fns.items():
-        check(name, f, x, w, b, g)
+        check(name, f, shape, x, w, b, g)
     bench.run(
         op=OP,
         pass_=pass_,
@@ -142,12 +190,12 @@ def test_conv_relu_pool_saved_bytes(saved_recorder, compiled, layer):
     """
     shape = SHAPES[layer]
     x, w, b, g = make_inputs(shape, SAVED_BATCH)
-    fns = {n: fused(n.removeprefix("fastlenet-")) for n in S.fastlenet_providers}
-    fns["eager"] = stock
+    fns = {n: fused_fn(n.removeprefix("fastlenet-"), shape) for n in S.fastlenet_providers}
+    fns["eager"] = stock_fn(shape)
     if "compile" in S.providers:
 
         def build():
-            c = torch.compile(stock, dynamic=False)
+            c = torch.compile(stock_fn(shape), dynamic=False)
             c(x, w, b).backward(g)
             return c
 
@@ -163,3 +211,68 @@ def test_conv_relu_pool_saved_bytes(saved_recorder, compiled, layer):
         )
     for name, saved in results.items():
         assert saved, f"{name}: nothing was saved for backward (hooks not reached?)"
+
+
+# --------------------------------------------------------------------------------------------
+# The shape sweep (see the module docstring)
+
+NO_POOL = {"pool": 1, "pool_stride": 1}
+SWEEP = {
+    # the conv layers of the networks fastlenet is used with
+    "lenet5-conv1": ConvShape(1, 6, 32, 5, input_grad=False),
+    "lenet5-conv2": ConvShape(6, 16, 14, 5, input_grad=True),
+    "fashion-conv1": ConvShape(1, 16, 28, 5, input_grad=False, padding=2),
+    "fashion-conv2": ConvShape(16, 32, 14, 5, input_grad=True, padding=2),
+    "examples-conv1": ConvShape(1, 32, 28, 3, input_grad=False, **NO_POOL),
+    "examples-conv2": ConvShape(32, 64, 26, 3, input_grad=True),
+    "vgg-32-64": ConvShape(32, 64, 16, 3, input_grad=True, padding=1),
+    "vgg-64-128": ConvShape(64, 128, 8, 3, input_grad=True, padding=1),
+    "vgg-128-128": ConvShape(128, 128, 8, 3, input_grad=True, padding=1),
+    "vgg-128-128-nopool": ConvShape(128, 128, 8, 3, input_grad=True, padding=1, **NO_POOL),
+    "nopool-6-16": ConvShape(6, 16, 30, 3, input_grad=True, **NO_POOL),
+    # the corners of the envelope, odd channel counts and sizes
+    "min-8x8": ConvShape(1, 6, 8, 3, input_grad=False),
+    "min-8x8-pool3": ConvShape(1, 6, 8, 5, input_grad=False, padding=2, pool=3),
+    "odd-10-22": ConvShape(10, 22, 20, 3, input_grad=True, padding=1),
+    "odd-10-22-pool3": ConvShape(10, 22, 20, 5, input_grad=True, pool=3),
+    "odd-3-7-pool3": ConvShape(3, 7, 17, 5, input_grad=False, padding=1, pool=3),
+    "odd-13-29-nopool": ConvShape(13, 29, 11, 3, input_grad=True, **NO_POOL),
+    "wide-out-32x32": ConvShape(1, 128, 32, 3, input_grad=False, padding=1),
+    "wide-in-32x32": ConvShape(128, 6, 32, 3, input_grad=True, padding=1),
+    "pool3-16-32": ConvShape(16, 32, 32, 3, input_grad=True, padding=1, pool=3),
+    "pool3-64-96": ConvShape(64, 96, 12, 3, input_grad=True, padding=1, pool=3),
+    "nopool-6-16-k5": ConvShape(6, 16, 16, 5, input_grad=True, padding=2, **NO_POOL),
+    "mid-16-16": ConvShape(16, 16, 24, 3, input_grad=True, padding=1),
+    "mid-24-40-k5": ConvShape(24, 40, 20, 5, input_grad=True),
+}
+SWEEP_OP = "conv_relu_pool_sweep"
+SWEEP_CASES = harness.sweep_cases(SWEEP, S)
+
+
+@functools.lru_cache(maxsize=1)
+def checked_sweep_inputs(name: str, batch: int):
+    """make_inputs of a sweep shape, every provider checked on them first: once per shape and
+    batch, not per pass (the cases of one shape and batch run one after another)."""
+    shape = SWEEP[name]
+    x, w, b, g = make_inputs(shape, batch)
+    for provider, f in eager_providers(shape).items():
+        check(provider, f, shape, x, w, b, g)
+    return x, w, b, g
+
+
+@pytest.mark.parametrize(
+    ("name", "batch", "pass_"), SWEEP_CASES, ids=[f"{c[0]}-b{c[1]}-{c[2]}" for c in SWEEP_CASES]
+)
+def test_conv_relu_pool_sweep(bench, name, batch, pass_):
+    shape = SWEEP[name]
+    x, w, b, g = checked_sweep_inputs(name, batch)
+    fns = eager_providers(shape)
+    bench.run(
+        op=SWEEP_OP,
+        pass_=pass_,
+        shape=shape.describe(name),
+        batch=batch,
+        flops=shape.flops(batch, pass_),
+        fns={n: harness.op_pass_fn(f, (x, w, b), g, pass_) for n, f in fns.items()},
+        case_s=S.sweep_case_s,
+    )

@@ -4,9 +4,15 @@ F.linear + F.relu (eager and torch.compile), forward / backward / full, per batc
 
 input (N, in), weight (out, in), bias (out,), output (N, out); every input needs a gradient,
 as inside LeNet-5.
+
+The shape sweep (issue 16: never slower than stock at the FC layers of LeNet-5, the
+Fashion-MNIST CNN, pytorch/examples' Net and MLPs with 784-12544 inputs and 10-512 outputs):
+SWEEP's shapes against stock eager, as bench_conv_relu_pool's sweep times its shapes (batch
+64 and 256, inference / backward / full, FASTLENET_BENCH_SWEEP_CASE_S); op `linear_relu_sweep`.
 """
 
 import dataclasses
+import functools
 
 import harness
 import pytest
@@ -64,7 +70,8 @@ def make_inputs(shape: LinearShape, batch: int, seed: int = 0):
 
 
 def check(provider, f, relu, x, w, b, g):
-    """Forward output and every gradient of f against the float64 stock composition."""
+    """Forward output (recorded and under no_grad) and every gradient of f against the float64
+    stock composition."""
     xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
     yd = reference.linear_relu(xd, wd, bd, relu)
     yd.backward(g.double())
@@ -72,9 +79,22 @@ def check(provider, f, relu, x, w, b, g):
     y = f(x, w, b)
     y.backward(g)
     harness.check_parity(provider, "output", y, yd, "forward")
+    with torch.no_grad():  # the inference pass's path
+        harness.check_parity(provider, "output under no_grad", f(x, w, b), yd, "forward")
     for what, got, want in (("grad_input", x, xd), ("grad_weight", w, wd), ("grad_bias", b, bd)):
         harness.check_parity(provider, what, got.grad, want.grad, "grad")
     harness.clear_grads([x, w, b])
+
+
+def eager_providers(shape: LinearShape):
+    """{provider: f(x, w, b)} of the fastlenet backends and stock eager."""
+    fns = {}
+    for name in S.providers:
+        if name.startswith("fastlenet-"):
+            fns[name] = fused_fn(name.removeprefix("fastlenet-"), shape.relu)
+        elif name == "eager":
+            fns[name] = stock_fn(shape.relu)
+    return fns
 
 
 @pytest.mark.parametrize(
@@ -83,12 +103,7 @@ def check(provider, f, relu, x, w, b, g):
 def test_linear_relu(bench, compiled, layer, batch, pass_):
     shape = SHAPES[layer]
     x, w, b, g = make_inputs(shape, batch)
-    fns, compile_s = {}, {}
-    for name in S.providers:
-        if name.startswith("fastlenet-"):
-            fns[name] = fused_fn(name.removeprefix("fastlenet-"), shape.relu)
-        elif name == "eager":
-            fns[name] = stock_fn(shape.relu)
+    fns, compile_s = eager_providers(shape), {}
     if "compile" in S.providers:
 
         def build():
@@ -107,4 +122,52 @@ def test_linear_relu(bench, compiled, layer, batch, pass_):
         flops=shape.flops(batch, pass_),
         fns={name: harness.op_pass_fn(f, (x, w, b), g, pass_) for name, f in fns.items()},
         compile_s=compile_s,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The shape sweep (see the module docstring)
+
+SWEEP = {
+    "lenet5-fc1": SHAPES["fc1"],
+    "lenet5-fc2": SHAPES["fc2"],
+    "lenet5-fc3": SHAPES["fc3"],
+    "fashion-fc": LinearShape(1568, 10, relu=False),
+    "examples-fc1": LinearShape(9216, 128, relu=True),
+    "examples-fc2": LinearShape(128, 10, relu=False),
+    "mlp-784-512": LinearShape(784, 512, relu=True),
+    "mlp-784-10": LinearShape(784, 10, relu=False),
+    "mlp-12544-512": LinearShape(12544, 512, relu=True),
+    "mlp-12544-10": LinearShape(12544, 10, relu=False),
+}
+SWEEP_OP = "linear_relu_sweep"
+SWEEP_CASES = harness.sweep_cases(SWEEP, S)
+
+
+@functools.lru_cache(maxsize=1)
+def checked_sweep_inputs(name: str, batch: int):
+    """make_inputs of a sweep shape, every provider checked on them first: once per shape and
+    batch, not per pass (the cases of one shape and batch run one after another)."""
+    shape = SWEEP[name]
+    x, w, b, g = make_inputs(shape, batch)
+    for provider, f in eager_providers(shape).items():
+        check(provider, f, shape.relu, x, w, b, g)
+    return x, w, b, g
+
+
+@pytest.mark.parametrize(
+    ("name", "batch", "pass_"), SWEEP_CASES, ids=[f"{c[0]}-b{c[1]}-{c[2]}" for c in SWEEP_CASES]
+)
+def test_linear_relu_sweep(bench, name, batch, pass_):
+    shape = SWEEP[name]
+    x, w, b, g = checked_sweep_inputs(name, batch)
+    fns = eager_providers(shape)
+    bench.run(
+        op=SWEEP_OP,
+        pass_=pass_,
+        shape=shape.describe(name),
+        batch=batch,
+        flops=shape.flops(batch, pass_),
+        fns={n: harness.op_pass_fn(f, (x, w, b), g, pass_) for n, f in fns.items()},
+        case_s=S.sweep_case_s,
     )

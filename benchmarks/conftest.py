@@ -14,6 +14,7 @@
 """
 
 import csv
+import dataclasses
 import os
 import tempfile
 import time
@@ -49,7 +50,7 @@ def pytest_report_header(config):
         f"fastlenet bench: device={s.device} machine={s.machine!r} threads={s.threads} "
         f"torch={s.torch} triton={s.triton or '-'} rev={s.git_rev} alloc={s.alloc!r}",
         f"fastlenet bench: providers={s.providers} batches={s.batches} passes={s.passes} "
-        f"case budget={s.case_s}s rounds={s.min_rounds}..{s.max_rounds} "
+        f"case budget={s.case_s}s (sweeps {s.sweep_case_s}s) rounds={s.min_rounds}..{s.max_rounds} "
         f"csv={s.csv or '(none)'} label={s.label!r} run={s.run}",
         *(
             f"fastlenet bench: backend {name!r} not timed: {status!r}"
@@ -160,12 +161,16 @@ class Bench:
     def __init__(self, benchmark):
         self.benchmark = benchmark
 
-    def run(self, *, op, pass_, shape, batch, flops, fns, compile_s=None, dtype="float32"):
+    def run(
+        self, *, op, pass_, shape, batch, flops, fns, compile_s=None, dtype="float32", case_s=None
+    ):
         """Times `fns` ({provider: no-argument callable}) alternately and records a row each.
 
-        flops: useful FLOPs of one call; compile_s: {provider: seconds} for compiled ones.
+        flops: useful FLOPs of one call; compile_s: {provider: seconds} for compiled ones;
+        case_s: the case's budget of timed rounds, when not the settings' case_s.
         """
-        timer = harness.AlternatingTimer(fns, SETTINGS)
+        settings = SETTINGS if case_s is None else dataclasses.replace(SETTINGS, case_s=case_s)
+        timer = harness.AlternatingTimer(fns, settings)
         rounds = timer.calibrate()
         self.benchmark.extra_info["round"] = "every provider once: " + ", ".join(fns)
         self.benchmark.pedantic(timer.round, rounds=rounds, iterations=1, warmup_rounds=0)

@@ -18,6 +18,7 @@ Settings come from environment variables (make passes them through):
                              available on the device, "eager" and "compile")
   FASTLENET_BENCH_THREADS    torch threads, default os.cpu_count()
   FASTLENET_BENCH_CASE_S     time budget of one case's timed rounds, default 1.5 s
+  FASTLENET_BENCH_SWEEP_CASE_S  the same for each case of the shape sweeps, default 0.3 s
   FASTLENET_BENCH_MIN_ROUNDS, FASTLENET_BENCH_MAX_ROUNDS   default 7 and 41
   FASTLENET_BENCH_MIN_SAMPLE_S  default 0.005 s
   FASTLENET_BENCH_DEVICE     "cpu" or "cuda", default cuda when present
@@ -63,7 +64,7 @@ COLUMNS = (
     "triton",
     "alloc",  # "default", or the allocator environment that was set (MALLOC_*, LD_PRELOAD)
     "provider",  # fastlenet-<backend>, eager, compile, torch.mm
-    "op",  # conv_relu_pool, linear_relu, linear, lenet5, mm_peak
+    "op",  # conv_relu_pool, linear_relu, lenet5, fuse, mm_peak; <op>_sweep: the shape sweeps
     "pass",  # forward, backward, full, train_step, inference
     "shape",
     "batch",
@@ -162,6 +163,7 @@ class Settings:
     threads: int
     device: str
     case_s: float
+    sweep_case_s: float
     min_rounds: int
     max_rounds: int
     min_sample_s: float
@@ -223,6 +225,9 @@ def load_settings() -> Settings:
         threads=int(os.environ.get("FASTLENET_BENCH_THREADS") or os.cpu_count() or 1),
         device=device,
         case_s=_env_float("FASTLENET_BENCH_CASE_S", 1.5),
+        # ~200 sweep cases in 3-4 minutes on 2 cores: most of them are small enough that the
+        # minimum rounds take less than this, the largest take their 7 rounds whatever it is.
+        sweep_case_s=_env_float("FASTLENET_BENCH_SWEEP_CASE_S", 0.3),
         min_rounds=int(_env_float("FASTLENET_BENCH_MIN_ROUNDS", 7)),
         max_rounds=int(_env_float("FASTLENET_BENCH_MAX_ROUNDS", 41)),
         min_sample_s=_env_float("FASTLENET_BENCH_MIN_SAMPLE_S", 0.005),
@@ -366,7 +371,16 @@ def linear_flops(batch, in_f, out_f) -> int:
 
 def pass_flops(fwd: int, input_grad: bool, pass_: str) -> int:
     bwd = fwd * (2 if input_grad else 1)
-    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[pass_]
+    return {"inference": fwd, "forward": fwd, "backward": bwd, "full": fwd + bwd}[pass_]
+
+
+def sweep_cases(names, settings: Settings) -> list[tuple[str, int, str]]:
+    """(shape name, batch, pass) of a shape sweep: batch 64 and 256 where the settings have
+    them; the settings' passes, with forward timed under torch.no_grad ("inference": the
+    forward a training step pays is in full, its difference from backward)."""
+    batches = [b for b in settings.batches if b in (64, 256)]
+    passes = ["inference" if p == "forward" else p for p in settings.passes]
+    return [(n, b, p) for n in names for b in batches for p in passes]
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,12 +486,20 @@ def op_pass_fn(f, args, grad_out, pass_):
     """A callable running `pass_` of y = f(*args) once.
 
     forward: f(*args) with autograd recording (what a training step's forward costs);
-    backward: see BackwardOnly; full: forward then backward. Gradients are reset to None
-    before each backward so that no provider pays for accumulating them.
+    inference: f(*args) under torch.no_grad (what evaluation costs); backward: see
+    BackwardOnly; full: forward then backward. Gradients are reset to None before each
+    backward so that no provider pays for accumulating them.
     """
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     if pass_ == "forward":
         return lambda: f(*args)
+    if pass_ == "inference":
+
+        def inference():
+            with torch.no_grad():
+                f(*args)
+
+        return inference
     if pass_ == "backward":
         return BackwardOnly(f, args, grad_out, leaves)
 

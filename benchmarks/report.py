@@ -2,7 +2,8 @@
 
     python benchmarks/report.py [--csv PATH] [--run RUN_ID] [--save]
 
---save also writes the table to results/table_<device>.md (what the README quotes).
+--save also writes the table to results/table_<device>.md (what the README quotes), and the
+shape sweeps' (issue 16) to results/sweep_<device>.md.
 
 The tables are Markdown (pipes aligned), so the output reads in a terminal and pastes into
 the README as it is. Reads only the CSV files: no torch import, no timing.
@@ -11,6 +12,7 @@ the README as it is. Reads only the CSV files: no torch import, no timing.
 import argparse
 import csv
 import os
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -18,6 +20,12 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 SAVED_NAME = "saved_for_backward.csv"
 OPS = ("lenet5", "fuse", "conv_relu_pool", "linear_relu")  # the order of the sections
+#: the shape sweeps (issue 16), tabled apart in sweep_<device>.md, and their passes
+SWEEP_OPS = ("conv_relu_pool_sweep", "linear_relu_sweep")
+SWEEP_PASSES = ("inference", "backward", "full")
+#: issue 16's targets against stock eager: never slower (1.0x); 1.6x for forward + backward
+#: (pass full) of the pooled conv layers
+SWEEP_TARGETS = (1.0, 1.6)
 PASS_ORDER = {
     "train_step": 0,
     "train_step_sgd": 1,
@@ -213,6 +221,127 @@ def targets(rows: list[dict], saved: list[dict]) -> list[str]:
     return out
 
 
+def shape_name(row: dict) -> str:
+    """The name of a sweep shape: the first word of its description."""
+    return row["shape"].split()[0]
+
+
+def pooled(row: dict) -> bool:
+    """A conv sweep row with pooling (the sweeps' shapes without say "no-pool" last)."""
+    return row["op"] == "conv_relu_pool_sweep" and not row["shape"].endswith(" no-pool")
+
+
+def sweep_rows(rows: list[dict]) -> list[dict]:
+    """The fastlenet rows of the shape sweeps (the ones with a ratio to stock)."""
+    return [
+        r
+        for r in rows
+        if r["op"] in SWEEP_OPS
+        and r["provider"].startswith("fastlenet-")
+        and num(r, "vs_eager") is not None
+    ]
+
+
+def sweep_table(rows: list[dict], alloc_tags) -> str:
+    """One line per shape, batch and fastlenet provider: GFLOP/s, % of the torch.mm peak and
+    the ratio to stock eager of each pass."""
+    cells = {}  # (shape, batch, provider) -> {pass: row}
+    for r in rows:
+        key = (r["shape"], int(r["batch"]), provider_label(r, alloc_tags))
+        cells.setdefault(key, {})[r["pass"]] = r
+    headers = ["shape", "batch", "provider"]
+    for pass_ in SWEEP_PASSES:
+        headers += [f"{pass_} GFLOP/s", "% peak", "x eager"]
+    body = []
+    for (shape, batch, provider), by_pass in cells.items():  # in the order of the run
+        line = [shape, str(batch), provider]
+        for pass_ in SWEEP_PASSES:
+            r = by_pass.get(pass_)
+            frac = num(r, "peak_frac") if r else None
+            line += [
+                small(num(r, "gflops")) if r else "",
+                small(100 * frac) if frac is not None else "",
+                fmt(num(r, "vs_eager"), ".2f") if r else "",
+            ]
+        body.append(line)
+    return table(headers, body, right=set(range(1, len(headers))) - {2})
+
+
+def sweep_summary(rows: list[dict], alloc_tags) -> str:
+    """Per op, provider and pass: median and minimum ratio to stock eager, how many cases are
+    below 1.0x and how many pooled conv cases below 1.6x (the target is for pass full); then
+    those cases by shape."""
+
+    def by_shape(sel):
+        """ "name (b64 0.42x, b256 0.52x), ..." of the rows `sel`, in the run's order."""
+        shapes = {}
+        for r in sel:
+            shapes.setdefault(shape_name(r), []).append(f"b{r['batch']} {num(r, 'vs_eager'):.2f}x")
+        return ", ".join(f"{name} ({', '.join(cases)})" for name, cases in shapes.items())
+
+    groups = {}  # (op, provider, pass) -> rows, ops then passes in their order
+    for r in sorted(rows, key=lambda r: (SWEEP_OPS.index(r["op"]), SWEEP_PASSES.index(r["pass"]))):
+        key = (r["op"].removesuffix("_sweep"), provider_label(r, alloc_tags), r["pass"])
+        groups.setdefault(key, []).append(r)
+    low, target = SWEEP_TARGETS
+    headers = ["op", "provider", "pass", "cases", "median", "min", f"below {low:.1f}x"]
+    headers.append(f"pooled, below {target:.1f}x")
+    body, lists = [], []
+    for (op, provider, pass_), sel in groups.items():
+        ratios = [num(r, "vs_eager") for r in sel]
+        worst = min(sel, key=lambda r: num(r, "vs_eager"))
+        below = [r for r in sel if num(r, "vs_eager") < low]
+        pooled_rows = [r for r in sel if pooled(r)]
+        below_target = [r for r in pooled_rows if num(r, "vs_eager") < target]
+        body.append(
+            [
+                op,
+                provider,
+                pass_,
+                str(len(sel)),
+                f"{statistics.median(ratios):.2f}x",
+                f"{num(worst, 'vs_eager'):.2f}x {shape_name(worst)} b{worst['batch']}",
+                str(len(below)),
+                f"{len(below_target)} of {len(pooled_rows)}" if pooled_rows else "",
+            ]
+        )
+        what = f"- {op} {pass_}, {provider}"
+        lists.append(f"{what}, below {low:.1f}x: {by_shape(below) or 'none'}")
+        if pooled_rows:
+            lists.append(f"{what}, pooled, below {target:.1f}x: {by_shape(below_target) or 'none'}")
+    return table(headers, body, right={3, 4, 6, 7}) + "\n\n" + "\n".join(lists)
+
+
+def sweep_report(run: str, rows: list[dict], alloc_tags) -> str:
+    """The shape sweeps of a run (sweep_<device>.md): summary, then one table per op."""
+    sweep = sweep_rows(rows)
+    low, target = SWEEP_TARGETS
+    out = [
+        *header(run, rows, alloc_tags),
+        "\nShape sweep of issue 16: the fastlenet ops against the stock composition in eager "
+        "mode (conv2d -> relu -> max_pool2d, no pool call without pooling; linear -> relu), "
+        "float32, batch 64 and 256, timed alternately as the other benchmarks "
+        "(FASTLENET_BENCH_SWEEP_CASE_S per case). "
+        f"Targets: never below {low:.1f}x; {target:.1f}x for forward + backward (`full`) of "
+        "pooled conv layers. inference = forward under torch.no_grad; backward = backward "
+        "alone (graphs built untimed); full = both. `x eager` = median over rounds of "
+        "t_eager / t_fastlenet (> 1: fastlenet faster). GFLOP/s count the dense FLOPs "
+        "(2 x conv/matmul multiply-adds; backward: grad_weight, and grad_input except for "
+        "first layers, whose input is the data) over fastlenet's time, % peak relates them "
+        "to the run's torch.mm figure; they can exceed it (the fused backward skips windows "
+        "that pass no gradient and is credited them). Shapes: name, channels, input size, "
+        "kernel, padding (pN), pooling (2 with stride 2 unless `pool3/2` or `no-pool`); "
+        "linear: in->out, `no-relu` for plain linear.",
+        "\n## Summary\n",
+        sweep_summary(sweep, alloc_tags),
+    ]
+    for op in SWEEP_OPS:
+        op_rows = [r for r in sweep if r["op"] == op]
+        if op_rows:
+            out += [f"\n## {op.removesuffix('_sweep')}\n", sweep_table(op_rows, alloc_tags)]
+    return "\n".join(out)
+
+
 def run_parser(doc: str) -> argparse.ArgumentParser:
     """The options of the scripts that read one run of the CSV (this one and plot.py)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -236,42 +365,36 @@ def run_rows(args) -> tuple[str, list[dict]] | None:
     return run, rows
 
 
-def main(argv=None) -> int:
-    parser = run_parser(__doc__)
-    parser.add_argument("--save", action="store_true", help="also write results/table_<device>.md")
-    args = parser.parse_args(argv)
-    found = run_rows(args)
-    if found is None:
-        return 1
-    run, rows = found
-    saved = [r for r in read(args.csv.with_name(SAVED_NAME)) if r["run"] == run]
-
-    lines_out: list[str] = []
-
-    def emit(text: str) -> None:
-        lines_out.append(text)
-        print(text)
-
-    first = rows[0]
+def alloc_tags_of(rows: list[dict]) -> dict[str, str]:
+    """{allocator environment: its tag in the tables} of the non-default ones."""
     allocs = sorted({r["alloc"] for r in rows} - {"default"})
-    alloc_tags = {a: f"[env{i + 1}]" for i, a in enumerate(allocs)}
-    peaks = [r for r in rows if r["op"] == "mm_peak"]
-    emit(
+    return {a: f"[env{i + 1}]" for i, a in enumerate(allocs)}
+
+
+def header(run: str, rows: list[dict], alloc_tags: dict[str, str]) -> list[str]:
+    """The title, machine and torch.mm peak lines of a run's report."""
+    first = rows[0]
+    out = [
         f"# fastlenet benchmarks: run {run}"
         + (f" ({first['label']})" if first["label"] else "")
-        + f", rev {first['git_rev']}\n"
-    )
-    emit(
+        + f", rev {first['git_rev']}\n",
         f"Machine: {first['machine']} ({first['device']}), {first['threads']} threads, "
-        f"torch {first['torch']}, triton {first['triton'] or '-'}, float32."
-    )
-    for p in peaks:
+        f"torch {first['torch']}, triton {first['triton'] or '-'}, float32.",
+    ]
+    for p in (r for r in rows if r["op"] == "mm_peak"):
         tag = alloc_tags.get(p["alloc"], "")
-        emit(
+        out.append(
             f"torch.mm peak{' ' + tag if tag else ''}: {num(p, 'gflops'):.0f} GFLOP/s "
             f"(float32 {p['shape']}, fastest of {p['rounds']} products at the start or the end of "
             "the same run, same thread count)"
         )
+    return out
+
+
+def op_report(run: str, rows: list[dict], saved: list[dict], alloc_tags) -> str:
+    """The table of the op and model benchmarks of a run (table_<device>.md)."""
+    lines_out = header(run, rows, alloc_tags)
+    emit = lines_out.append
     emit(
         "\nHow it is timed: in each case (op or model, pass, batch) every provider is timed in "
         "the same loop, round by round, in an order rotated each round; a sample is k "
@@ -322,14 +445,38 @@ def main(argv=None) -> int:
             "counted as activations.\n"
         )
         emit(saved_table(saved))
-    lines = targets(rows, saved) if first["device"] == "cpu" else []  # the issue's CPU targets
+    lines = targets(rows, saved) if rows[0]["device"] == "cpu" else []  # the issue's CPU targets
     if lines:
         emit("\n## Targets of issue 5\n")
         emit("\n".join(lines))
-    if args.save:
-        path = args.csv.with_name(f"table_{first['device']}.md")
-        path.write_text("\n".join(lines_out) + "\n")
-        print(f"\nwrote {path}")
+    return "\n".join(lines_out)
+
+
+def main(argv=None) -> int:
+    parser = run_parser(__doc__)
+    parser.add_argument(
+        "--save",
+        action="store_true",
+        help="also write results/table_<device>.md (and sweep_<device>.md for the sweeps)",
+    )
+    args = parser.parse_args(argv)
+    found = run_rows(args)
+    if found is None:
+        return 1
+    run, rows = found
+    saved = [r for r in read(args.csv.with_name(SAVED_NAME)) if r["run"] == run]
+    alloc_tags = alloc_tags_of(rows)
+    reports = {}  # {file stem: text}, for the benchmarks this run has rows of
+    if any(r["op"] in OPS for r in rows):
+        reports["table"] = op_report(run, rows, saved, alloc_tags)
+    if any(r["op"] in SWEEP_OPS for r in rows):
+        reports["sweep"] = sweep_report(run, rows, alloc_tags)
+    for stem, text in reports.items():
+        print(text)
+        if args.save:
+            path = args.csv.with_name(f"{stem}_{rows[0]['device']}.md")
+            path.write_text(text + "\n")
+            print(f"\nwrote {path}\n")
     return 0
 
 
