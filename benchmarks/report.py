@@ -398,7 +398,8 @@ def op_report(run: str, rows: list[dict], saved: list[dict], alloc_tags) -> str:
     emit(
         "\nHow it is timed: in each case (op or model, pass, batch) every provider is timed in "
         "the same loop, round by round, in an order rotated each round; a sample is k "
-        "back-to-back calls (k per provider, >= 5 ms), the garbage collector paused. "
+        "back-to-back calls (k per provider, >= 5 ms) after one untimed call (each provider timed "
+        "warm, as a training loop runs one model), the garbage collector paused. "
         "median/p20/p80 are over rounds. `x eager` and `x compile` are the median over rounds "
         "of the paired ratio t_stock[r] / t_fastlenet[r] (both times of a pair a few ms "
         "apart, so background load hits both): > 1 means fastlenet is faster. Every provider "
