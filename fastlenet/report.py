@@ -125,10 +125,10 @@ def config_text(run, name) -> str:
 # ----------------------------------------------------------------------------- progress bar
 
 
-def progress(config, main, epoch, total, stream=None):
-    """A tqdm bar on stderr for one epoch of `total` images, or None: no bar wanted, not the
-    main process, or stderr is not a terminal (a log file gets the one line per epoch that
-    train prints, not a redrawn bar)."""
+def progress(config, main, epoch, total, stream=None, name="fastlenet"):
+    """A tqdm bar on stderr for one epoch of `total` images of model `name`, or None: no bar
+    wanted, not the main process, or stderr is not a terminal (a log file gets the one line
+    per epoch that train prints, not a redrawn bar)."""
     stream = sys.stderr if stream is None else stream
     if not (config.progress and main and stream.isatty()):
         return None
@@ -136,7 +136,7 @@ def progress(config, main, epoch, total, stream=None):
 
     return tqdm(
         total=total,
-        desc=f"epoch {epoch + 1}/{config.epochs}",
+        desc=f"epoch {epoch + 1}/{config.epochs}" + ("" if name == "fastlenet" else f" {name}"),
         unit="img",
         unit_scale=True,
         leave=False,

@@ -95,7 +95,7 @@ def test_event_files_hold_the_tags_and_steps(tmp_path):
         assert acc.Tags()["tensors"] == ["config/text_summary"]
         (text,) = acc.Tensors("config/text_summary")
         table = text.tensor_proto.string_val[0].decode()
-        assert "| batch_size | 32 |" in table and "| lr | 0.05 |" in table
+        assert "| batch_size | 32 |" in table and f"| lr | {train.DEFAULT_LR['sgd']:g} |" in table
         assert ("stock PyTorch" in table) == (name == "stock")
 
 
