@@ -15,17 +15,19 @@ raises what the layers raise); later calls with that shape take the chain.
 """
 
 import torch
+from torch import nn
 from torch.nn.modules import module as _module
 
 from fastlenet import _ext, backends
 from fastlenet.nn.conv_relu_pool import ConvReLUPool2d
-from fastlenet.nn.linear_relu import _FusedLinear
+from fastlenet.nn.linear_relu import Linear, LinearReLU
 
 #: Ints per layer in the spec (kChainInts in csrc/chain_cpu.cpp): kind, then conv: stride,
 #: padding, pool_size, pool_stride (two each); linear: relu, then zeros.
 LAYER_INTS = 9
 CONV, LINEAR = 0, 1
 _DTYPES = (torch.float32, torch.float64)
+_LINEARS = (LinearReLU, Linear)
 
 
 def spec(layers) -> list[int] | None:
@@ -37,7 +39,7 @@ def spec(layers) -> list[int] | None:
             if isinstance(layer.padding, str):
                 return None
             out += [CONV, *layer.stride, *layer.padding, *layer.pool_size, *layer.pool_stride]
-        elif isinstance(layer, _FusedLinear):
+        elif type(layer) in _LINEARS:
             seen_linear = True
             out += [LINEAR, int(layer.relu)] + [0] * (LAYER_INTS - 2)
         else:
@@ -88,9 +90,38 @@ def _key(x, layers):
     return tuple(key)
 
 
-def run(layers, x, layered):
-    """layers applied to x as one autograd node when it may, else `layered(x)`."""
+def of_modules(modules) -> list | None:
+    """The fastlenet layers of `modules` (a Sequential's children) when they form a chain the
+    chain path computes exactly -- conv layers, one nn.Flatten() before the first linear
+    layer (at the start for an MLP on images), linear layers -- else None. Subclasses (which
+    may override forward) are not chained."""
+    layers, flattened, linear = [], False, False
+    for m in modules:
+        kind = type(m)
+        if kind is nn.Identity:  # what fuse leaves in a Sequential where a layer was fused
+            continue
+        if kind is nn.Flatten:
+            if flattened or (m.start_dim, m.end_dim) != (1, -1):
+                return None
+            flattened = True
+            continue
+        # A linear on a 4-D tensor acts on its last dimension; a conv after a flatten fails.
+        fits = flattened if kind in _LINEARS else kind is ConvReLUPool2d and not flattened
+        if not fits:
+            return None
+        layers.append(m)
+        linear = linear or kind in _LINEARS
+    if flattened and not linear:  # the chain's output would not be flattened
+        return None
+    return layers if len(layers) > 1 and spec(layers) is not None else None
+
+
+def run(layers, x, layered, others=()):
+    """layers applied to x as one autograd node when it may, else `layered(x)`. `others`:
+    modules of the chain that are not layers (an nn.Flatten), whose hooks must run too."""
     if not _ext.LOADED or torch.compiler.is_compiling() or _global_hooks():
+        return layered(x)
+    if any(_hooked(m) for m in others):
         return layered(x)
     layer_spec = spec(layers)
     key = None if layer_spec is None else _key(x, layers)

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fastlenet import backends
+from fastlenet import backends, chain
 from fastlenet.conv_relu_pool import conv_relu_pool2d
 from fastlenet.linear_relu import linear_relu
-from fastlenet.nn import ConvReLUPool2d, LinearReLU
+from fastlenet.nn import Chain, ConvReLUPool2d, Linear, LinearReLU, Sequential
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ _POOL_ARGS = (
     "return_indices",
 )
 _LINEAR_ARGS = ("input", "weight", "bias")
+_LINEAR_LAYERS = (LinearReLU, Linear)  # fastlenet layers a chain may hold
 
 
 @dataclasses.dataclass
@@ -53,12 +54,14 @@ class FuseReport:
     fused: list = dataclasses.field(default_factory=list)
     left: list = dataclasses.field(default_factory=list)
     note: str = ""
+    chains: list = dataclasses.field(default_factory=list)  # runs made one autograd node
 
     def __str__(self) -> str:
         lines = [f"fastlenet.fuse: {len(self.fused)} fused, {len(self.left)} left alone"]
         if self.note:
             lines.append(f"  {self.note}")
         lines += [f"  fused: {line}" for line in self.fused]
+        lines += [f"  chain: {line}" for line in self.chains]
         lines += [f"  left:  {line}" for line in self.left]
         return "\n".join(lines)
 
@@ -305,6 +308,16 @@ def _fuse_sequentials(model, backend, report):
                         i += len(types) - 1
                         break
             i += 1
+        if type(seq) is not nn.Sequential or len(seq) == 0:
+            continue
+        parts, end = list(seq), len(seq) - 1
+        if type(parts[end]) is nn.Linear:  # a last linear without ReLU may end the chain
+            parts[end] = _linear_layer(parts[end], backend, Linear)
+        if chain.of_modules(parts) is not None:
+            seq[end] = parts[end]  # (the same Parameters)
+            seq.__class__ = Sequential  # the same container, its chain as one autograd node
+            what = "one autograd node (fastlenet.nn.Sequential)"
+            report.chains.append(f"{name or 'model'} -> {what}")
 
 
 def _fused_layer(run, backend):
@@ -358,12 +371,10 @@ def _conv_layer(conv, pool_size, pool_stride, backend):
     return layer.train(m.training)
 
 
-def _linear_layer(linear, backend):
-    """A LinearReLU holding `linear`'s Parameter objects (not copies)."""
+def _linear_layer(linear, backend, cls=LinearReLU):
+    """A LinearReLU (or `cls`) holding `linear`'s Parameter objects (not copies)."""
     m = linear
-    layer = LinearReLU(
-        m.in_features, m.out_features, m.bias is not None, backend=backend, device="meta"
-    )
+    layer = cls(m.in_features, m.out_features, m.bias is not None, backend=backend, device="meta")
     layer.weight, layer.bias = m.weight, m.bias
     return layer.train(m.training)
 
@@ -385,11 +396,72 @@ def fuse(model: nn.Module, *, backend: str = "auto") -> nn.Module:
         _fuse_sequentials(fused, backend, report)
     else:
         report = rewrite(gm, backend)
+        _chain_runs(gm, report, backend)
         fused = gm
         fused.train(model.training)
     fused.fuse_report = report
     log.info("%s", report)
     return fused
+
+
+def _flatten_module(node, modules):
+    """An nn.Flatten() standing for `node` when it is torch.flatten(x, 1) in any spelling."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return m if type(m) is nn.Flatten else None
+    args = {**dict(zip(("input", "start_dim", "end_dim"), node.args, strict=False)), **node.kwargs}
+    is_call = node.op == "call_function" and node.target is torch.flatten
+    is_method = node.op == "call_method" and node.target == "flatten"
+    dims = (args.get("start_dim", 0), args.get("end_dim", -1))
+    return nn.Flatten() if (is_call or is_method) and dims == (1, -1) else None
+
+
+def _chain_runs(gm, report, backend) -> None:
+    """Each straight run of fused layers and a flatten (every output feeding only the next)
+    that fastlenet.chain can run becomes one Chain module call: one autograd node for the run
+    (its layers stay registered where they were: state_dict and hooks are unchanged)."""
+    modules = dict(gm.named_modules())
+    runs, current = [], []
+    for node in gm.graph.nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        layer = module if type(module) in (ConvReLUPool2d, *_LINEAR_LAYERS) else None
+        part = layer or _flatten_module(node, modules)
+        if part is None and type(module) is nn.Linear:  # a last linear without ReLU
+            part = _linear_layer(module, backend, Linear)
+        follows = current and _input(node) is current[-1][0] and _sole_user(current[-1][0])
+        if part is not None and follows:
+            current.append((node, part, module))
+            continue
+        runs.append(current)
+        starts = layer is not None or type(part) is nn.Flatten  # (an MLP on images)
+        current = [(node, part, module)] if starts else []
+    runs.append(current)
+    for k, run in enumerate(r for r in runs if r):
+        # A trailing flatten stays as it was; a stock linear only ends a chain.
+        while run and type(run[-1][1]) is nn.Flatten:
+            run.pop()
+        stock = [i for i, (_, _, m) in enumerate(run) if type(m) is nn.Linear]
+        if stock:
+            del run[stock[0] + 1 :]
+        if chain.of_modules([part for _, part, _ in run]) is None:
+            continue
+        first, last = run[0][0], run[-1][0]
+        name = f"fastlenet_chain{k}"
+        # The stock linear's hooks are watched on the module the user sees (gm's).
+        watch = [m for _, part, m in run if m is not None and m is not part]
+        gm.add_submodule(name, Chain([part for _, part, _ in run], watch))
+        with gm.graph.inserting_after(last):
+            call = gm.graph.call_module(name, (_input(first),))
+        last.replace_all_uses_with(call)
+        for node, _, _ in reversed(run):
+            gm.graph.erase_node(node)
+        names = [n.target if n.op == "call_module" else n.name for n, _, _ in run]
+        report.chains.append(f"{', '.join(names)} -> one autograd node ({name})")
+        # A stock linear that ends the chain runs in it now (the chain's line says so).
+        for n, _, m in run:
+            if type(m) is nn.Linear:
+                report.left = [line for line in report.left if not line.startswith(f"{n.target}:")]
+    gm.recompile()
 
 
 def compile_backend(gm: fx.GraphModule, example_inputs):

@@ -252,3 +252,47 @@ def test_chain_ops_reject_a_bad_spec(change, match):
         torch.ops.fastlenet.chain_bwd(grad, x, out, activations[:-1], argmax, weights, spec, True)
     with pytest.raises(RuntimeError, match="argmax must hold 1 tensors"):
         torch.ops.fastlenet.chain_bwd(grad, x, out, activations, [], weights, spec, True)
+
+
+def _sequential(cls):
+    torch.manual_seed(6)
+    return cls(
+        fnn.ConvReLUPool2d(1, 5, 3, padding=1),
+        fnn.ConvReLUPool2d(5, 7, 3, pool_size=3, pool_stride=2),
+        torch.nn.Flatten(),
+        fnn.LinearReLU(7 * 1 * 1, 11),
+        fnn.Linear(11, 10),
+    )
+
+
+def test_sequential_is_one_node_and_equals_nn_sequential():
+    chained, stock = _sequential(fnn.Sequential), _sequential(torch.nn.Sequential)
+    assert list(chained.state_dict()) == list(stock.state_dict())
+    x, y = _data((1, 12, 12))
+    out = _chained(chained, x)
+    want = stock(x)
+    assert torch.equal(out, want)
+    F.cross_entropy(out, y).backward()
+    F.cross_entropy(want, y).backward()
+    for pa, pb in zip(chained.parameters(), stock.parameters(), strict=True):
+        assert torch.equal(pa.grad, pb.grad)
+
+
+@pytest.mark.parametrize(
+    "children",
+    [
+        [fnn.ConvReLUPool2d(1, 4, 3), fnn.LinearReLU(13, 5)],  # no flatten: acts on the last dim
+        [fnn.ConvReLUPool2d(1, 4, 3), torch.nn.Flatten()],  # ends flattened, no linear
+        [fnn.ConvReLUPool2d(1, 4, 3), torch.nn.Flatten(0), fnn.Linear(1352, 5)],
+        [fnn.ConvReLUPool2d(1, 4, 3), torch.nn.ReLU(), fnn.ConvReLUPool2d(4, 4, 3)],
+    ],
+)
+def test_sequentials_that_are_not_chains_run_as_nn_sequential(children):
+    assert chain.of_modules(children) is None
+    model = fnn.Sequential(*children)
+    x = torch.randn(2, 1, 28, 28)
+    want = torch.nn.Sequential(*children)(x)
+    model(x)
+    out = model(x)
+    assert type(out.grad_fn).__name__ != "ChainFunctionBackward"
+    assert torch.equal(out, want)

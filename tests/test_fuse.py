@@ -228,7 +228,9 @@ def test_untraceable_model_falls_back_to_sequentials(caplog):
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
-            self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
+            self.body = nn.Sequential(
+                nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 5)
+            )
 
         def forward(self, x):
             if x.sum() > 0:  # data-dependent: torch.fx cannot trace it
@@ -246,8 +248,14 @@ def test_untraceable_model_falls_back_to_sequentials(caplog):
     assert isinstance(fused.body[0], ConvReLUPool2d) and isinstance(model.body[0], nn.Conv2d)
     assert fused.body[0].weight is model.body[0].weight
     assert list(fused.state_dict()) == list(model.state_dict())
+    # The Sequential's layers are a chain: one autograd node (from a shape's second call).
+    assert report.chains == ["body -> one autograd node (fastlenet.nn.Sequential)"]
+    assert type(model.body) is nn.Sequential
     x = torch.randn(2, 1, 10, 10, **F64)
-    assert rel_err(fused(x), model(x)) < 1e-12
+    fused(x)
+    out = fused(x)
+    assert type(out.grad_fn).__name__ == "ChainFunctionBackward"
+    assert rel_err(out, model(x)) < 1e-12
 
 
 @pytest.mark.parametrize("backend", ["fastlenet", compile_backend], ids=["by-name", "function"])
@@ -272,3 +280,37 @@ def test_compile_backend_trains_like_eager(backend, caplog):
         strict=True,
     ):
         assert rel_err(g, w) < 1e-12
+
+
+# name: the chain fuse() makes of the network's layers (fastlenet/chain.py)
+CHAINS = {
+    "tutorial": "conv1, conv2, flatten, fc1, fc2, fc3",
+    "fashion_blocks": "layer1.0, layer2.0, flatten, fc",
+    "mlp": "0, 1, 3, 5",
+}
+
+
+@pytest.mark.parametrize("name", CHAINS)
+def test_straight_runs_become_one_autograd_node(name):
+    make, size, _ = NETWORKS[name]
+    model, fused = _stock_and_fused(make)
+    assert fused.fuse_report.chains == [f"{CHAINS[name]} -> one autograd node (fastlenet_chain0)"]
+    x = torch.randn(3, *size, **F64)
+    fused(x)  # a shape's first call runs layer by layer (its checks)
+    out = fused(x)
+    assert type(out.grad_fn).__name__ == "ChainFunctionBackward"
+    assert rel_err(out, model(x)) < 1e-12
+
+
+def test_a_hook_on_a_chained_stock_linear_still_fires():
+    """The stock last linear runs inside the chain; a hook on it (the module the user sees)
+    sends the call layer by layer, through it."""
+    model, fused = _stock_and_fused(NETWORKS["tutorial"][0])
+    x = torch.randn(3, 1, 32, 32, **F64)
+    fused(x)
+    seen = []
+    fused.fc3.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    out = fused(x)
+    assert seen == [(3, 10)]
+    assert type(out.grad_fn).__name__ != "ChainFunctionBackward"
+    assert rel_err(out, model(x)) < 1e-12

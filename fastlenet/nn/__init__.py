@@ -2,5 +2,6 @@
 
 from fastlenet.nn.conv_relu_pool import ConvReLUPool2d
 from fastlenet.nn.linear_relu import Linear, LinearReLU
+from fastlenet.nn.sequential import Chain, Sequential
 
-__all__ = ["ConvReLUPool2d", "Linear", "LinearReLU"]
+__all__ = ["Chain", "ConvReLUPool2d", "Linear", "LinearReLU", "Sequential"]
