@@ -41,7 +41,7 @@ void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor
     forward_columns<T>(input, weight, bias, g, out, argmax);
   else if (few)
     forward_channels<T, kNarrowBytes, 1>(input, weight, bias, g, out, argmax);
-  else if (g.o > kWide)  // AVX2: two vectors of channels per block (see the forward kernels)
+  else if (g.o > kWide)  // two vectors of channels per block (kChannelVectors)
     forward_channels<T, kVecBytes, kChannelVectors>(input, weight, bias, g, out, argmax);
   else
     forward_channels<T, kVecBytes, 1>(input, weight, bias, g, out, argmax);
