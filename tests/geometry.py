@@ -65,6 +65,11 @@ CONV = {
     "wide_few_out": (2, 20, 8, 8, 10, 5, 5, 1, 0, 3, 2),
     "wide_deep": (2, 64, 6, 6, 128, 3, 3, 1, 1, 2, 2),
     "tall_kernel": (2, 2, 13, 6, 18, 9, 2, 1, 0, 2, 2),
+    # At least 32 input channels and one vector of output channels: the CPU forward's ATen conv
+    # and its ReLU/pool pass, with pool stride 2 (pairs of columns; pool 2 and 3) and 3.
+    "aten_conv": (2, 32, 9, 10, 7, 3, 3, 1, 1, 2, 2),
+    "aten_conv_pool3": (2, 40, 11, 12, 12, 5, 5, 1, 2, 3, 2),
+    "aten_conv_strides": (2, 33, 10, 11, 5, 3, 3, 2, 1, 2, 3),
 }
 
 #: The rows Triton runs (see the module docstring).
