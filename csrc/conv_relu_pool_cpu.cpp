@@ -4,8 +4,10 @@
 // Computes: out and argmax (N, O, PH, PW); grad_input, grad_weight, grad_bias in one call.
 // Saves for backward (the autograd Function does): x, w and argmax, one byte per pooled output.
 //
-// float32 and float64, contiguous NCHW (inputs are made contiguous); the conv output is never
-// stored. Kernels: conv_relu_pool_cpu_fwd.h (forward), conv_relu_pool_cpu_bwd.h (backward);
+// float32 and float64, contiguous NCHW (inputs are made contiguous); the conv output is stored
+// only where ATen's convolution computes it (kAtenConvMinChannels). Kernels:
+// conv_relu_pool_cpu_fwd.h (forward), conv_relu_pool_cpu_pool.h (ReLU/pool pass after ATen's
+// conv), conv_relu_pool_cpu_bwd.h and conv_relu_pool_cpu_bwd_wide.h (backward);
 // a gradient that Inf/NaN reach through the zeros the sparse backward skips is recomputed
 // here with dense_backward, as stock's dense backward computes it.
 #include <ATen/ATen.h>
@@ -15,6 +17,7 @@
 #include "checks.h"
 #include "conv_relu_pool_cpu_bwd.h"
 #include "conv_relu_pool_cpu_fwd.h"
+#include "conv_relu_pool_cpu_pool.h"
 
 namespace fastlenet {
 namespace {
@@ -25,6 +28,14 @@ using namespace cpu;
 // convolution backward: measured faster at 16 -> 32 and 32 -> 64 channels (3x3, depth 144 and
 // 288), slower at 6 -> 16 (depth 54), where the sparse kernels' registers suit the few channels.
 constexpr int64_t kDenseDepth = 144;
+
+// Input channels from which a layer of at most one vector of output channels (kWide: the fused
+// kernels then fill few lanes) takes ATen's convolution (oneDNN) and relu_pool instead of the
+// fused forward. Measured (forward alone, batch 64, 2 threads, AVX-512, us, fused -> ATen conv
+// alone): 32 -> 8 3x3 745 -> 498, 64 -> 10 3x3 1257 -> 891, 128 -> 6 3x3 2462 -> 1666,
+// 64 -> 6 5x5 2238 -> 1906, 32 -> 12 5x5 1513 -> 980; with fewer input channels oneDNN measured
+// slower: 16 -> 6 5x5 684 -> 1348, 20 -> 10 5x5 1480 -> 1758, 8 -> 6 5x5 360 -> 717.
+constexpr int64_t kAtenConvMinChannels = 32;
 
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
@@ -37,11 +48,16 @@ void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor
              const ConvPoolGeometry& g, at::Tensor& out, at::Tensor& argmax) {
   constexpr int kNarrow = kNarrowBytes / sizeof(T), kWide = kVecBytes / sizeof(T);
   const bool few = g.o <= kNarrow;
-  if (columns_suits<T>(g, few ? kNarrow : kWide))
+  if (g.o <= kVecBytes / 4 && g.c >= kAtenConvMinChannels) {  // float lanes: same choice in F64
+    const at::Tensor conv =
+        at::convolution(input, weight, bias.defined() ? bias : at::Tensor(), {g.sh, g.sw},
+                        {g.padh, g.padw}, {1, 1}, false, {0, 0}, 1);
+    relu_pool<T>(conv.contiguous(), g, out, argmax);
+  } else if (columns_suits<T>(g, few ? kNarrow : kWide))
     forward_columns<T>(input, weight, bias, g, out, argmax);
   else if (few)
     forward_channels<T, kNarrowBytes, 1>(input, weight, bias, g, out, argmax);
-  else if (g.o > kWide)  // AVX2: two vectors of channels per block (see the forward kernels)
+  else if (g.o > kWide)  // two vectors of channels per block (kChannelVectors)
     forward_channels<T, kVecBytes, kChannelVectors>(input, weight, bias, g, out, argmax);
   else
     forward_channels<T, kVecBytes, 1>(input, weight, bias, g, out, argmax);

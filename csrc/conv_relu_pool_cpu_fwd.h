@@ -6,8 +6,8 @@
 // conv_relu_pool_cpu_bwd.h.
 //
 // Two ways to fill the vector lanes, chosen per layer by conv_relu_pool_cpu.cpp:
-// - forward_channels: lanes over output channels, NV vectors of them (NV = 2 on AVX2, whose
-//   16 registers make a one-vector block reload its inputs too often; weight repacked
+// - forward_channels: lanes over output channels, NV vectors of them (NV = 2 with more than one
+//   vector of channels: a one-vector block reloads its inputs too often; weight repacked
 //   [O/(NV*VW)][C][KH][KW][NV*VW]); a register block holds R conv outputs of one conv row;
 //   each (c, kh, kw) loads NV weight vectors and broadcasts R inputs. Conv rows of one pooled row
 //   go to a per-thread tile (L1) and are reduced to max/argmax at once. Best with many output
@@ -33,10 +33,12 @@
 
 namespace fastlenet::cpu {
 
-// Channel vectors per forward_channels block with many output channels: one with AVX-512's
-// embedded broadcasts and 32 registers; two on AVX2, where every broadcast input is a load of
-// its own and two weight vectors per input halve the loads per FMA (measured faster on AVX2).
-constexpr int kChannelVectors = kVecRegs >= 32 ? 1 : 2;
+// Channel vectors per forward_channels block with many output channels: two, whose two weight
+// vectors per broadcast input halve the loads per FMA. On AVX2 every broadcast input is a load
+// of its own (measured faster). On AVX-512 (Zen 5, 2 threads, batch 64) too, despite its
+// embedded broadcasts: forward 20-28% faster at 32 -> 64, 64 -> 128 and 128 -> 128 (3x3), 15% at
+// 48 -> 96 (3x3, batch 256), the same at 16 -> 32 and 37 -> 77 (5x5).
+constexpr int kChannelVectors = 2;
 
 // The argmax byte saved per lane: the window position of the max, or kNoGrad where ReLU passes
 // no gradient (`dead`: the max is <= 0).

@@ -55,6 +55,21 @@ CONV = {
     # small enough for a float64 gradcheck of the full Jacobian in Triton's interpreter
     "tiny": (1, 1, 6, 5, 2, 2, 2, 1, 1, 2, (2, 1)),
     "empty_batch": (0, 3, 8, 8, 4, 3, 3, 1, 0, 2, 2),
+    # Patch rows too long for the CPU backward's registers (its wide kernels): 5x5 with 16 -> 32
+    # channels, patch rows of 80 values split in tiles; odd channel counts with pool 3 stride 2;
+    # few output channels (grad_x by output channel, grad_w wide); 64 -> 128 channels (grad_w
+    # rows in several column tiles, grad_x tiles of 4 vectors); a kernel of 9 rows (tiles of
+    # fewer rows at the bottom).
+    "wide_5x5": (2, 16, 10, 10, 32, 5, 5, 1, 2, 2, 2),
+    "wide_odd_pool3": (2, 37, 9, 11, 22, 3, 3, 1, 1, 3, 2),
+    "wide_few_out": (2, 20, 8, 8, 10, 5, 5, 1, 0, 3, 2),
+    "wide_deep": (2, 64, 6, 6, 128, 3, 3, 1, 1, 2, 2),
+    "tall_kernel": (2, 2, 13, 6, 18, 9, 2, 1, 0, 2, 2),
+    # At least 32 input channels and one vector of output channels: the CPU forward's ATen conv
+    # and its ReLU/pool pass, with pool stride 2 (pairs of columns; pool 2 and 3) and 3.
+    "aten_conv": (2, 32, 9, 10, 7, 3, 3, 1, 1, 2, 2),
+    "aten_conv_pool3": (2, 40, 11, 12, 12, 5, 5, 1, 2, 3, 2),
+    "aten_conv_strides": (2, 33, 10, 11, 5, 3, 3, 2, 1, 2, 3),
 }
 
 #: The rows Triton runs (see the module docstring).

@@ -101,6 +101,7 @@ def _batch(geometry, n):
 DETERMINISM = [
     (CONV_OP, "cpu", 1, _batch(CONV["lenet_conv2"], 64)),
     (CONV_OP, "cpu", 2, _batch(CONV["lenet_conv2"], 64)),
+    (CONV_OP, "cpu", 2, _batch(CONV["wide_odd_pool3"], 16)),  # the wide backward kernels
     (CONV_OP, "cuda", None, _batch(CONV["lenet_conv2"], 256)),
     (CONV_OP, "triton", None, CONV["lenet_conv1_small"]),
     (LINEAR_OP, "cpu", 1, _batch(LINEAR["lenet_fc1"], 256)),

@@ -1,0 +1,314 @@
+// Backward kernels of conv2d -> ReLU -> max_pool2d on the CPU for wide layers: patch rows of
+// many channels (KW * C values), too long for conv_relu_pool_cpu_bwd.h's per-window registers.
+// Math and saved state: fastlenet/reference.py (conv_relu_pool).
+// Computes: per sample, grad_w and grad_b (accumulated into [O][KH][rowsize] and [O]) and
+// grad_x (into a channels-last, zero-padded buffer), visiting only each window's argmax patch,
+// as blocked work over the argmax positions. Accumulates in the data's own type. Saves nothing;
+// reads x (channels-last copy), w (repacked), grad_out and argmax. Buffers, chunking and the
+// Inf/NaN fallback: backward_kernel in conv_relu_pool_cpu_bwd.h, which calls these.
+//
+// - grad_w: a tile of RB patch rows x TV vectors of one output channel's accumulators stays in
+//   registers across that channel's windows; each FMA loads one vector of the argmax patch
+//   (L1, the sample's channels-last copy).
+// - grad_x: per window the output channels are grouped by argmax position q; per q and tile of
+//   TV vectors of a patch row, sum_o g[o] * w[o, tile] is accumulated in registers (two sets,
+//   alternating channels, for independent FMA chains) from the weight tile, repacked so that
+//   a tile of every output channel is contiguous and stays in L1, then added to the grad_x
+//   patch in one read-modify-write per (q, tile), instead of one per FMA.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "checks.h"
+#include "cpu_vec.h"
+
+namespace fastlenet::cpu {
+
+// Vectors of the wide kernels: the target's widest. Their rows have many channels, so most
+// vectors are full; on AVX-512 (Zen 5, 2 threads, batch 64) 64-byte vectors measured faster
+// than 32-byte ones: the whole backward 1.6x at 16 -> 32 (5x5), 1.45x at 64 -> 128 (3x3), 1.2x
+// at 37 -> 77 (5x5), the same at 10 -> 22 (5x5).
+constexpr int kWideBytes = kVecBytes;
+// Accumulator vectors of one grad_w tile (RB * TV): three quarters of the vector registers,
+// leaving room for the broadcast gradient and loaded inputs.
+constexpr int kWideAcc = kVecRegs * 3 / 4;
+// Patch rows per grad_w tile and vectors per tile of a patch row (both kernels).
+constexpr int kWideMaxRows = 7;
+constexpr int kWideMaxTV = 12;
+// Vectors per grad_x tile (RB rows x TV vectors): at most kWideXVecs (two sets of accumulators,
+// alternating channels, fill 16 registers: independent FMA chains) and such that the tile of
+// every output channel's weights takes at most kWideXTileBytes (L1 holds it with the grad_x
+// patch and the lists; at 128 output channels 4 vectors, 8 FMA chains: 4 cycles of latency x 2
+// FMA pipes).
+constexpr int kWideXVecs = 8;
+constexpr int64_t kWideXTileBytes = 32 << 10;
+
+template <typename T>
+struct WideVec {
+  using V = typename VecOf<T, kWideBytes>::type;
+  static constexpr int VW = VecOf<T, kWideBytes>::kLanes;
+};
+
+// Vectors per patch row of `rowlen` values, and that split into tiles of at most `max_tv`
+// vectors of equal size (the last may be shorter).
+inline int64_t wide_vectors(int64_t rowlen, int vw) { return (rowlen + vw - 1) / vw; }
+inline int64_t wide_tile(int64_t nv, int64_t max_tv) {
+  const int64_t tiles = (nv + max_tv - 1) / max_tv;
+  return (nv + tiles - 1) / tiles;
+}
+
+// grad_w of RB patch rows (from kh0) x TV vectors (from column c0 of the row) for every output
+// channel of one sample: gw is [O][KH][rowsize], gb [O] (summed in the pass with kh0 = c0 = 0).
+// A window with no gradient is visited with g = 0 (branch-free; x is finite here).
+template <typename T, int RB, int TV>
+void wide_weight_tile(const T* xcl, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
+                      const int64_t* woff, const int64_t* qoff, int64_t wpc, int64_t rowsize, T* gw,
+                      T* gb, int64_t kh0, int64_t c0) {
+  using V = typename WideVec<T>::V;
+  constexpr int VW = WideVec<T>::VW;
+  const int64_t plane = g.ph * g.pw;
+  xcl += kh0 * wpc + c0;
+  for (int64_t o = 0; o < g.o; ++o) {
+    V acc[RB][TV];
+    T* gwo = gw + (o * g.kh + kh0) * rowsize + c0;
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < TV; ++v) acc[r][v] = load<V>(gwo + r * rowsize + v * VW);
+    T bsum = gb[o];
+    const T* gop = go + o * plane;
+    const uint8_t* amo = am + o * plane;
+    for (int64_t k = 0; k < plane; ++k) {
+      const uint8_t q = amo[k];
+      const T gv = keep_or_zero(q != kNoGrad, gop[k]);
+      const T* row = xcl + woff[k] + qoff[q];
+      bsum += gv;
+      for (int r = 0; r < RB; ++r, row += wpc)
+        for (int v = 0; v < TV; ++v) acc[r][v] += gv * load<V>(row + v * VW);
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < TV; ++v) store(gwo + r * rowsize + v * VW, acc[r][v]);
+    if (kh0 == 0 && c0 == 0) gb[o] = bsum;
+  }
+}
+
+template <typename T>
+using WideWeightFn = void (*)(const T*, const T*, const uint8_t*, const ConvPoolGeometry&,
+                              const int64_t*, const int64_t*, int64_t, int64_t, T*, T*, int64_t,
+                              int64_t);
+
+template <typename T, int RB, int TV>
+constexpr WideWeightFn<T> wide_weight_fn() {
+  if constexpr (RB * TV <= kWideAcc)
+    return &wide_weight_tile<T, RB, TV>;
+  else
+    return nullptr;
+}
+
+template <typename T, int RB, int... TVs>
+constexpr std::array<WideWeightFn<T>, kWideMaxTV> wide_weight_row(
+    std::integer_sequence<int, TVs...>) {
+  return {wide_weight_fn<T, RB, TVs + 1>()...};
+}
+
+// wide_weight_tile<RB, TV> by [RB - 1][TV - 1], for RB * TV <= kWideAcc (nullptr elsewhere).
+template <typename T>
+struct WideWeightTable {
+  std::array<std::array<WideWeightFn<T>, kWideMaxTV>, kWideMaxRows> fn{};
+  WideWeightTable() { fill<1, 2, 3, 4, 5, 6, 7>(); }
+  template <int... RBs>
+  void fill() {
+    ((fn[RBs - 1] = wide_weight_row<T, RBs>(std::make_integer_sequence<int, kWideMaxTV>{})), ...);
+  }
+};
+
+// How the grad_w tiles cover a patch: rows of `nv` vectors in tiles of `tv`, `rb` rows each.
+struct WideWeightPlan {
+  int64_t nv, tv, rb;
+};
+
+inline WideWeightPlan wide_weight_plan(int64_t kh, int64_t rowlen, int vw) {
+  const int64_t nv = wide_vectors(rowlen, vw);
+  const int64_t tv = wide_tile(nv, std::min<int64_t>(kWideMaxTV, kWideAcc));
+  const int64_t rb = std::clamp<int64_t>(kWideAcc / tv, 1, std::min<int64_t>(kh, kWideMaxRows));
+  return {nv, tv, rb};
+}
+
+// All grad_w tiles of one sample.
+template <typename T>
+void wide_weight_sample(const T* xcl, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
+                        const int64_t* woff, const int64_t* qoff, int64_t wpc,
+                        const WideWeightPlan& p, T* gw, T* gb) {
+  static const WideWeightTable<T> table;
+  constexpr int VW = WideVec<T>::VW;
+  const int64_t rowsize = p.nv * VW;
+  for (int64_t kh0 = 0; kh0 < g.kh; kh0 += p.rb) {
+    const int64_t rb = std::min(p.rb, g.kh - kh0);
+    for (int64_t v0 = 0; v0 < p.nv; v0 += p.tv) {
+      const int64_t tv = std::min(p.tv, p.nv - v0);
+      table.fn[rb - 1][tv - 1](xcl, go, am, g, woff, qoff, wpc, rowsize, gw, gb, kh0, v0 * VW);
+    }
+  }
+}
+
+// How the grad_x tiles cover a patch: RB rows x TV vectors each; rows of `nv` vectors in `ct`
+// column tiles, `rt` row tiles (the last with KH - (rt - 1) * RB rows).
+struct WideInputPlan {
+  int64_t nv, tv, ct, rb, rt;
+};
+
+inline WideInputPlan wide_input_plan(const ConvPoolGeometry& g, int64_t rowlen, int vw,
+                                     int64_t vec_bytes) {
+  const int64_t nv = wide_vectors(rowlen, vw);
+  const int64_t budget = std::clamp<int64_t>(kWideXTileBytes / (g.o * vec_bytes), 2, kWideXVecs);
+  const int64_t tv = wide_tile(nv, budget), ct = (nv + tv - 1) / tv;
+  const int64_t rb = std::clamp<int64_t>(budget / tv, 1, g.kh), rt = (g.kh + rb - 1) / rb;
+  return {nv, tv, ct, rb, rt};
+}
+
+// The weight for wide_input_sample: per tile (row tile, column tile) the tile of every output
+// channel, [O][rows][TV * VW] (rows: RB, fewer in the last row tile), zero past each patch row
+// (full vectors then add exact zeros to grad_x; g is finite here). `pix`: elements per pixel of
+// the grad_x buffer. Tile (r, c) starts at (r * ct + c) * O * RB * TV * VW.
+template <typename T>
+std::vector<T, CacheLineAllocator<T>> wide_input_weight(const T* w, const ConvPoolGeometry& g,
+                                                        int64_t pix, const WideInputPlan& p) {
+  constexpr int VW = WideVec<T>::VW;
+  const int64_t tw = p.tv * VW, tile = g.o * p.rb * tw;
+  std::vector<T, CacheLineAllocator<T>> wt(p.rt * p.ct * tile, T(0));
+  for (int64_t o = 0; o < g.o; ++o)
+    for (int64_t c = 0; c < g.c; ++c)
+      for (int64_t kh = 0; kh < g.kh; ++kh)
+        for (int64_t kw = 0; kw < g.kw; ++kw) {
+          const int64_t col = kw * pix + c, r = kh / p.rb, t = col / tw;
+          const int64_t rows = std::min(p.rb, g.kh - r * p.rb);
+          wt[(r * p.ct + t) * tile + (o * rows + kh % p.rb) * tw + col % tw] =
+              w[((o * g.c + c) * g.kh + kh) * g.kw + kw];
+        }
+  return wt;
+}
+
+// Scratch of wide_input_sample: per window, its output channels ordered by argmax position.
+template <typename T>
+struct WideLists {
+  std::vector<int32_t> chan;  // [plane][O]: output channels, grouped by q
+  std::vector<T> grad;        // their grad_out values
+  std::vector<int32_t> seg;   // [plane][NQ + 1]: group q is chan[seg[q] .. seg[q + 1])
+};
+
+// Sum over the entries [e, end) of g * (tile of their channel: RB rows of TV vectors, `step`
+// elements per channel in wt), added to the RB rows (wpc apart) of TV vectors at dst.
+template <typename T, int RB, int TV>
+void wide_input_group(const T* wt, int64_t step, const int32_t* chan, const T* grad, int64_t e,
+                      int64_t end, T* dst, int64_t wpc) {
+  using V = typename WideVec<T>::V;
+  constexpr int VW = WideVec<T>::VW;
+  V a0[RB][TV] = {}, a1[RB][TV] = {};
+  for (; e + 1 < end; e += 2) {
+    const T* w0 = wt + chan[e] * step;
+    const T* w1 = wt + chan[e + 1] * step;
+    const T g0 = grad[e], g1 = grad[e + 1];
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < TV; ++v) {
+        a0[r][v] += g0 * load<V>(w0 + (r * TV + v) * VW);
+        a1[r][v] += g1 * load<V>(w1 + (r * TV + v) * VW);
+      }
+  }
+  if (e < end) {
+    const T* w0 = wt + chan[e] * step;
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < TV; ++v) a0[r][v] += grad[e] * load<V>(w0 + (r * TV + v) * VW);
+  }
+  for (int r = 0; r < RB; ++r, dst += wpc)
+    for (int v = 0; v < TV; ++v) store(dst + v * VW, load<V>(dst + v * VW) + (a0[r][v] + a1[r][v]));
+}
+
+template <typename T>
+using WideGroupFn = void (*)(const T*, int64_t, const int32_t*, const T*, int64_t, int64_t, T*,
+                             int64_t);
+
+template <typename T, int RB, int TV>
+constexpr WideGroupFn<T> wide_group_fn() {
+  if constexpr (RB * TV <= kWideXVecs)
+    return &wide_input_group<T, RB, TV>;
+  else
+    return nullptr;
+}
+
+template <typename T, int RB, int... TVs>
+constexpr std::array<WideGroupFn<T>, kWideXVecs> wide_group_row(
+    std::integer_sequence<int, TVs...>) {
+  return {wide_group_fn<T, RB, TVs + 1>()...};
+}
+
+// wide_input_group<RB, TV> by [RB - 1][TV - 1], for RB * TV <= kWideXVecs (nullptr elsewhere).
+template <typename T>
+struct WideGroupTable {
+  std::array<std::array<WideGroupFn<T>, kWideXVecs>, kWideXVecs> fn{};
+  WideGroupTable() { fill(std::make_integer_sequence<int, kWideXVecs>{}); }
+  template <int... RBs>
+  void fill(std::integer_sequence<int, RBs...>) {
+    ((fn[RBs] = wide_group_row<T, RBs + 1>(std::make_integer_sequence<int, kWideXVecs>{})), ...);
+  }
+};
+
+// grad_x of one sample into dx (channels-last, padded as woff/qoff/wpc describe; zero on
+// entry); wt from wide_input_weight with the same plan.
+template <typename T>
+void wide_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
+                       const int64_t* woff, const int64_t* qoff, int64_t wpc,
+                       const WideInputPlan& p, const T* wt, WideLists<T>& lists) {
+  static const WideGroupTable<T> table;
+  constexpr int VW = WideVec<T>::VW;
+  const int64_t plane = g.ph * g.pw, nq = g.poolh * g.poolw, tw = p.tv * VW;
+  lists.chan.resize(plane * g.o);
+  lists.grad.resize(plane * g.o);
+  lists.seg.assign(plane * (nq + 1), 0);
+  // Counting sort of each window's channels by q (channels with no gradient dropped), reading
+  // argmax in its own order.
+  int32_t* seg = lists.seg.data();
+  for (int64_t o = 0; o < g.o; ++o)
+    for (int64_t k = 0; k < plane; ++k) {
+      const uint8_t q = am[o * plane + k];
+      if (q != kNoGrad) ++seg[k * (nq + 1) + q + 1];
+    }
+  std::vector<int32_t> next(plane * nq);
+  for (int64_t k = 0; k < plane; ++k) {
+    int32_t* sk = seg + k * (nq + 1);
+    sk[0] = static_cast<int32_t>(k * g.o);
+    for (int64_t q = 0; q < nq; ++q) {
+      sk[q + 1] += sk[q];
+      next[k * nq + q] = sk[q];
+    }
+  }
+  for (int64_t o = 0; o < g.o; ++o)
+    for (int64_t k = 0; k < plane; ++k) {
+      const uint8_t q = am[o * plane + k];
+      if (q == kNoGrad) continue;
+      const int32_t at = next[k * nq + q]++;
+      lists.chan[at] = static_cast<int32_t>(o);
+      lists.grad[at] = go[o * plane + k];
+    }
+  for (int64_t r = 0; r < p.rt; ++r) {
+    const int64_t rows = std::min(p.rb, g.kh - r * p.rb), step = rows * tw;
+    for (int64_t t = 0; t < p.ct; ++t) {
+      const T* wtile = wt + (r * p.ct + t) * g.o * p.rb * tw;
+      const int64_t tv = std::min(p.tv, p.nv - t * p.tv);
+      const WideGroupFn<T> group = table.fn[rows - 1][tv - 1];
+      for (int64_t k = 0; k < plane; ++k) {
+        const int32_t* sk = seg + k * (nq + 1);
+        T* base = dx + woff[k] + r * p.rb * wpc + t * tw;
+        for (int64_t q = 0; q < nq; ++q)
+          if (sk[q + 1] > sk[q])
+            group(wtile, step, lists.chan.data(), lists.grad.data(), sk[q], sk[q + 1],
+                  base + qoff[q], wpc);
+      }
+    }
+  }
+}
+
+}  // namespace fastlenet::cpu
