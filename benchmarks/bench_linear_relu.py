@@ -146,28 +146,18 @@ SWEEP_CASES = harness.sweep_cases(SWEEP, S)
 
 @functools.lru_cache(maxsize=1)
 def checked_sweep_inputs(name: str, batch: int):
-    """make_inputs of a sweep shape, every provider checked on them first: once per shape and
-    batch, not per pass (the cases of one shape and batch run one after another)."""
+    """Once per shape and batch, not per pass (a shape's cases run one after another)."""
     shape = SWEEP[name]
-    x, w, b, g = make_inputs(shape, batch)
-    for provider, f in eager_providers(shape).items():
-        check(provider, f, shape.relu, x, w, b, g)
-    return x, w, b, g
+    providers = eager_providers(shape)
+    return harness.checked_inputs(
+        make_inputs(shape, batch), providers, lambda p, f, *t: check(p, f, shape.relu, *t)
+    )
 
 
 @pytest.mark.parametrize(
     ("name", "batch", "pass_"), SWEEP_CASES, ids=[f"{c[0]}-b{c[1]}-{c[2]}" for c in SWEEP_CASES]
 )
 def test_linear_relu_sweep(bench, name, batch, pass_):
-    shape = SWEEP[name]
-    x, w, b, g = checked_sweep_inputs(name, batch)
-    fns = eager_providers(shape)
-    bench.run(
-        op=SWEEP_OP,
-        pass_=pass_,
-        shape=shape.describe(name),
-        batch=batch,
-        flops=shape.flops(batch, pass_),
-        fns={n: harness.op_pass_fn(f, (x, w, b), g, pass_) for n, f in fns.items()},
-        case_s=S.sweep_case_s,
-    )
+    inputs = checked_sweep_inputs(name, batch)
+    fns = eager_providers(SWEEP[name])
+    harness.run_sweep_case(bench, SWEEP_OP, name, SWEEP[name], batch, pass_, inputs, fns, S)

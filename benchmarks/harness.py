@@ -390,6 +390,29 @@ def sweep_cases(names, settings: Settings) -> list[tuple[str, int, str]]:
     return [(n, b, p) for n in names for b in batches for p in passes]
 
 
+def checked_inputs(inputs, fns, check):
+    """`inputs` (x, w, b, grad_out), every provider in {provider: f} checked on them first
+    with check(provider, f, x, w, b, grad_out)."""
+    for provider, f in fns.items():
+        check(provider, f, *inputs)
+    return inputs
+
+
+def run_sweep_case(bench, op, name, shape, batch, pass_, inputs, fns, settings) -> None:
+    """One case of a shape sweep: {provider: f(x, w, b)} timed on `pass_` with the checked
+    inputs (x, w, b, grad_out) of shape `name` (its `describe` and `flops` label the row)."""
+    x, w, b, g = inputs
+    bench.run(
+        op=op,
+        pass_=pass_,
+        shape=shape.describe(name),
+        batch=batch,
+        flops=shape.flops(batch, pass_),
+        fns={n: op_pass_fn(f, (x, w, b), g, pass_) for n, f in fns.items()},
+        case_s=settings.sweep_case_s,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Saved-for-backward bytes, measured with torch.autograd.graph.saved_tensors_hooks
 
