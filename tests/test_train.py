@@ -257,8 +257,10 @@ def test_cli_trains_a_user_model_fused_beside_stock(tmp_path, idx_dir, capsys, m
     argv += ["--epochs", "1", "--batch-size", "32", "--no-progress", "--device", "cpu"]
     assert main([*argv, "--threads", str(THREADS), "--metrics", str(metrics)]) == 0
     out = capsys.readouterr().out
-    assert "fastlenet.fuse: 2 fused, 1 left alone" in out
+    assert "fastlenet.fuse: 2 fused, 0 left alone" in out
     assert "features.0: conv2d -> ReLU -> max_pool2d" in out and "fc1: linear -> ReLU" in out
+    # fc2 (no ReLU) ends the chain the three layers make
+    assert "chain: features.0, flatten, fc1, fc2 -> one autograd node" in out
     stock = json.loads(metrics.read_text())["stock"]
     assert stock["max_rel_loss_diff"] < report.PARITY_TOL
 
