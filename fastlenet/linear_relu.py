@@ -39,15 +39,20 @@ class LinearReLUFunction(torch.autograd.Function):
 
 
 def _apply(input, weight, bias, relu, backend):
-    _checks.check_params(input, weight, bias, weight_rank=2)
-    _checks.check_linear_input(input, weight)
+    _checks.check_linear(input, weight, bias)
     name = backends.resolve(backend, input.device)
-    if input.dim() == 2:  # the common case: no reshapes (each costs microseconds per call)
-        return LinearReLUFunction.apply(input, weight, bias, relu, name)
-    lead = input.shape[:-1]
-    flat = input.reshape(-1, input.shape[-1])
-    out = LinearReLUFunction.apply(flat, weight, bias, relu, name)
-    return out.reshape(*lead, weight.shape[0])
+    flat = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
+    if torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        out = LinearReLUFunction.apply(flat, weight, bias, relu, name)
+    else:
+        # Nothing to record (inference): the op itself. Function.apply would still build a ctx
+        # and save the tensors, ~2 us per call where 84->10 at batch 64 takes ~8 us.
+        out = backends.ops("linear_relu", name).fwd(flat, weight, bias, relu)
+    if flat is input:  # the common case: no reshapes (each costs microseconds per call)
+        return out
+    return out.reshape(*input.shape[:-1], weight.shape[0])
 
 
 def linear_relu(input, weight, bias=None, *, backend="auto"):
