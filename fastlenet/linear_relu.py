@@ -39,6 +39,10 @@ class LinearReLUFunction(torch.autograd.Function):
 
 
 def _apply(input, weight, bias, relu, backend):
+    if not torch.is_grad_enabled() and type(input) is torch.Tensor and input.dim() == 2:
+        out = _infer_checked_in_cpp(input, weight, bias, relu, backend)
+        if out is not None:
+            return out
     _checks.check_linear(input, weight, bias)
     name = backends.resolve(backend, input.device)
     flat = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
@@ -53,6 +57,32 @@ def _apply(input, weight, bias, relu, backend):
     if flat is input:  # the common case: no reshapes (each costs microseconds per call)
         return out
     return out.reshape(*input.shape[:-1], weight.shape[0])
+
+
+def _infer_checked_in_cpp(input, weight, bias, relu, backend):
+    """Inference on the CPU op, whose checks (csrc/checks.h) cover the Python ones for a plain
+    2-D input: those run only after the op raised, to name the mistake as they always do. This
+    saves ~1.2 us per call of the ~8 us of 84->10 at batch 64 (timeit, 2-core Zen 4 VM).
+
+    None where it does not apply: other backends (the reference checks nothing), tensors not
+    all on the CPU (a meta weight would send the call to the fake kernel, which checks
+    nothing), or while torch.compile traces (fake tensors run no checks).
+    """
+    if torch.compiler.is_compiling() or not (
+        input.is_cpu
+        and getattr(weight, "is_cpu", False)
+        and (bias is None or getattr(bias, "is_cpu", False))
+    ):
+        return None
+    try:
+        name = backends.resolve(backend, input.device)
+        if name != "cpu":
+            return None
+        return backends.ops("linear_relu", name).fwd(input, weight, bias, relu)
+    except Exception as exc:  # re-raised below unless the checks name the mistake
+        error = exc
+    _checks.check_linear(input, weight, bias)
+    raise error
 
 
 def linear_relu(input, weight, bias=None, *, backend="auto"):
