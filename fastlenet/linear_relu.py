@@ -39,15 +39,52 @@ class LinearReLUFunction(torch.autograd.Function):
 
 
 def _apply(input, weight, bias, relu, backend):
-    _checks.check_params(input, weight, bias, weight_rank=2)
-    _checks.check_linear_input(input, weight)
+    if type(input) is torch.Tensor and input.dim() == 2:
+        out = _checked_in_cpp(input, weight, bias, relu, backend)
+        if out is not None:
+            return out
+    _checks.check_linear(input, weight, bias)
     name = backends.resolve(backend, input.device)
     if input.dim() == 2:  # the common case: no reshapes (each costs microseconds per call)
+        return _call(input, weight, bias, relu, name)
+    out = _call(input.reshape(-1, input.shape[-1]), weight, bias, relu, name)
+    return out.reshape(*input.shape[:-1], weight.shape[0])
+
+
+def _call(input, weight, bias, relu, name):
+    if torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
         return LinearReLUFunction.apply(input, weight, bias, relu, name)
-    lead = input.shape[:-1]
-    flat = input.reshape(-1, input.shape[-1])
-    out = LinearReLUFunction.apply(flat, weight, bias, relu, name)
-    return out.reshape(*lead, weight.shape[0])
+    # Nothing to record (inference): the op itself. Function.apply would still build a ctx and
+    # save the tensors, ~2 us per call where 84->10 at batch 64 takes ~8 us.
+    return backends.ops("linear_relu", name).fwd(input, weight, bias, relu)
+
+
+def _checked_in_cpp(input, weight, bias, relu, backend):
+    """_call on the CPU op, whose checks (csrc/checks.h) cover the Python ones for a plain 2-D
+    input: those run only after it raised, to name the mistake as they always do. This saves
+    ~1.2 us per call of the ~8 us of 84->10 at batch 64 (timeit, 2-core Zen 4 VM).
+
+    None where it does not apply: other backends (the reference checks nothing), tensors not
+    all on the CPU (a meta weight would send the call to the fake kernel, which checks
+    nothing), or while torch.compile traces (fake tensors run no checks).
+    """
+    if torch.compiler.is_compiling() or not (
+        input.is_cpu
+        and getattr(weight, "is_cpu", False)
+        and (bias is None or getattr(bias, "is_cpu", False))
+    ):
+        return None
+    try:
+        name = backends.resolve(backend, input.device)
+        if name != "cpu":
+            return None
+        return _call(input, weight, bias, relu, name)
+    except Exception as exc:  # re-raised below unless the checks name the mistake
+        error = exc
+    _checks.check_linear(input, weight, bias)
+    raise error
 
 
 def linear_relu(input, weight, bias=None, *, backend="auto"):

@@ -111,6 +111,10 @@ LINEAR = {
     "feature_blocks": (3, 84, 70),  # 70 features: two Triton feature blocks of 64
     "one": (1, 1, 1),
     "tiny": (5, 7, 4),  # small enough for a float64 gradcheck in Triton's interpreter
+    # the CPU forward's dot products (8-12 outputs): 4-row blocks plus 3 rows, 5-output blocks
+    # plus 1, a masked tail vector; then in_features shorter than a vector (scalar tail)
+    "dot_tails": (39, 13, 11),
+    "dot_short": (6, 5, 9),
 }
 
 #: The shapes Triton runs (see the module docstring).
