@@ -138,6 +138,7 @@ def run(layers, x, layered, others=()):
     if keyed is None:
         return layered(x)
     key, params = keyed
+    key = (key, tuple(layer_spec))  # a changed stride or padding is checked again
     if key not in _CHECKED:
         out = layered(x)  # the layers' own checks, and errors, on a shape's first call
         _CHECKED.add(key)

@@ -296,3 +296,23 @@ def test_sequentials_that_are_not_chains_run_as_nn_sequential(children):
     out = model(x)
     assert type(out.grad_fn).__name__ != "ChainFunctionBackward"
     assert torch.equal(out, want)
+
+
+def test_a_changed_geometry_is_checked_again():
+    model, _, _ = _pair("lenet5")
+    x = torch.randn(2, 1, 32, 32)
+    _chained(model, x)
+    model.conv2.stride = (3, 3)  # conv2 then gives 2x2 pooled: fc1 expects 400 features
+    with pytest.raises(fastlenet.ArgumentError, match="400"):
+        model(x)
+
+
+def test_a_hook_on_a_sequential_identity_runs():
+    seq = _sequential(fnn.Sequential)
+    seq.insert(3, torch.nn.Identity())
+    x = torch.randn(2, 1, 12, 12)
+    _chained(seq, x)
+    seen = []
+    seq[3].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    out = seq(x)
+    assert seen == [(2, 7)] and type(out.grad_fn).__name__ != "ChainFunctionBackward"

@@ -17,8 +17,9 @@ class Sequential(nn.Sequential):
         layers = chain.of_modules(children)
         if layers is None:
             return super().forward(input)
-        flattens = [m for m in children if type(m) is nn.Flatten]
-        return chain.run(layers, input, super().forward, others=flattens)
+        # The children that are not layers run inside the chain too: their hooks count.
+        others = [m for m in children if type(m) in (nn.Flatten, nn.Identity)]
+        return chain.run(layers, input, super().forward, others=others)
 
 
 class Chain(nn.Module):
