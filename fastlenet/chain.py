@@ -183,18 +183,24 @@ class ChainFunction(torch.autograd.Function):
         return (None, *result)
 
 
+def _unpacked(layer_spec):
+    """Per layer of a spec: (CONV, (stride, padding, pool_size, pool_stride)) or (LINEAR, relu)."""
+    for i in range(0, len(layer_spec), LAYER_INTS):
+        s = layer_spec[i : i + LAYER_INTS]
+        yield (CONV, (s[1:3], s[3:5], s[5:7], s[7:9])) if s[0] == CONV else (LINEAR, bool(s[1]))
+
+
 def layered(layer_spec, input, weights, biases):
     """The chain layer by layer through the per-layer Functions (CPU backend)."""
     from fastlenet.conv_relu_pool import conv_relu_pool2d
     from fastlenet.linear_relu import linear, linear_relu
 
     x = input
-    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
-        s = layer_spec[i * LAYER_INTS : (i + 1) * LAYER_INTS]
-        if s[0] == CONV:
-            x = conv_relu_pool2d(x, w, b, s[1:3], s[3:5], s[5:7], s[7:9], backend="cpu")
+    for (kind, args), w, b in zip(_unpacked(layer_spec), weights, biases, strict=True):
+        if kind == CONV:
+            x = conv_relu_pool2d(x, w, b, *args, backend="cpu")
         else:
-            x = (linear_relu if s[1] else linear)(torch.flatten(x, 1), w, b, backend="cpu")
+            x = (linear_relu if args else linear)(torch.flatten(x, 1), w, b, backend="cpu")
     return x
 
 
@@ -216,12 +222,11 @@ def fwd_fake(input, weights, biases, layer_spec):
 
     activations, argmaxes = [], []
     x = input
-    for i, w in enumerate(weights):
-        s = layer_spec[i * LAYER_INTS : (i + 1) * LAYER_INTS]
+    for i, ((kind, args), w) in enumerate(zip(_unpacked(layer_spec), weights, strict=True)):
         if i > 0:
             activations.append(x)
-        if s[0] == CONV:
-            x, argmax = conv_fake(x, w, biases[i], s[1:3], s[3:5], s[5:7], s[7:9])
+        if kind == CONV:
+            x, argmax = conv_fake(x, w, biases[i], *args)
             argmaxes.append(argmax)
         else:
             x = x.new_empty(x.shape[0], w.shape[0])

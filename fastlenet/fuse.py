@@ -426,9 +426,9 @@ def _chain_runs(gm, report, backend) -> None:
         module = modules.get(node.target) if node.op == "call_module" else None
         layer = module if type(module) in (ConvReLUPool2d, *_LINEAR_LAYERS) else None
         part = layer or _flatten_module(node, modules)
-        if part is None and type(module) is nn.Linear:  # a last linear without ReLU
-            part = _linear_layer(module, backend, Linear)
         follows = current and _input(node) is current[-1][0] and _sole_user(current[-1][0])
+        if part is None and follows and type(module) is nn.Linear:  # a last linear, no ReLU
+            part = _linear_layer(module, backend, Linear)
         if part is not None and follows:
             current.append((node, part, module))
             continue
@@ -440,15 +440,15 @@ def _chain_runs(gm, report, backend) -> None:
         # A trailing flatten stays as it was; a stock linear only ends a chain.
         while run and type(run[-1][1]) is nn.Flatten:
             run.pop()
-        stock = [i for i, (_, _, m) in enumerate(run) if type(m) is nn.Linear]
-        if stock:
-            del run[stock[0] + 1 :]
+        end = next((i for i, (_, _, m) in enumerate(run) if type(m) is nn.Linear), None)
+        if end is not None:
+            del run[end + 1 :]
         if chain.of_modules([part for _, part, _ in run]) is None:
             continue
         first, last = run[0][0], run[-1][0]
         name = f"fastlenet_chain{k}"
         # The stock linear's hooks are watched on the module the user sees (gm's).
-        watch = [m for _, part, m in run if m is not None and m is not part]
+        watch = [] if end is None else [run[end][2]]
         gm.add_submodule(name, Chain([part for _, part, _ in run], watch))
         with gm.graph.inserting_after(last):
             call = gm.graph.call_module(name, (_input(first),))
@@ -457,10 +457,9 @@ def _chain_runs(gm, report, backend) -> None:
             gm.graph.erase_node(node)
         names = [n.target if n.op == "call_module" else n.name for n, _, _ in run]
         report.chains.append(f"{', '.join(names)} -> one autograd node ({name})")
-        # A stock linear that ends the chain runs in it now (the chain's line says so).
-        for n, _, m in run:
-            if type(m) is nn.Linear:
-                report.left = [line for line in report.left if not line.startswith(f"{n.target}:")]
+        if end is not None:  # the stock linear runs in the chain now (its line says so)
+            left = f"{run[end][0].target}:"
+            report.left = [line for line in report.left if not line.startswith(left)]
     gm.recompile()
 
 
