@@ -434,16 +434,18 @@ def _train_epoch(run, epoch) -> float:
     config = run.config
     n_train = len(run.dataset.train_labels)
     batches = data.epoch_batches(n_train, config.batch_size, run.order, run.drop_last)
+    total = sum(len(b) for b in batches)
     fused_seconds = 0.0
     for name, runner in run.runners():
         runner.reset_epoch()
         seconds0 = runner.seconds
-        total = sum(len(b) for b in batches)
         bar = report.progress(config, run.dist.is_main, epoch, total, name=name)
+        # Per-step losses, compared after the run, only when there is a model to compare with.
+        step_log = run.step_log["fused" if runner is run.fused else "stock"]
         for i, idx in enumerate(batches):
             loss = _step(run, runner, idx)
             if run.stock is not None:
-                run.step_log["fused" if runner is run.fused else "stock"].append(loss.item())
+                step_log.append(loss.item())
             if config.tensorboard and ((i + 1) % config.log_every == 0 or i == len(batches) - 1):
                 _log_steps(run, name, runner, epoch * len(batches) + i + 1)
             if bar is not None:
