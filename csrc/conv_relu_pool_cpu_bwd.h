@@ -339,7 +339,7 @@ inline at::Tensor masked_grad(const at::Tensor& grad_out, const at::Tensor& argm
     const uint8_t* am = argmax.const_data_ptr<uint8_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, grad_out.numel(), kMaskGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) o[i] = am[i] == kNoGrad ? scalar_t(0) : go[i];
+      for (int64_t i = begin; i < end; ++i) o[i] = keep_or_zero(am[i] != kNoGrad, go[i]);
     });
   });
   return out;
