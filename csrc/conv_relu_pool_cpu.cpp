@@ -5,7 +5,9 @@
 // Saves for backward (the autograd Function does): x, w and argmax, one byte per pooled output.
 //
 // float32 and float64, contiguous NCHW (inputs are made contiguous); the conv output is stored
-// only where ATen's convolution computes it (kAtenConvMinChannels). Kernels:
+// only where ATen's convolution computes it: layers without pooling (pool_size 1, forward and
+// backward; see conv_relu_pool_fwd_cpu) and few outputs from deep input (kAtenConvMinChannels).
+// Kernels:
 // conv_relu_pool_cpu_fwd.h (forward), conv_relu_pool_cpu_pool.h (ReLU/pool pass after ATen's
 // conv), conv_relu_pool_cpu_bwd.h and conv_relu_pool_cpu_bwd_wide.h (backward);
 // a gradient that Inf/NaN reach through the zeros the sparse backward skips is recomputed
@@ -23,11 +25,6 @@ namespace fastlenet {
 namespace {
 
 using namespace cpu;
-
-// Patch depth C * KH * KW from which a backward without pooling goes to ATen's dense
-// convolution backward: measured faster at 16 -> 32 and 32 -> 64 channels (3x3, depth 144 and
-// 288), slower at 6 -> 16 (depth 54), where the sparse kernels' registers suit the few channels.
-constexpr int64_t kDenseDepth = 144;
 
 // Input channels from which a layer of at most one vector of output channels (kWide: the fused
 // kernels then fill few lanes) takes ATen's convolution (oneDNN) and relu_pool instead of the
@@ -74,10 +71,22 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_fwd_cpu(
   const at::Tensor input = input_.contiguous();
   const at::Tensor weight = weight_.contiguous();
   const at::Tensor bias = bias_.has_value() ? bias_->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({g.n, g.o, g.ph, g.pw}, input.options());
   at::Tensor argmax = at::empty({g.n, g.o, g.ph, g.pw}, input.options().dtype(at::kByte));
-  maybe_poison(out);
   maybe_poison(argmax);
+  // No pooling: the fusion saves no multiply-adds, and ATen's convolution (oneDNN) measured
+  // faster than the fused kernels at every such layer of the sweep (benchmarks/results/
+  // sweep_cpu.md: 0.27-1.03x of stock's conv + ReLU before, forward alone). Its output becomes
+  // ours after ReLU in place; stock's composition writes a second tensor for the ReLU.
+  if (windows_are_outputs(g) && g.n > 0) {
+    at::Tensor out = at::convolution(input, weight, bias, {g.sh, g.sw}, {g.padh, g.padw}, {1, 1},
+                                     false, {0, 0}, 1)
+                         .contiguous();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_fwd_cpu",
+                               [&] { relu_codes<scalar_t>(out, argmax); });
+    return {out, argmax};
+  }
+  at::Tensor out = at::empty({g.n, g.o, g.ph, g.pw}, input.options());
+  maybe_poison(out);
   if (g.n == 0) return {out, argmax};
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_fwd_cpu",
                              [&] { forward<scalar_t>(input, weight, bias, g, out, argmax); });
@@ -106,10 +115,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
   };
   const at::Tensor go = grad_out.contiguous(), am = argmax.contiguous(), x = input.contiguous();
   const at::Tensor w = weight.contiguous();
-  if (windows_are_outputs(g) && g.c * g.kh * g.kw >= kDenseDepth) {
+  if (windows_are_outputs(g)) {
     // No pooling: every conv output passes gradient unless ReLU stops it, so the sparse
-    // kernels save no work, and with deep patches ATen's dense backward (oneDNN GEMMs) runs
-    // them faster.
+    // kernels save no work, and ATen's dense backward (oneDNN) runs it as fast as stock's.
     auto [gi, gw, gb] = dense_backward(go, am, x, w, g, {input_grad, weight_grad, weight_grad});
     const auto none = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
     return {input_grad ? gi : none(input), weight_grad ? gw : none(weight),

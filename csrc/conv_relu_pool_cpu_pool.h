@@ -2,10 +2,14 @@
 // the layers whose conv ATen's convolution (oneDNN) computes faster than the fused kernels
 // (conv_relu_pool_cpu.cpp chooses; conv_relu_pool_cpu_fwd.h has the fused ones).
 // Math and saved state: fastlenet/reference.py (conv_relu_pool).
-// Computes: out and argmax (N, O, PH, PW) from the conv output y (N, O, OH, OW), contiguous,
-// with max_pool2d's rule (the first strictly larger value or a NaN takes the window) and ReLU
-// after it (argmax kNoGrad where the max is <= 0). Saves nothing itself: the caller's op
-// returns argmax, one byte per pooled output, which the backward reads.
+// Computes:
+// - relu_pool: out and argmax (N, O, PH, PW) from the conv output y (N, O, OH, OW), contiguous,
+//   with max_pool2d's rule (the first strictly larger value or a NaN takes the window) and ReLU
+//   after it (argmax kNoGrad where the max is <= 0);
+// - relu_codes, without pooling (every conv output a window of its own): ReLU in place on y,
+//   which becomes the output, and argmax 0 or kNoGrad per output.
+// Saves nothing itself: the caller's op returns argmax, one byte per pooled output, which the
+// backward reads.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -93,6 +97,34 @@ void relu_pool(const at::Tensor& conv, const ConvPoolGeometry& g, at::Tensor& ou
           }
         }
       }
+    }
+  });
+}
+
+// Elements per task of relu_codes: below this a parallel region costs more than it saves.
+constexpr int64_t kCodesGrain = 1 << 15;
+
+template <typename T>
+void relu_codes(at::Tensor& y, at::Tensor& argmax) {
+  using Vec = VecOf<T, kVecBytes>;
+  using V = typename Vec::type;
+  using M = typename Vec::mask;
+  using MI = typename Vec::mask_int;
+  constexpr int VW = Vec::kLanes;
+  T* p = y.data_ptr<T>();
+  uint8_t* amp = argmax.data_ptr<uint8_t>();
+  at::parallel_for(0, y.numel(), kCodesGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + VW <= end; i += VW) {
+      const V v = load<V>(p + i);
+      const M dead = v <= V{};  // false for NaN, which ReLU passes as stock's does
+      store(p + i, dead ? V{} : v);
+      store(amp + i, low_bytes(dead & static_cast<MI>(kNoGrad)));
+    }
+    for (; i < end; ++i) {
+      const bool dead = p[i] <= T(0);
+      p[i] = keep_or_zero(!dead, p[i]);
+      amp[i] = dead ? kNoGrad : uint8_t(0);
     }
   });
 }

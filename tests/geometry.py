@@ -41,9 +41,12 @@ CONV = {
     "odd": (2, 3, 11, 9, 20, 3, 2, (2, 1), (1, 0), 3, 2),  # odd sizes, overlapping pools
     # the same with 5 = 4 + 1 channels: small integer data hold windows with max <= 0 too
     "odd_small": (3, 3, 11, 9, 5, 3, 2, (2, 1), (1, 0), 3, 2),
-    "no_pool": (1, 2, 7, 8, 5, 3, 3, 1, 1, 1, 1),  # pool_size=1: conv + ReLU alone
-    # pool_size=1 with patches of depth 16 * 3 * 3 = 144: the CPU backward's dense path
-    "no_pool_deep": (2, 16, 7, 6, 5, 3, 3, 1, 1, 1, 1),
+    # pool_size=1: conv + ReLU alone (the C++ CPU op: ATen's conv, its ReLU/argmax pass over
+    # 17 vectors and a tail of 8, ATen's dense backward)
+    "no_pool": (1, 2, 7, 8, 5, 3, 3, 1, 1, 1, 1),
+    "no_pool_deep": (2, 16, 7, 6, 5, 3, 3, 1, 1, 1, 1),  # patches of depth 16 * 3 * 3 = 144
+    # pool_size=1 with a conv stride: 2 * 7 * 6 * 5 outputs, 26 vectors and a tail of 4
+    "no_pool_strided": (2, 3, 11, 10, 7, 3, 3, 2, 1, 1, 1),
     "strides": (3, 2, 13, 10, 9, 4, 3, 2, 2, (2, 3), (3, 1)),  # strides everywhere
     "pool_gaps": (2, 2, 10, 11, 4, 3, 3, 1, 0, 2, 3),  # pool_stride > pool_size: gaps
     "channels_70": (1, 2, 6, 6, 70, 3, 3, 1, 1, 2, 2),  # 70 channels: two Triton channel blocks

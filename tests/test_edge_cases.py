@@ -164,18 +164,19 @@ CONV_CHANNELS = [(3, 5), (32, 5), (16, 24)]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("pool_size", [2, 1], ids=["pool2", "no_pool"])  # no_pool: ATen's conv
 @pytest.mark.parametrize("padding", [0, 1], ids=["pad0", "pad1"])
 @pytest.mark.parametrize(("c", "o"), CONV_CHANNELS, ids=[f"{c}to{o}" for c, o in CONV_CHANNELS])
 @pytest.mark.parametrize(
     ("which", "index", "value"),
     [pytest.param(*c[1:], id=c[0]) for c in NONFINITE_CONV],
 )
-def test_conv_nonfinite(which, index, value, c, o, padding, backend):
+def test_conv_nonfinite(which, index, value, c, o, padding, pool_size, backend):
     """Without padding a non-finite weight tap reaches only the inputs it multiplies, so the
     NaN pattern of grad_input shows whether a kernel spreads it further."""
     tensors = _conv_tensors(c=c, o=o)
     tensors[which] = _poison(tensors[which], index, value)
-    _compare(*_conv(backend, padding=padding), tensors)
+    _compare(*_conv(backend, padding=padding, pool_size=pool_size), tensors)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
