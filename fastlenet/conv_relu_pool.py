@@ -15,15 +15,12 @@ from fastlenet._autograd import backward_backend
 class ConvReLUPoolFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, pool_size, pool_stride, backend):
-        ops = backends.ops("conv_relu_pool", backend)
-        out, argmax = ops.fwd(input, weight, bias, stride, padding, pool_size, pool_stride)
+        geometry = (stride, padding, pool_size, pool_stride)
+        out, argmax, ctx.channels_last = _fwd(input, weight, bias, geometry, backend)
         ctx.save_for_backward(input, weight, argmax)
-        ctx.geometry = (stride, padding, pool_size, pool_stride)
+        ctx.geometry = geometry
         ctx.backend = backend
         ctx.has_bias = bias is not None
-        ctx.channels_last = _checks.channels_last(input) or _checks.channels_last(weight)
-        if ctx.channels_last:  # stock's conv: channels_last output and gradients
-            out = out.contiguous(memory_format=torch.channels_last)
         return out
 
     @staticmethod
@@ -43,6 +40,15 @@ class ConvReLUPoolFunction(torch.autograd.Function):
                 for g in (grad_input, grad_weight)
             )
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _fwd(input, weight, bias, geometry, backend):
+    """(out, argmax, channels_last) from the backend's forward op."""
+    out, argmax = backends.ops("conv_relu_pool", backend).fwd(input, weight, bias, *geometry)
+    channels_last = _checks.channels_last(input) or _checks.channels_last(weight)
+    if channels_last:  # stock's conv: channels_last output and gradients
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out, argmax, channels_last
 
 
 def conv_relu_pool2d(
@@ -78,9 +84,14 @@ def conv_relu_pool2d(
         input = input.unsqueeze(0)
     _checks.check_conv_input(input, weight, stride, padding, pool_size, pool_stride)
     name = backends.resolve(backend, input.device)
-    out = ConvReLUPoolFunction.apply(
-        input, weight, bias, stride, padding, pool_size, pool_stride, name
-    )
+    if torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        out = ConvReLUPoolFunction.apply(
+            input, weight, bias, stride, padding, pool_size, pool_stride, name
+        )
+    else:  # nothing to record (inference): the op alone, as linear_relu does
+        out = _fwd(input, weight, bias, (stride, padding, pool_size, pool_stride), name)[0]
     return out.squeeze(0) if unbatched else out
 
 

@@ -14,6 +14,14 @@ def _as_float64_leaves(tensors):
     ]
 
 
+def _check_inference(run, out):
+    """Under no_grad the op runs without its autograd Function: the same values and strides."""
+    with torch.no_grad():
+        plain = run()
+    assert plain.grad_fn is None
+    assert torch.equal(plain, out.detach()) and plain.stride() == out.stride()
+
+
 def _check(out, ref, inputs, ref_inputs, tol):
     x = inputs[0]
     assert out.shape == ref.shape and out.dtype == x.dtype and out.device == x.device
@@ -39,6 +47,7 @@ def check_conv_relu_pool(x, weight, bias, conv, backend, tol):
     """conv_relu_pool2d(x, weight, bias, *conv) on `backend` against the stock composition."""
     conv = [(v, v) if isinstance(v, int) else tuple(v) for v in conv]
     out = conv_relu_pool2d(x, weight, bias, *conv, backend=backend)
+    _check_inference(lambda: conv_relu_pool2d(x, weight, bias, *conv, backend=backend), out)
     ref_inputs = _as_float64_leaves((x, weight, bias))
     ref = reference.conv_relu_pool2d(*ref_inputs, *conv)
     _check(out, ref, (x, weight, bias), ref_inputs, tol)
@@ -47,6 +56,9 @@ def check_conv_relu_pool(x, weight, bias, conv, backend, tol):
 def check_linear_relu(x, weight, bias, relu, backend, tol):
     """linear_relu (relu) or linear on `backend` against the stock composition."""
     out = (linear_relu if relu else linear)(x, weight, bias, backend=backend)
+    _check_inference(
+        lambda: (linear_relu if relu else linear)(x, weight, bias, backend=backend), out
+    )
     ref_inputs = _as_float64_leaves((x, weight, bias))
     ref = reference.linear_relu(*ref_inputs, relu=relu)
     _check(out, ref, (x, weight, bias), ref_inputs, tol)
