@@ -36,7 +36,10 @@ FASTLENET_SANITIZE=1 FASTLENET_CUDA=0 "$PY" setup.py -q build \
   --build-base "$OUT/base" --build-lib "$OUT/lib" --build-temp "$OUT/temp" > "$OUT/build.log" 2>&1 \
   || { tail -n 40 "$OUT/build.log"; exit 1; }
 SO=$(ls "$OUT"/lib/fastlenet/_C*.so)
-if ! ldd "$SO" | grep -q libasan || ! ldd "$SO" | grep -q libubsan; then
+# ldd's output is read whole before grep: `ldd | grep -q` under pipefail fails at random, when
+# grep exits at its first match while ldd still writes (SIGPIPE, exit 141).
+LINKED=$(ldd "$SO")
+if ! grep -q libasan <<< "$LINKED" || ! grep -q libubsan <<< "$LINKED"; then
   echo "run_sanitized: $SO is not linked with libasan and libubsan" >&2
   exit 1
 fi
