@@ -38,6 +38,62 @@ class LinearReLUFunction(torch.autograd.Function):
         )
 
 
+_CPU = torch.device("cpu")
+# The CPU op's forward overload (None without the extension; the fast path then never runs).
+_CPU_FWD = backends.ops("linear_relu", "cpu").fwd if _ext.LOADED else None
+# Module-level names for the fast path below: each `torch.x` lookup costs tens of ns per call.
+_Tensor = torch.Tensor
+_RESOLVED = backends._RESOLVED  # resolve()'s cache; refresh() clears it in place
+_is_compiling = torch.compiler.is_compiling
+_is_grad_enabled = torch.is_grad_enabled
+
+
+def _function(relu: bool, name: str, doc: str):
+    """linear_relu (relu) or linear: the fast path inline, everything else in _apply."""
+
+    def function(input, weight, bias=None, *, backend="auto"):
+        # The fast path: a plain 2-D CPU input, CPU parameters, and a backend that resolve()
+        # has already answered "cpu" for (from its cache: FASTLENET_BACKEND holds). The op, or
+        # the autograd Function, in one Python frame instead of seven: under no_grad, 84->10 at
+        # batch 64 5.25 -> 4.86 us per call (the op alone 4.21), 120->84 14.20 -> 13.83 us
+        # (13.24), alternating medians in one process, 2-core Zen 4 VM; with the names above
+        # and this frame inlined, 84->10 6.55 -> 6.39 us. The op's checks (csrc/checks.h)
+        # cover the Python ones for these arguments: those run only after it raised, to name
+        # the mistake as they always do. Not while torch.compile traces (fake tensors run no
+        # checks); a first call resolves the backend in _apply. A condition that raises (a
+        # weight that is no tensor, an unhashable backend) leaves the rest to _apply.
+        try:
+            fast = (
+                type(input) is _Tensor
+                and input.is_cpu
+                and weight.is_cpu
+                and (bias is None or bias.is_cpu)
+                and input.dim() == 2
+                and _RESOLVED.get((backend, _CPU)) == "cpu"
+                and not _is_compiling()
+            )
+        except (AttributeError, TypeError):
+            fast = False
+        if fast:
+            try:
+                if _is_grad_enabled() and (
+                    input.requires_grad
+                    or weight.requires_grad
+                    or (bias is not None and bias.requires_grad)
+                ):
+                    return LinearReLUFunction.apply(input, weight, bias, relu, "cpu")
+                return _CPU_FWD(input, weight, bias, relu)
+            except Exception as exc:  # re-raised below unless the checks name the mistake
+                error = exc
+            _checks.check_linear(input, weight, bias)
+            raise error
+        return _apply(input, weight, bias, relu, backend)
+
+    function.__name__ = function.__qualname__ = name
+    function.__doc__ = doc
+    return function
+
+
 def _apply(input, weight, bias, relu, backend):
     if type(input) is torch.Tensor and input.dim() == 2:
         out = _checked_in_cpp(input, weight, bias, relu, backend)
@@ -87,14 +143,16 @@ def _checked_in_cpp(input, weight, bias, relu, backend):
     raise error
 
 
-def linear_relu(input, weight, bias=None, *, backend="auto"):
-    """relu(input @ weight.T + bias). input: (*, in_features); weight: (out, in); bias: (out,)."""
-    return _apply(input, weight, bias, True, backend)
-
-
-def linear(input, weight, bias=None, *, backend="auto"):
-    """input @ weight.T + bias on fastlenet's kernels (the last layer of a fused model)."""
-    return _apply(input, weight, bias, False, backend)
+linear_relu = _function(
+    True,
+    "linear_relu",
+    "relu(input @ weight.T + bias). input: (*, in_features); weight: (out, in); bias: (out,).",
+)
+linear = _function(
+    False,
+    "linear",
+    "input @ weight.T + bias on fastlenet's kernels (the last layer of a fused model).",
+)
 
 
 def fwd_fake(input, weight, bias, relu):

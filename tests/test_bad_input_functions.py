@@ -8,6 +8,7 @@ import torch
 from bad_input import BACKEND_CASES, IN, OUT, C, H, K, N, O, W, cases, changed, check
 from conftest import CPU_BACKENDS
 
+from fastlenet import backends
 from fastlenet.functional import conv_relu_pool2d, linear, linear_relu
 
 
@@ -238,3 +239,34 @@ def test_low_precision_dtype(backend):
     ref = torch.nn.functional.max_pool2d(torch.relu(torch.nn.functional.conv2d(x, w, b)), 2)
     assert out.dtype == torch.float16
     assert torch.allclose(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def _requiring_grad(args):
+    return {
+        key: value.detach().requires_grad_()
+        if isinstance(value, torch.Tensor) and value.is_floating_point()
+        else value
+        for key, value in args.items()
+    }
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("resolved", [False, True], ids=["first_call", "resolved"])
+@pytest.mark.parametrize(
+    ("build", "exc", "match"), [row[1:] for row in LINEAR_CASES], ids=[r[0] for r in LINEAR_CASES]
+)
+@pytest.mark.parametrize("fn", [linear_relu, linear])
+def test_linear_rejects_on_both_cpu_paths(fn, build, exc, match, resolved, requires_grad):
+    """The CPU fast path (the backend already resolved: fastlenet/linear_relu.py, _apply)
+    names each mistake as a first call does, with autograd recording and without."""
+    backends.refresh()  # forgets every resolved backend
+    if resolved:
+        fn(torch.randn(2, 3), torch.randn(4, 3), backend="cpu")
+        assert backends._RESOLVED.get(("cpu", torch.device("cpu"))) == "cpu"
+    else:
+        assert not backends._RESOLVED
+    args = build()
+    if requires_grad:
+        args = _requiring_grad(args)
+    with pytest.raises(exc, match=match):
+        fn(args["input"], args["weight"], args["bias"], backend="cpu")

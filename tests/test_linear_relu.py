@@ -100,6 +100,10 @@ def test_noncontiguous_input(backend):
     weight = randn(23, 50, device=x.device, requires_grad=True)
     assert not x.is_contiguous()
     _check("linear_relu", x, weight, None, backend, TOL[F32])
+    # a transposed weight view (the CPU op copies it before its BLAS call)
+    weight_t = randn(50, 23, device=x.device).t().requires_grad_()
+    assert not weight_t.is_contiguous()
+    _check("linear_relu", x, weight_t, None, backend, TOL[F32])
 
 
 @pytest.mark.parametrize("backend", backend_cases(BACKENDS))
