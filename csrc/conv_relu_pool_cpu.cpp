@@ -5,9 +5,10 @@
 // Saves for backward (the autograd Function does): x, w and argmax, one byte per pooled output.
 //
 // float32 and float64, contiguous NCHW (inputs are made contiguous); the conv output is stored
-// only where ATen's convolution computes it (kAtenConvMinChannels). Kernels:
-// conv_relu_pool_cpu_fwd.h (forward), conv_relu_pool_cpu_pool.h (ReLU/pool pass after ATen's
-// conv), conv_relu_pool_cpu_bwd.h and conv_relu_pool_cpu_bwd_wide.h (backward);
+// only where ATen's convolution computes it (kAtenConvMinChannels), one sample's at a time by
+// the tap GEMM (tap_gemm_suits). Kernels: conv_relu_pool_cpu_fwd.h (forward),
+// conv_relu_pool_cpu_pool.h (ReLU/pool pass after ATen's conv, tap GEMM),
+// conv_relu_pool_cpu_bwd.h and conv_relu_pool_cpu_bwd_wide.h (backward);
 // a gradient that Inf/NaN reach through the zeros the sparse backward skips is recomputed
 // here with dense_backward, as stock's dense backward computes it.
 #include <ATen/ATen.h>
@@ -37,6 +38,24 @@ constexpr int64_t kDenseDepth = 144;
 // slower: 16 -> 6 5x5 684 -> 1348, 20 -> 10 5x5 1480 -> 1758, 8 -> 6 5x5 360 -> 717.
 constexpr int64_t kAtenConvMinChannels = 32;
 
+// Layers whose forward takes the tap GEMM (tap_gemm_forward) instead of ATen's convolution:
+// stride 1, at most 8 output channels, at most 9 taps and C * H * W >= kTapMinSample. Measured
+// (forward alone, batch 64, 2 threads, AVX-512, us, ATen conv -> tap GEMM): 128 -> 6 3x3 32x32
+// 23330 -> 7494 (b256 96611 -> 28369), 64 -> 6 32x32 7367 -> 4299, 64 -> 3 32x32 7307 -> 2579,
+// 32 -> 8 32x32 3013 -> 2387, 128 -> 6 24x24 4871 -> 3608, 128 -> 4 16x16 1990 -> 1310,
+// 128 -> 6 16x16 2519 -> 1960, 256 -> 6 16x16 3910 -> 3027 (3x3, pad 1, pool 2); slower with
+// smaller samples (64 -> 6 16x16 898 -> 973, 32 -> 8 24x24 1402 -> 1647, 32 -> 8 14x14
+// 462 -> 703, 64 -> 10 16x16 947 -> 1642), 5x5 kernels (64 -> 6 20x20 3036 -> 3467, 32 -> 12
+// 20x20 1870 -> 4014) and 16 outputs (128 -> 16 32x32 14334 -> 15906).
+constexpr int64_t kTapMaxOut = 8;
+constexpr int64_t kTapMaxTaps = 9;
+constexpr int64_t kTapMinSample = 32768;
+
+bool tap_gemm_suits(const ConvPoolGeometry& g) {
+  return g.sh == 1 && g.sw == 1 && g.o <= kTapMaxOut && g.c >= kAtenConvMinChannels &&
+         g.kh * g.kw <= kTapMaxTaps && g.c * g.h * g.w >= kTapMinSample;
+}
+
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
 }
@@ -48,7 +67,9 @@ void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor
              const ConvPoolGeometry& g, at::Tensor& out, at::Tensor& argmax) {
   constexpr int kNarrow = kNarrowBytes / sizeof(T), kWide = kVecBytes / sizeof(T);
   const bool few = g.o <= kNarrow;
-  if (g.o <= kVecBytes / 4 && g.c >= kAtenConvMinChannels) {  // float lanes: same choice in F64
+  if (tap_gemm_suits(g) && span_finite(weight.const_data_ptr<T>(), weight.numel())) {
+    tap_gemm_forward<T>(input, weight, bias, g, out, argmax);        // finite weight: see there
+  } else if (g.o <= kVecBytes / 4 && g.c >= kAtenConvMinChannels) {  // float lanes: same in F64
     const at::Tensor conv =
         at::convolution(input, weight, bias.defined() ? bias : at::Tensor(), {g.sh, g.sw},
                         {g.padh, g.padw}, {1, 1}, false, {0, 0}, 1);

@@ -70,6 +70,11 @@ CONV = {
     "aten_conv": (2, 32, 9, 10, 7, 3, 3, 1, 1, 2, 2),
     "aten_conv_pool3": (2, 40, 11, 12, 12, 5, 5, 1, 2, 3, 2),
     "aten_conv_strides": (2, 33, 10, 11, 5, 3, 3, 2, 1, 2, 3),
+    # Samples of at least 32768 values, at most 8 output channels, 3x3 or fewer taps, stride 1:
+    # the CPU forward's tap GEMM (shifted tap rows, taps on padding skipped); odd channel
+    # counts, a 3x2 kernel with padding on one axis, overlapping pools.
+    "tap_gemm": (2, 37, 30, 31, 7, 3, 3, 1, 1, 2, 2),
+    "tap_gemm_pool3": (2, 33, 32, 33, 5, 3, 2, 1, (1, 0), 3, 2),
 }
 
 #: The rows Triton runs (see the module docstring).

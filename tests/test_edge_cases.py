@@ -159,8 +159,8 @@ NONFINITE_CONV = [
 
 
 #: (input, output) channels: few; the C++ CPU forward's ATen conv (32 -> 5); its wide backward
-#: kernels (16 -> 24).
-CONV_CHANNELS = [(3, 5), (32, 5), (16, 24)]
+#: kernels (16 -> 24); its tap GEMM forward (456 -> 5: samples of 456 * 9 * 8 >= 32768 values).
+CONV_CHANNELS = [(3, 5), (32, 5), (16, 24), (456, 5)]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
