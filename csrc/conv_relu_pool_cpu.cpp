@@ -39,21 +39,17 @@ constexpr int64_t kDenseDepth = 144;
 constexpr int64_t kAtenConvMinChannels = 32;
 
 // Layers whose forward takes the tap GEMM (tap_gemm_forward) instead of ATen's convolution:
-// stride 1, at most 8 output channels, at most 9 taps and C * H * W >= kTapMinSample. Measured
-// (forward alone, batch 64, 2 threads, AVX-512, us, ATen conv -> tap GEMM): 128 -> 6 3x3 32x32
-// 23330 -> 7494 (b256 96611 -> 28369), 64 -> 6 32x32 7367 -> 4299, 64 -> 3 32x32 7307 -> 2579,
-// 32 -> 8 32x32 3013 -> 2387, 128 -> 6 24x24 4871 -> 3608, 128 -> 4 16x16 1990 -> 1310,
-// 128 -> 6 16x16 2519 -> 1960, 256 -> 6 16x16 3910 -> 3027 (3x3, pad 1, pool 2); slower with
-// smaller samples (64 -> 6 16x16 898 -> 973, 32 -> 8 24x24 1402 -> 1647, 32 -> 8 14x14
-// 462 -> 703, 64 -> 10 16x16 947 -> 1642), 5x5 kernels (64 -> 6 20x20 3036 -> 3467, 32 -> 12
-// 20x20 1870 -> 4014) and 16 outputs (128 -> 16 32x32 14334 -> 15906).
+// stride 1, at most 8 output channels (and at least kAtenConvMinChannels inputs). Measured
+// (forward alone, batch 64, 2 threads, AVX-512, us, ATen conv -> tap GEMM, 3x3 pad 1 pool 2
+// unless noted): 128 -> 6 32x32 16629 -> 8913 (b256 26880 -> 14127), 64 -> 6 16x16 905 -> 437,
+// 128 -> 6 8x8 438 -> 195, 32 -> 8 24x24 1213 -> 715, 32 -> 8 14x14 546 -> 500, 32 -> 5 9x9
+// 263 -> 156, 64 -> 6 12x12 pool 3 562 -> 289, 64 -> 6 20x20 5x5 pad 0 2814 -> 1711; with
+// more outputs it is not always faster: 64 -> 10 16x16 pad 0 954 -> 839, 64 -> 16 16x16
+// 1162 -> 1338, 32 -> 12 20x20 5x5 pad 2 1983 -> 2529, 32 -> 16 16x16 5x5 1308 -> 2408.
 constexpr int64_t kTapMaxOut = 8;
-constexpr int64_t kTapMaxTaps = 9;
-constexpr int64_t kTapMinSample = 32768;
 
 bool tap_gemm_suits(const ConvPoolGeometry& g) {
-  return g.sh == 1 && g.sw == 1 && g.o <= kTapMaxOut && g.c >= kAtenConvMinChannels &&
-         g.kh * g.kw <= kTapMaxTaps && g.c * g.h * g.w >= kTapMinSample;
+  return g.sh == 1 && g.sw == 1 && g.o <= kTapMaxOut && g.c >= kAtenConvMinChannels;
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {

@@ -65,16 +65,19 @@ CONV = {
     "wide_few_out": (2, 20, 8, 8, 10, 5, 5, 1, 0, 3, 2),
     "wide_deep": (2, 64, 6, 6, 128, 3, 3, 1, 1, 2, 2),
     "tall_kernel": (2, 2, 13, 6, 18, 9, 2, 1, 0, 2, 2),
-    # At least 32 input channels and one vector of output channels: the CPU forward's ATen conv
-    # and its ReLU/pool pass, with pool stride 2 (pairs of columns; pool 2 and 3) and 3.
-    "aten_conv": (2, 32, 9, 10, 7, 3, 3, 1, 1, 2, 2),
+    # At least 32 input channels and 9 to 16 output channels, or a stride: the CPU forward's
+    # ATen conv and its ReLU/pool pass, with pool stride 2 (pairs of columns; pool 2 and 3) and 3.
+    "aten_conv": (2, 32, 9, 10, 11, 3, 3, 1, 1, 2, 2),
     "aten_conv_pool3": (2, 40, 11, 12, 12, 5, 5, 1, 2, 3, 2),
     "aten_conv_strides": (2, 33, 10, 11, 5, 3, 3, 2, 1, 2, 3),
-    # Samples of at least 32768 values, at most 8 output channels, 3x3 or fewer taps, stride 1:
-    # the CPU forward's tap GEMM (shifted tap rows, taps on padding skipped); odd channel
-    # counts, a 3x2 kernel with padding on one axis, overlapping pools.
+    # At least 32 input channels, at most 8 output channels, stride 1: the CPU forward's tap
+    # GEMM (shifted tap rows, taps on padding skipped); odd channel counts (row blocks of 6
+    # and fewer), samples of 930 pixels (rows padded to whole vectors) and of 1056 (66 float
+    # vectors: blocks of 4 and a shorter last one), a 3x2 kernel with padding on one axis,
+    # overlapping pools, a 5x5 kernel.
     "tap_gemm": (2, 37, 30, 31, 7, 3, 3, 1, 1, 2, 2),
     "tap_gemm_pool3": (2, 33, 32, 33, 5, 3, 2, 1, (1, 0), 3, 2),
+    "tap_gemm_5x5": (2, 40, 11, 12, 8, 5, 5, 1, 2, 2, 2),
 }
 
 #: The rows Triton runs (see the module docstring).
