@@ -6,10 +6,10 @@
 //
 // float32 and float64, contiguous NCHW (inputs are made contiguous); the conv output is stored
 // only where ATen's convolution computes it: layers without pooling (pool_size 1, forward and
-// backward; see conv_relu_pool_fwd_cpu) and few outputs from deep input (kAtenConvMinChannels).
-// Kernels:
+// backward; see conv_relu_pool_fwd_cpu) and few outputs from deep input (kAtenConvMinChannels),
+// and one sample's at a time by the tap GEMM (tap_gemm_suits). Kernels:
 // conv_relu_pool_cpu_fwd.h (forward), conv_relu_pool_cpu_pool.h (ReLU/pool pass after ATen's
-// conv), conv_relu_pool_cpu_bwd.h and conv_relu_pool_cpu_bwd_wide.h (backward);
+// conv, tap GEMM), conv_relu_pool_cpu_bwd.h and conv_relu_pool_cpu_bwd_wide.h (backward);
 // a gradient that Inf/NaN reach through the zeros the sparse backward skips is recomputed
 // here with dense_backward, as stock's dense backward computes it.
 #include <ATen/ATen.h>
@@ -34,6 +34,20 @@ using namespace cpu;
 // slower: 16 -> 6 5x5 684 -> 1348, 20 -> 10 5x5 1480 -> 1758, 8 -> 6 5x5 360 -> 717.
 constexpr int64_t kAtenConvMinChannels = 32;
 
+// Layers whose forward takes the tap GEMM (tap_gemm_forward) instead of ATen's convolution:
+// stride 1, at most 8 output channels (and at least kAtenConvMinChannels inputs). Measured
+// (forward alone, batch 64, 2 threads, AVX-512, us, ATen conv -> tap GEMM, 3x3 pad 1 pool 2
+// unless noted): 128 -> 6 32x32 16629 -> 8913 (b256 26880 -> 14127), 64 -> 6 16x16 905 -> 437,
+// 128 -> 6 8x8 438 -> 195, 32 -> 8 24x24 1213 -> 715, 32 -> 8 14x14 546 -> 500, 32 -> 5 9x9
+// 263 -> 156, 64 -> 6 12x12 pool 3 562 -> 289, 64 -> 6 20x20 5x5 pad 0 2814 -> 1711; with
+// more outputs it is not always faster: 64 -> 10 16x16 pad 0 954 -> 839, 64 -> 16 16x16
+// 1162 -> 1338, 32 -> 12 20x20 5x5 pad 2 1983 -> 2529, 32 -> 16 16x16 5x5 1308 -> 2408.
+constexpr int64_t kTapMaxOut = 8;
+
+bool tap_gemm_suits(const ConvPoolGeometry& g) {
+  return g.sh == 1 && g.sw == 1 && g.o <= kTapMaxOut && g.c >= kAtenConvMinChannels;
+}
+
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
 }
@@ -45,7 +59,9 @@ void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor
              const ConvPoolGeometry& g, at::Tensor& out, at::Tensor& argmax) {
   constexpr int kNarrow = kNarrowBytes / sizeof(T), kWide = kVecBytes / sizeof(T);
   const bool few = g.o <= kNarrow;
-  if (g.o <= kVecBytes / 4 && g.c >= kAtenConvMinChannels) {  // float lanes: same choice in F64
+  if (tap_gemm_suits(g) && span_finite(weight.const_data_ptr<T>(), weight.numel())) {
+    tap_gemm_forward<T>(input, weight, bias, g, out, argmax);        // finite weight: see there
+  } else if (g.o <= kVecBytes / 4 && g.c >= kAtenConvMinChannels) {  // float lanes: same in F64
     const at::Tensor conv =
         at::convolution(input, weight, bias.defined() ? bias : at::Tensor(), {g.sh, g.sw},
                         {g.padh, g.padw}, {1, 1}, false, {0, 0}, 1);
@@ -76,8 +92,9 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_fwd_cpu(
   // No pooling: the fusion saves no multiply-adds, and ATen's convolution (oneDNN) measured
   // faster than the fused kernels at every such layer of the sweep (benchmarks/results/
   // sweep_cpu.md: 0.27-1.03x of stock's conv + ReLU before, forward alone). Its output becomes
-  // ours after ReLU in place; stock's composition writes a second tensor for the ReLU.
-  if (windows_are_outputs(g) && g.n > 0) {
+  // ours after ReLU in place; stock's composition writes a second tensor for the ReLU. The
+  // tap GEMM beats it where it suits (forward below).
+  if (windows_are_outputs(g) && g.n > 0 && !tap_gemm_suits(g)) {
     at::Tensor out = at::convolution(input, weight, bias, {g.sh, g.sw}, {g.padh, g.padw}, {1, 1},
                                      false, {0, 0}, 1)
                          .contiguous();

@@ -42,7 +42,7 @@ CONV = {
     # the same with 5 = 4 + 1 channels: small integer data hold windows with max <= 0 too
     "odd_small": (3, 3, 11, 9, 5, 3, 2, (2, 1), (1, 0), 3, 2),
     # pool_size=1: conv + ReLU alone (the C++ CPU op: ATen's conv, its ReLU/argmax pass over
-    # 17 vectors and a tail of 8, ATen's dense backward)
+    # 17 vectors and a tail of 8, ATen's dense backward; tap_gemm_no_pool below: the tap GEMM)
     "no_pool": (1, 2, 7, 8, 5, 3, 3, 1, 1, 1, 1),
     "no_pool_deep": (2, 16, 7, 6, 5, 3, 3, 1, 1, 1, 1),  # patches of depth 16 * 3 * 3 = 144
     # pool_size=1 with a conv stride: 2 * 7 * 6 * 5 outputs, 26 vectors and a tail of 4
@@ -68,11 +68,20 @@ CONV = {
     "wide_few_out": (2, 20, 8, 8, 10, 5, 5, 1, 0, 3, 2),
     "wide_deep": (2, 64, 6, 6, 128, 3, 3, 1, 1, 2, 2),
     "tall_kernel": (2, 2, 13, 6, 18, 9, 2, 1, 0, 2, 2),
-    # At least 32 input channels and one vector of output channels: the CPU forward's ATen conv
-    # and its ReLU/pool pass, with pool stride 2 (pairs of columns; pool 2 and 3) and 3.
-    "aten_conv": (2, 32, 9, 10, 7, 3, 3, 1, 1, 2, 2),
+    # At least 32 input channels and 9 to 16 output channels, or a stride: the CPU forward's
+    # ATen conv and its ReLU/pool pass, with pool stride 2 (pairs of columns; pool 2 and 3) and 3.
+    "aten_conv": (2, 32, 9, 10, 11, 3, 3, 1, 1, 2, 2),
     "aten_conv_pool3": (2, 40, 11, 12, 12, 5, 5, 1, 2, 3, 2),
     "aten_conv_strides": (2, 33, 10, 11, 5, 3, 3, 2, 1, 2, 3),
+    # At least 32 input channels, at most 8 output channels, stride 1: the CPU forward's tap
+    # GEMM (shifted tap rows, taps on padding skipped); odd channel counts (row blocks of 6
+    # and fewer), samples of 930 pixels (rows padded to whole vectors) and of 1056 (66 float
+    # vectors: blocks of 4 and a shorter last one), a 3x2 kernel with padding on one axis,
+    # overlapping pools, a 5x5 kernel.
+    "tap_gemm": (2, 37, 30, 31, 7, 3, 3, 1, 1, 2, 2),
+    "tap_gemm_pool3": (2, 33, 32, 33, 5, 3, 2, 1, (1, 0), 3, 2),
+    "tap_gemm_5x5": (2, 40, 11, 12, 8, 5, 5, 1, 2, 2, 2),
+    "tap_gemm_no_pool": (2, 35, 9, 10, 6, 3, 3, 1, 1, 1, 1),  # pool_size=1: ReLU/argmax per value
 }
 
 #: The rows Triton runs (see the module docstring).
