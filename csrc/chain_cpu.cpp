@@ -9,6 +9,7 @@
 // What the chain removes is per-layer overhead outside the kernels: one autograd node and one
 // Python-to-C++ call each way instead of one per layer.
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -62,6 +63,12 @@ using LinearBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tenso
                                                                  const at::Tensor&,
                                                                  const at::Tensor&, bool);
 
+// The per-layer ops are called below the Autograd and ADInplaceOrView keys.
+// chain_fwd and chain_bwd already passed those keys (the chain's autograd is ChainFunction,
+// fastlenet/chain.py, and it runs them with grad mode off), so for each nested call they only
+// ran the autograd fallback's argument scan and view checks again. Measured (LeNet-5 training
+// step, torch.optim.SGD momentum, 2 threads, one process alternating with and without the
+// guard, median time ratio): batch 1 4.5%, batch 64 1.6%, batch 256 2.0% faster.
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
@@ -76,6 +83,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_f
               "weights and biases must be non-empty lists of the same length, got ", weights.size(),
               " and ", biases.size());
   const std::vector<Layer> layers = parse(spec, weights.size());
+  const at::AutoDispatchBelowADInplaceOrView below;  // per-layer ops below autograd: see op()
   std::vector<at::Tensor> activations, argmaxes;
   activations.reserve(layers.size() - 1);
   at::Tensor x = input;
@@ -101,6 +109,7 @@ std::vector<at::Tensor> chain_bwd_cpu(const at::Tensor& grad_out, const at::Tens
   static const auto conv = op<ConvBwd>("fastlenet::conv_relu_pool_bwd");
   static const auto linear = op<LinearBwd>("fastlenet::linear_relu_bwd");
   const std::vector<Layer> layers = parse(spec, weights.size());
+  const at::AutoDispatchBelowADInplaceOrView below;  // per-layer ops below autograd: see op()
   const auto convs =
       std::count_if(layers.begin(), layers.end(), [](const Layer& l) { return l.kind == kConv; });
   TORCH_CHECK(activations.size() + 1 == layers.size(), "activations must hold ", layers.size() - 1,
