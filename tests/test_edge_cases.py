@@ -164,7 +164,7 @@ CONV_CHANNELS = [(3, 5), (32, 5), (32, 12), (16, 24)]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("pool_size", [2, 1], ids=["pool2", "no_pool"])  # no_pool: ATen conv, tap GEMM
+@pytest.mark.parametrize("pool_size", [2, 1], ids=["pool2", "no_pool"])  # ATen conv, tap GEMM
 @pytest.mark.parametrize("padding", [0, 1], ids=["pad0", "pad1"])
 @pytest.mark.parametrize(("c", "o"), CONV_CHANNELS, ids=[f"{c}to{o}" for c, o in CONV_CHANNELS])
 @pytest.mark.parametrize(
