@@ -1,14 +1,16 @@
 // ReLU -> max_pool2d -> argmax of a conv output on the CPU for layers with few output channels
-// and many input channels, where the fused kernels fill few lanes (conv_relu_pool_cpu.cpp
-// chooses; conv_relu_pool_cpu_fwd.h has the fused ones): relu_pool after ATen's convolution
-// (oneDNN), or tap_gemm_forward, whose GEMM (tap_gemm, register-blocked) gives each tap's
-// contribution at every pixel and whose pass sums the shifted taps per conv plane before
-// pooling it.
+// and many input channels, where the fused kernels fill few lanes, or deep patches over few conv
+// outputs, where oneDNN runs nearer the FMA peak (conv_relu_pool_cpu.cpp chooses;
+// conv_relu_pool_cpu_fwd.h has the fused ones): relu_pool (relu_pool_cl for channels-last) after
+// ATen's convolution (oneDNN), or tap_gemm_forward, whose GEMM (tap_gemm, register-blocked)
+// gives each tap's contribution at every pixel and whose pass sums the shifted taps per conv
+// plane before pooling it.
 // Math and saved state: fastlenet/reference.py (conv_relu_pool).
 // Computes:
 // - relu_pool: out and argmax (N, O, PH, PW) from the conv output y (N, O, OH, OW), contiguous,
 //   with max_pool2d's rule (the first strictly larger value or a NaN takes the window) and ReLU
-//   after it (argmax kNoGrad where the max is <= 0);
+//   after it (argmax kNoGrad where the max is <= 0); relu_pool_cl the same from a channels-last
+//   y (N, OH, OW, O);
 // - relu_codes, without pooling (every conv output a window of its own): ReLU in place on y,
 //   which becomes the output, and argmax 0 or kNoGrad per output.
 // Saves nothing itself: the caller's op returns argmax, one byte per pooled output, which the
@@ -113,6 +115,66 @@ void relu_pool(const at::Tensor& conv, const ConvPoolGeometry& g, at::Tensor& ou
     std::vector<T> rows(g.poolh * relu_pool_rowlen(g, VW), T(0));
     for (int64_t p = p0; p < p1; ++p)
       relu_pool_plane(y + p * plane_in, g, outp + p * plane_out, amp + p * plane_out, rows.data());
+  });
+}
+
+// relu_pool for a channels-last conv output y (N, OH, OW, O) (ATen's convolution of
+// channels-last operands, conv_relu_pool_cpu.cpp): lanes over output channels, the same rule
+// as relu_pool_plane; each sample's pooled planes go through a [PH * PW][O] scratch, then are
+// stored as (O, PH, PW).
+template <typename T>
+void relu_pool_cl(const at::Tensor& conv, const ConvPoolGeometry& g, at::Tensor& out,
+                  at::Tensor& argmax) {
+  using Vec = VecOf<T, kVecBytes>;
+  using V = typename Vec::type;
+  using M = typename Vec::mask;
+  using MI = typename Vec::mask_int;
+  constexpr int VW = Vec::kLanes;
+  const T* y = conv.const_data_ptr<T>();
+  T* outp = out.data_ptr<T>();
+  uint8_t* amp = argmax.data_ptr<uint8_t>();
+  const int64_t plane = g.ph * g.pw, ov = (g.o + VW - 1) / VW * VW;
+  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+    // One pixel's channels with a zero tail, so full vectors stay in bounds.
+    std::vector<T> px(ov, T(0)), best_s(plane * ov);
+    std::vector<MI> pos_s(plane * ov);
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* yn = y + n * g.oh * g.ow * g.o;
+      for (int64_t k = 0; k < plane; ++k) {
+        const int64_t ph = k / g.pw, pw = k % g.pw;
+        for (int64_t v0 = 0; v0 < ov; v0 += VW) {
+          const bool full = v0 + VW <= g.o;
+          V best{};
+          M pos{};
+          for (int64_t i = 0; i < g.poolh; ++i)
+            for (int64_t j = 0; j < g.poolw; ++j) {
+              const T* at = yn + ((ph * g.psh + i) * g.ow + pw * g.psw + j) * g.o + v0;
+              if (!full) {
+                std::memcpy(px.data(), at, (g.o - v0) * sizeof(T));
+                at = px.data();
+              }
+              const V v = load<V>(at);
+              if (i == 0 && j == 0) {
+                best = v;
+                continue;
+              }
+              // max_pool2d's rule: a strictly larger value or a NaN replaces the max.
+              const M take = (v > best) | (v != v);
+              best = take ? v : best;
+              pos = take ? M{} + static_cast<MI>(i * g.poolw + j) : pos;
+            }
+          const M dead = best <= V{};  // ReLU passes no gradient; false for a NaN max
+          store(best_s.data() + k * ov + v0, dead ? V{} : best);
+          const M codes = dead ? M{} + static_cast<MI>(kNoGrad) : pos;
+          for (int l = 0; l < VW; ++l) pos_s[k * ov + v0 + l] = codes[l];
+        }
+      }
+      for (int64_t o = 0; o < g.o; ++o)
+        for (int64_t k = 0; k < plane; ++k) {
+          outp[(n * g.o + o) * plane + k] = best_s[k * ov + o];
+          amp[(n * g.o + o) * plane + k] = static_cast<uint8_t>(pos_s[k * ov + o]);
+        }
+    }
   });
 }
 

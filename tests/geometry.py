@@ -73,6 +73,11 @@ CONV = {
     "aten_conv": (2, 32, 9, 10, 11, 3, 3, 1, 1, 2, 2),
     "aten_conv_pool3": (2, 40, 11, 12, 12, 5, 5, 1, 2, 3, 2),
     "aten_conv_strides": (2, 33, 10, 11, 5, 3, 3, 2, 1, 2, 3),
+    # Float32 patches of depth >= 576 over <= 64 conv outputs per plane, more than 16 output
+    # channels: the CPU forward's channels-last ATen conv and its ReLU/pool pass (lanes over
+    # output channels: 23 = a vector and a tail of 7), with pool 3 stride 2 and with strides.
+    "cl_conv": (2, 65, 7, 8, 23, 3, 3, 1, 1, 3, 2),
+    "cl_conv_strides": (2, 64, 12, 11, 20, 3, 3, 2, 1, 2, (2, 1)),
     # At least 32 input channels, at most 8 output channels, stride 1: the CPU forward's tap
     # GEMM (shifted tap rows, taps on padding skipped); odd channel counts (row blocks of 6
     # and fewer), samples of 930 pixels (rows padded to whole vectors) and of 1056 (66 float
