@@ -164,40 +164,41 @@ def run(layers, x, layered, others=()):
 
 
 class ChainFunction(torch.autograd.Function):
-    """forward(spec, input, w0, b0, w1, b1, ...): the chain's output; a bias may be None."""
+    """forward(spec, input, w0, b0, w1, b1, ...): the chain's output; a bias may be None.
+    Saved: input, out, every parameter as given (None kept in place) and what chain_fwd
+    returns for backward, so that grads come back in the parameters' order."""
 
     @staticmethod
     def forward(ctx, layer_spec, input, *params):
-        weights, biases = list(params[0::2]), list(params[1::2])
         out, activations, argmax = torch.ops.fastlenet.chain_fwd.default(
-            input, weights, biases, layer_spec
+            input, params[0::2], params[1::2], layer_spec
         )
         ctx.spec = layer_spec
-        ctx.has_bias = [b is not None for b in biases]
-        ctx.counts = (len(weights), sum(ctx.has_bias), len(activations))
-        present = [b for b in biases if b is not None]
-        ctx.save_for_backward(input, out, *weights, *present, *activations, *argmax)
+        ctx.counts = (len(params), len(activations))
+        ctx.save_for_backward(input, out, *params, *activations, *argmax)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         input, out, *rest = ctx.saved_tensors
-        n, n_bias, n_act = ctx.counts
-        weights, present = rest[:n], iter(rest[n : n + n_bias])
-        biases = [next(present) if has else None for has in ctx.has_bias]
+        n, n_act = ctx.counts
+        params = rest[:n]
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph: a graph through every intermediate
+            weights, biases = params[0::2], params[1::2]
             return (None, *_grads_with_graph(ctx.spec, grad_out, input, weights, biases, need))
-        activations, argmax = rest[n + n_bias : n + n_bias + n_act], rest[n + n_bias + n_act :]
         grads = torch.ops.fastlenet.chain_bwd.default(
-            grad_out.contiguous(), input, out, activations, argmax, weights, ctx.spec, need[1]
+            grad_out.contiguous(),
+            input,
+            out,
+            rest[n : n + n_act],
+            rest[n + n_act :],
+            params[0::2],
+            ctx.spec,
+            need[1],
         )
-        result = [grads[0] if need[1] else None]
-        for i in range(n):
-            result.append(grads[1 + 2 * i] if need[2 + 2 * i] else None)
-            wanted = ctx.has_bias[i] and need[3 + 2 * i]
-            result.append(grads[2 + 2 * i] if wanted else None)
-        return (None, *result)
+        # grads: [input, w0, b0, w1, b1, ...], a tensor for every bias (None's unasked)
+        return (None, *[g if wanted else None for g, wanted in zip(grads, need[1:], strict=True)])
 
 
 def _unpacked(layer_spec):
