@@ -45,6 +45,32 @@ inline V every_other(const typename std::remove_cvref_t<decltype(V{}[0])>* p,
   return __builtin_shufflevector(a, b, (2 * I)...);
 }
 
+// One vector of pooling windows: the running max and its window position q = i * poolw + j
+// under max_pool2d's rule (the first value takes the window, then a strictly larger value or a
+// NaN replaces the max), and the ReLU of the max with its argmax code (kNoGrad where ReLU
+// passes no gradient; a NaN max passes it).
+template <typename T>
+struct WindowMax {
+  using Vec = VecOf<T, kVecBytes>;
+  using V = typename Vec::type;
+  using M = typename Vec::mask;
+  using MI = typename Vec::mask_int;
+  V best{};
+  M pos{};
+  void take(V v, int64_t q) {
+    if (q == 0) {
+      best = v;
+      return;
+    }
+    const M larger = (v > best) | (v != v);
+    best = larger ? v : best;
+    pos = larger ? M{} + static_cast<MI>(q) : pos;
+  }
+  M dead() const { return best <= V{}; }
+  V relu() const { return dead() ? V{} : best; }
+  M codes() const { return dead() ? M{} + static_cast<MI>(kNoGrad) : pos; }
+};
+
 // Scratch of relu_pool_plane: one pooled row's conv rows with a tail (rowlen values each).
 inline int64_t relu_pool_rowlen(const ConvPoolGeometry& g, int vw) {
   const int64_t blocks = (g.pw + vw - 1) / vw;
@@ -57,8 +83,6 @@ template <typename T>
 void relu_pool_plane(const T* y, const ConvPoolGeometry& g, T* outp, uint8_t* amp, T* rows) {
   using Vec = VecOf<T, kVecBytes>;
   using V = typename Vec::type;
-  using M = typename Vec::mask;
-  using MI = typename Vec::mask_int;
   constexpr int VW = Vec::kLanes;
   const int64_t blocks = (g.pw + VW - 1) / VW;
   // A window row's inputs for VW pooled columns: contiguous loads every other element where the
@@ -70,8 +94,7 @@ void relu_pool_plane(const T* y, const ConvPoolGeometry& g, T* outp, uint8_t* am
     for (int64_t i = 0; i < g.poolh; ++i)
       std::memcpy(rows + i * rowlen, y + (ph * g.psh + i) * g.ow, g.ow * sizeof(T));
     for (int64_t b = 0; b < blocks; ++b) {
-      V best{};
-      M pos{};
+      WindowMax<T> win;
       for (int64_t i = 0; i < g.poolh; ++i)
         for (int64_t j = 0; j < g.poolw; ++j) {
           const T* first = rows + i * rowlen + b * VW * g.psw + j;
@@ -81,18 +104,10 @@ void relu_pool_plane(const T* y, const ConvPoolGeometry& g, T* outp, uint8_t* am
           } else {
             for (int l = 0; l < VW; ++l) v[l] = first[l * g.psw];
           }
-          if (i == 0 && j == 0) {
-            best = v;
-            continue;
-          }
-          // max_pool2d's rule: a strictly larger value or a NaN replaces the max.
-          const M take = (v > best) | (v != v);
-          best = take ? v : best;
-          pos = take ? M{} + static_cast<MI>(i * g.poolw + j) : pos;
+          win.take(v, i * g.poolw + j);
         }
-      const M dead = best <= V{};  // ReLU passes no gradient; false for a NaN max
-      const V relu = dead ? V{} : best;
-      const M codes = dead ? M{} + static_cast<MI>(kNoGrad) : pos;
+      const V relu = win.relu();
+      const auto codes = win.codes();
       const int64_t at = ph * g.pw + b * VW;
       const int64_t lanes = std::min<int64_t>(VW, g.pw - b * VW);
       for (int64_t l = 0; l < lanes; ++l) {
@@ -120,14 +135,13 @@ void relu_pool(const at::Tensor& conv, const ConvPoolGeometry& g, at::Tensor& ou
 
 // relu_pool for a channels-last conv output y (N, OH, OW, O) (ATen's convolution of
 // channels-last operands, conv_relu_pool_cpu.cpp): lanes over output channels, the same rule
-// as relu_pool_plane; each sample's pooled planes go through a [PH * PW][O] scratch, then are
+// (WindowMax); each sample's pooled planes go through a [PH * PW][O] scratch, then are
 // stored as (O, PH, PW).
 template <typename T>
 void relu_pool_cl(const at::Tensor& conv, const ConvPoolGeometry& g, at::Tensor& out,
                   at::Tensor& argmax) {
   using Vec = VecOf<T, kVecBytes>;
   using V = typename Vec::type;
-  using M = typename Vec::mask;
   using MI = typename Vec::mask_int;
   constexpr int VW = Vec::kLanes;
   const T* y = conv.const_data_ptr<T>();
@@ -144,8 +158,7 @@ void relu_pool_cl(const at::Tensor& conv, const ConvPoolGeometry& g, at::Tensor&
         const int64_t ph = k / g.pw, pw = k % g.pw;
         for (int64_t v0 = 0; v0 < ov; v0 += VW) {
           const bool full = v0 + VW <= g.o;
-          V best{};
-          M pos{};
+          WindowMax<T> win;
           for (int64_t i = 0; i < g.poolh; ++i)
             for (int64_t j = 0; j < g.poolw; ++j) {
               const T* at = yn + ((ph * g.psh + i) * g.ow + pw * g.psw + j) * g.o + v0;
@@ -153,19 +166,10 @@ void relu_pool_cl(const at::Tensor& conv, const ConvPoolGeometry& g, at::Tensor&
                 std::memcpy(px.data(), at, (g.o - v0) * sizeof(T));
                 at = px.data();
               }
-              const V v = load<V>(at);
-              if (i == 0 && j == 0) {
-                best = v;
-                continue;
-              }
-              // max_pool2d's rule: a strictly larger value or a NaN replaces the max.
-              const M take = (v > best) | (v != v);
-              best = take ? v : best;
-              pos = take ? M{} + static_cast<MI>(i * g.poolw + j) : pos;
+              win.take(load<V>(at), i * g.poolw + j);
             }
-          const M dead = best <= V{};  // ReLU passes no gradient; false for a NaN max
-          store(best_s.data() + k * ov + v0, dead ? V{} : best);
-          const M codes = dead ? M{} + static_cast<MI>(kNoGrad) : pos;
+          store(best_s.data() + k * ov + v0, win.relu());
+          const auto codes = win.codes();
           for (int l = 0; l < VW; ++l) pos_s[k * ov + v0 + l] = codes[l];
         }
       }
