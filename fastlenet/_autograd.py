@@ -14,3 +14,12 @@ def backward_backend(ctx) -> str:
     (the mask and the choice of maximum are piecewise constant).
     """
     return "reference" if torch.is_grad_enabled() else ctx.backend
+
+
+def records_graph(input, weight, bias) -> bool:
+    """Whether a fused op's call must go through its autograd Function: grad mode on and a
+    tensor that wants a gradient. Otherwise (inference) the op alone runs: Function.apply would
+    still build a ctx and save the tensors, ~2 us per call."""
+    return torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )

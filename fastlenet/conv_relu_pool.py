@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlenet import _checks, _ext, backends
-from fastlenet._autograd import backward_backend
+from fastlenet._autograd import backward_backend, records_graph
 
 
 class ConvReLUPoolFunction(torch.autograd.Function):
@@ -84,9 +84,7 @@ def conv_relu_pool2d(
         input = input.unsqueeze(0)
     _checks.check_conv_input(input, weight, stride, padding, pool_size, pool_stride)
     name = backends.resolve(backend, input.device)
-    if torch.is_grad_enabled() and (
-        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
+    if records_graph(input, weight, bias):
         out = ConvReLUPoolFunction.apply(
             input, weight, bias, stride, padding, pool_size, pool_stride, name
         )
