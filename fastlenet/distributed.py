@@ -44,6 +44,15 @@ def _setup_device(config, local_rank):
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
 
 
+def _finish():
+    """Waits for every rank before the process group goes: a rank that tears gloo down while
+    another still has collective work in flight can take that rank down with it (seen once in
+    tests/test_distributed.py: rank 1 aborted with "terminate called without an active
+    exception" after training). Only on success: after an error the other ranks may never
+    arrive, and the error must surface, not a hang."""
+    torch.distributed.barrier()
+
+
 def _worker(rank, world_size, port, config, dataset, explicit, results):
     torch.distributed.init_process_group(
         _backend(config),
@@ -58,6 +67,7 @@ def _worker(rank, world_size, port, config, dataset, explicit, results):
         )
         if rank == 0:
             results.put(metrics)
+        _finish()
     finally:
         torch.distributed.destroy_process_group()
 
@@ -84,7 +94,9 @@ def run(config, dataset=None, explicit=()) -> dict:
         try:
             _setup_device(config, int(os.environ.get("LOCAL_RANK", rank)))
             dist = train.DistContext(rank, world_size)
-            return train.train(config, dataset, dist=dist, explicit=explicit)
+            metrics = train.train(config, dataset, dist=dist, explicit=explicit)
+            _finish()
+            return metrics
         finally:
             torch.distributed.destroy_process_group()
     if config.nproc == 1:
