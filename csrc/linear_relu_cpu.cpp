@@ -18,9 +18,11 @@
 #include <climits>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "checks.h"
 #include "cpu_vec.h"
+#include "linear_relu_cpu_gemm.h"
 
 #if AT_BUILD_WITH_BLAS()
 // The BLAS behind ATen's own products (MKL in the x86 wheels), declared as ATen declares it
@@ -61,6 +63,59 @@ bool blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const T* a, in
   }
 #endif
   return false;
+}
+
+// Products that the hand kernel (linear_relu_cpu_gemm.h) computes: float32 in a build with
+// AVX-512, depth up to kGemmMaxDepth, no empty side. Elsewhere the BLAS does.
+template <typename T>
+bool hand_gemm_suits(int64_t m, int64_t n, int64_t depth) {
+#if defined(__AVX512F__)
+  return std::is_same_v<T, float> && depth <= cpu::kGemmMaxDepth && std::min({m, n, depth}) >= 1;
+#else
+  return false;
+#endif
+}
+
+// c (m x n, row-major) = a . b where hand_gemm_suits, else false (nothing computed): a(i, p) at
+// a[i * a_row + p * a_depth], b (depth x n) row-major. Over the threads by column ranges
+// (inline inside a parallel region: the backward's side-by-side products).
+template <typename T>
+bool hand_gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, int64_t a_depth,
+               const T* b, T* c) {
+  if (!hand_gemm_suits<T>(m, n, depth)) return false;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>)
+    cpu::gemm_columns(n, m, depth, [&](int64_t j0, int64_t j1) {
+      cpu::gemm_f32(m, j1 - j0, depth, a, a_row, a_depth, b + j0, n, c + j0, n);
+    });
+#endif
+  return true;
+}
+
+// Rows from which the forward packs w for the hand kernel; fewer go to the BLAS, whose
+// matrix-vector product needs no packing. Forward alone against F.linear, 400 -> 120 (2
+// threads): 1 row 0.41x, 4 rows 1.59x, 8 rows 1.49x, 32 rows 1.73x.
+constexpr int64_t kPackMinRows = 4;
+
+// out (rows x cols) = x (rows x k) . w^T, w (cols x k), by the hand kernel where
+// hand_gemm_suits, else false. Each thread packs the rows of w of its own column range,
+// transposed (k x its columns), into a buffer of its own kept between calls (no allocation
+// per call), and multiplies.
+template <typename T>
+bool hand_gemm_nt(int64_t rows, int64_t cols, int64_t k, const T* x, const T* w, T* out) {
+  if (rows < kPackMinRows || !hand_gemm_suits<T>(rows, cols, k)) return false;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>)
+    cpu::gemm_columns(cols, rows, k, [&](int64_t j0, int64_t j1) {
+      thread_local cpu::AlignedVector<float> packed;
+      // Rows of whole vectors from a cache line on: no load of it straddles two lines.
+      const int64_t n = j1 - j0, ld = (n + cpu::kGemmLanes - 1) / cpu::kGemmLanes * cpu::kGemmLanes;
+      if (packed.size() < static_cast<size_t>(ld * k)) packed.resize(ld * k);
+      cpu::transpose_f32(w + j0 * k, n, k, packed.data(), ld);
+      cpu::gemm_f32(rows, n, k, x, k, 1, packed.data(), ld, out + j0, cols);
+    });
+#endif
+  return true;
 }
 
 // Elements per parallel task of the elementwise passes: below this a parallel region costs
@@ -216,10 +271,14 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
   const int64_t rows = input.size(0), cols = weight.size(0), k = input.size(1);
   const at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty({rows, cols}, input.options());
+  maybe_poison(out);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "linear_relu_fwd_cpu", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const bool hand = hand_gemm_nt<scalar_t>(rows, cols, k, x, wp, o);
     // out^T (cols x rows, column-major) = w^T' . input^T': w (cols x k) transposed, input as is.
-    if (!blas_gemm<scalar_t>('T', 'N', cols, rows, k, w.const_data_ptr<scalar_t>(), k,
-                             input.const_data_ptr<scalar_t>(), k, out.data_ptr<scalar_t>()))
+    if (!hand && !blas_gemm<scalar_t>('T', 'N', cols, rows, k, wp, k, x, k, o))
       at::mm_out(out, input, w.t());
   });
   if (!relu && !bias.has_value()) return out;
@@ -298,6 +357,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
   const at::Tensor w = weight.contiguous();
   at::Tensor grad_input = at::empty({rows, in_f}, g.options());
   at::Tensor grad_weight = at::empty({cols, in_f}, g.options());
+  maybe_poison(grad_input);
+  maybe_poison(grad_weight);
   const auto products = [&](int64_t first, int64_t last) {
     // out= variants refuse inputs that require grad while grad mode is on (it is thread-local:
     // set here, on the thread that runs the product).
@@ -307,13 +368,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
       for (int64_t i = first; i < last; ++i) {
         // Column-major, as blas_gemm: grad_input^T (in_f x rows) = w^T . g^T, grad_weight^T
         // (in_f x cols) = input^T . g.
+        // Row-major for hand_gemm: grad_input = g . w, grad_weight = g^T . input.
+        const scalar_t* wp = w.const_data_ptr<scalar_t>();
+        const scalar_t* x = input.const_data_ptr<scalar_t>();
+        scalar_t* gi = grad_input.data_ptr<scalar_t>();
+        scalar_t* gw = grad_weight.data_ptr<scalar_t>();
         if (i == 0) {
-          if (!blas_gemm<scalar_t>('N', 'N', in_f, rows, cols, w.const_data_ptr<scalar_t>(), in_f,
-                                   gp, cols, grad_input.data_ptr<scalar_t>()))
+          if (!hand_gemm<scalar_t>(rows, in_f, cols, gp, cols, 1, wp, gi) &&
+              !blas_gemm<scalar_t>('N', 'N', in_f, rows, cols, wp, in_f, gp, cols, gi))
             at::mm_out(grad_input, g, w);
-        } else if (!blas_gemm<scalar_t>('N', 'T', in_f, cols, rows,
-                                        input.const_data_ptr<scalar_t>(), in_f, gp, cols,
-                                        grad_weight.data_ptr<scalar_t>())) {
+        } else if (!hand_gemm<scalar_t>(cols, in_f, rows, gp, 1, cols, x, gw) &&
+                   !blas_gemm<scalar_t>('N', 'T', in_f, cols, rows, x, in_f, gp, cols, gw)) {
           at::mm_out(grad_weight, g.t(), input);
         }
       }

@@ -132,6 +132,12 @@ LINEAR = {
     # plus 1, a masked tail vector; then in_features shorter than a vector (scalar tail)
     "dot_tails": (39, 13, 11),
     "dot_short": (6, 5, 9),
+    # the CPU's float32 hand GEMM (csrc/linear_relu_cpu_gemm.h; lenet_fc1, odd, odd_small and
+    # tile_64 take it too, with tails of 8, 1 and 7 lanes and both tile orders): a forward
+    # deeper than kGemmMaxDepth (the BLAS) whose backward products are hand ones; fewer rows
+    # than kPackMinRows (the BLAS forward, hand backward)
+    "deep_k": (6, 4099, 20),
+    "few_rows": (3, 40, 50),
 }
 
 #: The shapes Triton runs (see the module docstring).

@@ -1,0 +1,205 @@
+// The float32 products of linear_relu on CPUs with AVX-512 (linear_relu_cpu.cpp chooses):
+// c[i][j] = sum_p a(i, p) * b[p][j], a read through two strides (row and depth), so the one
+// kernel serves the forward (x . w^T, with w^T packed), grad_input (g . w) and grad_weight
+// (g^T . x) without copying the activations. Math: fastlenet/reference.py (linear_relu); this
+// file computes only the products, saves nothing and reads no mask.
+//
+// Why by hand: the BLAS that ATen's x86 wheels use (MKL) runs its AVX2 code on this AMD CPU,
+// ~90-100 GFLOP/s per core, where the core's two 64-byte FMA pipes allow ~220. Each tile here is
+// kGemmRows rows by kGemmVecs 64-byte vectors of columns, all accumulators in registers, one
+// broadcast per row and one load per vector per depth step. Standalone (2 threads, 2-core
+// Zen 5 VM): 64x400 . 400x120 21.8 us (281 GFLOP/s) against sgemm's 39 us; 64x120 . 120x84
+// 5.5 us against 10.5 us; 256x400 . 400x120 64.7 us against 143 us.
+#pragma once
+
+#if defined(__AVX512F__)
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+
+#include "cpu_vec.h"
+
+namespace fastlenet::cpu {
+
+constexpr int kGemmLanes = 16;  // floats per 64-byte vector
+// 8 rows x 2 vectors: 16 accumulators (each FMA pipe needs 4 chains in flight to hide the
+// latency of 4 cycles), 2 loads and 8 broadcasts per 16 FMAs, within 32 registers.
+constexpr int kGemmRows = 8;
+constexpr int kGemmVecs = 2;  // gemm_f32 handles a column tail of one vector or two
+constexpr int64_t kGemmCols = kGemmLanes * kGemmVecs;
+// Depth up to which the hand kernel runs (each tile streams a depth x kGemmCols panel of b,
+// 512 KiB at this depth, through L2); deeper products (12544 inputs) go to the BLAS.
+constexpr int64_t kGemmMaxDepth = 4096;
+// Multiply-adds per parallel task: an OpenMP region costs ~1 us, this much work ~0.5 us.
+constexpr int64_t kGemmGrain = int64_t{1} << 16;
+
+// One tile: R rows of c, NV vectors of columns, the last vector's lanes masked by `last`.
+// The accumulators are zeroed one by one and stored by value: with `= {}` (a memset) or an
+// address taken (cpu::store's reference) GCC 12 kept the array in registers but also stored
+// it to the stack on every depth step, which made the tile 2-3x slower.
+template <int R, int NV>
+inline void gemm_tile(int64_t depth, const float* a, int64_t a_row, int64_t a_depth, const float* b,
+                      int64_t ldb, float* c, int64_t ldc, __mmask16 last) {
+  using V = VecOf<float, 64>::type;
+  V acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  for (int64_t p = 0; p < depth; ++p) {
+    const float* bp = b + p * ldb;
+    V bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v + 1 < NV; ++v) bv[v] = load<V>(bp + v * kGemmLanes);
+    bv[NV - 1] = V(_mm512_maskz_loadu_ps(last, bp + (NV - 1) * kGemmLanes));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const V av = V(_mm512_set1_ps(a[r * a_row + p * a_depth]));
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* cr = c + r * ldc;
+#pragma GCC unroll 2
+    for (int v = 0; v + 1 < NV; ++v) _mm512_storeu_ps(cr + v * kGemmLanes, __m512(acc[r][v]));
+    _mm512_mask_storeu_ps(cr + (NV - 1) * kGemmLanes, last, __m512(acc[r][NV - 1]));
+  }
+}
+
+template <int NV>
+inline void gemm_rows(int rows, int64_t depth, const float* a, int64_t a_row, int64_t a_depth,
+                      const float* b, int64_t ldb, float* c, int64_t ldc, __mmask16 last) {
+  switch (rows) {
+#define FASTLENET_GEMM_ROWS(R)                                        \
+  case R:                                                             \
+    gemm_tile<R, NV>(depth, a, a_row, a_depth, b, ldb, c, ldc, last); \
+    break;
+    FASTLENET_GEMM_ROWS(1)
+    FASTLENET_GEMM_ROWS(2)
+    FASTLENET_GEMM_ROWS(3)
+    FASTLENET_GEMM_ROWS(4)
+    FASTLENET_GEMM_ROWS(5)
+    FASTLENET_GEMM_ROWS(6)
+    FASTLENET_GEMM_ROWS(7)
+    FASTLENET_GEMM_ROWS(8)
+#undef FASTLENET_GEMM_ROWS
+    default:
+      break;
+  }
+}
+
+// Bytes of b up to which gemm_f32 goes row block by row block (each block re-reads all of b,
+// from L2 when it fits: 1 MiB per core here, half of it left for a and c).
+constexpr int64_t kGemmRowOrderBytes = 512 << 10;
+
+inline void gemm_block(int64_t m, int64_t n, int64_t depth, const float* a, int64_t a_row,
+                       int64_t a_depth, const float* b, int64_t ldb, float* c, int64_t ldc,
+                       int64_t i, int64_t j) {
+  const int rows = static_cast<int>(std::min<int64_t>(kGemmRows, m - i));
+  const int64_t cols = std::min<int64_t>(kGemmCols, n - j);
+  const int64_t tail = cols > kGemmLanes ? cols - kGemmLanes : cols;
+  const auto last = static_cast<__mmask16>((1u << tail) - 1);
+  const float* at = a + i * a_row;
+  if (cols > kGemmLanes)
+    gemm_rows<kGemmVecs>(rows, depth, at, a_row, a_depth, b + j, ldb, c + i * ldc + j, ldc, last);
+  else
+    gemm_rows<1>(rows, depth, at, a_row, a_depth, b + j, ldb, c + i * ldc + j, ldc, last);
+}
+
+// c (m x n, row stride ldc) = a . b on the calling thread: a(i, p) at a[i * a_row + p * a_depth],
+// b (depth x n) with row stride ldb. Each element is one chain of FMAs in depth order
+// (deterministic). Tile order: row block by row block while b fits kGemmRowOrderBytes (a
+// tile's rows of a stay in L1 across the column blocks; column-block order measured 2.7x
+// slower at 64x400 . 400x120), else column block by column block (each panel of b read once:
+// grad_weight of 12544 inputs at batch 64, whose b is 3.2 MB, took 1.7x stock's time row
+// block by row block).
+inline void gemm_f32(int64_t m, int64_t n, int64_t depth, const float* a, int64_t a_row,
+                     int64_t a_depth, const float* b, int64_t ldb, float* c, int64_t ldc) {
+  if (depth * n * static_cast<int64_t>(sizeof(float)) <= kGemmRowOrderBytes) {
+    for (int64_t i = 0; i < m; i += kGemmRows)
+      for (int64_t j = 0; j < n; j += kGemmCols)
+        gemm_block(m, n, depth, a, a_row, a_depth, b, ldb, c, ldc, i, j);
+  } else {
+    for (int64_t j = 0; j < n; j += kGemmCols)
+      for (int64_t i = 0; i < m; i += kGemmRows)
+        gemm_block(m, n, depth, a, a_row, a_depth, b, ldb, c, ldc, i, j);
+  }
+}
+
+// Columns of c per thread task, in vectors: each thread computes (and, in the forward, packs
+// the operand for) its own column range. Splitting by vectors keeps two threads even at 84 or
+// 120 columns; splitting by rows would make each thread read the whole packed operand, which
+// the thread that packed it holds in its own cache (on this VM a transfer between the two
+// cores' caches measured slower than the product: one product over row blocks on two threads
+// took longer than on one).
+inline void gemm_columns(int64_t n, int64_t m, int64_t depth,
+                         const std::function<void(int64_t, int64_t)>& columns) {
+  const int64_t vectors = (n + kGemmLanes - 1) / kGemmLanes;
+  const int64_t per_vector = std::max<int64_t>(1, m * depth * kGemmLanes);
+  at::parallel_for(
+      0, vectors, std::max<int64_t>(1, kGemmGrain / per_vector),
+      [&](int64_t v0, int64_t v1) { columns(v0 * kGemmLanes, std::min(n, v1 * kGemmLanes)); });
+}
+
+// dst (16 x 16, row stride ldd) = src (16 x 16, row stride lds) transposed, in registers: pairs
+// of rows interleaved by floats, then by float pairs, then 128-bit lanes gathered twice (the
+// shuffles of _mm512_unpack*_ps/pd and _mm512_shuffle_f32x4, written as vector shuffles: GCC 12
+// warns about those intrinsics' undefined operand).
+inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  using V = VecOf<float, 64>::type;
+  V r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = load<V>(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28,
+                                   13, 29);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27,
+                                       14, 30, 15, 31);
+  }
+  // r[4i + j], 128-bit lane L: rows 4i .. 4i + 3 of column 4L + j.
+  for (int i = 0; i < 16; i += 4)
+    for (int h = 0; h < 2; ++h) {
+      r[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8,
+                                             9, 24, 25, 12, 13, 28, 29);
+      r[i + 2 * h + 1] = __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 18, 19, 6, 7, 22, 23,
+                                                 10, 11, 26, 27, 14, 15, 30, 31);
+    }
+  for (int j = 0; j < 4; ++j) {
+    // lanes 0, 1 (u) and 2, 3 (v) of rows 0-7's and rows 8-15's column-j vectors
+    const V u = __builtin_shufflevector(r[j], r[4 + j], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20,
+                                        21, 22, 23);
+    const V v = __builtin_shufflevector(r[j], r[4 + j], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26,
+                                        27, 28, 29, 30, 31);
+    const V u2 = __builtin_shufflevector(r[8 + j], r[12 + j], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                         19, 20, 21, 22, 23);
+    const V v2 = __builtin_shufflevector(r[8 + j], r[12 + j], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                         26, 27, 28, 29, 30, 31);
+    // even lanes of each (column j of lane 0 / 2), odd lanes (lane 1 / 3)
+    store(dst + j * ldd, V(__builtin_shufflevector(u, u2, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19,
+                                                   24, 25, 26, 27)));
+    store(dst + (4 + j) * ldd, V(__builtin_shufflevector(u, u2, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                                         22, 23, 28, 29, 30, 31)));
+    store(dst + (8 + j) * ldd, V(__builtin_shufflevector(v, v2, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17,
+                                                         18, 19, 24, 25, 26, 27)));
+    store(dst + (12 + j) * ldd, V(__builtin_shufflevector(v, v2, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                                          22, 23, 28, 29, 30, 31)));
+  }
+}
+
+// dst (cols x rows, row stride ldd >= rows) = src (rows x cols) transposed: whole 16 x 16
+// blocks in registers, the edges element by element.
+inline void transpose_f32(const float* src, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  const int64_t rows16 = rows / 16 * 16, cols16 = cols / 16 * 16;
+  for (int64_t r = 0; r < rows16; r += 16)
+    for (int64_t c = 0; c < cols16; c += 16)
+      transpose16(src + r * cols + c, cols, dst + c * ldd + r, ldd);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = r < rows16 ? cols16 : 0; c < cols; ++c) dst[c * ldd + r] = src[r * cols + c];
+}
+
+}  // namespace fastlenet::cpu
+#endif
