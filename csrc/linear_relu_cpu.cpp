@@ -18,7 +18,6 @@
 #include <climits>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #include "checks.h"
 #include "cpu_vec.h"

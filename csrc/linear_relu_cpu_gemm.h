@@ -7,9 +7,9 @@
 // Why by hand: the BLAS that ATen's x86 wheels use (MKL) runs its AVX2 code on this AMD CPU,
 // ~90-100 GFLOP/s per core, where the core's two 64-byte FMA pipes allow ~220. Each tile here is
 // kGemmRows rows by kGemmVecs 64-byte vectors of columns, all accumulators in registers, one
-// broadcast per row and one load per vector per depth step. Standalone (2 threads, 2-core
-// Zen 5 VM): 64x400 . 400x120 21.8 us (281 GFLOP/s) against sgemm's 39 us; 64x120 . 120x84
-// 5.5 us against 10.5 us; 256x400 . 400x120 64.7 us against 143 us.
+// broadcast per row and one load per vector per depth step. The op's forward alone against
+// F.linear (2 threads, 2-core Zen 5 VM, in-process medians): 64x400 . 400x120 18.9 us against
+// 36.8 us, 64x120 . 120x84 6.9 us against 11.4 us, 256x784 . 784x512 510 us against 1024 us.
 #pragma once
 
 #if defined(__AVX512F__)
@@ -30,8 +30,9 @@ constexpr int kGemmLanes = 16;  // floats per 64-byte vector
 constexpr int kGemmRows = 8;
 constexpr int kGemmVecs = 2;  // gemm_f32 handles a column tail of one vector or two
 constexpr int64_t kGemmCols = kGemmLanes * kGemmVecs;
-// Depth up to which the hand kernel runs (each tile streams a depth x kGemmCols panel of b,
-// 512 KiB at this depth, through L2); deeper products (12544 inputs) go to the BLAS.
+// Depth up to which the hand kernel runs. Deeper forwards (9216 or 12544 inputs) would pack a
+// w^T of several MB per call (not measured); deeper backward products (batches or output
+// counts beyond 4096) were not measured either. Both go to the BLAS.
 constexpr int64_t kGemmMaxDepth = 4096;
 // Multiply-adds per parallel task: an OpenMP region costs ~1 us, this much work ~0.5 us.
 constexpr int64_t kGemmGrain = int64_t{1} << 16;
@@ -132,11 +133,8 @@ inline void gemm_f32(int64_t m, int64_t n, int64_t depth, const float* a, int64_
 }
 
 // Columns of c per thread task, in vectors: each thread computes (and, in the forward, packs
-// the operand for) its own column range. Splitting by vectors keeps two threads even at 84 or
-// 120 columns; splitting by rows would make each thread read the whole packed operand, which
-// the thread that packed it holds in its own cache (on this VM a transfer between the two
-// cores' caches measured slower than the product: one product over row blocks on two threads
-// took longer than on one).
+// the operand for) its own column range, so no packed buffer is shared between threads.
+// Splitting by vectors keeps two threads even at 84 or 120 columns.
 inline void gemm_columns(int64_t n, int64_t m, int64_t depth,
                          const std::function<void(int64_t, int64_t)>& columns) {
   const int64_t vectors = (n + kGemmLanes - 1) / kGemmLanes;
