@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <functional>
 
 #include "cpu_vec.h"
 
@@ -135,8 +134,9 @@ inline void gemm_f32(int64_t m, int64_t n, int64_t depth, const float* a, int64_
 // Columns of c per thread task, in vectors: each thread computes (and, in the forward, packs
 // the operand for) its own column range, so no packed buffer is shared between threads.
 // Splitting by vectors keeps two threads even at 84 or 120 columns.
-inline void gemm_columns(int64_t n, int64_t m, int64_t depth,
-                         const std::function<void(int64_t, int64_t)>& columns) {
+// `columns(j0, j1)` computes columns [j0, j1).
+template <typename F>
+inline void gemm_columns(int64_t n, int64_t m, int64_t depth, const F& columns) {
   const int64_t vectors = (n + kGemmLanes - 1) / kGemmLanes;
   const int64_t per_vector = std::max<int64_t>(1, m * depth * kGemmLanes);
   at::parallel_for(
