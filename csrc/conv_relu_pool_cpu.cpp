@@ -163,11 +163,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
   const at::Tensor w = weight.contiguous();
   if (windows_are_outputs(g)) {
     // No pooling: every conv output passes gradient unless ReLU stops it, so the sparse
-    // kernels save no work, and ATen's dense backward (oneDNN) runs it as fast as stock's.
-    auto [gi, gw, gb] = dense_backward(go, am, x, w, g, {input_grad, weight_grad, weight_grad});
+    // kernels save no work, and ATen's dense backward (oneDNN) runs it as fast as stock's;
+    // the bias gradient comes from the masking pass (masked_grad says why).
+    at::Tensor grad_bias = at::empty(shape(weight_grad, {g.o}), weight.options());
+    maybe_poison(grad_bias);
+    const at::Tensor masked = masked_grad(go, am, weight_grad ? &grad_bias : nullptr);
+    auto [gi, gw, unused] =
+        at::convolution_backward(masked, x, w, at::IntArrayRef{g.o}, {g.sh, g.sw}, {g.padh, g.padw},
+                                 {1, 1}, false, {0, 0}, 1, {input_grad, weight_grad, false});
     const auto none = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
-    return {input_grad ? gi : none(input), weight_grad ? gw : none(weight),
-            weight_grad ? gb : none(weight)};
+    return {input_grad ? gi : none(input), weight_grad ? gw : none(weight), grad_bias};
   }
   at::Tensor grad_input = at::empty(shape(input_grad, {g.n, g.c, g.h, g.w}), input.options());
   at::Tensor grad_weight = at::empty(shape(weight_grad, {g.o, g.c, g.kh, g.kw}), weight.options());
