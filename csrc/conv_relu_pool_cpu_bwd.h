@@ -330,6 +330,10 @@ inline bool windows_are_outputs(const ConvPoolGeometry& g) {
   return g.poolh == 1 && g.poolw == 1 && g.psh == 1 && g.psw == 1;
 }
 
+// Independent partial sums per plane in masked_planes: an add's latency (4 cycles) over the
+// pass's one vector per cycle.
+constexpr int kMaskSums = 4;
+
 // Planes (N * O of `plane` values each) of grad_out where argmax passes gradient, else 0, into
 // o; with `sums`, each plane's sum too (one thread sums a whole plane: the same order for any
 // thread count).
@@ -351,21 +355,26 @@ void masked_planes(const T* go, const uint8_t* am, T* o, int64_t planes, int64_t
       const T* g = go + p * plane;
       const uint8_t* a = am + p * plane;
       T* d = o + p * plane;
-      V acc{};
+      // kMaskSums partial sums: one would make the pass wait on its add latency.
+      V acc[kMaskSums] = {};
+      const auto masked = [&](int64_t at) {
+        const M keep = __builtin_convertvector((Keep)(load<Bytes>(a + at) != kNoGrad), M) != MI{0};
+        const V v = keep ? load<V>(g + at) : V{};  // a select: NaN and Inf pass unchanged
+        store(d + at, v);
+        return v;
+      };
       int64_t i = 0;
-      for (; i + VW <= plane; i += VW) {
-        const M keep = __builtin_convertvector((Keep)(load<Bytes>(a + i) != kNoGrad), M) != MI{0};
-        const V v = keep ? load<V>(g + i) : V{};  // a select: NaN and Inf pass unchanged
-        store(d + i, v);
-        acc += v;
-      }
+      for (; i + kMaskSums * VW <= plane; i += kMaskSums * VW)
+        for (int u = 0; u < kMaskSums; ++u) acc[u] += masked(i + u * VW);
+      for (; i + VW <= plane; i += VW) acc[0] += masked(i);
       T sum = T(0);
       for (; i < plane; ++i) {
         d[i] = keep_or_zero(a[i] != kNoGrad, g[i]);
         sum += d[i];
       }
       if (sums == nullptr) continue;
-      for (int l = 0; l < VW; ++l) sum += acc[l];
+      for (int u = 1; u < kMaskSums; ++u) acc[0] += acc[u];
+      for (int l = 0; l < VW; ++l) sum += acc[0][l];
       sums[p] = sum;
     }
   });
