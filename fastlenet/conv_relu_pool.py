@@ -51,6 +51,16 @@ def _fwd(input, weight, bias, geometry, backend):
     return out, argmax, channels_last
 
 
+_CPU = torch.device("cpu")
+# The CPU op's forward overload (None without the extension; the fast path then never runs).
+_CPU_FWD = backends.ops("conv_relu_pool", "cpu").fwd if _ext.LOADED else None
+# Module-level names for the fast path below: each `torch.x` lookup costs tens of ns per call.
+_Tensor = torch.Tensor
+_RESOLVED = backends._RESOLVED  # resolve()'s cache; refresh() clears it in place
+_is_compiling = torch.compiler.is_compiling
+_is_grad_enabled = torch.is_grad_enabled
+
+
 def conv_relu_pool2d(
     input,
     weight,
@@ -70,6 +80,47 @@ def conv_relu_pool2d(
     as stock's); pool_stride defaults to pool_size; pool_size=1 means conv + ReLU alone. Floor
     mode, dilation 1, groups 1. Returns (N, O, PH, PW), or (O, PH, PW) for unbatched input.
     """
+    # The fast path, as linear_relu's (fastlenet/linear_relu.py): a plain 4-D CPU input and
+    # weight, both contiguous (so neither is channels_last: _fwd's conversions do nothing),
+    # numeric geometry, and a backend that resolve() has already answered "cpu" for. The op's
+    # checks (csrc/checks.h) cover the Python ones for these arguments: those run only after it
+    # raised, to name the mistake as they always do. Not while torch.compile traces.
+    try:
+        fast = (
+            type(input) is _Tensor
+            and input.is_cpu
+            and weight.is_cpu
+            and (bias is None or bias.is_cpu)
+            and input.dim() == 4
+            and type(padding) is not str
+            and _RESOLVED.get((backend, _CPU)) == "cpu"
+            and input.is_contiguous()
+            and weight.is_contiguous()
+            and not _is_compiling()
+        )
+    except (AttributeError, TypeError):
+        fast = False
+    if fast:
+        stride = _checks.pair(stride, "stride")
+        padding = _checks.pair(padding, "padding")
+        pool_size = _checks.pair(pool_size, "pool_size")
+        pool_stride = pool_size if pool_stride is None else _checks.pair(pool_stride, "pool_stride")
+        try:
+            if _is_grad_enabled() and (  # records_graph, inlined: one frame fewer
+                input.requires_grad
+                or weight.requires_grad
+                or (bias is not None and bias.requires_grad)
+            ):
+                return ConvReLUPoolFunction.apply(
+                    input, weight, bias, stride, padding, pool_size, pool_stride, "cpu"
+                )
+            return _CPU_FWD(input, weight, bias, stride, padding, pool_size, pool_stride)[0]
+        except Exception as exc:  # re-raised below unless the checks name the mistake
+            error = exc
+        _checks.check_params(input, weight, bias, weight_rank=4)
+        _checks.check_geometry(stride, padding, pool_size, pool_stride)
+        _checks.check_conv_input(input, weight, stride, padding, pool_size, pool_stride)
+        raise error
     stride = _checks.pair(stride, "stride")
     pool_size = _checks.pair(pool_size, "pool_size")
     pool_stride = pool_size if pool_stride is None else _checks.pair(pool_stride, "pool_stride")
