@@ -88,8 +88,8 @@ inline ConvPoolGeometry conv_pool_geometry(const at::Tensor& input, const at::Te
   g.kw = weight.size(3);
   TORCH_CHECK(weight.size(1) == g.c, "input has ", g.c, " channels but weight expects ",
               weight.size(1));
-  TORCH_CHECK(g.o >= 1 && g.kh >= 1 && g.kw >= 1, "weight must have no zero-size dimension, got ",
-              weight.sizes());
+  TORCH_CHECK(g.o >= 1 && g.c >= 1 && g.kh >= 1 && g.kw >= 1,
+              "weight must have no zero-size dimension, got ", weight.sizes());
   g.sh = stride[0];
   g.sw = stride[1];
   g.padh = padding[0];

@@ -102,6 +102,8 @@ FWD_CASES = [
      r"weight must have no zero-size dimension"),
     ("weight_zero_kernel", fwd(weight=lambda w: w[..., :0]), RuntimeError,
      r"weight must have no zero-size dimension"),
+    ("weight_no_in_channels", fwd(input=lambda x: x[:, :0], weight=lambda w: w[:, :0]),
+     RuntimeError, r"weight must have no zero-size dimension"),
     ("smaller_than_kernel", fwd(input=lambda x: x[..., :2, :]), RuntimeError,
      r"input of size \(2, 10\) with padding \[0, 0\] is smaller than the kernel"),
     ("smaller_than_pool", fwd(input=lambda x: x[..., :, :3]), RuntimeError,
