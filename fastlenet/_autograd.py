@@ -2,6 +2,16 @@
 
 import torch
 
+from fastlenet import backends
+
+# Names the ops' CPU fast paths (conv_relu_pool2d, linear_relu, linear) read on every call,
+# bound once and imported as module globals: each `torch.x` lookup costs tens of ns per call.
+CPU = torch.device("cpu")
+Tensor = torch.Tensor
+RESOLVED = backends._RESOLVED  # resolve()'s cache; refresh() clears it in place
+is_compiling = torch.compiler.is_compiling
+is_grad_enabled = torch.is_grad_enabled
+
 
 def backward_backend(ctx) -> str:
     """The backend that computes a fused Function's backward.

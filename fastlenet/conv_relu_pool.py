@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from fastlenet import _checks, _ext, backends
+from fastlenet._autograd import CPU as _CPU
+from fastlenet._autograd import RESOLVED as _RESOLVED
+from fastlenet._autograd import Tensor as _Tensor
 from fastlenet._autograd import backward_backend, records_graph
+from fastlenet._autograd import is_compiling as _is_compiling
+from fastlenet._autograd import is_grad_enabled as _is_grad_enabled
 
 
 class ConvReLUPoolFunction(torch.autograd.Function):
@@ -51,14 +56,8 @@ def _fwd(input, weight, bias, geometry, backend):
     return out, argmax, channels_last
 
 
-_CPU = torch.device("cpu")
 # The CPU op's forward overload (None without the extension; the fast path then never runs).
 _CPU_FWD = backends.ops("conv_relu_pool", "cpu").fwd if _ext.LOADED else None
-# Module-level names for the fast path below: each `torch.x` lookup costs tens of ns per call.
-_Tensor = torch.Tensor
-_RESOLVED = backends._RESOLVED  # resolve()'s cache; refresh() clears it in place
-_is_compiling = torch.compiler.is_compiling
-_is_grad_enabled = torch.is_grad_enabled
 
 
 def conv_relu_pool2d(
