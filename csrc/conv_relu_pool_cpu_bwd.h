@@ -320,8 +320,6 @@ inline bool register_blocked(const ConvPoolGeometry& g, int64_t nv) {
 // shape (1.5-3.8x faster at all five).
 constexpr int64_t kWideInputMinOut = 16;
 
-// The conv output's gradient, dense: grad_out at each window's argmax, 0 elsewhere. Used
-// where Inf/NaN must propagate exactly as in the stock composition's dense backward.
 // Elements per task of masked_grad's pass: below this a parallel region costs more than it.
 constexpr int64_t kMaskGrain = 1 << 15;
 
@@ -407,6 +405,8 @@ inline at::Tensor masked_grad(const at::Tensor& grad_out, const at::Tensor& argm
   return out;
 }
 
+// The conv output's gradient, dense: grad_out at each window's argmax, 0 elsewhere. Used
+// where Inf/NaN must propagate exactly as in the stock composition's dense backward.
 inline at::Tensor dense_grad(const at::Tensor& grad_out, const at::Tensor& argmax,
                              const ConvPoolGeometry& g) {
   if (windows_are_outputs(g)) return masked_grad(grad_out, argmax);  // already conv-shaped
