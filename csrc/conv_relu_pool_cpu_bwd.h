@@ -207,14 +207,29 @@ void bwd_weight_sample(const T* xcl, const T* go, const uint8_t* am, const ConvP
     const uint8_t* amo = am + o * plane;
     const int64_t* woff = L.woff.data();
     const int64_t wpc = L.wpc;
-    for (int64_t k = 0; k < plane; ++k) {
+    const auto visit = [&](V(&a)[KH][NV], T& sum, int64_t k) {
       const uint8_t q = amo[k];
       const T gv = keep_or_zero(q != kNoGrad, gop[k]);
       const T* row = xcl + woff[k] + L.qoff[q];
-      bsum += gv;
+      sum += gv;
       for (int kh = 0; kh < KH; ++kh, row += wpc)
-        for (int v = 0; v < NV; ++v) acc[kh][v] += gv * load<V>(row + v * VW);
+        for (int v = 0; v < NV; ++v) a[kh][v] += gv * load<V>(row + v * VW);
+    };
+    int64_t k = 0;
+    if constexpr (2 * KH * NV <= kVecRegs - 4) {
+      // Few accumulators (LeNet-5 conv1: 5): each window's FMAs would wait on the previous
+      // window's (4 cycles of latency for KH * NV FMAs). Windows alternate between two sets.
+      V acc2[KH][NV] = {};
+      T bsum2 = T(0);
+      for (; k + 1 < plane; k += 2) {
+        visit(acc, bsum, k);
+        visit(acc2, bsum2, k + 1);
+      }
+      for (int kh = 0; kh < KH; ++kh)
+        for (int v = 0; v < NV; ++v) acc[kh][v] += acc2[kh][v];
+      bsum += bsum2;
     }
+    for (; k < plane; ++k) visit(acc, bsum, k);
     for (int kh = 0; kh < KH; ++kh)
       for (int v = 0; v < NV; ++v) store(gwo + (kh * NV + v) * VW, acc[kh][v]);
     if (kh0 == 0) gb[o] = bsum;
