@@ -400,7 +400,7 @@ void masked_planes(const T* go, const uint8_t* am, T* o, int64_t planes, int64_t
 // without it at the no-pool layers of the sweep (batch 64, 2 threads: 6 -> 16 3x3 30x30 755 ->
 // 1633 us, 13 -> 29 3x3 11x11 346 -> 418 us).
 inline at::Tensor masked_grad(const at::Tensor& grad_out, const at::Tensor& argmax,
-                              at::Tensor* grad_bias = nullptr) {
+                              at::Tensor* grad_bias) {
   at::Tensor out = at::empty_like(grad_out, at::MemoryFormat::Contiguous);
   const int64_t n = grad_out.size(0), channels = grad_out.size(1);
   const int64_t plane = grad_out.size(2) * grad_out.size(3);
@@ -420,11 +420,11 @@ inline at::Tensor masked_grad(const at::Tensor& grad_out, const at::Tensor& argm
   return out;
 }
 
-// The conv output's gradient, dense: grad_out at each window's argmax, 0 elsewhere. Used
-// where Inf/NaN must propagate exactly as in the stock composition's dense backward.
+// The conv output's gradient, dense: grad_out at each window's argmax, 0 elsewhere, for the
+// pooled layers' gradients that Inf/NaN reach (they must propagate exactly as in the stock
+// composition's dense backward). Layers without pooling take masked_grad instead.
 inline at::Tensor dense_grad(const at::Tensor& grad_out, const at::Tensor& argmax,
                              const ConvPoolGeometry& g) {
-  if (windows_are_outputs(g)) return masked_grad(grad_out, argmax);  // already conv-shaped
   const at::Tensor valid = argmax != kNoGrad;
   const at::Tensor pos = at::where(valid, argmax.to(at::kLong), 0);
   const auto lopt = argmax.options().dtype(at::kLong);

@@ -4,11 +4,12 @@
 // grad_bias in one call.
 // Saves for backward (the autograd Function does): input, weight and out, the ReLU mask.
 //
-// The products go to the BLAS that ATen uses (sgemm_/dgemm_ directly; at::mm where it cannot
-// take the sizes); what is fused is everything around them: bias and ReLU in one pass over the
-// product, and the mask, the masked gradient and grad_bias in one pass (each task owns a column
-// range: deterministic grad_bias). With two threads the backward's two products run side by
-// side, one thread each.
+// The float32 products go to the hand AVX-512 kernel (linear_relu_cpu_gemm.h) where it suits
+// (hand_gemm_suits, kPackMinRows), the rest to the BLAS that ATen uses (sgemm_/dgemm_ directly;
+// at::mm where it cannot take the sizes); what is fused is everything around them: bias and
+// ReLU in one pass over the product, and the mask, the masked gradient and grad_bias in one
+// pass (each task owns a column range: deterministic grad_bias). With two threads the
+// backward's two products run side by side, one thread each.
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
