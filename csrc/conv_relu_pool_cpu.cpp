@@ -113,6 +113,7 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_fwd_cpu(
       conv_pool_geometry(input_, weight_, stride, padding, pool_size, pool_stride);
   check_bias(bias_, input_, g.o);
   check_cpu(input_, "input");
+  const SerialBelow serial(g.n * g.o * g.oh * g.ow * g.c * g.kh * g.kw);
   const at::Tensor input = input_.contiguous();
   const at::Tensor weight = weight_.contiguous();
   const at::Tensor bias = bias_.has_value() ? bias_->contiguous() : at::Tensor();
@@ -155,6 +156,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
     at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool input_grad, bool weight_grad) {
   const ConvPoolGeometry g =
       check_backward(grad_out, argmax, input, weight, stride, padding, pool_size, pool_stride);
+  // The sparse backward's multiply-adds: one patch per pooled output and gradient.
+  const SerialBelow serial(g.n * g.o * g.ph * g.pw * g.c * g.kh * g.kw *
+                           (int64_t{input_grad} + int64_t{weight_grad}));
   // A gradient not asked for comes back with no elements.
   const auto shape = [](bool wanted, std::vector<int64_t> sizes) {
     return wanted ? sizes : std::vector<int64_t>{0};

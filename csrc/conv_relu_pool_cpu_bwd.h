@@ -32,6 +32,7 @@
 
 #include "checks.h"
 #include "conv_relu_pool_cpu_bwd_wide.h"
+#include "cpu_parallel.h"
 #include "cpu_vec.h"
 
 namespace fastlenet::cpu {
@@ -363,7 +364,7 @@ void masked_planes(const T* go, const uint8_t* am, T* o, int64_t planes, int64_t
   typedef int8_t Keep __attribute__((vector_size(VW)));
   const int64_t grain = std::max<int64_t>(1, kMaskGrain / std::max<int64_t>(plane, 1));
   // By value: the stores could alias the captured references, which GCC then reloads.
-  at::parallel_for(0, planes, grain, [=](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, planes, grain, [=](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const T* g = go + p * plane;
       const uint8_t* a = am + p * plane;
@@ -514,6 +515,9 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
                 w[((o * g.c + c) * g.kh + kh) * g.kw + kw];
   const auto wwide = want_input && wide_x ? wide_input_weight(w, g, LX.pix, xplan)
                                           : std::vector<T, CacheLineAllocator<T>>();
+  // Chunks of grad_w by the thread count, also in a serial op (cpu_parallel.h), whose one
+  // thread then takes every task: the sums do not depend on the op's size or on which
+  // gradients it is asked for.
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = want_weight ? std::max<int64_t>(1, std::min(threads, g.n)) : 0;
   std::vector<T> partial(chunks * (wsize + g.o), T(0));
@@ -531,7 +535,7 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   const int64_t tasks = chunks + (want_input ? g.n : 0);
   std::atomic<int64_t> next{0};
   std::atomic<bool> x_bad{false}, go_bad{false};
-  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+  cpu::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
     AlignedVector<T> xcl(want_weight ? L.size : 0, T(0)), dx(want_input ? LX.size : 0);
     WideLists<T> lists;
     for (int64_t t = next++; t < tasks; t = next++) {

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu_parallel.h"
 #include "cpu_vec.h"
 
 namespace fastlenet::cpu {
@@ -147,7 +148,7 @@ void forward_channels(const at::Tensor& input, const at::Tensor& weight, const a
   const int64_t plane_out = g.ph * g.pw;
   const bool unit = g.sw == 1;
 
-  at::parallel_for(0, g.n * oblocks, 1, [&](int64_t t0, int64_t t1) {
+  cpu::parallel_for(0, g.n * oblocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> pad_buf(padded ? g.c * hp * wp : 0, T(0));
     std::vector<T> tile(g.poolh * width * BW);
     // Locals for the pooling epilogue: its byte stores may alias anything reached through the
@@ -365,7 +366,7 @@ void forward_columns(const at::Tensor& input, const at::Tensor& weight, const at
   T* outp = out.data_ptr<T>();
   uint8_t* amp = argmax.data_ptr<uint8_t>();
   const int64_t plane = g.ph * g.pw;
-  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+  cpu::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
     std::vector<T> xs(g.c * chan + VW, T(0));
     for (int64_t n = n0; n < n1; ++n) {
       const T* src = x + n * g.c * g.h * g.w;

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu_parallel.h"
 #include "cpu_vec.h"
 
 namespace fastlenet::cpu {
@@ -126,7 +127,7 @@ void relu_pool(const at::Tensor& conv, const ConvPoolGeometry& g, at::Tensor& ou
   T* outp = out.data_ptr<T>();
   uint8_t* amp = argmax.data_ptr<uint8_t>();
   const int64_t plane_in = g.oh * g.ow, plane_out = g.ph * g.pw;
-  at::parallel_for(0, g.n * g.o, kPoolGrain, [&](int64_t p0, int64_t p1) {
+  cpu::parallel_for(0, g.n * g.o, kPoolGrain, [&](int64_t p0, int64_t p1) {
     std::vector<T> rows(g.poolh * relu_pool_rowlen(g, VW), T(0));
     for (int64_t p = p0; p < p1; ++p)
       relu_pool_plane(y + p * plane_in, g, outp + p * plane_out, amp + p * plane_out, rows.data());
@@ -148,7 +149,7 @@ void relu_pool_cl(const at::Tensor& conv, const ConvPoolGeometry& g, at::Tensor&
   T* outp = out.data_ptr<T>();
   uint8_t* amp = argmax.data_ptr<uint8_t>();
   const int64_t plane = g.ph * g.pw, ov = (g.o + VW - 1) / VW * VW;
-  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+  cpu::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
     // One pixel's channels with a zero tail, so full vectors stay in bounds.
     std::vector<T> px(ov, T(0)), best_s(plane * ov);
     std::vector<MI> pos_s(plane * ov);
@@ -257,7 +258,7 @@ void tap_gemm_forward(const at::Tensor& input, const at::Tensor& weight, const a
   const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   T* outp = out.data_ptr<T>();
   uint8_t* amp = argmax.data_ptr<uint8_t>();
-  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+  cpu::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
     AlignedVector<T> y(taps * g.o * ld), xpad(ld != hw ? g.c * ld : 0, T(0));
     std::vector<T> conv(plane), rows(g.poolh * relu_pool_rowlen(g, VW), T(0));
     for (int64_t n = n0; n < n1; ++n) {
@@ -304,7 +305,7 @@ void relu_codes(at::Tensor& y, at::Tensor& argmax) {
   constexpr int VW = Vec::kLanes;
   T* p = y.data_ptr<T>();
   uint8_t* amp = argmax.data_ptr<uint8_t>();
-  at::parallel_for(0, y.numel(), kCodesGrain, [&](int64_t begin, int64_t end) {
+  cpu::parallel_for(0, y.numel(), kCodesGrain, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     for (; i + VW <= end; i += VW) {
       const V v = load<V>(p + i);

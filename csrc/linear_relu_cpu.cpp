@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "cpu_parallel.h"
 #include "cpu_vec.h"
 #include "linear_relu_cpu_gemm.h"
 
@@ -242,7 +243,7 @@ void linear_dot(const at::Tensor& input, const at::Tensor& weight, const at::Ten
   T* o = out.data_ptr<T>();
   const int64_t blocks = (rows + kDotRows - 1) / kDotRows;
   const int64_t grain = std::max<int64_t>(1, kDotGrain / std::max<int64_t>(kDotRows * k * cols, 1));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+  cpu::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r = blk * kDotRows;
       if (r + kDotRows <= rows)
@@ -259,6 +260,7 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
   check_linear(input_, weight);
   check_bias(bias, input_, weight.size(0));
   TORCH_CHECK(input_.device().is_cpu(), "input must be a CPU tensor, got ", input_.device());
+  const cpu::SerialBelow serial(input_.size(0) * weight.size(0) * weight.size(1));
   const at::Tensor input = input_.contiguous();
   if (weight.size(0) >= kDotMinOutputs && weight.size(0) <= kDotMaxOutputs && input.size(0) > 0) {
     const at::Tensor w = weight.contiguous();
@@ -288,7 +290,7 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     const int64_t row_grain = std::max<int64_t>(1, kElementGrain / std::max<int64_t>(cols, 1));
     // One loop per case, each branch-free inside, so that each vectorises.
-    at::parallel_for(0, rows, row_grain, [&](int64_t r0, int64_t r1) {
+    cpu::parallel_for(0, rows, row_grain, [&](int64_t r0, int64_t r1) {
       const scalar_t* __restrict bias_row = bp;  // a local: see linear_relu_bwd_cpu
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* __restrict row = o + r * cols;
@@ -317,6 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
   check_linear(input_, weight);
   const int64_t rows = input_.size(0), cols = weight.size(0);
   check_linear_grad(grad_out_, out_, input_, weight, relu);
+  const cpu::SerialBelow serial(2 * rows * cols * weight.size(1));
   const at::Tensor grad_out = grad_out_.contiguous();
   const at::Tensor out = relu ? out_.contiguous() : at::Tensor();
   const at::Tensor input = input_.contiguous();
@@ -331,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
     scalar_t* gb = grad_bias.data_ptr<scalar_t>();
     // Each task owns a column range and sums its rows in order: deterministic grad_bias.
     const int64_t col_grain = std::max<int64_t>(16, kElementGrain / std::max<int64_t>(rows, 1));
-    at::parallel_for(0, cols, col_grain, [&](int64_t c0, int64_t c1) {
+    cpu::parallel_for(0, cols, col_grain, [&](int64_t c0, int64_t c1) {
       // Local restrict pointers: through the lambda's references the compiler would reload
       // them after every store and not vectorise.
       scalar_t* __restrict sum = gb + c0;
@@ -384,8 +387,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
       }
     });
   };
-  if (at::get_num_threads() == kSideBySideThreads)
-    at::parallel_for(0, 2, 1, products);  // one product per thread: the BLAS runs serially
+  if (cpu::num_threads() == kSideBySideThreads)
+    cpu::parallel_for(0, 2, 1, products);  // one product per thread: the BLAS runs serially
   else
     products(0, 2);
   return {grad_input, grad_weight, grad_bias};

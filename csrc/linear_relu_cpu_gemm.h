@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu_parallel.h"
 #include "cpu_vec.h"
 
 namespace fastlenet::cpu {
@@ -139,7 +140,7 @@ template <typename F>
 inline void gemm_columns(int64_t n, int64_t m, int64_t depth, const F& columns) {
   const int64_t vectors = (n + kGemmLanes - 1) / kGemmLanes;
   const int64_t per_vector = std::max<int64_t>(1, m * depth * kGemmLanes);
-  at::parallel_for(
+  cpu::parallel_for(
       0, vectors, std::max<int64_t>(1, kGemmGrain / per_vector),
       [&](int64_t v0, int64_t v1) { columns(v0 * kGemmLanes, std::min(n, v1 * kGemmLanes)); });
 }

@@ -77,3 +77,36 @@ def test_random_geometry_float64(n, c, o, kh, kw, stride, padding, pool, pool_st
         want = torch.autograd.grad(ref, leaves, grad)
         for g1, g2 in zip(got, want, strict=True):
             assert rel_err(g1, g2) < 1e-12
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+@pytest.mark.parametrize(
+    "geometry", [(16, 6, 14, 14, 16, 5, 5, 1, 0, 2, 2), (8, 1, 32, 32, 6, 5, 5, 1, 0, 2, 2)]
+)
+def test_serial_ops_match_parallel(geometry):
+    """An op with fewer multiply-adds than kParallelMinMacs (csrc/cpu_parallel.h, 2^18) runs its
+    kernels' regions on the calling thread. LeNet-5's layers: the batch is above it (conv2 at
+    16 samples: 3.8M forward, 1.9M backward), one sample below (240k, 120k). Each sample's
+    output, argmax and grad_input are bitwise the batch's (every sample goes through the same
+    code either way); grad_weight and grad_bias, summed over the single samples, match the
+    batch's."""
+    x, weight, bias, conv = conv_inputs(geometry, torch.float32, requires_grad=False)
+    fwd = torch.ops.fastlenet.conv_relu_pool_fwd.default
+    bwd = torch.ops.fastlenet.conv_relu_pool_bwd.default
+    conv = [list(v) for v in conv]
+    out, argmax = fwd(x, weight, bias, *conv)
+    grad = torch.randn_like(out)
+    gi, gw, gb = bwd(grad, argmax, x, weight, *conv, True, True)
+    sum_gw, sum_gb = (
+        torch.zeros_like(gw, dtype=torch.float64),
+        torch.zeros_like(gb, dtype=torch.float64),
+    )
+    for n in range(x.shape[0]):
+        one = x[n : n + 1]
+        out_n, argmax_n = fwd(one, weight, bias, *conv)
+        assert torch.equal(out_n, out[n : n + 1]) and torch.equal(argmax_n, argmax[n : n + 1])
+        gi_n, gw_n, gb_n = bwd(grad[n : n + 1], argmax_n, one, weight, *conv, True, True)
+        assert torch.equal(gi_n, gi[n : n + 1])
+        sum_gw += gw_n
+        sum_gb += gb_n
+    assert rel_err(gw, sum_gw) < TOL[torch.float32] and rel_err(gb, sum_gb) < TOL[torch.float32]
