@@ -1,6 +1,7 @@
 // The fastlenet operator library: every schema is written here, once.
 // Device sources add only TORCH_LIBRARY_IMPL(fastlenet, CPU|CUDA, m); fake
-// (meta) kernels and autograd live beside the Python wrappers in fastlenet/.
+// (meta) kernels and autograd live beside the Python wrappers in fastlenet/, but for the
+// chain's node (csrc/chain_autograd_cpu.cpp).
 // The math and semantics of each op: fastlenet/reference.py.
 #include <torch/extension.h>
 
@@ -36,6 +37,13 @@ TORCH_LIBRARY(fastlenet, m) {
       "Tensor[] argmax, Tensor[] weights, int[] spec, bool input_grad) -> Tensor[]");
 }
 
+namespace fastlenet {
+// csrc/chain_autograd_cpu.cpp
+at::Tensor chain_autograd(const at::Tensor& input,
+                          const std::vector<std::optional<at::Tensor>>& params,
+                          const std::vector<int64_t>& spec);
+}  // namespace fastlenet
+
 namespace {
 bool cuda_built() {
 #ifdef FASTLENET_WITH_CUDA
@@ -48,4 +56,6 @@ bool cuda_built() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_built", &cuda_built, "True when the CUDA kernels were compiled into this build");
+  m.def("chain", &fastlenet::chain_autograd, py::arg("input"), py::arg("params"), py::arg("spec"),
+        "A chain of fastlenet layers as one autograd node (fastlenet/chain.py)");
 }

@@ -3,9 +3,11 @@
 conv_relu_pool layers, a flatten, then linear(_relu) layers -- LeNet-5, the Fashion CNN, a
 `fastlenet.nn.Sequential` of fastlenet layers -- run forward in one C++ call (chain_fwd) and
 backward in one (chain_bwd), each calling the per-layer CPU ops (csrc/chain_cpu.cpp): the same
-kernels on the same tensors, so the numbers are the per-layer path's, bit for bit. What goes
-is the per-layer cost outside the kernels: a Python autograd.Function, an engine node, the
-Python argument checks and a Python-to-C++ call per layer and pass.
+kernels on the same tensors, so the numbers are the per-layer path's, bit for bit. The node is
+a C++ autograd Function (csrc/chain_autograd_cpu.cpp, `fastlenet::ChainFunction`), so the
+backward runs no Python. What goes is the per-layer cost outside the kernels: a Python
+autograd.Function, an engine node, the Python argument checks and a Python-to-C++ call per
+layer and pass.
 
 `run(layers, x, layered)` takes the chain when nothing a user could observe differs, and calls
 `layered(x)` (the per-layer path) otherwise: hooks on a layer, torch.compile tracing, another
@@ -65,6 +67,9 @@ def _global_hooks() -> bool:
     )
 
 
+#: grad_fn.name() of a tensor the chain computed (csrc/chain_autograd_cpu.cpp's node).
+NODE = "torch::autograd::CppNode<fastlenet::ChainFunction>"
+
 _PLAIN = object()  # a parameter name that is not registered
 _CPU = torch.device("cpu")
 
@@ -78,7 +83,7 @@ def _key(x, layers):
     Runs on every call, so each layer is read once: its kind and geometry go into the key
     (the spec is built once per key), parameters are read from `_parameters` (nn.Module's
     attribute lookup costs ~0.5 us each) and devices by `is_cpu` (comparing torch.device
-    objects costs more). run()'s own time for LeNet-5 (ChainFunction stubbed out, 2-core
+    objects costs more). run()'s own time for LeNet-5 (the chain node stubbed out, 2-core
     Zen 4 VM): 8.2 us with the spec built and the key made on every call, 6.0 us this way."""
     if type(x) is not torch.Tensor or x.dim() != 4 or not x.is_cpu or not x.is_contiguous():
         return None
@@ -160,45 +165,12 @@ def run(layers, x, layered, others=()):
         return out
     if layer_spec is None:
         return layered(x)
-    return ChainFunction.apply(layer_spec, x, *params)
+    return _ext._C.chain(x, params, layer_spec)
 
 
-class ChainFunction(torch.autograd.Function):
-    """forward(spec, input, w0, b0, w1, b1, ...): the chain's output; a bias may be None.
-    Saved: input, out, every parameter as given (None kept in place) and what chain_fwd
-    returns for backward, so that grads come back in the parameters' order."""
-
-    @staticmethod
-    def forward(ctx, layer_spec, input, *params):
-        out, activations, argmax = torch.ops.fastlenet.chain_fwd.default(
-            input, params[0::2], params[1::2], layer_spec
-        )
-        ctx.spec = layer_spec
-        ctx.counts = (len(params), len(activations))
-        ctx.save_for_backward(input, out, *params, *activations, *argmax)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        input, out, *rest = ctx.saved_tensors
-        n, n_act = ctx.counts
-        params = rest[:n]
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph: a graph through every intermediate
-            weights, biases = params[0::2], params[1::2]
-            return (None, *_grads_with_graph(ctx.spec, grad_out, input, weights, biases, need))
-        grads = torch.ops.fastlenet.chain_bwd.default(
-            grad_out.contiguous(),
-            input,
-            out,
-            rest[n : n + n_act],
-            rest[n + n_act :],
-            params[0::2],
-            ctx.spec,
-            need[1],
-        )
-        # grads: [input, w0, b0, w1, b1, ...], a tensor for every bias (None's unasked)
-        return (None, *[g if wanted else None for g, wanted in zip(grads, need[1:], strict=True)])
+def on_chain(t: torch.Tensor) -> bool:
+    """True when `t` is the output of the chain's autograd node."""
+    return t.grad_fn is not None and t.grad_fn.name() == NODE
 
 
 def _unpacked(layer_spec):
@@ -223,16 +195,17 @@ def layered(layer_spec, input, weights, biases):
 
 
 def _grads_with_graph(layer_spec, grad_out, input, weights, biases, need):
-    """Every gradient, differentiable again: the forward recomputed layer by layer (whose
-    backward under create_graph is the reference's, fastlenet/_autograd.py) and differentiated
-    with a graph, so second derivatives reach every intermediate as the per-layer path's do."""
+    """The chain node's backward under create_graph (csrc/chain_autograd_cpu.cpp calls it):
+    [input, w0, b0, w1, b1, ...]'s gradients where `need` (in that order) says, else None,
+    differentiable again: the forward recomputed layer by layer (whose backward under
+    create_graph is the reference's, fastlenet/_autograd.py) and differentiated with a graph,
+    so second derivatives reach every intermediate as the per-layer path's do."""
     leaves = [input, *(t for pair in zip(weights, biases, strict=True) for t in pair)]
-    wanted = [t for t, n in zip(leaves, need[1:], strict=True) if n and t is not None]
+    wanted = [t for t, n in zip(leaves, need, strict=True) if n]
     with torch.enable_grad():
         out = layered(layer_spec, input, weights, biases)
         grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
-    pairs = zip(leaves, need[1:], strict=True)
-    return [next(grads) if n and t is not None else None for t, n in pairs]
+    return [next(grads) if n else None for n in need]
 
 
 def fwd_fake(input, weights, biases, layer_spec):
