@@ -260,8 +260,10 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
   check_linear(input_, weight);
   check_bias(bias, input_, weight.size(0));
   TORCH_CHECK(input_.device().is_cpu(), "input must be a CPU tensor, got ", input_.device());
-  const cpu::SerialBelow serial(input_.size(0) * weight.size(0) * weight.size(1));
   const at::Tensor input = input_.contiguous();
+  // The dot-product path splits by its own grain (kDotGrain), not by SerialBelow's: its
+  // multiply-adds are slower (LeNet-5 fc3 at batch 256, 215k: 10.5 us serially, 9.4 us on two
+  // threads, stock 11.5-14.4 us; the 09:20Z bench read 0.91x stock's inference serially).
   if (weight.size(0) >= kDotMinOutputs && weight.size(0) <= kDotMaxOutputs && input.size(0) > 0) {
     const at::Tensor w = weight.contiguous();
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -271,6 +273,7 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
     return out;
   }
   const int64_t rows = input.size(0), cols = weight.size(0), k = input.size(1);
+  const cpu::SerialBelow serial(rows * cols * k);
   const at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty({rows, cols}, input.options());
   maybe_poison(out);
