@@ -107,7 +107,10 @@ struct BwdLayout {
     for (int64_t q = 0; q < g.poolh * g.poolw; ++q)
       qoff[q] = (q / g.poolw) * g.sh * wpc + (q % g.poolw) * g.sw * pix;
     woff.resize(g.ph * g.pw);
-    for (int64_t k = 0; k < g.ph * g.pw; ++k) woff[k] = (k / g.pw) * rowstep + (k % g.pw) * colstep;
+    // Nested loops: a division per entry cost ~2 us per op at LeNet-5's conv1 (196 entries,
+    // two layouts), a quarter of its batch-1 backward.
+    for (int64_t ph = 0, k = 0; ph < g.ph; ++ph)
+      for (int64_t pw = 0; pw < g.pw; ++pw, ++k) woff[k] = ph * rowstep + pw * colstep;
   }
 };
 
