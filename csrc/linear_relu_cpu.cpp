@@ -5,7 +5,8 @@
 // Saves for backward (the autograd Function does): input, weight and out, the ReLU mask.
 //
 // The float32 products go to the hand AVX-512 kernel (linear_relu_cpu_gemm.h) where it suits
-// (hand_gemm_suits, kPackMinRows), the rest to the BLAS that ATen uses (sgemm_/dgemm_ directly;
+// (hand_gemm_suits, kPackMinRows), forwards of 8-12 outputs or of fewer than kPackMinRows rows
+// to dot products (dot_suits), the rest to the BLAS that ATen uses (sgemm_/dgemm_ directly;
 // at::mm where it cannot take the sizes); what is fused is everything around them: bias and
 // ReLU in one pass over the product, and the mask, the masked gradient and grad_bias in one
 // pass (each task owns a column range: deterministic grad_bias). With two threads the
@@ -93,9 +94,9 @@ bool hand_gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, i
   return true;
 }
 
-// Rows from which the forward packs w for the hand kernel; fewer go to the BLAS, whose
-// matrix-vector product needs no packing. Forward alone against F.linear, 400 -> 120 (2
-// threads): 1 row 0.41x, 4 rows 1.59x, 8 rows 1.49x, 32 rows 1.73x.
+// Rows from which the forward packs w for the hand kernel; fewer take the dot-product path
+// (dot_suits), which needs no packing. Forward alone against F.linear, 400 -> 120 (2 threads):
+// 1 row 0.41x, 4 rows 1.59x, 8 rows 1.49x, 32 rows 1.73x.
 constexpr int64_t kPackMinRows = 4;
 
 // out (rows x cols) = x (rows x k) . w^T, w (cols x k), by the hand kernel where
@@ -140,6 +141,14 @@ constexpr int kSideBySideThreads = 2;
 // (its register tile) 0.80x / 0.68x at 84 inputs, 4 outputs 0.88x at 84 inputs, batch 256.
 constexpr int64_t kDotMinOutputs = 8;
 constexpr int64_t kDotMaxOutputs = 12;
+// Inputs of fewer than kPackMinRows rows take it at any output count: dot products with w's
+// rows in place beat the BLAS's matrix-vector products (forward alone from Python, 2 threads,
+// us, BLAS -> dot, stock F.linear + relu in parentheses): 1 row 400->120 6.2 -> 4.9 (8.0),
+// 120->84 3.9 -> 3.5 (5.7), 784->512 31.6 -> 23.9 (33.9), 9216->128 76 -> 67 (80); 3 rows
+// (one block, w read once) 784->512 float32 29.8 (67.1), float64 58.2 (89.6).
+inline bool dot_suits(int64_t rows, int64_t cols) {
+  return rows > 0 && ((cols >= kDotMinOutputs && cols <= kDotMaxOutputs) || rows < kPackMinRows);
+}
 // 4 rows x 5 outputs: 20 accumulators, 4 + 1 vectors loaded per 5 rows of FMAs; AVX2's 16
 // registers hold 2 x 5 and their loads. Narrow vectors: Zen 4 runs two 32-byte FMAs per cycle, as
 // many lanes as one 64-byte FMA, and a 32-byte accumulator takes one fewer step to sum.
@@ -246,11 +255,16 @@ void linear_dot(const at::Tensor& input, const at::Tensor& weight, const at::Ten
   cpu::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r = blk * kDotRows;
-      if (r + kDotRows <= rows)
+      // A last block of fewer rows in one pass over w (w is read once per block).
+      const int64_t left = rows - r;
+      if (left >= kDotRows)
         dot_rows<T, kDotRows>(x + r * k, w, k, cols, o + r * cols, b, relu);
+      else if (left == 3)
+        dot_rows<T, 3>(x + r * k, w, k, cols, o + r * cols, b, relu);
+      else if (left == 2)
+        dot_rows<T, 2>(x + r * k, w, k, cols, o + r * cols, b, relu);
       else
-        for (int64_t i = r; i < rows; ++i)
-          dot_rows<T, 1>(x + i * k, w, k, cols, o + i * cols, b, relu);
+        dot_rows<T, 1>(x + r * k, w, k, cols, o + r * cols, b, relu);
     }
   });
 }
@@ -264,7 +278,7 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
   // The dot-product path splits by its own grain (kDotGrain), not by SerialBelow's: its
   // multiply-adds are slower (LeNet-5 fc3 at batch 256, 215k: 10.5 us serially, 9.4 us on two
   // threads, stock 11.5-14.4 us; the 09:20Z bench read 0.91x stock's inference serially).
-  if (weight.size(0) >= kDotMinOutputs && weight.size(0) <= kDotMaxOutputs && input.size(0) > 0) {
+  if (dot_suits(input.size(0), weight.size(0))) {
     const at::Tensor w = weight.contiguous();
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     at::Tensor out = at::empty({input.size(0), weight.size(0)}, input.options());

@@ -135,7 +135,7 @@ LINEAR = {
     # the CPU's float32 hand GEMM (csrc/linear_relu_cpu_gemm.h; lenet_fc1, odd, odd_small and
     # tile_64 take it too, with tails of 8, 1 and 7 lanes and both tile orders): a forward
     # deeper than kGemmMaxDepth (the BLAS) whose backward products are hand ones; fewer rows
-    # than kPackMinRows (the BLAS forward, hand backward)
+    # than kPackMinRows (the dot-product forward, hand backward)
     "deep_k": (6, 4099, 20),
     "few_rows": (3, 40, 50),
 }
