@@ -19,23 +19,13 @@
 #include <optional>
 #include <vector>
 
+#include "chain_ops.h"
+
 namespace fastlenet {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-using ChainFwd = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
-    const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&,
-    at::IntArrayRef);
-using ChainBwd = std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         at::TensorList, at::TensorList, at::TensorList,
-                                         at::IntArrayRef, bool);
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // Per layer, a weight and an optional bias; `vars` holds the parameters that are tensors.
 struct Params {
