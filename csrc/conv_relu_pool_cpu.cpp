@@ -10,7 +10,8 @@
 // deep float32 patches over few conv outputs (cl_conv_suits: channels-last operands), and one
 // sample's at a time by the tap GEMM (tap_gemm_suits). Kernels:
 // conv_relu_pool_cpu_fwd.h (forward), conv_relu_pool_cpu_pool.h (ReLU/pool pass after ATen's
-// conv, tap GEMM), conv_relu_pool_cpu_bwd.h and conv_relu_pool_cpu_bwd_wide.h (backward);
+// conv, tap GEMM), conv_relu_pool_cpu_bwd.h and conv_relu_pool_cpu_bwd_wide.h (backward),
+// conv_relu_pool_cpu_nopool.h (weight gradient without pooling, few input channels);
 // a gradient that Inf/NaN reach through the zeros the sparse backward skips is recomputed
 // here with dense_backward, as stock's dense backward computes it.
 #include <ATen/ATen.h>
@@ -22,6 +23,7 @@
 #include "checks.h"
 #include "conv_relu_pool_cpu_bwd.h"
 #include "conv_relu_pool_cpu_fwd.h"
+#include "conv_relu_pool_cpu_nopool.h"
 #include "conv_relu_pool_cpu_pool.h"
 
 namespace fastlenet {
@@ -167,16 +169,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
   const at::Tensor w = weight.contiguous();
   if (windows_are_outputs(g)) {
     // No pooling: every conv output passes gradient unless ReLU stops it, so the sparse
-    // kernels save no work, and ATen's dense backward (oneDNN) runs it as fast as stock's;
-    // the bias gradient comes from the masking pass (masked_grad says why).
+    // kernels save no work. The weight gradient of layers with few input channels comes from
+    // conv_relu_pool_cpu_nopool.h, which reads grad_out and the ReLU codes as they are; the
+    // rest from ATen's dense backward (oneDNN) of the masked gradient, the bias gradient then
+    // from the masking pass (masked_grad says why).
+    at::Tensor grad_weight =
+        at::empty(shape(weight_grad, {g.o, g.c, g.kh, g.kw}), weight.options());
     at::Tensor grad_bias = at::empty(shape(weight_grad, {g.o}), weight.options());
+    maybe_poison(grad_weight);
     maybe_poison(grad_bias);
-    const at::Tensor masked = masked_grad(go, am, weight_grad ? &grad_bias : nullptr);
+    bool weight_done = false;
+    if (weight_grad && nopool_weight_suits(g))
+      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_nopool_bwd_cpu", [&] {
+        weight_done = nopool_weight_grad<scalar_t>(go, am, x, g, grad_weight, grad_bias);
+      });
+    const bool aten_weight = weight_grad && !weight_done;
+    const auto none = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
+    if (!input_grad && !aten_weight) return {none(input), grad_weight, grad_bias};
+    const at::Tensor masked = masked_grad(go, am, aten_weight ? &grad_bias : nullptr);
     auto [gi, gw, unused] =
         at::convolution_backward(masked, x, w, at::IntArrayRef{g.o}, {g.sh, g.sw}, {g.padh, g.padw},
-                                 {1, 1}, false, {0, 0}, 1, {input_grad, weight_grad, false});
-    const auto none = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
-    return {input_grad ? gi : none(input), weight_grad ? gw : none(weight), grad_bias};
+                                 {1, 1}, false, {0, 0}, 1, {input_grad, aten_weight, false});
+    return {input_grad ? gi : none(input), aten_weight ? gw : grad_weight, grad_bias};
   }
   at::Tensor grad_input = at::empty(shape(input_grad, {g.n, g.c, g.h, g.w}), input.options());
   at::Tensor grad_weight = at::empty(shape(weight_grad, {g.o, g.c, g.kh, g.kw}), weight.options());

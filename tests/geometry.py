@@ -45,6 +45,11 @@ CONV = {
     # 17 vectors and a tail of 8, ATen's dense backward; tap_gemm_no_pool below: the tap GEMM)
     "no_pool": (1, 2, 7, 8, 5, 3, 3, 1, 1, 1, 1),
     "no_pool_deep": (2, 16, 7, 6, 5, 3, 3, 1, 1, 1, 1),  # patches of depth 16 * 3 * 3 = 144
+    # pool_size=1, few input channels: the CPU backward's own weight gradient
+    # (csrc/conv_relu_pool_cpu_nopool.h): conv rows of 33 = 16 + 16 + 1 lanes, 7 output channels
+    # (blocks of 2 and one of 1); 5x5 with padding, 18 = 16 + 2 lanes.
+    "no_pool_wide": (2, 1, 19, 35, 7, 3, 3, 1, 0, 1, 1),
+    "no_pool_5x5": (2, 1, 13, 18, 5, 5, 5, 1, 2, 1, 1),
     # pool_size=1 with a conv stride: 2 * 7 * 6 * 5 outputs, 26 vectors and a tail of 4
     "no_pool_strided": (2, 3, 11, 10, 7, 3, 3, 2, 1, 1, 1),
     "strides": (3, 2, 13, 10, 9, 4, 3, 2, 2, (2, 3), (3, 1)),  # strides everywhere

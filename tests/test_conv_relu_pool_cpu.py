@@ -41,6 +41,31 @@ def test_columns_phase_split(width, padding):
     check_conv_relu_pool(x, weight, bias, conv, "cpu", TOL[torch.float32])
 
 
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("channels", "kernel", "padding"), [(1, 3, 0), (1, 3, 1), (2, 3, 1), (8, 3, 0), (1, 5, 2)]
+)
+@pytest.mark.parametrize("width", [9, 16, 17, 18, 34])
+def test_no_pool_weight_gradient(channels, kernel, padding, width, dtype):
+    """Without pooling, layers of one input channel (3x3, 5x5) or 3x3 with up to 8 take the CPU
+    backward's own weight gradient (csrc/conv_relu_pool_cpu_nopool.h): lanes over conv output
+    columns (widths below, at and past one and two vectors of 16 or 8), output channels in
+    blocks of 2 for 3x3 plus one (5 and 7 channels), reads of a row's last vector that would
+    pass the end of grad_out done element by element (the last sample's last rows); the input
+    gradient still from ATen. Every gradient against the reference, and grad_weight bitwise
+    the same when computed again."""
+    out_channels = 5 if kernel == 3 else 7
+    geometry = (3, channels, 11, width, out_channels, kernel, kernel, 1, padding, 1, 1)
+    x, weight, bias, conv = conv_inputs(geometry, dtype)
+    check_conv_relu_pool(x, weight, bias, conv, "cpu", TOL[dtype])
+    out = conv_relu_pool2d(x, weight, bias, *conv, backend="cpu")
+    grad = torch.randn_like(out)
+    first = torch.autograd.grad(out, (weight, bias), grad, retain_graph=True)
+    again = torch.autograd.grad(out, (weight, bias), grad)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(0, 3),
