@@ -351,6 +351,19 @@ inline bool windows_are_outputs(const ConvPoolGeometry& g) {
 // pass's one vector per cycle.
 constexpr int kMaskSums = 4;
 
+// Which of the vector's worth of argmax codes at `a` pass gradient, as a lane mask of T's
+// widest vectors. The byte compare's lanes are signed, so the conversion to lane masks is one
+// sign extension (vpmovsxbd); converting the unsigned codes themselves compiled to byte-by-byte
+// inserts.
+template <typename T>
+inline typename VecOf<T, kVecBytes>::mask passes_gradient(const uint8_t* a) {
+  using Vec = VecOf<T, kVecBytes>;
+  constexpr int VW = Vec::kLanes;
+  typedef int8_t Keep __attribute__((vector_size(VW)));
+  const Keep keep = (Keep)(load<typename ByteVec<VW>::type>(a) != kNoGrad);
+  return __builtin_convertvector(keep, typename Vec::mask) != typename Vec::mask_int{0};
+}
+
 // Planes (N * O of `plane` values each) of grad_out where argmax passes gradient, else 0, into
 // o; with `sums`, each plane's sum too (one thread sums a whole plane: the same order for any
 // thread count).
@@ -358,13 +371,7 @@ template <typename T>
 void masked_planes(const T* go, const uint8_t* am, T* o, int64_t planes, int64_t plane, T* sums) {
   using Vec = VecOf<T, kVecBytes>;
   using V = typename Vec::type;
-  using M = typename Vec::mask;
-  using MI = typename Vec::mask_int;
   constexpr int VW = Vec::kLanes;
-  using Bytes = typename ByteVec<VW>::type;
-  // The byte compare's lanes are signed, so the conversion to lane masks is one sign extension
-  // (vpmovsxbd); converting the unsigned codes themselves compiled to byte-by-byte inserts.
-  typedef int8_t Keep __attribute__((vector_size(VW)));
   const int64_t grain = std::max<int64_t>(1, kMaskGrain / std::max<int64_t>(plane, 1));
   // By value: the stores could alias the captured references, which GCC then reloads.
   cpu::parallel_for(0, planes, grain, [=](int64_t begin, int64_t end) {
@@ -375,8 +382,7 @@ void masked_planes(const T* go, const uint8_t* am, T* o, int64_t planes, int64_t
       // kMaskSums partial sums: one would make the pass wait on its add latency.
       V acc[kMaskSums] = {};
       const auto masked = [&](int64_t at) {
-        const M keep = __builtin_convertvector((Keep)(load<Bytes>(a + at) != kNoGrad), M) != MI{0};
-        const V v = keep ? load<V>(g + at) : V{};  // a select: NaN and Inf pass unchanged
+        const V v = passes_gradient<T>(a + at) ? load<V>(g + at) : V{};  // NaN, Inf pass as is
         store(d + at, v);
         return v;
       };

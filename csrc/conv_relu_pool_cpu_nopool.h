@@ -90,8 +90,6 @@ void nopool_masked_sample(const T* go, const uint8_t* am, int64_t total, const C
   using M = typename Vec::mask;
   using MI = typename Vec::mask_int;
   constexpr int VW = Vec::kLanes;
-  using Bytes = typename ByteVec<VW>::type;
-  typedef int8_t Keep __attribute__((vector_size(VW)));  // signed: see masked_planes
   M lane{};
   for (int l = 0; l < VW; ++l) lane[l] = l;
   for (int64_t o = 0; o < g.o; ++o) {
@@ -107,9 +105,7 @@ void nopool_masked_sample(const T* go, const uint8_t* am, int64_t total, const C
           }
           continue;
         }
-        const M inside = lane < static_cast<MI>(g.ow - xb);
-        const M keep = inside & (__builtin_convertvector(
-                                     (Keep)(load<Bytes>(am + row + xb) != kNoGrad), M) != MI{0});
+        const M keep = (lane < static_cast<MI>(g.ow - xb)) & passes_gradient<T>(am + row + xb);
         const V v = keep ? load<V>(go + row + xb) : V{};  // a select: NaN and Inf pass unchanged
         store(d + xb, v);
         sum += v;
