@@ -53,17 +53,20 @@ def test_no_pool_weight_gradient(channels, kernel, padding, width, dtype):
     columns (widths below, at and past one and two vectors of 16 or 8), output channels in
     blocks of 2 for 3x3 plus one (5 and 7 channels), reads of a row's last vector that would
     pass the end of grad_out done element by element (the last sample's last rows); the input
-    gradient still from ATen. Every gradient against the reference, and grad_weight bitwise
-    the same when computed again."""
+    gradient still from ATen. Every gradient against the reference; grad_weight and grad_bias
+    bitwise the same when computed again, and for an input that needs no gradient (a first
+    layer: the op then calls no ATen backward at all)."""
     out_channels = 5 if kernel == 3 else 7
     geometry = (3, channels, 11, width, out_channels, kernel, kernel, 1, padding, 1, 1)
     x, weight, bias, conv = conv_inputs(geometry, dtype)
     check_conv_relu_pool(x, weight, bias, conv, "cpu", TOL[dtype])
-    out = conv_relu_pool2d(x, weight, bias, *conv, backend="cpu")
-    grad = torch.randn_like(out)
-    first = torch.autograd.grad(out, (weight, bias), grad, retain_graph=True)
-    again = torch.autograd.grad(out, (weight, bias), grad)
-    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    grads = []
+    for data in (x, x, x.detach()):
+        out = conv_relu_pool2d(data, weight, bias, *conv, backend="cpu")
+        grad = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+        grads.append(torch.autograd.grad(out, (weight, bias), grad))
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other, strict=True))
 
 
 @settings(max_examples=60, deadline=None)
