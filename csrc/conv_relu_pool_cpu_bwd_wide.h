@@ -195,9 +195,9 @@ std::vector<T, CacheLineAllocator<T>> wide_input_weight(const T* w, const ConvPo
 // Scratch of wide_input_sample: per window, its output channels ordered by argmax position.
 template <typename T>
 struct WideLists {
-  std::vector<int32_t> chan;  // [plane][O]: output channels, grouped by q
+  std::vector<int32_t> chan;  // [plane][NQ + 1][O]: output channels, bucketed by q
   std::vector<T> grad;        // their grad_out values
-  std::vector<int32_t> seg;   // [plane][NQ + 1]: group q is chan[seg[q] .. seg[q + 1])
+  std::vector<int32_t> seg;   // [plane][NQ + 1]: entries in each bucket
 };
 
 // Sum over the entries [e, end) of g * (tile of their channel: RB rows of TV vectors, `step`
@@ -265,33 +265,22 @@ void wide_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeom
   static const WideGroupTable<T> table;
   constexpr int VW = WideVec<T>::VW;
   const int64_t plane = g.ph * g.pw, nq = g.poolh * g.poolw, tw = p.tv * VW;
-  lists.chan.resize(plane * g.o);
-  lists.grad.resize(plane * g.o);
-  lists.seg.assign(plane * (nq + 1), 0);
-  // Counting sort of each window's channels by q (channels with no gradient dropped), reading
-  // argmax in its own order.
-  int32_t* seg = lists.seg.data();
+  // Each window's output channels bucketed by argmax position in one pass over argmax (in its
+  // own order): bucket (k, q) holds up to O entries at (k * (nq + 1) + q) * O; bucket q = nq
+  // takes the channels with no gradient (branch-free; never visited).
+  const int64_t buckets = plane * (nq + 1);
+  lists.chan.resize(buckets * g.o);
+  lists.grad.resize(buckets * g.o);
+  lists.seg.assign(buckets, 0);
+  int32_t* count = lists.seg.data();
+  int32_t* chan = lists.chan.data();
+  T* grad = lists.grad.data();
   for (int64_t o = 0; o < g.o; ++o)
     for (int64_t k = 0; k < plane; ++k) {
-      const uint8_t q = am[o * plane + k];
-      if (q != kNoGrad) ++seg[k * (nq + 1) + q + 1];
-    }
-  std::vector<int32_t> next(plane * nq);
-  for (int64_t k = 0; k < plane; ++k) {
-    int32_t* sk = seg + k * (nq + 1);
-    sk[0] = static_cast<int32_t>(k * g.o);
-    for (int64_t q = 0; q < nq; ++q) {
-      sk[q + 1] += sk[q];
-      next[k * nq + q] = sk[q];
-    }
-  }
-  for (int64_t o = 0; o < g.o; ++o)
-    for (int64_t k = 0; k < plane; ++k) {
-      const uint8_t q = am[o * plane + k];
-      if (q == kNoGrad) continue;
-      const int32_t at = next[k * nq + q]++;
-      lists.chan[at] = static_cast<int32_t>(o);
-      lists.grad[at] = go[o * plane + k];
+      const int64_t bucket = k * (nq + 1) + std::min<int64_t>(am[o * plane + k], nq);
+      const int64_t at = bucket * g.o + count[bucket]++;
+      chan[at] = static_cast<int32_t>(o);
+      grad[at] = go[o * plane + k];
     }
   for (int64_t r = 0; r < p.rt; ++r) {
     const int64_t rows = std::min(p.rb, g.kh - r * p.rb), step = rows * tw;
@@ -300,12 +289,13 @@ void wide_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeom
       const int64_t tv = std::min(p.tv, p.nv - t * p.tv);
       const WideGroupFn<T> group = table.fn[rows - 1][tv - 1];
       for (int64_t k = 0; k < plane; ++k) {
-        const int32_t* sk = seg + k * (nq + 1);
         T* base = dx + woff[k] + r * p.rb * wpc + t * tw;
-        for (int64_t q = 0; q < nq; ++q)
-          if (sk[q + 1] > sk[q])
-            group(wtile, step, lists.chan.data(), lists.grad.data(), sk[q], sk[q + 1],
+        for (int64_t q = 0; q < nq; ++q) {
+          const int64_t bucket = k * (nq + 1) + q;
+          if (count[bucket] > 0)
+            group(wtile, step, chan, grad, bucket * g.o, bucket * g.o + count[bucket],
                   base + qoff[q], wpc);
+        }
       }
     }
   }
