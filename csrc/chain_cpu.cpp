@@ -82,7 +82,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_f
               "weights and biases must be non-empty lists of the same length, got ", weights.size(),
               " and ", biases.size());
   const std::vector<Layer> layers = parse(spec, weights.size());
-  const at::AutoDispatchBelowADInplaceOrView below;  // per-layer ops below autograd: see op()
+  const at::AutoDispatchBelowADInplaceOrView below;  // see the note above chain_fwd_cpu
   std::vector<at::Tensor> activations, argmaxes;
   activations.reserve(layers.size() - 1);
   at::Tensor x = input;
@@ -108,7 +108,7 @@ std::vector<at::Tensor> chain_bwd_cpu(const at::Tensor& grad_out, const at::Tens
   static const auto conv = op<ConvBwd>("fastlenet::conv_relu_pool_bwd");
   static const auto linear = op<LinearBwd>("fastlenet::linear_relu_bwd");
   const std::vector<Layer> layers = parse(spec, weights.size());
-  const at::AutoDispatchBelowADInplaceOrView below;  // per-layer ops below autograd: see op()
+  const at::AutoDispatchBelowADInplaceOrView below;  // see the note above chain_fwd_cpu
   const auto convs =
       std::count_if(layers.begin(), layers.end(), [](const Layer& l) { return l.kind == kConv; });
   TORCH_CHECK(activations.size() + 1 == layers.size(), "activations must hold ", layers.size() - 1,

@@ -469,6 +469,20 @@ bool span_finite(const T* p, int64_t n) {
   return tail == T(0);
 }
 
+// Chunks of the samples a weight gradient is summed in, each into a buffer of its own: one per
+// thread, also in a serial op (cpu_parallel.h), whose one thread then takes every chunk. The
+// sums then depend neither on the op's size nor on which gradients it is asked for.
+inline int64_t weight_chunks(int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+}
+
+// Adds chunks 1 .. chunks - 1 of `partial` (`size` values each) into chunk 0, in chunk order.
+template <typename T>
+void add_chunks(T* partial, int64_t chunks, int64_t size) {
+  for (int64_t chunk = 1; chunk < chunks; ++chunk)
+    for (int64_t k = 0; k < size; ++k) partial[k] += partial[chunk * size + k];
+}
+
 // The sparse gradients that backward_kernel could not give because Inf/NaN reached them (the
 // caller computes those with dense_backward, as stock's dense backward would).
 struct BwdFallback {
@@ -524,11 +538,8 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
                 w[((o * g.c + c) * g.kh + kh) * g.kw + kw];
   const auto wwide = want_input && wide_x ? wide_input_weight(w, g, LX.pix, xplan)
                                           : std::vector<T, CacheLineAllocator<T>>();
-  // Chunks of grad_w by the thread count, also in a serial op (cpu_parallel.h), whose one
-  // thread then takes every task: the sums do not depend on the op's size or on which
-  // gradients it is asked for.
   const int64_t threads = at::get_num_threads();
-  const int64_t chunks = want_weight ? std::max<int64_t>(1, std::min(threads, g.n)) : 0;
+  const int64_t chunks = want_weight ? weight_chunks(g.n) : 0;
   std::vector<T> partial(chunks * (wsize + g.o), T(0));
   const T* x = input.const_data_ptr<T>();
   const T* gop = grad_out.const_data_ptr<T>();
@@ -579,8 +590,7 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   fallback.weight = x_bad;
   fallback.input = fallback.input || go_bad;
   if (!want_weight) return fallback;
-  for (int64_t chunk = 1; chunk < chunks; ++chunk)
-    for (int64_t k = 0; k < wsize + g.o; ++k) partial[k] += partial[chunk * (wsize + g.o) + k];
+  add_chunks(partial.data(), chunks, wsize + g.o);
   // [O][KH][KW][C] (rows padded to rowsize) -> [O][C][KH][KW]
   T* gwp = grad_weight.data_ptr<T>();
   for (int64_t o = 0; o < g.o; ++o)

@@ -195,9 +195,9 @@ std::vector<T, CacheLineAllocator<T>> wide_input_weight(const T* w, const ConvPo
 // Scratch of wide_input_sample: per window, its output channels ordered by argmax position.
 template <typename T>
 struct WideLists {
-  std::vector<int32_t> chan;  // [plane][NQ + 1][O]: output channels, bucketed by q
-  std::vector<T> grad;        // their grad_out values
-  std::vector<int32_t> seg;   // [plane][NQ + 1]: entries in each bucket
+  std::vector<int32_t> chan;   // [plane][NQ + 1][O]: output channels, bucketed by q
+  std::vector<T> grad;         // their grad_out values
+  std::vector<int32_t> count;  // [plane][NQ + 1]: entries in each bucket
 };
 
 // Sum over the entries [e, end) of g * (tile of their channel: RB rows of TV vectors, `step`
@@ -271,8 +271,8 @@ void wide_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeom
   const int64_t buckets = plane * (nq + 1);
   lists.chan.resize(buckets * g.o);
   lists.grad.resize(buckets * g.o);
-  lists.seg.assign(buckets, 0);
-  int32_t* count = lists.seg.data();
+  lists.count.assign(buckets, 0);
+  int32_t* count = lists.count.data();
   int32_t* chan = lists.chan.data();
   T* grad = lists.grad.data();
   for (int64_t o = 0; o < g.o; ++o)

@@ -45,7 +45,7 @@ inline bool nopool_weight_suits(const ConvPoolGeometry& g) {
   const bool shape =
       g.kh == g.kw && ((g.kh == 3 && g.c <= kNoPoolMaxChannels3x3) || (g.kh == 5 && g.c == 1));
   return shape && nopool_block(static_cast<int>(g.kh)) >= 1 && g.sh == 1 && g.sw == 1 &&
-         g.poolh == 1 && g.poolw == 1;
+         windows_are_outputs(g);
 }
 
 // One sample's gm (rows of owp, zero past OW) into the partials gw ([O][C][K*K][VW]) for output
@@ -151,8 +151,7 @@ bool nopool_weight_grad(const at::Tensor& grad_out, const at::Tensor& argmax,
   constexpr int VW = VecOf<T, kVecBytes>::kLanes;
   const int64_t taps = g.kh * g.kw;
   const int64_t wsize = g.o * g.c * taps * VW, bsize = g.o * VW;
-  // Chunks by the thread count, also in a serial op: the sums do not depend on the op's size.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.n));
+  const int64_t chunks = weight_chunks(g.n);
   AlignedVector<T> partial(chunks * (wsize + bsize), T(0));
   const T* x = input.const_data_ptr<T>();
   const T* go = grad_out.const_data_ptr<T>();
@@ -167,8 +166,7 @@ bool nopool_weight_grad(const at::Tensor& grad_out, const at::Tensor& argmax,
         nopool_weight_chunk<T, 5>(x, go, am, g, n0, n1, gw, gw + wsize);
     }
   });
-  for (int64_t t = 1; t < chunks; ++t)
-    for (int64_t k = 0; k < wsize + bsize; ++k) partial[k] += partial[t * (wsize + bsize) + k];
+  add_chunks(partial.data(), chunks, wsize + bsize);
   T* gwp = grad_weight.data_ptr<T>();
   T* gbp = grad_bias.data_ptr<T>();
   for (int64_t i = 0; i < g.o * g.c * taps; ++i) {
