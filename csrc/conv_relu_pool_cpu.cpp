@@ -1,7 +1,8 @@
 // conv2d -> ReLU -> max_pool2d on the CPU: checks, allocation, kernel choice and the
 // TORCH_LIBRARY_IMPL(fastlenet, CPU) registration of the forward and backward ops.
 // Math and saved state: fastlenet/reference.py (conv_relu_pool).
-// Computes: out and argmax (N, O, PH, PW); grad_input, grad_weight, grad_bias in one call.
+// Computes: out and argmax (N, O, PH, PW) (conv_relu_pool_infer: out alone); grad_input,
+// grad_weight, grad_bias in one call.
 // Saves for backward (the autograd Function does): x, w and argmax, one byte per pooled output.
 //
 // float32 and float64, contiguous NCHW (inputs are made contiguous); the conv output is stored
@@ -107,10 +108,13 @@ void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor
     forward_channels<T, kVecBytes, 1>(input, weight, bias, g, out, argmax);
 }
 
-std::tuple<at::Tensor, at::Tensor> conv_relu_pool_fwd_cpu(
-    const at::Tensor& input_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
-    at::IntArrayRef pool_stride) {
+// The forward op's work; `codes` false (conv_relu_pool_infer: nothing will be recorded) leaves
+// the argmax of layers without pooling unwritten and undefined.
+std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& input_, const at::Tensor& weight_,
+                                              const std::optional<at::Tensor>& bias_,
+                                              at::IntArrayRef stride, at::IntArrayRef padding,
+                                              at::IntArrayRef pool_size,
+                                              at::IntArrayRef pool_stride, bool codes) {
   const ConvPoolGeometry g =
       conv_pool_geometry(input_, weight_, stride, padding, pool_size, pool_stride);
   check_bias(bias_, input_, g.o);
@@ -119,8 +123,6 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_fwd_cpu(
   const at::Tensor input = input_.contiguous();
   const at::Tensor weight = weight_.contiguous();
   const at::Tensor bias = bias_.has_value() ? bias_->contiguous() : at::Tensor();
-  at::Tensor argmax = at::empty({g.n, g.o, g.ph, g.pw}, input.options().dtype(at::kByte));
-  maybe_poison(argmax);
   // No pooling: the fusion saves no multiply-adds, and ATen's convolution (oneDNN) measured
   // faster than the fused kernels at every such layer of the sweep (benchmarks/results/
   // sweep_cpu.md: 0.27-1.03x of stock's conv + ReLU before, forward alone). Its output becomes
@@ -130,16 +132,41 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_fwd_cpu(
     at::Tensor out = at::convolution(input, weight, bias, {g.sh, g.sw}, {g.padh, g.padw}, {1, 1},
                                      false, {0, 0}, 1)
                          .contiguous();
+    at::Tensor argmax;
+    if (codes) {
+      argmax = at::empty({g.n, g.o, g.ph, g.pw}, input.options().dtype(at::kByte));
+      maybe_poison(argmax);
+    }
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_fwd_cpu",
-                               [&] { relu_codes<scalar_t>(out, argmax); });
+                               [&] { relu_codes<scalar_t>(out, codes ? &argmax : nullptr); });
     return {out, argmax};
   }
+  at::Tensor argmax = at::empty({g.n, g.o, g.ph, g.pw}, input.options().dtype(at::kByte));
+  maybe_poison(argmax);
   at::Tensor out = at::empty({g.n, g.o, g.ph, g.pw}, input.options());
   maybe_poison(out);
   if (g.n == 0) return {out, argmax};
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_fwd_cpu",
                              [&] { forward<scalar_t>(input, weight, bias, g, out, argmax); });
   return {out, argmax};
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_relu_pool_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
+    at::IntArrayRef pool_stride) {
+  return forward_op(input, weight, bias, stride, padding, pool_size, pool_stride, true);
+}
+
+// Without pooling the argmax is as large as a quarter of the output (float32): inference skips
+// allocating and writing it. Pooled layers write theirs (a sixteenth of the conv output or less)
+// from the same kernels as training.
+at::Tensor conv_relu_pool_infer_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef pool_size,
+                                    at::IntArrayRef pool_stride) {
+  return std::get<0>(
+      forward_op(input, weight, bias, stride, padding, pool_size, pool_stride, false));
 }
 
 ConvPoolGeometry check_backward(const at::Tensor& grad_out, const at::Tensor& argmax,
@@ -217,6 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
 TORCH_LIBRARY_IMPL(fastlenet, CPU, m) {
   m.impl("conv_relu_pool_fwd", &conv_relu_pool_fwd_cpu);
   m.impl("conv_relu_pool_bwd", &conv_relu_pool_bwd_cpu);
+  m.impl("conv_relu_pool_infer", &conv_relu_pool_infer_cpu);
 }
 
 }  // namespace fastlenet

@@ -12,7 +12,7 @@
 //   after it (argmax kNoGrad where the max is <= 0); relu_pool_cl the same from a channels-last
 //   y (N, OH, OW, O);
 // - relu_codes, without pooling (every conv output a window of its own): ReLU in place on y,
-//   which becomes the output, and argmax 0 or kNoGrad per output.
+//   which becomes the output, and argmax 0 or kNoGrad per output (no argmax for inference).
 // Saves nothing itself: the caller's op returns argmax, one byte per pooled output, which the
 // backward reads.
 #pragma once
@@ -296,27 +296,28 @@ void tap_gemm_forward(const at::Tensor& input, const at::Tensor& weight, const a
 // Elements per task of relu_codes: below this a parallel region costs more than it saves.
 constexpr int64_t kCodesGrain = 1 << 15;
 
+// `argmax` null: the ReLU alone (inference), the same values.
 template <typename T>
-void relu_codes(at::Tensor& y, at::Tensor& argmax) {
+void relu_codes(at::Tensor& y, at::Tensor* argmax) {
   using Vec = VecOf<T, kVecBytes>;
   using V = typename Vec::type;
   using M = typename Vec::mask;
   using MI = typename Vec::mask_int;
   constexpr int VW = Vec::kLanes;
   T* p = y.data_ptr<T>();
-  uint8_t* amp = argmax.data_ptr<uint8_t>();
+  uint8_t* amp = argmax ? argmax->data_ptr<uint8_t>() : nullptr;
   cpu::parallel_for(0, y.numel(), kCodesGrain, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     for (; i + VW <= end; i += VW) {
       const V v = load<V>(p + i);
       const M dead = v <= V{};  // false for NaN, which ReLU passes as stock's does
       store(p + i, dead ? V{} : v);
-      store(amp + i, low_bytes(dead & static_cast<MI>(kNoGrad)));
+      if (amp) store(amp + i, low_bytes(dead & static_cast<MI>(kNoGrad)));
     }
     for (; i < end; ++i) {
       const bool dead = p[i] <= T(0);
       p[i] = keep_or_zero(!dead, p[i]);
-      amp[i] = dead ? kNoGrad : uint8_t(0);
+      if (amp) amp[i] = dead ? kNoGrad : uint8_t(0);
     }
   });
 }

@@ -17,6 +17,11 @@ TORCH_LIBRARY(fastlenet, m) {
       "conv_relu_pool_bwd(Tensor grad_out, Tensor argmax, Tensor input, Tensor weight, "
       "int[2] stride, int[2] padding, int[2] pool_size, int[2] pool_stride, bool input_grad, "
       "bool weight_grad) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The forward's `out` alone, for inference (nothing recorded): the CPU backend's path under
+  // no_grad, which skips the argmax where it costs (csrc/conv_relu_pool_cpu.cpp).
+  m.def(
+      "conv_relu_pool_infer(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] pool_size, int[2] pool_stride) -> Tensor out");
   // linear (-> ReLU when `relu`). The backward takes `out` as the ReLU mask; grad_bias
   // is always returned (the caller drops it without bias).
   m.def("linear_relu_fwd(Tensor input, Tensor weight, Tensor? bias, bool relu) -> Tensor");

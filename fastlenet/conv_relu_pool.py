@@ -47,17 +47,22 @@ class ConvReLUPoolFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
-def _fwd(input, weight, bias, geometry, backend):
-    """(out, argmax, channels_last) from the backend's forward op."""
-    out, argmax = backends.ops("conv_relu_pool", backend).fwd(input, weight, bias, *geometry)
+def _fwd(input, weight, bias, geometry, backend, infer=False):
+    """(out, argmax, channels_last) from the backend's forward op; `infer` (nothing recorded):
+    argmax None, from the CPU's inference op."""
+    if infer and backend == "cpu":
+        out, argmax = _CPU_INFER(input, weight, bias, *geometry), None
+    else:
+        out, argmax = backends.ops("conv_relu_pool", backend).fwd(input, weight, bias, *geometry)
     channels_last = _checks.channels_last(input) or _checks.channels_last(weight)
     if channels_last:  # stock's conv: channels_last output and gradients
         out = out.contiguous(memory_format=torch.channels_last)
     return out, argmax, channels_last
 
 
-# The CPU op's forward overload (None without the extension; the fast path then never runs).
-_CPU_FWD = backends.ops("conv_relu_pool", "cpu").fwd if _ext.LOADED else None
+# The CPU op's inference overload (None without the extension; the fast path then never runs):
+# the forward's output without the argmax that only a backward reads.
+_CPU_INFER = torch.ops.fastlenet.conv_relu_pool_infer.default if _ext.LOADED else None
 
 
 def conv_relu_pool2d(
@@ -113,7 +118,7 @@ def conv_relu_pool2d(
                 return ConvReLUPoolFunction.apply(
                     input, weight, bias, stride, padding, pool_size, pool_stride, "cpu"
                 )
-            return _CPU_FWD(input, weight, bias, stride, padding, pool_size, pool_stride)[0]
+            return _CPU_INFER(input, weight, bias, stride, padding, pool_size, pool_stride)
         except Exception as exc:  # re-raised below unless the checks name the mistake
             error = exc
         _checks.check_params(input, weight, bias, weight_rank=4)
@@ -139,7 +144,7 @@ def conv_relu_pool2d(
             input, weight, bias, stride, padding, pool_size, pool_stride, name
         )
     else:  # nothing to record (inference): the op alone, as linear_relu does
-        out = _fwd(input, weight, bias, (stride, padding, pool_size, pool_stride), name)[0]
+        out = _fwd(input, weight, bias, (stride, padding, pool_size, pool_stride), name, True)[0]
     return out.squeeze(0) if unbatched else out
 
 
@@ -168,6 +173,10 @@ def fwd_fake(input, weight, bias, stride, padding, pool_size, pool_stride):
     return input.new_empty(shape), input.new_empty(shape, dtype=torch.uint8)
 
 
+def infer_fake(input, weight, bias, stride, padding, pool_size, pool_stride):
+    return input.new_empty(_fake_shapes(input, weight, stride, padding, pool_size, pool_stride))
+
+
 def bwd_fake(grad_out, argmax, input, weight, *geometry_and_flags):
     """Shapes of conv_relu_pool_bwd's gradients (the geometry does not enter them)."""
     *_, input_grad, weight_grad = geometry_and_flags
@@ -185,3 +194,4 @@ def bwd_fake(grad_out, argmax, input, weight, *geometry_and_flags):
 if _ext.LOADED:
     torch.library.register_fake("fastlenet::conv_relu_pool_fwd", fwd_fake)
     torch.library.register_fake("fastlenet::conv_relu_pool_bwd", bwd_fake)
+    torch.library.register_fake("fastlenet::conv_relu_pool_infer", infer_fake)

@@ -5,7 +5,7 @@ every backend has is in tests/test_conv_relu_pool.py and tests/test_ops.py."""
 import pytest
 import torch
 from conftest import rel_err
-from geometry import TOL, conv_inputs
+from geometry import CONV, TOL, conv_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from parity import check_conv_relu_pool
@@ -138,3 +138,21 @@ def test_serial_ops_match_parallel(geometry):
         sum_gw += gw_n
         sum_gb += gb_n
     assert rel_err(gw, sum_gw) < TOL[torch.float32] and rel_err(gb, sum_gb) < TOL[torch.float32]
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["no_pool", "no_pool_wide", "tap_gemm_no_pool", "odd", "cl_conv"])
+def test_infer_op_is_forward_output(name, dtype):
+    """conv_relu_pool_infer, the CPU path under no_grad: bitwise the forward op's output, a NaN
+    and an Inf in the input included, without pooling (ATen's conv and the ReLU in place with no
+    argmax; the tap GEMM's layers through the forward) and pooled (the forward's kernels)."""
+    x, weight, bias, conv = conv_inputs(CONV[name], dtype, requires_grad=False)
+    x.view(-1)[x.numel() // 3] = float("nan")
+    x.view(-1)[-1] = float("inf")
+    conv = [list(v) for v in conv]
+    out, _ = torch.ops.fastlenet.conv_relu_pool_fwd.default(x, weight, bias, *conv)
+    got = torch.ops.fastlenet.conv_relu_pool_infer.default(x, weight, bias, *conv)
+    assert out.isnan().any() and (out > 0).any()
+    torch.testing.assert_close(got, out, rtol=0, atol=0, equal_nan=True)
+    assert got.stride() == out.stride()

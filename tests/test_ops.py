@@ -35,11 +35,15 @@ def _conv_calls(backend, geometry, dtype):
     x, weight, bias, conv = conv_inputs(geometry, dtype, device(backend), requires_grad=False)
     out, argmax = ops.fwd(x, weight, bias, *conv)
     grad = torch.randn_like(out)
-    return [
+    calls = [
         (ops.fwd, (x, weight, bias, *conv)),
         (ops.fwd, (x, weight, None, *conv)),
         *((ops.bwd, (grad, argmax, x, weight, *conv, *wanted)) for wanted in _WANTED),
     ]
+    if backend == "cpu":  # the CPU's inference op (conv_relu_pool2d under no_grad)
+        infer = torch.ops.fastlenet.conv_relu_pool_infer.default
+        calls += [(infer, (x, weight, bias, *conv)), (infer, (x, weight, None, *conv))]
+    return calls
 
 
 _WANTED = ((True, True), (True, False), (False, True))  # (input_grad, weight_grad)
