@@ -5,7 +5,8 @@ Backends: "cpu" (C++), "cuda" (C++/CUDA), "triton", "reference" (pure PyTorch, t
 FASTLENET_BACKEND overrides "auto". It is read when fastlenet is imported and by refresh().
 
 Every backend implements every op with the signatures of the schemas in csrc/fastlenet.cpp:
-ops(op, backend) returns its `fwd` and `bwd`. Adding a backend or an op touches `_table`.
+ops(op, backend) returns its `fwd` and `bwd` (the CPU's conv_relu_pool_infer, its inference
+path, is called by fastlenet/conv_relu_pool.py alone). Adding a backend or an op touches `_table`.
 """
 
 import dataclasses
