@@ -5,12 +5,12 @@
 // Saves for backward (the autograd Function does): input, weight and out, the ReLU mask.
 //
 // The float32 products go to the hand AVX-512 kernel (linear_relu_cpu_gemm.h) where it suits
-// (hand_gemm_suits, kPackMinRows), forwards of 8-12 outputs or of fewer than kPackMinRows rows
-// to dot products (dot_suits), the rest to the BLAS that ATen uses (sgemm_/dgemm_ directly;
-// at::mm where it cannot take the sizes); what is fused is everything around them: bias and
-// ReLU in one pass over the product, and the mask, the masked gradient and grad_bias in one
-// pass (each task owns a column range: deterministic grad_bias). With two threads the
-// backward's two products run side by side, one thread each.
+// (hand_gemm_suits, kPackMinRows), forwards of 8-12 outputs, of fewer than kPackMinRows rows,
+// or of a few rows by a large weight to dot products (dot_suits), the rest to the BLAS that ATen
+// uses (sgemm_/dgemm_ directly; at::mm where it cannot take the sizes); what is fused is everything
+// around them: bias and ReLU in one pass over the product, and the mask, the masked gradient and
+// grad_bias in one pass (each task owns a column range: deterministic grad_bias). With two threads
+// the backward's two products run side by side, one thread each.
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
@@ -98,6 +98,11 @@ bool hand_gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, i
 // (dot_suits), which needs no packing. Forward alone against F.linear, 400 -> 120 (2 threads):
 // 1 row 0.41x, 4 rows 1.59x, 8 rows 1.49x, 32 rows 1.73x.
 constexpr int64_t kPackMinRows = 4;
+// The packing of w counted as this many rows of multiply-adds when deciding whether the hand
+// kernel's op runs serially (SerialBelow): with 4 or 5 rows, 400 -> 120 packed 48k weights on
+// one thread (forward alone, 2 threads, us, stock F.linear + relu in parentheses): 4 rows
+// 15.5 -> 7.1 (11.1), 5 rows 15.7 -> 8.6 (11.7).
+constexpr int64_t kPackCostRows = 2;
 
 // out (rows x cols) = x (rows x k) . w^T, w (cols x k), by the hand kernel where
 // hand_gemm_suits, else false. Each thread packs the rows of w of its own column range,
@@ -141,19 +146,27 @@ constexpr int kSideBySideThreads = 2;
 // (its register tile) 0.80x / 0.68x at 84 inputs, 4 outputs 0.88x at 84 inputs, batch 256.
 constexpr int64_t kDotMinOutputs = 8;
 constexpr int64_t kDotMaxOutputs = 12;
-// Inputs of fewer than kPackMinRows rows take it at any output count: dot products with w's
-// rows in place beat the BLAS's matrix-vector products (forward alone from Python, 2 threads,
-// us, BLAS -> dot, stock F.linear + relu in parentheses): 1 row 400->120 6.2 -> 4.9 (8.0),
-// 120->84 3.9 -> 3.5 (5.7), 784->512 31.6 -> 23.9 (33.9), 9216->128 76 -> 67 (80); 3 rows
-// (one block, w read once) 784->512 float32 29.8 (67.1), float64 58.2 (89.6).
-inline bool dot_suits(int64_t rows, int64_t cols) {
-  return rows > 0 && ((cols >= kDotMinOutputs && cols <= kDotMaxOutputs) || rows < kPackMinRows);
-}
+// Weights (outputs x inputs) from which up to two blocks of kDotRows rows take the dot products
+// too: the packing then costs more than it saves, and w is read from memory once per block instead.
+// Forward alone (2 threads, us, packed/BLAS -> dot, stock in parentheses): 784 -> 512 4 rows
+// 64.3 -> 22.8 (68.2), 8 rows 72.4 -> 44.4 (75.2); 12544 -> 128 4 rows 243 -> 84 (247), 8
+// rows 279 -> 163 (275); 9216 -> 128 8 rows 219 -> 121 (221). Below it packing wins: 784 -> 128
+// 4 rows 9.2 packed, 12.2 dot (18.4).
+constexpr int64_t kDotMinWeights = int64_t{1} << 17;
 // 4 rows x 5 outputs: 20 accumulators, 4 + 1 vectors loaded per 5 rows of FMAs; AVX2's 16
 // registers hold 2 x 5 and their loads. Narrow vectors: Zen 4 runs two 32-byte FMAs per cycle, as
 // many lanes as one 64-byte FMA, and a 32-byte accumulator takes one fewer step to sum.
 constexpr int kDotRows = cpu::kVecRegs >= 32 ? 4 : 2;
 constexpr int kDotCols = 5;
+// Inputs of fewer than kPackMinRows rows take it at any output count: dot products with w's
+// rows in place beat the BLAS's matrix-vector products (forward alone from Python, 2 threads,
+// us, BLAS -> dot, stock F.linear + relu in parentheses): 1 row 400->120 6.2 -> 4.9 (8.0),
+// 120->84 3.9 -> 3.5 (5.7), 784->512 31.6 -> 23.9 (33.9), 9216->128 76 -> 67 (80); 3 rows
+// (one block, w read once) 784->512 float32 29.8 (67.1), float64 58.2 (89.6).
+inline bool dot_suits(int64_t rows, int64_t cols, int64_t k) {
+  return rows > 0 && ((cols >= kDotMinOutputs && cols <= kDotMaxOutputs) || rows < kPackMinRows ||
+                      (rows <= 2 * kDotRows && cols * k >= kDotMinWeights));
+}
 // Multiply-adds per parallel task of the dot-product path: an OpenMP region costs ~1 us; this
 // much work takes ~4 us on one core (so LeNet-5 fc3 at batch 64, 54k, runs serially).
 constexpr int64_t kDotGrain = int64_t{1} << 17;
@@ -215,16 +228,17 @@ inline void dot_block(const T* x, const T* w, int64_t k, T* out, int64_t ldo, co
     }
 }
 
+// Outputs [c0, c1) of R rows of x (all `cols` outputs a row apart in out).
 template <typename T, int R>
-inline void dot_rows(const T* x, const T* w, int64_t k, int64_t cols, T* out, const T* bias,
-                     bool relu) {
-  int64_t c = 0;
-  for (; c + kDotCols <= cols; c += kDotCols)
+inline void dot_rows(const T* x, const T* w, int64_t k, int64_t c0, int64_t c1, int64_t cols,
+                     T* out, const T* bias, bool relu) {
+  int64_t c = c0;
+  for (; c + kDotCols <= c1; c += kDotCols)
     dot_block<T, R, kDotCols>(x, w + c * k, k, out + c, cols, bias ? bias + c : nullptr, relu);
   const T* wc = w + c * k;
   T* oc = out + c;
   const T* bc = bias ? bias + c : nullptr;
-  switch (cols - c) {
+  switch (c1 - c) {
     case 4:
       dot_block<T, R, 4>(x, wc, k, oc, cols, bc, relu);
       break;
@@ -242,6 +256,10 @@ inline void dot_rows(const T* x, const T* w, int64_t k, int64_t cols, T* out, co
   }
 }
 
+// Tasks are (block of kDotRows rows, span of outputs): a few rows still split over the threads
+// by outputs (forward alone, 2 threads, us, one task per block -> spans, stock in parentheses:
+// 3 rows 784 -> 512 29.3 -> 19.2 (65.9), 12544 -> 128 116 -> 63 (266)). The tasks depend on
+// the sizes alone: the same sums on any number of threads.
 template <typename T>
 void linear_dot(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                 at::Tensor& out, bool relu) {
@@ -251,20 +269,29 @@ void linear_dot(const at::Tensor& input, const at::Tensor& weight, const at::Ten
   const T* b = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   T* o = out.data_ptr<T>();
   const int64_t blocks = (rows + kDotRows - 1) / kDotRows;
-  const int64_t grain = std::max<int64_t>(1, kDotGrain / std::max<int64_t>(kDotRows * k * cols, 1));
-  cpu::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r = blk * kDotRows;
+  // Outputs per task: whole blocks of kDotCols with about kDotGrain multiply-adds.
+  const int64_t per_col = std::min<int64_t>(rows, kDotRows) * std::max<int64_t>(k, 1);
+  const int64_t span =
+      std::clamp<int64_t>((kDotGrain / per_col + kDotCols - 1) / kDotCols * kDotCols, kDotCols,
+                          std::max<int64_t>(cols, 1));
+  const int64_t spans = (cols + span - 1) / span;
+  cpu::parallel_for(0, blocks * spans, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      // Consecutive tasks (one thread's) share outputs: their rows of w stay in cache.
+      const int64_t r = t % blocks * kDotRows, c0 = t / blocks * span;
+      const int64_t c1 = std::min(cols, c0 + span);
+      const T* xr = x + r * k;
+      T* orow = o + r * cols;
       // A last block of fewer rows in one pass over w (w is read once per block).
       const int64_t left = rows - r;
       if (left >= kDotRows)
-        dot_rows<T, kDotRows>(x + r * k, w, k, cols, o + r * cols, b, relu);
+        dot_rows<T, kDotRows>(xr, w, k, c0, c1, cols, orow, b, relu);
       else if (left == 3)
-        dot_rows<T, 3>(x + r * k, w, k, cols, o + r * cols, b, relu);
+        dot_rows<T, 3>(xr, w, k, c0, c1, cols, orow, b, relu);
       else if (left == 2)
-        dot_rows<T, 2>(x + r * k, w, k, cols, o + r * cols, b, relu);
+        dot_rows<T, 2>(xr, w, k, c0, c1, cols, orow, b, relu);
       else
-        dot_rows<T, 1>(x + r * k, w, k, cols, o + r * cols, b, relu);
+        dot_rows<T, 1>(xr, w, k, c0, c1, cols, orow, b, relu);
     }
   });
 }
@@ -278,16 +305,17 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
   // The dot-product path splits by its own grain (kDotGrain), not by SerialBelow's: its
   // multiply-adds are slower (LeNet-5 fc3 at batch 256, 215k: 10.5 us serially, 9.4 us on two
   // threads, stock 11.5-14.4 us; the 09:20Z bench read 0.91x stock's inference serially).
-  if (dot_suits(input.size(0), weight.size(0))) {
+  if (dot_suits(input.size(0), weight.size(0), input.size(1))) {
     const at::Tensor w = weight.contiguous();
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     at::Tensor out = at::empty({input.size(0), weight.size(0)}, input.options());
+    maybe_poison(out);
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "linear_relu_fwd_cpu",
                                [&] { linear_dot<scalar_t>(input, w, b, out, relu); });
     return out;
   }
   const int64_t rows = input.size(0), cols = weight.size(0), k = input.size(1);
-  const cpu::SerialBelow serial(rows * cols * k);
+  const cpu::SerialBelow serial((rows + kPackCostRows) * cols * k);
   const at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty({rows, cols}, input.options());
   maybe_poison(out);

@@ -143,6 +143,11 @@ LINEAR = {
     # than kPackMinRows (the dot-product forward, hand backward)
     "deep_k": (6, 4099, 20),
     "few_rows": (3, 40, 50),
+    # the dot-product forward of up to 8 rows where w is large (kDotMinWeights), its tasks a
+    # row block by a span of outputs: a block of 4 rows and one of 3, spans of 30 outputs and a
+    # last of 11 (5-output blocks plus 1); 2 rows in two spans of 25 and 22
+    "dot_wide": (7, 1100, 131),
+    "dot_spans": (2, 3000, 47),
 }
 
 #: The shapes Triton runs (see the module docstring).

@@ -27,7 +27,7 @@ from geometry import (
 )
 from parity import check_linear_relu
 
-from fastlenet import backends, reference
+from fastlenet import _ext, backends, reference
 from fastlenet.functional import linear, linear_relu
 
 # The raw ops in float16 / bfloat16 against float64 on the rounded inputs: float32 accumulation,
@@ -200,3 +200,25 @@ def test_all_negative_rows_pass_no_gradient(backend):
     want = reference.linear_relu_bwd(grad.double(), out.double(), x.double(), weight.double(), True)
     for g, r in zip(got, want, strict=True):
         assert rel_err(g, r) < TOL[F32]
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("name", ["few_rows", "dot_wide", "dot_spans", "dot_tails"])
+def test_cpu_dot_forward_threads(name, relu):
+    """The CPU forward's dot products (few rows, or up to 8 where w is large) split the rows into
+    blocks and the outputs into spans, the tasks over the threads: on one thread and on two,
+    bitwise the same output, and the reference's."""
+    x, weight, bias = linear_inputs(LINEAR[name], F32, requires_grad=False)
+    fwd = backends.ops("linear_relu", "cpu").fwd
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = fwd(x, weight, bias, relu)
+        torch.set_num_threads(2)
+        out = fwd(x, weight, bias, relu)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out, alone)
+    ref = reference.linear_relu(x.double(), weight.double(), bias.double(), relu)
+    assert rel_err(out, ref) < TOL[F32]
