@@ -170,6 +170,9 @@ inline bool dot_suits(int64_t rows, int64_t cols, int64_t k) {
 // Multiply-adds per parallel task of the dot-product path: an OpenMP region costs ~1 us; this
 // much work takes ~4 us on one core (so LeNet-5 fc3 at batch 64, 54k, runs serially).
 constexpr int64_t kDotGrain = int64_t{1} << 17;
+// Row blocks up to which the dot-product tasks also split the outputs: with more, splitting them
+// made each thread read all of x (64 x 12544 -> 10: 87-91 -> 94-99 us).
+constexpr int64_t kDotSpanMaxBlocks = 2;
 
 template <typename V>
 inline auto hsum(V v) {
@@ -269,13 +272,19 @@ void linear_dot(const at::Tensor& input, const at::Tensor& weight, const at::Ten
   const T* b = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   T* o = out.data_ptr<T>();
   const int64_t blocks = (rows + kDotRows - 1) / kDotRows;
-  // Outputs per task: whole blocks of kDotCols with about kDotGrain multiply-adds.
+  // Outputs per task: all of them with more than kDotSpanMaxBlocks blocks (the blocks split the
+  // work; each thread reads its rows of x once and all of w from cache), else whole blocks of
+  // kDotCols with about kDotGrain multiply-adds.
   const int64_t per_col = std::min<int64_t>(rows, kDotRows) * std::max<int64_t>(k, 1);
   const int64_t span =
-      std::clamp<int64_t>((kDotGrain / per_col + kDotCols - 1) / kDotCols * kDotCols, kDotCols,
-                          std::max<int64_t>(cols, 1));
+      blocks > kDotSpanMaxBlocks
+          ? std::max<int64_t>(cols, 1)
+          : std::clamp<int64_t>((kDotGrain / per_col + kDotCols - 1) / kDotCols * kDotCols,
+                                kDotCols, std::max<int64_t>(cols, 1));
   const int64_t spans = (cols + span - 1) / span;
-  cpu::parallel_for(0, blocks * spans, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t task = per_col * span;  // multiply-adds of a full task
+  const int64_t grain = std::max<int64_t>(1, kDotGrain / std::max<int64_t>(task, 1));
+  cpu::parallel_for(0, blocks * spans, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       // Consecutive tasks (one thread's) share outputs: their rows of w stay in cache.
       const int64_t r = t % blocks * kDotRows, c0 = t / blocks * span;
