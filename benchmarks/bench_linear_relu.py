@@ -8,7 +8,8 @@ as inside LeNet-5.
 The shape sweep (issue 16: never slower than stock at the FC layers of LeNet-5, the
 Fashion-MNIST CNN, pytorch/examples' Net and MLPs with 784-12544 inputs and 10-512 outputs):
 SWEEP's shapes against stock eager, as bench_conv_relu_pool's sweep times its shapes (batch
-64 and 256, inference / backward / full, FASTLENET_BENCH_SWEEP_CASE_S); op `linear_relu_sweep`.
+64 and 256, inference / backward / full, FASTLENET_BENCH_SWEEP_CASE_S), and at FEW_ROWS' batches
+(a handful of samples: the CPU forward's dot-product range); op `linear_relu_sweep`.
 """
 
 import dataclasses
@@ -141,7 +142,13 @@ SWEEP = {
     "mlp-12544-10": LinearShape(12544, 10, relu=False),
 }
 SWEEP_OP = "linear_relu_sweep"
-SWEEP_CASES = harness.sweep_cases(SWEEP, S)
+# Batches of a few samples (inference of a handful of images, small online batches): the CPU
+# forward takes dot products there instead of its packed GEMM (csrc/linear_relu_cpu.cpp,
+# dot_suits), and stock's BLAS calls its matrix-vector paths.
+FEW_ROWS = (4, 8)
+SWEEP_CASES = harness.sweep_cases(SWEEP, S) + [
+    (name, batch, pass_) for name in SWEEP for batch in FEW_ROWS for pass_ in ("inference", "full")
+]
 
 
 @functools.lru_cache(maxsize=1)
