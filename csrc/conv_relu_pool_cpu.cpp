@@ -128,21 +128,21 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& input_, const at
   // sweep_cpu.md: 0.27-1.03x of stock's conv + ReLU before, forward alone). Its output becomes
   // ours after ReLU in place; stock's composition writes a second tensor for the ReLU. The
   // tap GEMM beats it where it suits (forward below).
-  if (windows_are_outputs(g) && g.n > 0 && !tap_gemm_suits(g)) {
+  const bool aten_conv = windows_are_outputs(g) && g.n > 0 && !tap_gemm_suits(g);
+  at::Tensor argmax;
+  if (codes || !aten_conv) {
+    argmax = at::empty({g.n, g.o, g.ph, g.pw}, input.options().dtype(at::kByte));
+    maybe_poison(argmax);
+  }
+  if (aten_conv) {
     at::Tensor out = at::convolution(input, weight, bias, {g.sh, g.sw}, {g.padh, g.padw}, {1, 1},
                                      false, {0, 0}, 1)
                          .contiguous();
-    at::Tensor argmax;
-    if (codes) {
-      argmax = at::empty({g.n, g.o, g.ph, g.pw}, input.options().dtype(at::kByte));
-      maybe_poison(argmax);
-    }
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_fwd_cpu",
-                               [&] { relu_codes<scalar_t>(out, codes ? &argmax : nullptr); });
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_fwd_cpu", [&] {
+      relu_codes<scalar_t>(out, argmax.defined() ? &argmax : nullptr);
+    });
     return {out, argmax};
   }
-  at::Tensor argmax = at::empty({g.n, g.o, g.ph, g.pw}, input.options().dtype(at::kByte));
-  maybe_poison(argmax);
   at::Tensor out = at::empty({g.n, g.o, g.ph, g.pw}, input.options());
   maybe_poison(out);
   if (g.n == 0) return {out, argmax};

@@ -167,18 +167,16 @@ bool nopool_weight_grad(const at::Tensor& grad_out, const at::Tensor& argmax,
     }
   });
   add_chunks(partial.data(), chunks, wsize + bsize);
-  T* gwp = grad_weight.data_ptr<T>();
-  T* gbp = grad_bias.data_ptr<T>();
-  for (int64_t i = 0; i < g.o * g.c * taps; ++i) {
-    T s = T(0);
-    for (int l = 0; l < VW; ++l) s += partial[i * VW + l];
-    gwp[i] = s;
-  }
-  for (int64_t o = 0; o < g.o; ++o) {
-    T s = T(0);
-    for (int l = 0; l < VW; ++l) s += partial[wsize + o * VW + l];
-    gbp[o] = s;
-  }
+  // Each value the sum of its VW lanes, in lane order.
+  const auto lane_sums = [&](const T* lanes, int64_t count, T* dst) {
+    for (int64_t i = 0; i < count; ++i) {
+      T s = T(0);
+      for (int l = 0; l < VW; ++l) s += lanes[i * VW + l];
+      dst[i] = s;
+    }
+  };
+  lane_sums(partial.data(), g.o * g.c * taps, grad_weight.data_ptr<T>());
+  lane_sums(partial.data() + wsize, g.o, grad_bias.data_ptr<T>());
   return true;
 }
 
