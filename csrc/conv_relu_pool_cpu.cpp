@@ -200,13 +200,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
     // conv_relu_pool_cpu_nopool.h, which reads grad_out and the ReLU codes as they are; the
     // rest from ATen's dense backward (oneDNN) of the masked gradient, the bias gradient then
     // from the masking pass (masked_grad says why).
-    at::Tensor grad_weight =
-        at::empty(shape(weight_grad, {g.o, g.c, g.kh, g.kw}), weight.options());
+    // grad_weight is allocated here only for the own kernel; ATen's backward returns its own.
+    const bool own_weight = weight_grad && nopool_weight_suits(g);
+    at::Tensor grad_weight = at::empty(shape(own_weight, {g.o, g.c, g.kh, g.kw}), weight.options());
     at::Tensor grad_bias = at::empty(shape(weight_grad, {g.o}), weight.options());
     maybe_poison(grad_weight);
     maybe_poison(grad_bias);
     bool weight_done = false;
-    if (weight_grad && nopool_weight_suits(g))
+    if (own_weight)
       AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_nopool_bwd_cpu", [&] {
         weight_done = nopool_weight_grad<scalar_t>(go, am, x, g, grad_weight, grad_bias);
       });
