@@ -540,7 +540,12 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
                                           : std::vector<T, CacheLineAllocator<T>>();
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = want_weight ? weight_chunks(g.n) : 0;
-  std::vector<T> partial(chunks * (wsize + g.o), T(0));
+  // Each chunk's sums start on a cache line of their own, so that no line is written by two
+  // threads (LeNet-5 conv1's chunks were 984 bytes apart: chunk 0's grad_b and chunk 1's first
+  // grad_w values shared one, written at every sample).
+  constexpr int64_t kLine = 64 / sizeof(T);
+  const int64_t stride = (wsize + g.o + kLine - 1) / kLine * kLine;
+  AlignedVector<T> partial(chunks * stride, T(0));
   const T* x = input.const_data_ptr<T>();
   const T* gop = grad_out.const_data_ptr<T>();
   const uint8_t* amp = argmax.const_data_ptr<uint8_t>();
@@ -560,7 +565,7 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
     WideLists<T> lists;
     for (int64_t t = next++; t < tasks; t = next++) {
       if (t < chunks) {
-        T* gw = partial.data() + t * (wsize + g.o);
+        T* gw = partial.data() + t * stride;
         for (int64_t n = t * g.n / chunks; n < (t + 1) * g.n / chunks; ++n) {
           if (!span_finite(x + n * sample, sample)) x_bad = true;
           to_padded_cl(x + n * sample, g, L, xcl.data());
@@ -590,7 +595,7 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   fallback.weight = x_bad;
   fallback.input = fallback.input || go_bad;
   if (!want_weight) return fallback;
-  add_chunks(partial.data(), chunks, wsize + g.o);
+  add_chunks(partial.data(), chunks, stride);
   // [O][KH][KW][C] (rows padded to rowsize) -> [O][C][KH][KW]
   T* gwp = grad_weight.data_ptr<T>();
   for (int64_t o = 0; o < g.o; ++o)
