@@ -9,9 +9,10 @@
 // - forward_channels: lanes over output channels, NV vectors of them (NV = 2 with more than one
 //   vector of channels: a one-vector block reloads its inputs too often; weight repacked
 //   [O/(NV*VW)][C][KH][KW][NV*VW]); a register block holds R conv outputs of one conv row;
-//   each (c, kh, kw) loads NV weight vectors and broadcasts R inputs. Conv rows of one pooled row
-//   go to a per-thread tile (L1) and are reduced to max/argmax at once. Best with many output
-//   channels (LeNet-5 conv2).
+//   each (c, kh) loads KW * NV weight vectors and broadcasts each of its R + KW - 1 inputs once
+//   (unit stride, 3 or 5 wide; else each (c, kh, kw) loads NV weight vectors and broadcasts R
+//   inputs). Conv rows of one pooled row go to a per-thread tile (L1) and are reduced to
+//   max/argmax at once. Best with many output channels (LeNet-5 conv2).
 // - forward_columns: lanes over pooled output columns, every window position and up to
 //   kColumnsMaxOut output channels in registers at once; the input is split by column
 //   phase so that the inputs of 16 pooled columns are one contiguous load. Max/argmax never
@@ -62,9 +63,13 @@ struct Plane {
 
 // R conv outputs at columns ow0 .. ow0+R-1 of one conv row, for NV * VW output channels:
 // acc[r] = bias + sum_{c,kh,kw} wt[c,kh,kw,:] * x[c, kh, r*SW + kw], x pointing at the top-left
-// input of the first output; written to dst[r][NV * VW].
-template <typename T, int Bytes, int NV, int R, bool UnitStride>
-void conv_block(const T* x, Plane p, int64_t sw, const T* wt, int64_t C, int64_t KH, int64_t KW,
+// input of the first output; written to dst[r][NV * VW]. KW > 0 (unit stride, kernel width KW
+// known at compile time): per (c, kh) the KW * NV weight vectors stay in registers and each of
+// the R + KW - 1 inputs of the row is broadcast once for its up to KW outputs, instead of once
+// per (output, kw) pair (the loads of a broadcast per FMA bound that loop). The sums are taken
+// in the same (c, kh, kw) order either way: the same bits. KW = 0: any width and stride.
+template <typename T, int Bytes, int NV, int R, bool UnitStride, int KW>
+void conv_block(const T* x, Plane p, int64_t sw, const T* wt, int64_t C, int64_t KH, int64_t kw_rt,
                 const T* bias, T* dst) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int VW = VecOf<T, Bytes>::kLanes;
@@ -76,13 +81,31 @@ void conv_block(const T* x, Plane p, int64_t sw, const T* wt, int64_t C, int64_t
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t kh = 0; kh < KH; ++kh) {
       const T* xr = x + c * p.chan + kh * p.row;
-      const T* wr = wt + (c * KH + kh) * KW * NV * VW;
-      for (int64_t kw = 0; kw < KW; ++kw) {
-        V w[NV];
-        for (int u = 0; u < NV; ++u) w[u] = load<V>(wr + (kw * NV + u) * VW);
-        for (int r = 0; r < R; ++r) {
-          const T xv = xr[(UnitStride ? r : r * sw) + kw];
-          for (int u = 0; u < NV; ++u) acc[r][u] += w[u] * xv;
+      if constexpr (KW > 0) {
+        static_assert(UnitStride);
+        const T* wr = wt + (c * KH + kh) * KW * NV * VW;
+        V w[KW][NV];
+        for (int kw = 0; kw < KW; ++kw)
+          for (int u = 0; u < NV; ++u) w[kw][u] = load<V>(wr + (kw * NV + u) * VW);
+#pragma GCC unroll 32
+        for (int i = 0; i < R + KW - 1; ++i) {
+          const T xv = xr[i];
+#pragma GCC unroll 8
+          for (int kw = 0; kw < KW; ++kw) {
+            const int r = i - kw;
+            if (r >= 0 && r < R)
+              for (int u = 0; u < NV; ++u) acc[r][u] += w[kw][u] * xv;
+          }
+        }
+      } else {
+        const T* wr = wt + (c * KH + kh) * kw_rt * NV * VW;
+        for (int64_t kw = 0; kw < kw_rt; ++kw) {
+          V w[NV];
+          for (int u = 0; u < NV; ++u) w[u] = load<V>(wr + (kw * NV + u) * VW);
+          for (int r = 0; r < R; ++r) {
+            const T xv = xr[(UnitStride ? r : r * sw) + kw];
+            for (int u = 0; u < NV; ++u) acc[r][u] += w[u] * xv;
+          }
         }
       }
     }
@@ -90,25 +113,46 @@ void conv_block(const T* x, Plane p, int64_t sw, const T* wt, int64_t C, int64_t
   std::memcpy(dst, acc, sizeof(acc));
 }
 
+// Most conv outputs of a block with the kernel width KW in registers (conv_block's KW > 0): the
+// R * NV accumulators, KW * NV weight vectors and the broadcast input fit the vector registers.
+template <int NV, int KW>
+constexpr int kMaxBlockKW =
+    KW == 0 ? kMaxBlock<NV> : std::clamp((kVecRegs - KW * NV - 1) / NV, 1, kMaxBlock<NV>);
+
+// Whether forward_channels takes conv_block's KW > 0 form for this kernel width: where its
+// blocks still hold at least kMinBlockKW outputs (on AVX-512 every 3- and 5-wide case; on AVX2's
+// 16 registers one channel vector only, not measured there). Measured on AVX-512 (forward alone,
+// 2 threads, float32, us, KW = 0 -> KW > 0): batch 64: 6 -> 16 5x5 14x14 (LeNet-5's conv2) 95.6
+// -> 79.8, 16 -> 32 5x5 pad 2 (FashionCNN's) 884 -> 724, 16 -> 16 3x3 24x24 639 -> 443,
+// 32 -> 64 3x3 16x16 1800 -> 1495, 24 -> 40 5x5 20x20 3010 -> 2698, 10 -> 22 3x3 20x20 457 ->
+// 430, 3 -> 7 5x5 pool 3 153 -> 145; batch 256: LeNet-5's conv2 498 -> 319; batch 1: 7.1 ->
+// 6.6; float64 5-20% faster. Bitwise the same outputs.
+constexpr int kMinBlockKW = 6;
+
+template <int NV, int KW>
+constexpr bool kw_blocks() {
+  return kMaxBlockKW<NV, KW> >= kMinBlockKW;
+}
+
 template <typename T, int Bytes, bool UnitStride>
 using BlockFn = void (*)(const T*, Plane, int64_t, const T*, int64_t, int64_t, int64_t, const T*,
                          T*);
 
-template <typename T, int Bytes, int NV, bool UnitStride, int... Rs>
+template <typename T, int Bytes, int NV, bool UnitStride, int KW, int... Rs>
 constexpr auto block_table(std::integer_sequence<int, Rs...>) {
   return std::array<BlockFn<T, Bytes, UnitStride>, sizeof...(Rs)>{
-      &conv_block<T, Bytes, NV, Rs + 1, UnitStride>...};
+      &conv_block<T, Bytes, NV, Rs + 1, UnitStride, KW>...};
 }
 
 // Computes conv row `oh` for one block of NV * VW output channels into tile[ow][NV * VW],
 // ow < width.
-template <typename T, int Bytes, int NV, bool UnitStride>
+template <typename T, int Bytes, int NV, bool UnitStride, int KW>
 void conv_row(const T* xpad, Plane p, const ConvPoolGeometry& g, int64_t oh, int64_t width,
               const T* wt, const T* bias, T* tile) {
   constexpr int VW = VecOf<T, Bytes>::kLanes;
-  constexpr int kMax = kMaxBlock<NV>;
+  constexpr int kMax = kMaxBlockKW<NV, KW>;
   static constexpr auto table =
-      block_table<T, Bytes, NV, UnitStride>(std::make_integer_sequence<int, kMax>{});
+      block_table<T, Bytes, NV, UnitStride, KW>(std::make_integer_sequence<int, kMax>{});
   const int64_t blocks = (width + kMax - 1) / kMax;
   const int64_t step = (width + blocks - 1) / blocks;  // even blocks: 28 -> 14 + 14
   for (int64_t ow0 = 0; ow0 < width; ow0 += step) {
@@ -172,10 +216,15 @@ void forward_channels(const at::Tensor& input, const at::Tensor& weight, const a
       for (int64_t ph = 0; ph < g.ph; ++ph) {
         for (int64_t i = 0; i < g.poolh; ++i) {
           T* rowtile = tile.data() + i * width * BW;
-          if (unit)
-            conv_row<T, Bytes, NV, true>(xs, p, g, ph * g.psh + i, width, wtb, btb, rowtile);
+          const int64_t oh = ph * g.psh + i;
+          if (unit && g.kw == 5 && kw_blocks<NV, 5>())
+            conv_row<T, Bytes, NV, true, 5>(xs, p, g, oh, width, wtb, btb, rowtile);
+          else if (unit && g.kw == 3 && kw_blocks<NV, 3>())
+            conv_row<T, Bytes, NV, true, 3>(xs, p, g, oh, width, wtb, btb, rowtile);
+          else if (unit)
+            conv_row<T, Bytes, NV, true, 0>(xs, p, g, oh, width, wtb, btb, rowtile);
           else
-            conv_row<T, Bytes, NV, false>(xs, p, g, ph * g.psh + i, width, wtb, btb, rowtile);
+            conv_row<T, Bytes, NV, false, 0>(xs, p, g, oh, width, wtb, btb, rowtile);
         }
         const T* tiles = tile.data();
         for (int64_t pw = 0; pw < npw; ++pw) {
