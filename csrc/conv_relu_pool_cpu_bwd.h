@@ -543,7 +543,7 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   // Each chunk's sums start on a cache line of their own, so that no line is written by two
   // threads (LeNet-5 conv1's chunks were 984 bytes apart: chunk 0's grad_b and chunk 1's first
   // grad_w values shared one, written at every sample).
-  constexpr int64_t kLine = 64 / sizeof(T);
+  constexpr int64_t kLine = kCacheLineBytes / sizeof(T);
   const int64_t stride = (wsize + g.o + kLine - 1) / kLine * kLine;
   AlignedVector<T> partial(chunks * stride, T(0));
   const T* x = input.const_data_ptr<T>();

@@ -78,13 +78,16 @@ inline T keep_or_zero(bool keep, T v) {
   return v;
 }
 
+// Bytes of a cache line (x86-64; the alignment of CacheLineAllocator and of per-thread partials).
+constexpr int64_t kCacheLineBytes = 64;
+
 // Scratch buffers on a cache-line boundary: malloc gives 16 bytes, and where a kernel's vectors
 // start on vector boundaries relative to the buffer (conv2's grad_x buffer with 8-channel
 // pixels), whether they straddle cache lines would otherwise change with each allocation.
 template <typename T>
 struct CacheLineAllocator {
   using value_type = T;
-  static constexpr std::align_val_t kAlign{64};
+  static constexpr std::align_val_t kAlign{kCacheLineBytes};
   CacheLineAllocator() = default;
   template <typename U>
   CacheLineAllocator(const CacheLineAllocator<U>&) {}
