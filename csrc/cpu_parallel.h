@@ -9,12 +9,14 @@
 
 namespace fastlenet::cpu {
 
-// Multiply-adds below which an op runs on the calling thread. A parallel region costs ~3.5 us
-// on the 2-core VM even with the worker spinning (LeNet-5 fc1's backward at batch 1: 9.3 us
-// with its two products side by side, 5.7 us one after the other), about what splitting
-// 2^18 multiply-adds in two saves. LeNet-5 step, default SGD, 2 threads, in one process
-// alternately, every op parallel -> this: batch 1 268 -> 244 us, 2 308 -> 283, 8 342 -> 327,
-// 64 776 -> 749 (2^17 and 2^19 measured within 1-3% of it).
+// Multiply-adds below which an op runs on the calling thread. Handing half of a small op to
+// the other core costs ~3.5 us on the 2-core VM even with the worker spinning (LeNet-5 fc1's
+// backward at batch 1: 9.3 us with its two products side by side, 5.7 us one after the
+// other), about what splitting 2^18 multiply-adds in two saves. The region itself is ~0.6 us
+// (two empty tasks, back to back or from Python); the rest is likely the other core
+// fetching the op's operands into its own caches. LeNet-5 step, default SGD, 2 threads, in one
+// process alternately, every op parallel -> this: batch 1 268 -> 244 us, 2 308 -> 283, 8 342 ->
+// 327, 64 776 -> 749 (2^17 and 2^19 measured within 1-3% of it).
 constexpr int64_t kParallelMinMacs = int64_t{1} << 18;
 
 inline thread_local bool t_serial = false;
