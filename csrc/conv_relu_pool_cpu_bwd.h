@@ -76,16 +76,26 @@ inline int64_t padded_pixel(int64_t c, int64_t vw) {
   return 3 * pix <= 4 * c ? pix : c;
 }
 
-// Pixel stride of grad_w's copy of the sample: padded_pixel's where that adds no vector to a
-// patch row of kw pixels, else C. grad_w loads each patch row as whole vectors from its first
-// pixel; padded pixels start those loads on fewer cache-line boundaries, and the sums are the
-// same (the padding lanes hold zeros and are dropped). Backward op with grad_w, batch 64 / 256,
-// 2 threads, AVX-512, in one process: 3 -> 16 and 3 -> 32 3x3 32x32 (pixels 3 -> 4) 1.03x /
-// 1.03x, 6 -> 16 3x3 30x30 (6 -> 8) 1.03x / 1.03x, 7 -> 24 3x3 16x16 1.04x / 1.03x; on the
-// wide kernels 15 -> 32 3x3 16x16 (15 -> 16) 1.16x / 1.16x, 23 -> 40 3x3 12x12 1.09x / 1.09x,
-// 14 -> 28 3x3 17x17 pool 3 1.09x / 1.09x. Where it adds vectors it measured slower (LeNet-5
-// conv2: 6 -> 8 channels make 5 vectors of 8 floats a row instead of 4, 0.88x).
-inline int64_t weight_pixel(int64_t c, int64_t kw, int64_t vw) {
+// Pixel stride of grad_w's copy of the sample. grad_w loads each patch row as whole vectors
+// from its first pixel, most of which straddle two cache lines unless pixels start on vector
+// boundaries; the sums are the same either way (padding lanes hold zeros and are dropped).
+// - float32 with more channels than a narrow (32-byte) vector holds: whole wide (64-byte)
+//   vectors, on AVX-512 (kPadPixels). Such rows then take the wide kernels, whose 64-byte loads
+//   are all aligned. (float64 measured mixed, 0.91-1.04x: it keeps the rule below.)
+//   Backward op with grad_w alone, batch 64, 2 threads, in one process, C -> C (pixels): 9 -> 16
+//   3x3 1.14x, 10 -> 16 3x3 1.13-1.16x (5x5 pool 3 1.20x), 11 -> 16 3x3 1.36x, 12 -> 16 5x5
+//   1.15x, 13 -> 16 5x5 1.57x, 17 -> 32 3x3 1.11x, 20 -> 32 3x3 1.07x, 23 -> 32 3x3 1.12x,
+//   24 -> 32 3x3 1.13x (5x5 1.01x), 33 -> 48 3x3 1.20x, 37 -> 48 3x3 pool 3 1.17x, 40 -> 48
+//   3x3 1.17x. At 8 channels and fewer the narrow kernels' 32-byte loads lose to it (6 -> 16
+//   5x5, LeNet-5's conv2, 0.75x; 8 -> 16 3x3 0.87x; 4 -> 16 5x5 0.57x).
+// - Fewer: padded_pixel's where that adds no vector to a patch row of kw pixels, else C.
+//   3 -> 4 and 6 -> 8 channels with 3x3 kernels 1.03x, 7 -> 8 1.04x (batch 64 and 256);
+//   where it adds vectors it measured slower (LeNet-5's conv2, 6 -> 8: 5 vectors of 8 floats a
+//   row instead of 4, 0.88x).
+template <typename T>
+int64_t weight_pixel(int64_t c, int64_t kw) {
+  constexpr int64_t vw = VecOf<T, kBwdBytes>::kLanes, wide = WideVec<T>::VW;
+  if (kPadPixels && std::is_same_v<T, float> && c > vw) return (c + wide - 1) / wide * wide;
   const int64_t pix = padded_pixel(c, vw);
   return (kw * pix + vw - 1) / vw == (kw * c + vw - 1) / vw ? pix : c;
 }
@@ -517,8 +527,8 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
                             at::Tensor& grad_input, at::Tensor& grad_weight,
                             at::Tensor& grad_bias) {
   constexpr int VW = BwdLayout<T>::VW;
-  BwdLayout<T> L(g, weight_pixel(g.c, g.kw, VW));  // grad_w: the input's samples
-  BwdLayout<T> LX(g, padded_pixel(g.c, VW));       // grad_x
+  BwdLayout<T> L(g, weight_pixel<T>(g.c, g.kw));  // grad_w: the input's samples
+  BwdLayout<T> LX(g, padded_pixel(g.c, VW));      // grad_x
   // Patches the register-blocked kernels cannot hold take the wide kernels.
   const bool wide = !register_blocked(g, L.nv);
   const bool wide_x = !register_blocked(g, LX.nv) && g.o >= kWideInputMinOut;

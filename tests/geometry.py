@@ -73,9 +73,9 @@ CONV = {
     "wide_few_out": (2, 20, 8, 8, 10, 5, 5, 1, 0, 3, 2),
     "wide_deep": (2, 64, 6, 6, 128, 3, 3, 1, 1, 2, 2),
     "tall_kernel": (2, 2, 13, 6, 18, 9, 2, 1, 0, 2, 2),
-    # 15 channels 3 wide: grad_w's sample copy with pixels padded to 16 (weight_pixel: 45 and 48
-    # values a row are both 6 vectors), on the wide kernels; "odd" (3 channels to 4) is the
-    # register-blocked one.
+    # 15 channels: grad_w's sample copy with pixels padded to a 64-byte vector (weight_pixel),
+    # one padding lane, on the wide kernels (so are wide_odd_pool3's 37 -> 48 and wide_few_out's
+    # 20 -> 32); "odd" (3 channels to 4) is the register-blocked kernel's padded case.
     "wide_padded_pixels": (2, 15, 9, 10, 20, 3, 3, 1, 1, 2, 2),
     # At least 32 input channels and 9 to 16 output channels, or a stride: the CPU forward's
     # ATen conv and its ReLU/pool pass, with pool stride 2 (pairs of columns; pool 2 and 3) and 3.
