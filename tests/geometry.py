@@ -73,6 +73,9 @@ CONV = {
     "wide_few_out": (2, 20, 8, 8, 10, 5, 5, 1, 0, 3, 2),
     "wide_deep": (2, 64, 6, 6, 128, 3, 3, 1, 1, 2, 2),
     "tall_kernel": (2, 2, 13, 6, 18, 9, 2, 1, 0, 2, 2),
+    # One channel, 3x3, 36 pooling windows a plane: grad_w's sample copy and its twin (rows of
+    # one vector in float32 and float64); odd output count.
+    "twin_3x3": (2, 1, 13, 12, 5, 3, 3, 1, 1, 2, 2),
     # 15 channels: grad_w's sample copy with pixels padded to a 64-byte vector (weight_pixel),
     # one padding lane, on the wide kernels (so are wide_odd_pool3's 37 -> 48 and wide_few_out's
     # 20 -> 32); "odd" (3 channels to 4) is the register-blocked kernel's padded case.
