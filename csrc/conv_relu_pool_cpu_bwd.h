@@ -7,10 +7,10 @@
 // one byte per pooled output.
 //
 // Both gradients work on a channels-last, zero-padded copy of each sample, where a patch row (KW
-// pixels of C values, padded to `pix` in grad_x's buffer) is contiguous: the patch of a window's
-// argmax is KH rows of NV full vectors. For grad_w the accumulators of one output channel stay
-// in registers across its windows; for grad_x the weight rows of one output channel do. Patches
-// too large for that (wide layers) go to conv_relu_pool_cpu_bwd_wide.h's tiled kernels.
+// pixels of C values, padded to `pix`: padded_pixel, weight_pixel) is contiguous: the patch of a
+// window's argmax is KH rows of NV full vectors. For grad_w the accumulators of one output channel
+// stay in registers across its windows; for grad_x the weight rows of one output channel do.
+// Patches too large for that (wide layers) go to conv_relu_pool_cpu_bwd_wide.h's tiled kernels.
 // grad_w/grad_b: samples are split into a fixed number of chunks (one per thread), each summing
 // into its own buffer, added in chunk order: bitwise identical run to run for a given thread
 // count.
@@ -80,14 +80,14 @@ inline int64_t padded_pixel(int64_t c, int64_t vw) {
 // from its first pixel, most of which straddle two cache lines unless pixels start on vector
 // boundaries; the sums are the same either way (padding lanes hold zeros and are dropped).
 // - float32 with more channels than a narrow (32-byte) vector holds: whole wide (64-byte)
-//   vectors, on AVX-512 (kPadPixels). Such rows then take the wide kernels, whose 64-byte loads
-//   are all aligned. (float64 measured mixed, 0.91-1.04x: it keeps the rule below.)
-//   Backward op with grad_w alone, batch 64, 2 threads, in one process, C -> C (pixels): 9 -> 16
-//   3x3 1.14x, 10 -> 16 3x3 1.13-1.16x (5x5 pool 3 1.20x), 11 -> 16 3x3 1.36x, 12 -> 16 5x5
-//   1.15x, 13 -> 16 5x5 1.57x, 17 -> 32 3x3 1.11x, 20 -> 32 3x3 1.07x, 23 -> 32 3x3 1.12x,
-//   24 -> 32 3x3 1.13x (5x5 1.01x), 33 -> 48 3x3 1.20x, 37 -> 48 3x3 pool 3 1.17x, 40 -> 48
-//   3x3 1.17x. At 8 channels and fewer the narrow kernels' 32-byte loads lose to it (6 -> 16
-//   5x5, LeNet-5's conv2, 0.75x; 8 -> 16 3x3 0.87x; 4 -> 16 5x5 0.57x).
+//   vectors, on AVX-512 (kPadPixels). Rows of 3 or more such pixels then take the wide kernels,
+//   whose 64-byte loads are all aligned. (float64 measured mixed, 0.91-1.04x: it keeps the rule
+//   below.) Backward op with grad_w alone, batch 64, 2 threads, in one process, channels ->
+//   pixel (elements): 9 -> 16 3x3 1.14x, 10 -> 16 3x3 1.13-1.16x (5x5 pool 3 1.20x), 11 -> 16
+//   3x3 1.36x, 12 -> 16 5x5 1.15x, 13 -> 16 5x5 1.57x, 17 -> 32 3x3 1.11x, 20 -> 32 3x3 1.07x, 23
+//   -> 32 3x3 1.12x, 24 -> 32 3x3 1.13x (5x5 1.01x), 33 -> 48 3x3 1.20x, 37 -> 48 3x3 pool 3 1.17x,
+//   40 -> 48 3x3 1.17x. At 8 channels and fewer the narrow kernels' 32-byte loads lose to it (6 ->
+//   16 5x5, LeNet-5's conv2, 0.75x; 8 -> 16 3x3 0.87x; 4 -> 16 5x5 0.57x).
 // - Fewer: padded_pixel's where that adds no vector to a patch row of kw pixels, else C.
 //   3 -> 4 and 6 -> 8 channels with 3x3 kernels 1.03x, 7 -> 8 1.04x (batch 64 and 256);
 //   where it adds vectors it measured slower (LeNet-5's conv2, 6 -> 8: 5 vectors of 8 floats a
