@@ -117,8 +117,17 @@ constexpr int64_t kTwinMinWindows = 16;
 // them.
 template <typename T>
 int64_t twin_offset(int64_t size) {
-  constexpr int64_t line = kCacheLineBytes / sizeof(T);
+  constexpr int64_t line = kCacheLineElems<T>;
   return (size + line - 1) / line * line + line / 2;
+}
+
+// What to add to a one-vector row starting `at` elements into the copy to read it where it does
+// not straddle a line: 0 (the copy) or `twin` (a narrow vector starting past the line's middle
+// would straddle in the copy, and does not in the twin).
+template <typename T>
+int64_t twin_shift(int64_t at, int64_t twin) {
+  constexpr int64_t line = kCacheLineElems<T>;
+  return (at & (line - 1)) > line / 2 ? twin : 0;
 }
 
 // What the backward kernels share: strides into a channels-last, zero-padded sample
@@ -248,7 +257,6 @@ void bwd_weight_sample(const T* xcl, const T* go, const uint8_t* am, const ConvP
                        const BwdLayout<T>& L, T* gw, T* gb, int64_t kh0) {
   using V = typename VecOf<T, kBwdBytes>::type;
   constexpr int VW = VecOf<T, kBwdBytes>::kLanes;
-  constexpr int64_t kLine = kCacheLineBytes / sizeof(T);
   const int64_t plane = g.ph * g.pw;
   xcl += kh0 * L.wpc;
   for (int64_t o = 0; o < g.o; ++o) {
@@ -266,8 +274,7 @@ void bwd_weight_sample(const T* xcl, const T* go, const uint8_t* am, const ConvP
       const T gv = keep_or_zero(q != kNoGrad, gop[k]);
       const int64_t at = woff[k] + L.qoff[q];
       const T* row = xcl + at;
-      // From the twin where the row's vector would straddle a line here (twin_offset).
-      if constexpr (NV == 1) row += (at & (kLine - 1)) > kLine / 2 ? L.twin : 0;
+      if constexpr (NV == 1) row += twin_shift<T>(at, L.twin);
       sum += gv;
       for (int kh = 0; kh < KH; ++kh, row += wpc)
         for (int v = 0; v < NV; ++v) a[kh][v] += gv * load<V>(row + v * VW);
@@ -561,7 +568,7 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   const bool twin = g.kw * wpix <= VW && g.kh <= kMaxKH &&
                     wpix * int64_t{sizeof(T)} <= kTwinMaxPixelBytes &&
                     g.ph * g.pw >= kTwinMinWindows;
-  BwdLayout<T> L(g, wpix, twin ? kCacheLineBytes / sizeof(T) : 1);
+  BwdLayout<T> L(g, wpix, twin ? kCacheLineElems<T> : 1);
   if (twin) L.twin = twin_offset<T>(L.size);
   BwdLayout<T> LX(g, padded_pixel(g.c, VW));  // grad_x
   // Patches the register-blocked kernels cannot hold take the wide kernels.
@@ -602,7 +609,7 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   // Each chunk's sums start on a cache line of their own, so that no line is written by two
   // threads (LeNet-5 conv1's chunks were 984 bytes apart: chunk 0's grad_b and chunk 1's first
   // grad_w values shared one, written at every sample).
-  constexpr int64_t kLine = kCacheLineBytes / sizeof(T);
+  constexpr int64_t kLine = kCacheLineElems<T>;
   const int64_t stride = (wsize + g.o + kLine - 1) / kLine * kLine;
   AlignedVector<T> partial(chunks * stride, T(0));
   const T* x = input.const_data_ptr<T>();

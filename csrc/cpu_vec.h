@@ -80,6 +80,9 @@ inline T keep_or_zero(bool keep, T v) {
 
 // Bytes of a cache line (x86-64; the alignment of CacheLineAllocator and of per-thread partials).
 constexpr int64_t kCacheLineBytes = 64;
+// Elements of T in a cache line.
+template <typename T>
+constexpr int64_t kCacheLineElems = kCacheLineBytes / int64_t{sizeof(T)};
 
 // Scratch buffers on a cache-line boundary: malloc gives 16 bytes, and where a kernel's vectors
 // start on vector boundaries relative to the buffer (conv2's grad_x buffer with 8-channel
