@@ -10,7 +10,9 @@
 // pixels of C values, padded to `pix`: padded_pixel, weight_pixel) is contiguous: the patch of a
 // window's argmax is KH rows of NV full vectors. For grad_w the accumulators of one output channel
 // stay in registers across its windows; for grad_x the weight rows of one output channel do.
-// Patches too large for that (wide layers) go to conv_relu_pool_cpu_bwd_wide.h's tiled kernels.
+// Patches too large for that (wide layers) go to conv_relu_pool_cpu_bwd_wide.h's tiled kernels;
+// grad_x, where a pooling window's whole region fits the registers and that measured faster, to
+// conv_relu_pool_cpu_bwd_tile.h's.
 // grad_w/grad_b: samples are split into a fixed number of chunks (one per thread), each summing
 // into its own buffer, added in chunk order: bitwise identical run to run for a given thread
 // count.
@@ -31,6 +33,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "conv_relu_pool_cpu_bwd_tile.h"
 #include "conv_relu_pool_cpu_bwd_wide.h"
 #include "cpu_parallel.h"
 #include "cpu_vec.h"
@@ -581,6 +584,13 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   const WideInputPlan xplan = wide_input_plan(g, LX.rowlen, WideVec<T>::VW, kWideBytes);
   if (wide_x) LX.size = std::max(LX.size, hp * LX.wpc + xplan.nv * WideVec<T>::VW);
   const bool blocked_x = register_blocked(g, LX.nv);
+  // grad_x by pooling-window region (conv_relu_pool_cpu_bwd_tile.h) where that is expected to
+  // beat the per-channel kernel; measured on AVX-512 only.
+  const TileInputPlan tplan =
+      kPadPixels && blocked_x
+          ? tile_input_choice<T>(g, LX.pix, LX.nv, LX.pix * int64_t{sizeof(T)} % kBwdBytes == 0)
+          : TileInputPlan{};
+  if (tplan.ok()) LX.size = std::max(LX.size, tile_input_extent<T>(tplan, LX.woff, LX.wpc));
   // Accumulators as [O][KH][NV*VW] (NV vectors of the register-blocked or the wide kernel); the
   // weight for grad_x as [O][KH][NV*VW] (register-blocked) or [O][KH][rowlen], in LX's rows.
   const int64_t rowsize = wide ? plan.nv * WideVec<T>::VW : L.nv * VW;
@@ -594,14 +604,18 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   fallback.input = want_input && !span_finite(w, weight.numel());
   want_input = want_input && !fallback.input;
   // The weight as [O][KH][KW][pix], zero past C and past each row (wide: wide_input_weight).
-  std::vector<T> wcl(want_input && !wide_x ? g.o * g.kh * rowsize_x : 0, T(0));
-  if (want_input && !wide_x)
+  const bool narrow_x = want_input && !wide_x && !tplan.ok();
+  std::vector<T> wcl(narrow_x ? g.o * g.kh * rowsize_x : 0, T(0));
+  if (narrow_x)
     for (int64_t o = 0; o < g.o; ++o)
       for (int64_t c = 0; c < g.c; ++c)
         for (int64_t kh = 0; kh < g.kh; ++kh)
           for (int64_t kw = 0; kw < g.kw; ++kw)
             wcl[(o * g.kh + kh) * rowsize_x + kw * LX.pix + c] =
                 w[((o * g.c + c) * g.kh + kh) * g.kw + kw];
+  const auto wtile =
+      want_input && tplan.ok() ? tile_input_weight(w, g, LX.pix, tplan) : AlignedVector<T>();
+  const TileInputFn<T> tfn = tplan.ok() ? tile_input_fn<T>(tplan) : nullptr;
   const auto wwide = want_input && wide_x ? wide_input_weight(w, g, LX.pix, xplan)
                                           : std::vector<T, CacheLineAllocator<T>>();
   const int64_t threads = at::get_num_threads();
@@ -629,6 +643,7 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   cpu::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
     AlignedVector<T> xcl(want_weight ? L.size + L.twin : 0, T(0)), dx(want_input ? LX.size : 0);
     WideLists<T> lists;
+    TileLists<T> tlists;
     for (int64_t t = next++; t < tasks; t = next++) {
       if (t < chunks) {
         T* gw = partial.data() + t * stride;
@@ -653,6 +668,9 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
         if (wide_x)
           wide_input_sample(dx.data(), go, amp + n * g.o * plane_out, g, LX.woff.data(),
                             LX.qoff.data(), LX.wpc, xplan, wwide.data(), lists);
+        else if (tfn)
+          tfn(dx.data(), go, amp + n * g.o * plane_out, g, LX.woff.data(), LX.wpc, tplan,
+              wtile.data(), tlists);
         else
           ifn(dx.data(), go, amp + n * g.o * plane_out, g, LX, wcl.data());
         from_padded_cl(dx.data(), g, LX, gi + n * sample);

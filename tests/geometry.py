@@ -80,6 +80,11 @@ CONV = {
     # one padding lane, on the wide kernels (so are wide_odd_pool3's 37 -> 48 and wide_few_out's
     # 20 -> 32); "odd" (3 channels to 4) is the register-blocked kernel's padded case.
     "wide_padded_pixels": (2, 15, 9, 10, 20, 3, 3, 1, 1, 2, 2),
+    # grad_x by pooling-window region (csrc/conv_relu_pool_cpu_bwd_tile.h; most rows above with
+    # at most 8 channels take it too): a 7x5 kernel with pool 3 stride 2, regions of 9 rows by
+    # 7 pixels of 8 channels in two column groups, its 12 output channels in passes of 11 and 1
+    # (float32).
+    "region_groups": (2, 8, 13, 12, 12, 7, 5, 1, 1, 3, 2),
     # At least 32 input channels and 9 to 16 output channels, or a stride: the CPU forward's
     # ATen conv and its ReLU/pool pass, with pool stride 2 (pairs of columns; pool 2 and 3) and 3.
     "aten_conv": (2, 32, 9, 10, 11, 3, 3, 1, 1, 2, 2),

@@ -1,0 +1,219 @@
+// grad_x of conv2d -> ReLU -> max_pool2d on the CPU, one pooling window's region at a time.
+// Math and saved state: fastlenet/reference.py (conv_relu_pool).
+// Computes: per sample, grad_x into a channels-last, zero-padded buffer (BwdLayout in
+// conv_relu_pool_cpu_bwd.h), visiting only each window's argmax patch. Accumulates in the
+// data's own type. Saves nothing; reads grad_out, argmax and w (repacked). Buffers and the
+// Inf/NaN fallback: backward_kernel in conv_relu_pool_cpu_bwd.h, which calls this.
+//
+// Every argmax patch of a pooling window lies in the window's region: (poolh - 1) * sh + KH rows
+// of (poolw - 1) * sw + KW pixels. Per window position the region stays in registers while the
+// output channels' patches are added to it (g * w[o], the weight rows placed for the argmax
+// position q: a repacked copy per column shift, with zero rows around each channel's so that
+// the row shift is a pointer offset), then the region is added to grad_x in one read-modify-write.
+// The channels whose window passes gradient are listed per window position first (TileLists),
+// so the FMA loop reads only a gradient and an offset per channel. The per-channel kernel
+// (bwd_input_sample) does one read-modify-write of the patch per window instead: its stores
+// bound it (conv2 of LeNet-5: 25 stores of 32 bytes per window). tile_input_choice picks
+// between them.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "checks.h"
+#include "conv_relu_pool_cpu_bwd_wide.h"
+#include "cpu_vec.h"
+
+namespace fastlenet::cpu {
+
+// Bytes of the repacked weight one pass over the windows reads (TileInputPlan::ob): with the
+// grad_x buffer beside it, most of a 48 KiB L1. LeNet-5's conv2 (all 16 channels, 37 KiB) ran
+// 1.13x faster than in passes of 28 KiB; wide layers 1.03-1.07x faster than at 28-36 KiB and
+// 1.2-1.6x faster than with every channel in one pass.
+constexpr int64_t kTileWeightBytes = 40 << 10;
+// Region tiles up to this many vectors stay in registers with the broadcast gradient and
+// temporaries beside them.
+constexpr int kTileMaxVecs = kVecRegs - 4;
+// Region rows and vectors per row the kernels are instantiated for (7x7 patches, pool 3).
+constexpr int kTileMaxRows = 9;
+constexpr int kTileMaxNZ = 4;
+
+// How the region kernel reads the repacked weight. A region row of more vectors than the
+// registers hold is split into `groups` column groups of `nz` vectors, one pass over the windows
+// each. Per (group, column shift qx): `lead` zero rows, then per output channel its KH rows and
+// `lead` zero rows (`block` elements); `per_qx` elements in all. wq[q] is the offset, within a
+// group, of the rows read for argmax position q (channel 0), counting the zero rows above them
+// for a row shift.
+struct TileInputPlan {
+  int64_t rh = 0, nz = 0;  // region rows, vectors per region row of a group
+  int64_t groups = 0;      // column groups
+  int64_t lead = 0;        // zero rows around each channel's rows: the largest row shift
+  int64_t block = 0, per_qx = 0, per_group = 0;
+  int64_t ob = 0;  // output channels per pass over the windows (their weights stay in L1)
+  std::array<int64_t, 256> wq{};
+  bool ok() const { return rh > 0; }
+};
+
+template <typename T>
+TileInputPlan tile_input_plan(const ConvPoolGeometry& g, int64_t pix) {
+  constexpr int VW = WideVec<T>::VW;
+  TileInputPlan p;
+  const int64_t lead = (g.poolh - 1) * g.sh;
+  const int64_t rh = lead + g.kh;
+  const int64_t vecs = (((g.poolw - 1) * g.sw + g.kw) * pix + VW - 1) / VW;
+  if (rh > kTileMaxRows) return p;
+  const int64_t max_nz = std::min<int64_t>(kTileMaxNZ, kTileMaxVecs / rh);
+  if (max_nz < 1) return p;
+  p.groups = (vecs + max_nz - 1) / max_nz;
+  p.nz = (vecs + p.groups - 1) / p.groups;
+  p.rh = rh;
+  p.lead = lead;
+  const int64_t rowsize = p.nz * VW;
+  p.block = (g.kh + lead) * rowsize;
+  p.per_qx = lead * rowsize + g.o * p.block;
+  p.per_group = g.poolw * p.per_qx;
+  for (int64_t q = 0; q < g.poolh * g.poolw; ++q)
+    p.wq[q] = (q % g.poolw) * p.per_qx + (lead - (q / g.poolw) * g.sh) * rowsize;
+  const int64_t per_channel = g.poolw * p.block * int64_t{sizeof(T)};
+  p.ob = std::clamp<int64_t>(kTileWeightBytes / per_channel, 1, g.o);
+  return p;
+}
+
+// The region kernel's plan where it is expected to beat the per-channel kernel
+// (bwd_input_sample: per window a read-modify-write of KH rows of `nv` narrow vectors), else an
+// empty plan. Cycles per window, as measured on Zen 5 (grad_x alone, 2 threads, 18 shapes):
+// the region kernel ~3/4 per region vector (an FMA and its weight load) plus the region's
+// read-modify-write once per pass of `ob` channels; the per-channel kernel ~1 per vector, 2 where
+// pixels do not start on a narrow vector (`aligned` false: its stores straddle cache lines and
+// half-overlap the previous window's). grad_x alone, batch 64 / 256, per-channel time / region
+// time: 6 -> 16 5x5 (LeNet-5's conv2) 1.21x / 1.42x, 6 -> 16 3x3 1.16x / 1.18x, 8 -> 16 5x5
+// 1.30x / 1.38x, 6 -> 120 5x5 1.24x / 1.42x, 4 -> 8 5x5 1.32x / 1.35x, 3 -> 8 3x3 1.45x / 1.46x,
+// 2 -> 16 3x3 2.08x / 1.99x, 1 -> 6 5x5 1.75x / 1.72x, 1 -> 32 3x3 2.24x / 2.34x; pool 3: 5 -> 12
+// 3x3 1.26x / 1.27x, 3 -> 6 5x5 1.06x / 1.10x. Not taken, where the region kernel measured
+// slower: pool 3 with 8-channel pixels (8 -> 16 3x3 0.76-0.78x, 6 -> 16 5x5 0.72x).
+inline bool tile_input_wins(const TileInputPlan& p, int64_t kh, int64_t nv, bool aligned) {
+  const int64_t vecs = p.rh * p.groups * p.nz;
+  return 3 * vecs * p.ob + 8 * vecs < 4 * p.ob * kh * nv * (aligned ? 1 : 2);
+}
+
+template <typename T>
+TileInputPlan tile_input_choice(const ConvPoolGeometry& g, int64_t pix, int64_t nv, bool aligned) {
+  const TileInputPlan p = tile_input_plan<T>(g, pix);
+  return p.ok() && tile_input_wins(p, g.kh, nv, aligned) ? p : TileInputPlan{};
+}
+
+// Elements of the grad_x buffer the region kernel reaches: the last window's region, whose last
+// vectors may run past the padded row (adding zeros).
+template <typename T>
+int64_t tile_input_extent(const TileInputPlan& p, const std::vector<int64_t>& woff, int64_t wpc) {
+  if (woff.empty()) return 0;
+  return woff.back() + (p.rh - 1) * wpc + p.groups * p.nz * WideVec<T>::VW;
+}
+
+// The weight as the region kernel reads it (TileInputPlan), zero elsewhere.
+template <typename T>
+AlignedVector<T> tile_input_weight(const T* w, const ConvPoolGeometry& g, int64_t pix,
+                                   const TileInputPlan& p) {
+  constexpr int VW = WideVec<T>::VW;
+  const int64_t rowsize = p.nz * VW;
+  AlignedVector<T> out(p.groups * p.per_group, T(0));
+  for (int64_t qx = 0; qx < g.poolw; ++qx)
+    for (int64_t o = 0; o < g.o; ++o)
+      for (int64_t c = 0; c < g.c; ++c)
+        for (int64_t kh = 0; kh < g.kh; ++kh)
+          for (int64_t kw = 0; kw < g.kw; ++kw) {
+            const int64_t col = (qx * g.sw + kw) * pix + c;  // in the region row
+            out[(col / rowsize) * p.per_group + qx * p.per_qx + (p.lead + kh) * rowsize +
+                o * p.block + col % rowsize] = w[((o * g.c + c) * g.kh + kh) * g.kw + kw];
+          }
+  return out;
+}
+
+// Per pass of output channels, per window position k: the channels whose window passes
+// gradient, as their gradient and the offset of the weight rows their argmax reads.
+template <typename T>
+struct TileLists {
+  std::vector<int64_t> count, off;
+  std::vector<T> grad;
+};
+
+// grad_x of one sample into dx (channels-last, padded, wpc elements per row); woff[k] is the
+// offset of pooled output k's window region. Windows with no gradient are skipped.
+template <typename T, int RH, int NZ>
+void tile_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
+                       const int64_t* woff, int64_t wpc, const TileInputPlan& p, const T* wt,
+                       TileLists<T>& lists) {
+  using V = typename WideVec<T>::V;
+  constexpr int VW = WideVec<T>::VW;
+  constexpr int64_t rowsize = NZ * VW;
+  const int64_t plane = g.ph * g.pw, ob = p.ob;
+  lists.count.resize(plane);
+  lists.off.resize(plane * ob);
+  lists.grad.resize(plane * ob);
+  int64_t* count = lists.count.data();
+  int64_t* off = lists.off.data();
+  T* grad = lists.grad.data();
+  for (int64_t o0 = 0; o0 < g.o; o0 += ob) {
+    // The lists, without a branch per window: a window with no gradient is written and then
+    // overwritten by the next one of its position.
+    std::fill(count, count + plane, 0);
+    for (int64_t o = o0; o < std::min(g.o, o0 + ob); ++o)
+      for (int64_t k = 0; k < plane; ++k) {
+        const uint8_t q = am[o * plane + k];
+        const int64_t at = k * ob + count[k];
+        off[at] = o * p.block + p.wq[q];
+        grad[at] = go[o * plane + k];
+        count[k] += q != kNoGrad;
+      }
+    for (int64_t grp = 0; grp < p.groups; ++grp) {
+      const T* wg = wt + grp * p.per_group;
+      for (int64_t k = 0; k < plane; ++k) {
+        V acc[RH][NZ] = {};
+        for (int64_t i = k * ob; i < k * ob + count[k]; ++i) {
+          const T* wr = wg + off[i];
+          const T gv = grad[i];
+          for (int r = 0; r < RH; ++r)
+            for (int z = 0; z < NZ; ++z) acc[r][z] += gv * load<V>(wr + r * rowsize + z * VW);
+        }
+        T* row = dx + woff[k] + grp * rowsize;
+        for (int r = 0; r < RH; ++r, row += wpc)
+          for (int z = 0; z < NZ; ++z) store(row + z * VW, load<V>(row + z * VW) + acc[r][z]);
+      }
+    }
+  }
+}
+
+template <typename T>
+using TileInputFn = void (*)(T*, const T*, const uint8_t*, const ConvPoolGeometry&, const int64_t*,
+                             int64_t, const TileInputPlan&, const T*, TileLists<T>&);
+
+template <typename T>
+struct TileTables {
+  std::array<std::array<TileInputFn<T>, kTileMaxNZ>, kTileMaxRows> input{};
+  TileTables() { rows(std::make_integer_sequence<int, kTileMaxRows>{}); }
+  template <int... R>
+  void rows(std::integer_sequence<int, R...>) {
+    (cols<R + 1>(std::make_integer_sequence<int, kTileMaxNZ>{}), ...);
+  }
+  template <int RH, int... Z>
+  void cols(std::integer_sequence<int, Z...>) {
+    (entry<RH, Z + 1>(), ...);
+  }
+  template <int RH, int NZ>
+  void entry() {
+    if constexpr (RH * NZ <= kTileMaxVecs) input[RH - 1][NZ - 1] = &tile_input_sample<T, RH, NZ>;
+  }
+};
+
+template <typename T>
+TileInputFn<T> tile_input_fn(const TileInputPlan& p) {
+  static const TileTables<T> tables;
+  return tables.input[p.rh - 1][p.nz - 1];
+}
+
+}  // namespace fastlenet::cpu
