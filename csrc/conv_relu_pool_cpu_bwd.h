@@ -103,6 +103,22 @@ int64_t weight_pixel(int64_t c, int64_t kw) {
   return (kw * pix + vw - 1) / vw == (kw * c + vw - 1) / vw ? pix : c;
 }
 
+// grad_w of 6 to 8 channels (pixels of 8 floats, padded_pixel) on AVX-512 takes the wide
+// kernels' 64-byte loads, each on a cache line of its own: rows of whole lines and a twin copy
+// half a line along (twin_offset), each window reading from the copy where its patch rows start
+// on a line (wide_twin_shift). Where the wide tile has at least kWideMinAcc accumulators (below
+// that its FMAs wait on the previous window's: the narrow kernel alternates two sets). grad_w
+// alone, 2 threads, in one process, batch 64 / 256: 6 -> 16 5x5 (LeNet-5's conv2) 1.13x /
+// 1.14x (1 thread 1.14x), 8 -> 16 5x5 1.30x / 1.33x, 6 -> 120 5x5 1.19x / 1.21x; not taken at 3x3
+// (6 accumulators: 6 -> 16 0.88x, 8 -> 16 pool 3 and 7 -> 12 0.99x).
+constexpr int64_t kWideMinAcc = 8;
+template <typename T>
+bool aligned_wide_weight(const ConvPoolGeometry& g) {
+  constexpr int64_t vw = VecOf<T, kBwdBytes>::kLanes, wide = WideVec<T>::VW;
+  return kPadPixels && std::is_same_v<T, float> && g.c <= vw && padded_pixel(g.c, vw) == vw &&
+         g.kh * ((g.kw * vw + wide - 1) / wide) >= kWideMinAcc;
+}
+
 // grad_w's copy of the sample has a twin where its patch rows are one vector each (LeNet-5's
 // and the Fashion CNN's first layers: 5 floats, loaded as 8): the copy's rows are a whole
 // number of cache lines long and the twin starts half a line further along, so each window
@@ -566,21 +582,23 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
                             at::Tensor& grad_input, at::Tensor& grad_weight,
                             at::Tensor& grad_bias) {
   constexpr int VW = BwdLayout<T>::VW;
-  // grad_w: the input's samples; with a twin (twin_offset) where a patch row is one vector.
-  const int64_t wpix = weight_pixel<T>(g.c, g.kw);
-  const bool twin = g.kw * wpix <= VW && g.kh <= kMaxKH &&
-                    wpix * int64_t{sizeof(T)} <= kTwinMaxPixelBytes &&
-                    g.ph * g.pw >= kTwinMinWindows;
+  // grad_w: the input's samples; with a twin (twin_offset) where a patch row is one vector or
+  // where whole-line rows of half-line pixels take the wide kernels (aligned_wide_weight).
+  const bool half_lines = aligned_wide_weight<T>(g);
+  const int64_t wpix = half_lines ? VW : weight_pixel<T>(g.c, g.kw);
+  const bool twin = half_lines || (g.kw * wpix <= VW && g.kh <= kMaxKH &&
+                                   wpix * int64_t{sizeof(T)} <= kTwinMaxPixelBytes &&
+                                   g.ph * g.pw >= kTwinMinWindows);
   BwdLayout<T> L(g, wpix, twin ? kCacheLineElems<T> : 1);
-  if (twin) L.twin = twin_offset<T>(L.size);
   BwdLayout<T> LX(g, padded_pixel(g.c, VW));  // grad_x
   // Patches the register-blocked kernels cannot hold take the wide kernels.
-  const bool wide = !register_blocked(g, L.nv);
+  const bool wide = half_lines || !register_blocked(g, L.nv);
   const bool wide_x = !register_blocked(g, LX.nv) && g.o >= kWideInputMinOut;
   const WideWeightPlan plan = wide_weight_plan(g.kh, L.rowlen, WideVec<T>::VW);
   // The wide kernels' full vectors reach up to a whole number of wide vectors past a patch row.
   const int64_t hp = g.h + 2 * g.padh;
   if (wide) L.size = std::max(L.size, hp * L.wpc + plan.nv * WideVec<T>::VW);
+  if (twin) L.twin = twin_offset<T>(L.size);  // past the copy's last vector
   const WideInputPlan xplan = wide_input_plan(g, LX.rowlen, WideVec<T>::VW, kWideBytes);
   if (wide_x) LX.size = std::max(LX.size, hp * LX.wpc + xplan.nv * WideVec<T>::VW);
   const bool blocked_x = register_blocked(g, LX.nv);
@@ -654,8 +672,8 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
           const T* go = gop + n * g.o * plane_out;
           const uint8_t* am = amp + n * g.o * plane_out;
           if (wide)
-            wide_weight_sample(xcl.data(), go, am, g, L.woff.data(), L.qoff.data(), L.wpc, plan, gw,
-                               gw + wsize);
+            wide_weight_sample(xcl.data(), go, am, g, L.woff.data(), L.qoff.data(), L.wpc, L.twin,
+                               plan, gw, gw + wsize);
           else
             for (int64_t kh0 = 0; kh0 < g.kh; kh0 += khb)
               (kh0 + khb < g.kh ? wfn : wfn_last)(xcl.data(), go, am, g, L, gw, gw + wsize, kh0);

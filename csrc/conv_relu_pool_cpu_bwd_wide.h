@@ -63,13 +63,23 @@ inline int64_t wide_tile(int64_t nv, int64_t max_tv) {
   return (nv + tiles - 1) / tiles;
 }
 
+// What to add to a patch row starting `at` elements into grad_w's copy of the sample to read it
+// from a whole vector boundary: 0, or `twin` where the copy has a twin half a vector along
+// (conv_relu_pool_cpu_bwd.h: aligned_wide_weight) and the row starts off a boundary. 0 without
+// a twin.
+template <typename T>
+int64_t wide_twin_shift(int64_t at, int64_t twin) {
+  return (at & (WideVec<T>::VW - 1)) != 0 ? twin : 0;
+}
+
 // grad_w of RB patch rows (from kh0) x TV vectors (from column c0 of the row) for every output
-// channel of one sample: gw is [O][KH][rowsize], gb [O] (summed in the pass with kh0 = c0 = 0).
+// channel of one sample: gw is [O][KH][rowsize], gb [O] (summed in the pass with kh0 = c0 = 0);
+// `twin`: wide_twin_shift.
 // A window with no gradient is visited with g = 0 (branch-free; x is finite here).
 template <typename T, int RB, int TV>
 void wide_weight_tile(const T* xcl, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
-                      const int64_t* woff, const int64_t* qoff, int64_t wpc, int64_t rowsize, T* gw,
-                      T* gb, int64_t kh0, int64_t c0) {
+                      const int64_t* woff, const int64_t* qoff, int64_t wpc, int64_t twin,
+                      int64_t rowsize, T* gw, T* gb, int64_t kh0, int64_t c0) {
   using V = typename WideVec<T>::V;
   constexpr int VW = WideVec<T>::VW;
   const int64_t plane = g.ph * g.pw;
@@ -85,7 +95,8 @@ void wide_weight_tile(const T* xcl, const T* go, const uint8_t* am, const ConvPo
     for (int64_t k = 0; k < plane; ++k) {
       const uint8_t q = amo[k];
       const T gv = keep_or_zero(q != kNoGrad, gop[k]);
-      const T* row = xcl + woff[k] + qoff[q];
+      const int64_t at = woff[k] + qoff[q];
+      const T* row = xcl + at + wide_twin_shift<T>(at, twin);
       bsum += gv;
       for (int r = 0; r < RB; ++r, row += wpc)
         for (int v = 0; v < TV; ++v) acc[r][v] += gv * load<V>(row + v * VW);
@@ -98,8 +109,8 @@ void wide_weight_tile(const T* xcl, const T* go, const uint8_t* am, const ConvPo
 
 template <typename T>
 using WideWeightFn = void (*)(const T*, const T*, const uint8_t*, const ConvPoolGeometry&,
-                              const int64_t*, const int64_t*, int64_t, int64_t, T*, T*, int64_t,
-                              int64_t);
+                              const int64_t*, const int64_t*, int64_t, int64_t, int64_t, T*, T*,
+                              int64_t, int64_t);
 
 template <typename T, int RB, int TV>
 constexpr WideWeightFn<T> wide_weight_fn() {
@@ -141,7 +152,7 @@ inline WideWeightPlan wide_weight_plan(int64_t kh, int64_t rowlen, int vw) {
 // All grad_w tiles of one sample.
 template <typename T>
 void wide_weight_sample(const T* xcl, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
-                        const int64_t* woff, const int64_t* qoff, int64_t wpc,
+                        const int64_t* woff, const int64_t* qoff, int64_t wpc, int64_t twin,
                         const WideWeightPlan& p, T* gw, T* gb) {
   static const WideWeightTable<T> table;
   constexpr int VW = WideVec<T>::VW;
@@ -150,7 +161,8 @@ void wide_weight_sample(const T* xcl, const T* go, const uint8_t* am, const Conv
     const int64_t rb = std::min(p.rb, g.kh - kh0);
     for (int64_t v0 = 0; v0 < p.nv; v0 += p.tv) {
       const int64_t tv = std::min(p.tv, p.nv - v0);
-      table.fn[rb - 1][tv - 1](xcl, go, am, g, woff, qoff, wpc, rowsize, gw, gb, kh0, v0 * VW);
+      table.fn[rb - 1][tv - 1](xcl, go, am, g, woff, qoff, wpc, twin, rowsize, gw, gb, kh0,
+                               v0 * VW);
     }
   }
 }

@@ -85,6 +85,10 @@ CONV = {
     # 7 pixels of 8 channels in two column groups, its 12 output channels in passes of 11 and 1
     # (float32).
     "region_groups": (2, 8, 13, 12, 12, 7, 5, 1, 1, 3, 2),
+    # 7 channels, 5x5 (float32): grad_w's 8-float pixels on the wide kernels, from the copy or
+    # its twin half a line along (aligned_wide_weight; lenet_conv2 too), with padding and
+    # pool 3 stride 2.
+    "half_line_pixels": (2, 7, 11, 12, 9, 5, 5, 1, 2, 3, 2),
     # At least 32 input channels and 9 to 16 output channels, or a stride: the CPU forward's
     # ATen conv and its ReLU/pool pass, with pool stride 2 (pairs of columns; pool 2 and 3) and 3.
     "aten_conv": (2, 32, 9, 10, 11, 3, 3, 1, 1, 2, 2),
