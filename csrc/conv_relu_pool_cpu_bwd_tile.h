@@ -122,15 +122,28 @@ AlignedVector<T> tile_input_weight(const T* w, const ConvPoolGeometry& g, int64_
   constexpr int VW = WideVec<T>::VW;
   const int64_t rowsize = p.nz * VW;
   AlignedVector<T> out(p.groups * p.per_group, T(0));
-  for (int64_t qx = 0; qx < g.poolw; ++qx)
-    for (int64_t o = 0; o < g.o; ++o)
-      for (int64_t c = 0; c < g.c; ++c)
-        for (int64_t kh = 0; kh < g.kh; ++kh)
-          for (int64_t kw = 0; kw < g.kw; ++kw) {
-            const int64_t col = (qx * g.sw + kw) * pix + c;  // in the region row
-            out[(col / rowsize) * p.per_group + qx * p.per_qx + (p.lead + kh) * rowsize +
-                o * p.block + col % rowsize] = w[((o * g.c + c) * g.kh + kh) * g.kw + kw];
-          }
+  // Each patch row once ([KW][pix], zero past C), then copied to where each column shift and
+  // group reads it: no division per element (this runs on every call; at batch 1 it is a
+  // visible part of the op).
+  const int64_t rowlen = g.kw * pix;
+  std::vector<T> row(rowlen, T(0));
+  for (int64_t o = 0; o < g.o; ++o)
+    for (int64_t kh = 0; kh < g.kh; ++kh) {
+      for (int64_t kw = 0; kw < g.kw; ++kw)
+        for (int64_t c = 0; c < g.c; ++c)
+          row[kw * pix + c] = w[((o * g.c + c) * g.kh + kh) * g.kw + kw];
+      for (int64_t qx = 0; qx < g.poolw; ++qx) {
+        const int64_t shift = qx * g.sw * pix;  // the row's first element in the region row
+        for (int64_t grp = 0; grp < p.groups; ++grp) {
+          const int64_t lo = std::max(shift, grp * rowsize);
+          const int64_t hi = std::min(shift + rowlen, (grp + 1) * rowsize);
+          if (lo >= hi) continue;
+          T* dst = out.data() + grp * p.per_group + qx * p.per_qx + (p.lead + kh) * rowsize +
+                   o * p.block - grp * rowsize;
+          std::copy(row.begin() + (lo - shift), row.begin() + (hi - shift), dst + lo);
+        }
+      }
+    }
   return out;
 }
 
