@@ -12,7 +12,8 @@
 // stay in registers across its windows; for grad_x the weight rows of one output channel do.
 // Patches too large for that (wide layers) go to conv_relu_pool_cpu_bwd_wide.h's tiled kernels;
 // grad_x, where a pooling window's whole region fits the registers and that measured faster, to
-// conv_relu_pool_cpu_bwd_tile.h's.
+// conv_relu_pool_cpu_bwd_tile.h's; grad_w of one-channel inputs with pooled rows of many windows
+// to conv_relu_pool_cpu_bwd_lanes.h's (lanes over pooled columns).
 // grad_w/grad_b: samples are split into a fixed number of chunks (one per thread), each summing
 // into its own buffer, added in chunk order: bitwise identical run to run for a given thread
 // count.
@@ -33,6 +34,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "conv_relu_pool_cpu_bwd_lanes.h"
 #include "conv_relu_pool_cpu_bwd_tile.h"
 #include "conv_relu_pool_cpu_bwd_wide.h"
 #include "cpu_parallel.h"
@@ -655,18 +657,28 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
       wide ? nullptr : tables.weight[(g.kh - 1) % khb][L.nv - 1];
   const InputSampleFn<T> ifn =
       blocked_x ? tables.input[g.kh - 1][LX.nv - 1] : &bwd_input_sample_generic<T>;
+  // grad_w of one-channel inputs with lanes over pooled columns where that applies.
+  const LanePlan lplan = want_weight ? lane_weight_plan<T>(g) : LanePlan{};
+  const LaneWeightFn<T> lfn = lplan.ok() ? lane_weight_kernel<T>(g) : nullptr;
   const int64_t tasks = chunks + (want_input ? g.n : 0);
   std::atomic<int64_t> next{0};
   std::atomic<bool> x_bad{false}, go_bad{false};
   cpu::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
-    AlignedVector<T> xcl(want_weight ? L.size + L.twin : 0, T(0)), dx(want_input ? LX.size : 0);
+    AlignedVector<T> xcl(want_weight && !lfn ? L.size + L.twin : 0, T(0));
+    AlignedVector<T> dx(want_input ? LX.size : 0);
     WideLists<T> lists;
     TileLists<T> tlists;
     for (int64_t t = next++; t < tasks; t = next++) {
       if (t < chunks) {
         T* gw = partial.data() + t * stride;
+        LaneScratch<T>* lanes = lfn ? &lane_scratch<T>(g, lplan) : nullptr;
         for (int64_t n = t * g.n / chunks; n < (t + 1) * g.n / chunks; ++n) {
           if (!span_finite(x + n * sample, sample)) x_bad = true;
+          if (lfn) {
+            const int64_t at = n * g.o * plane_out;
+            lfn(x + n * sample, gop + at, amp + at, g.n * g.o * plane_out - at, g, lplan, *lanes);
+            continue;
+          }
           to_padded_cl(x + n * sample, g, L, xcl.data());
           if (L.twin) std::memcpy(xcl.data() + L.twin, xcl.data(), L.size * sizeof(T));
           const T* go = gop + n * g.o * plane_out;
@@ -678,6 +690,7 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
             for (int64_t kh0 = 0; kh0 < g.kh; kh0 += khb)
               (kh0 + khb < g.kh ? wfn : wfn_last)(xcl.data(), go, am, g, L, gw, gw + wsize, kh0);
         }
+        if (lfn) lane_weight_finish(*lanes, g, rowsize, gw, gw + wsize);
       } else {
         const int64_t n = t - chunks;
         const T* go = gop + n * g.o * plane_out;

@@ -4,6 +4,9 @@
 
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <new>
 #include <type_traits>
 #include <utility>
@@ -115,6 +118,22 @@ inline V load(const T* p) {
 template <typename V, typename T>
 inline void store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
+}
+
+// The values p[l] for lanes lo <= l < hi (0 <= lo <= hi <= lanes), zeros in the others, reading
+// nothing outside [p + lo, p + hi): one masked load on AVX-512.
+template <typename V, typename T>
+inline V load_lanes(const T* p, int lo, int hi) {
+#if defined(__AVX512F__)
+  const unsigned keep = ((1u << hi) - 1) & ~((1u << lo) - 1);
+  if constexpr (sizeof(V) == 64 && std::is_same_v<T, float>)
+    return V(_mm512_maskz_loadu_ps(static_cast<__mmask16>(keep), p));
+  else if constexpr (sizeof(V) == 64 && std::is_same_v<T, double>)
+    return V(_mm512_maskz_loadu_pd(static_cast<__mmask8>(keep), p));
+#endif
+  V v{};
+  for (int l = lo; l < hi; ++l) v[l] = p[l];
+  return v;
 }
 
 // Transposes 8 rows of 8 floats in registers: afterwards r[j][i] is the old r[i][j]. The

@@ -89,6 +89,16 @@ CONV = {
     # its twin half a line along (aligned_wide_weight; lenet_conv2 too), with padding and
     # pool 3 stride 2.
     "half_line_pixels": (2, 7, 11, 12, 9, 5, 5, 1, 2, 3, 2),
+    # One input channel, stride 1, pool stride 2 along rows of many windows, batch >= 8: grad_w
+    # with lanes over pooled columns (csrc/conv_relu_pool_cpu_bwd_lanes.h). 5x5 with padding 2,
+    # 7 channels in passes of 3, 3 and 1; 3x3 pool 3 with odd padding (the columns' phases
+    # swap), 29 windows a row (two float32 lane vectors, four float64); pool 2x3; pool 3x2 with
+    # pool stride 3 along rows; 5x5 pool 3 (one channel a pass).
+    "lanes_5x5": (8, 1, 28, 28, 7, 5, 5, 1, 2, 2, 2),
+    "lanes_pool3": (8, 1, 37, 60, 5, 3, 3, 1, 1, 3, 2),
+    "lanes_pool_2x3": (8, 1, 30, 33, 6, 3, 3, 1, 0, (2, 3), 2),
+    "lanes_row_stride": (8, 1, 31, 30, 6, 5, 5, 1, 0, (3, 2), (3, 2)),
+    "lanes_5x5_pool3": (8, 1, 29, 29, 4, 5, 5, 1, 2, 3, 2),
     # At least 32 input channels and 9 to 16 output channels, or a stride: the CPU forward's
     # ATen conv and its ReLU/pool pass, with pool stride 2 (pairs of columns; pool 2 and 3) and 3.
     "aten_conv": (2, 32, 9, 10, 11, 3, 3, 1, 1, 2, 2),
