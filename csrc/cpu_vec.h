@@ -120,6 +120,16 @@ inline void store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// *p in every lane by one broadcast load on AVX-512 (float). For `V{} + *p` used more than once
+// GCC loads the scalar and broadcasts it register to register, an extra shuffle per value.
+template <typename V, typename T>
+inline V broadcast(const T* p) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && std::is_same_v<T, float>) return V(_mm512_set1_ps(*p));
+#endif
+  return V{} + *p;
+}
+
 // The values p[l] for lanes lo <= l < hi (0 <= lo <= hi <= lanes), zeros in the others, reading
 // nothing outside [p + lo, p + hi): one masked load on AVX-512.
 template <typename V, typename T>
