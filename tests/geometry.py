@@ -89,6 +89,11 @@ CONV = {
     # its twin half a line along (aligned_wide_weight; lenet_conv2 too), with padding and
     # pool 3 stride 2.
     "half_line_pixels": (2, 7, 11, 12, 9, 5, 5, 1, 2, 3, 2),
+    # One input channel: the CPU forward's lanes over pooled columns at least half full
+    # (kColumnsOneChannelFill) however many outputs: the Fashion CNN's conv1 (16 outputs in
+    # blocks of 6, 6 and 4), and 8 pooled columns of 16 lanes, 13 outputs (6, 6, 1), odd width.
+    "columns_one_channel": (3, 1, 28, 28, 16, 5, 5, 1, 2, 2, 2),
+    "columns_one_channel_3x3": (2, 1, 16, 17, 13, 3, 3, 1, 1, 2, 2),
     # One input channel, stride 1, pool stride 2 along rows of many windows, batch >= 8: grad_w
     # with lanes over pooled columns (csrc/conv_relu_pool_cpu_bwd_lanes.h). 5x5 with padding 2,
     # 7 channels in passes of 3, 3 and 1; 3x3 pool 3 with odd padding (the columns' phases
