@@ -16,7 +16,8 @@
 // - forward_columns: lanes over pooled output columns, every window position and up to
 //   kColumnsMaxOut output channels in registers at once; the input is split by column
 //   phase so that the inputs of 16 pooled columns are one contiguous load. Max/argmax never
-//   leave registers. Best with few output channels and wide outputs (LeNet-5 conv1).
+//   leave registers. Best with few output channels and wide outputs (LeNet-5 conv1), and with
+//   one input channel whatever the output channels (the Fashion CNN's conv1: columns_suits).
 #pragma once
 
 #include <ATen/ATen.h>
