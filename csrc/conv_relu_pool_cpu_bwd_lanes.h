@@ -297,13 +297,13 @@ LanePlan lane_weight_plan(const ConvPoolGeometry& g) {
 }
 
 // The lane sums of a chunk of samples into grad_w ([O][KH][rowsize], column kw at kw) and grad_b
-// ([O]), added to what they hold; the sums are zeroed for the next chunk.
+// ([O]), added to what they hold (lane_scratch zeroes the sums at the next chunk's start).
 template <typename T>
-void lane_weight_finish(LaneScratch<T>& s, const ConvPoolGeometry& g, int64_t rowsize, T* gw,
+void lane_weight_finish(const LaneScratch<T>& s, const ConvPoolGeometry& g, int64_t rowsize, T* gw,
                         T* gb) {
   using V = typename LaneVec<T>::V;
   constexpr int VW = LaneVec<T>::VW;
-  T* sums = s.sums.data();
+  const T* sums = s.sums.data();
   const auto total = [&](int64_t at) {
     T t[VW];
     std::memcpy(t, sums + at * VW, sizeof(V));
@@ -316,7 +316,6 @@ void lane_weight_finish(LaneScratch<T>& s, const ConvPoolGeometry& g, int64_t ro
       for (int64_t kw = 0; kw < g.kw; ++kw)
         gw[(o * g.kh + kh) * rowsize + kw] += total((o * g.kh + kh) * g.kw + kw);
   for (int64_t o = 0; o < g.o; ++o) gb[o] += total(g.o * g.kh * g.kw + o);
-  std::fill(s.sums.begin(), s.sums.end(), T(0));
 }
 
 }  // namespace fastlenet::cpu
