@@ -169,9 +169,16 @@ def _channels_last_weight(model):
     w.data = w.data.contiguous(memory_format=torch.channels_last)
 
 
+def _stock_fc2(model):
+    fc2 = torch.nn.Linear(120, 84)
+    fc2.load_state_dict(model.fc2.state_dict())
+    model.fc2 = fc2
+
+
 def _fallbacks():
     x = torch.randn(2, 1, 32, 32)
     return {
+        "stock_child": (_stock_fc2, x),
         "channels_last_weight": (_channels_last_weight, x),
         "non_contiguous_input": (lambda m: None, x.transpose(2, 3)),
         "global_hook": ("global", x),
@@ -200,6 +207,16 @@ def test_fallbacks_take_the_layer_path(case):
     for out in outs:
         assert not chain.on_chain(out)
         assert torch.equal(out, layered._layered(x))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_deleted_layer_raises_what_stock_raises(name, fused):
+    cls, size = MODELS[name]
+    model = cls(fused=fused)
+    del model.conv2
+    with pytest.raises(AttributeError, match="has no attribute 'conv2'"):
+        model(torch.randn(2, *size))
 
 
 def test_bad_input_raises_what_the_layers_raise():
