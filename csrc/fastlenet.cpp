@@ -47,6 +47,8 @@ namespace fastlenet {
 at::Tensor chain_autograd(const at::Tensor& input,
                           const std::vector<std::optional<at::Tensor>>& params,
                           const std::vector<int64_t>& spec);
+// csrc/chain_key_cpu.cpp
+py::object chain_signature(const at::Tensor& input, const py::sequence& params);
 }  // namespace fastlenet
 
 namespace {
@@ -63,4 +65,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_built", &cuda_built, "True when the CUDA kernels were compiled into this build");
   m.def("chain", &fastlenet::chain_autograd, py::arg("input"), py::arg("params"), py::arg("spec"),
         "A chain of fastlenet layers as one autograd node (fastlenet/chain.py)");
+  m.def("chain_signature", &fastlenet::chain_signature, py::arg("input"), py::arg("params"),
+        "The sizes of a chain's parameters as bytes, or None where one cannot take the chain "
+        "with `input` (fastlenet/chain.py)");
 }

@@ -325,6 +325,23 @@ def test_a_changed_geometry_is_checked_again():
         model(x)
 
 
+def test_a_changed_parameter_shape_is_checked_again():
+    model, _, _ = _pair("lenet5")
+    x = torch.randn(2, 1, 32, 32)
+    _chained(model, x)
+    model.fc1.weight.data = torch.randn(120, 401)  # the layer's check, not the kernel's
+    with pytest.raises(fastlenet.ArgumentError, match="401"):
+        model(x)
+
+
+def test_a_parameter_that_is_no_tensor_takes_the_layer_path():
+    model, _, _ = _pair("lenet5")
+    x = torch.randn(2, 1, 32, 32)
+    del model.fc3.bias
+    model.fc3.bias = 0.5  # a plain attribute, as bias=False leaves None
+    assert chain._key(x, (model.conv1, model.conv2, model.fc1, model.fc2, model.fc3)) is None
+
+
 def test_a_hook_on_a_sequential_identity_runs():
     seq = _sequential(fnn.Sequential)
     seq.insert(3, torch.nn.Identity())
