@@ -166,8 +166,8 @@ void tile_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeom
   constexpr int64_t rowsize = NZ * VW;
   const int64_t plane = g.ph * g.pw, ob = p.ob;
   lists.count.resize(plane);
-  lists.off.resize(plane * ob);
-  lists.grad.resize(plane * ob);
+  lists.off.resize(plane * ob + 1);  // + 1: read one entry ahead
+  lists.grad.resize(plane * ob + 1);
   int64_t* count = lists.count.data();
   int64_t* off = lists.off.data();
   T* grad = lists.grad.data();
@@ -187,9 +187,16 @@ void tile_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeom
       const T* wg = wt + grp * p.per_group;
       for (int64_t k = 0; k < plane; ++k) {
         V acc[RH][NZ] = {};
+        // The next entry's offset and gradient, read one entry ahead of its FMAs (the offset
+        // is on the path to their addresses): grad_x alone, batch 64, 2 threads, in one
+        // process, LeNet-5's conv2 1.043x, odd-10-22 1.031x.
+        int64_t next_off = off[k * ob];
+        T next_g = grad[k * ob];
         for (int64_t i = k * ob; i < k * ob + count[k]; ++i) {
-          const T* wr = wg + off[i];
-          const T gv = grad[i];
+          const T* wr = wg + next_off;
+          const T gv = next_g;
+          next_off = off[i + 1];
+          next_g = grad[i + 1];
           for (int r = 0; r < RH; ++r)
             for (int z = 0; z < NZ; ++z) acc[r][z] += gv * load<V>(wr + r * rowsize + z * VW);
         }
