@@ -10,7 +10,8 @@
 // pixels of C values, padded to `pix`: padded_pixel, weight_pixel) is contiguous: the patch of a
 // window's argmax is KH rows of NV full vectors. For grad_w the accumulators of one output channel
 // stay in registers across its windows; for grad_x the weight rows of one output channel do.
-// Patches too large for that (wide layers) go to conv_relu_pool_cpu_bwd_wide.h's tiled kernels;
+// Patches too large for that (wide layers) go to conv_relu_pool_cpu_bwd_wide.h's tiled kernels
+// (grad_w from packed patch rows where those take fewer vectors and fit L1: PackedRows);
 // grad_x, where a pooling window's whole region fits the registers and that measured faster, to
 // conv_relu_pool_cpu_bwd_tile.h's; grad_w of one-channel inputs with pooled rows of many windows
 // to conv_relu_pool_cpu_bwd_lanes.h's (lanes over pooled columns).
@@ -29,6 +30,7 @@
 #include <array>
 #include <atomic>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -587,16 +589,27 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   // grad_w: the input's samples; with a twin (twin_offset) where a patch row is one vector or
   // where whole-line rows of half-line pixels take the wide kernels (aligned_wide_weight).
   const bool half_lines = aligned_wide_weight<T>(g);
-  const int64_t wpix = half_lines ? VW : weight_pixel<T>(g.c, g.kw);
-  const bool twin = half_lines || (g.kw * wpix <= VW && g.kh <= kMaxKH &&
-                                   wpix * int64_t{sizeof(T)} <= kTwinMaxPixelBytes &&
-                                   g.ph * g.pw >= kTwinMinWindows);
+  int64_t wpix = half_lines ? VW : weight_pixel<T>(g.c, g.kw);
+  // Patches the register-blocked kernels cannot hold take the wide kernels.
+  const bool wide = half_lines || !register_blocked(g, (g.kw * wpix + VW - 1) / VW);
+  // grad_w of one-channel inputs with lanes over pooled columns where that applies.
+  const LanePlan lplan = want_weight ? lane_weight_plan<T>(g) : LanePlan{};
+  const LaneWeightFn<T> lfn = lplan.ok() ? lane_weight_kernel<T>(g) : nullptr;
+  // The wide kernels read packed patch rows (PackedRows) where those take fewer vectors.
+  const int64_t packed_nv = wide && want_weight && !lfn
+                                ? packed_vectors<T>(g, wide_vectors(g.kw * wpix, WideVec<T>::VW))
+                                : 0;
+  if (packed_nv > 0) wpix = g.c;
+  const bool twin =
+      packed_nv == 0 && (half_lines || (g.kw * wpix <= VW && g.kh <= kMaxKH &&
+                                        wpix * int64_t{sizeof(T)} <= kTwinMaxPixelBytes &&
+                                        g.ph * g.pw >= kTwinMinWindows));
   BwdLayout<T> L(g, wpix, twin ? kCacheLineElems<T> : 1);
   BwdLayout<T> LX(g, padded_pixel(g.c, VW));  // grad_x
-  // Patches the register-blocked kernels cannot hold take the wide kernels.
-  const bool wide = half_lines || !register_blocked(g, L.nv);
   const bool wide_x = !register_blocked(g, LX.nv) && g.o >= kWideInputMinOut;
   const WideWeightPlan plan = wide_weight_plan(g.kh, L.rowlen, WideVec<T>::VW);
+  const std::optional<PackedRows<T>> packed =
+      packed_nv > 0 ? std::make_optional<PackedRows<T>>(g, plan.nv) : std::nullopt;
   // The wide kernels' full vectors reach up to a whole number of wide vectors past a patch row.
   const int64_t hp = g.h + 2 * g.padh;
   if (wide) L.size = std::max(L.size, hp * L.wpc + plan.nv * WideVec<T>::VW);
@@ -657,14 +670,12 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
       wide ? nullptr : tables.weight[(g.kh - 1) % khb][L.nv - 1];
   const InputSampleFn<T> ifn =
       blocked_x ? tables.input[g.kh - 1][LX.nv - 1] : &bwd_input_sample_generic<T>;
-  // grad_w of one-channel inputs with lanes over pooled columns where that applies.
-  const LanePlan lplan = want_weight ? lane_weight_plan<T>(g) : LanePlan{};
-  const LaneWeightFn<T> lfn = lplan.ok() ? lane_weight_kernel<T>(g) : nullptr;
   const int64_t tasks = chunks + (want_input ? g.n : 0);
   std::atomic<int64_t> next{0};
   std::atomic<bool> x_bad{false}, go_bad{false};
   cpu::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
     AlignedVector<T> xcl(want_weight && !lfn ? L.size + L.twin : 0, T(0));
+    AlignedVector<T> rows(packed ? packed->size : 0);
     AlignedVector<T> dx(want_input ? LX.size : 0);
     WideLists<T> lists;
     TileLists<T> tlists;
@@ -683,7 +694,11 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
           if (L.twin) std::memcpy(xcl.data() + L.twin, xcl.data(), L.size * sizeof(T));
           const T* go = gop + n * g.o * plane_out;
           const uint8_t* am = amp + n * g.o * plane_out;
-          if (wide)
+          if (packed) {
+            pack_rows(xcl.data(), g, L.wpc, *packed, rows.data());
+            wide_weight_sample(rows.data(), go, am, g, packed->woff.data(), packed->qoff.data(),
+                               packed->step, 0, plan, gw, gw + wsize);
+          } else if (wide)
             wide_weight_sample(xcl.data(), go, am, g, L.woff.data(), L.qoff.data(), L.wpc, L.twin,
                                plan, gw, gw + wsize);
           else

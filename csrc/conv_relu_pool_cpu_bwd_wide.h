@@ -9,7 +9,7 @@
 //
 // - grad_w: a tile of RB patch rows x TV vectors of one output channel's accumulators stays in
 //   registers across that channel's windows; each FMA loads one vector of the argmax patch
-//   (L1, the sample's channels-last copy).
+//   (L1, the sample's channels-last copy, or its packed patch rows: PackedRows).
 // - grad_x: per window the output channels are grouped by argmax position q; per q and tile of
 //   TV vectors of a patch row, sum_o g[o] * w[o, tile] is accumulated in registers (two sets,
 //   alternating channels, for independent FMA chains) from the weight tile, repacked so that
@@ -182,6 +182,70 @@ void wide_weight_sample(const T* xcl, const T* go, const uint8_t* am, const Conv
       table.fn[rb - 1][tv - 1](xcl, go, am, g, woff, qoff, wpc, twin, rowsize, gw, gb, kh0,
                                v0 * VW);
     }
+  }
+}
+
+// grad_w's packed patch rows: per input row y and conv output column ox, the KW pixels of C
+// channels that a patch row at that column reads, stored contiguously (KW * C values) and
+// padded to whole wide vectors (`rl`), so that every load of wide_weight_tile is aligned and
+// a patch row is as few vectors as its values allow. The pixel layouts of the sample copy pad
+// each pixel instead (weight_pixel: 6 channels to 8, 10 to 16, 24 to 32), which costs vectors
+// per row: LeNet-5's conv2 (6 channels, 5x5) 2 instead of 3. Each lane sums the same products
+// in the same order as with the padded pixels: the same bits. Lanes past KW * C read the next
+// pixels' values (finite: x is checked) into accumulators that are dropped.
+// Rows are built from a channels-last copy with C values per pixel (to_padded_cl), one row of
+// `rl` values per (y, ox): KW times the sample's values.
+template <typename T>
+struct PackedRows {
+  int64_t rl;    // elements per stored row: KW * C, rounded up to whole wide vectors
+  int64_t step;  // elements between patch rows (one input row down): OW * rl
+  int64_t size;  // elements of the buffer: every padded input row's OW rows
+  // Per pooled output k = ph * PW + pw: its window's first patch row; per window position q:
+  // the offset of its conv output's first patch row from the window's (q = 255 maps to 0).
+  std::vector<int64_t> woff;
+  std::array<int64_t, 256> qoff{};
+
+  PackedRows(const ConvPoolGeometry& g, int64_t nv) : rl(nv * WideVec<T>::VW), step(g.ow * rl) {
+    size = (g.h + 2 * g.padh) * step;
+    for (int64_t q = 0; q < g.poolh * g.poolw; ++q)
+      qoff[q] = (q / g.poolw) * g.sh * step + (q % g.poolw) * rl;
+    woff.resize(g.ph * g.pw);
+    for (int64_t ph = 0, k = 0; ph < g.ph; ++ph)
+      for (int64_t pw = 0; pw < g.pw; ++pw, ++k)
+        woff[k] = ph * g.psh * g.sh * step + pw * g.psw * rl;
+  }
+};
+
+// Largest packed buffer per thread: the rows of neighbouring conv outputs share all but one
+// of their pixels, so the buffer is ~KW times the sample, and past L1 (48 KiB on Zen 5, with
+// the sample's gradient and argmax beside it) its loads cost more than the vectors saved.
+// grad_w alone, batch 64 / 256, 2 threads, in one process, packed against padded pixels:
+// LeNet-5's conv2 (18 KiB, 3 -> 2 vectors a row) 1.10x / 1.11x; odd-10-22 (56 KiB, 3 -> 2)
+// 0.91x / 0.89x, odd-10-22-pool3 (82 KiB, 5 -> 4) 0.85x / 0.86x, mid-24-40-k5 (164 KiB, 10 -> 8)
+// 0.75x / 0.74x.
+constexpr int64_t kPackedMaxBytes = 32 << 10;
+
+// Wide vectors per patch row when packed, where that is fewer than `nv` (the padded pixels')
+// and the buffer fits kPackedMaxBytes; else 0.
+template <typename T>
+int64_t packed_vectors(const ConvPoolGeometry& g, int64_t nv) {
+  const int64_t packed = wide_vectors(g.kw * g.c, WideVec<T>::VW);
+  const int64_t bytes = (g.h + 2 * g.padh) * g.ow * packed * WideVec<T>::VW * int64_t{sizeof(T)};
+  return packed < nv && bytes <= kPackedMaxBytes ? packed : 0;
+}
+
+// The packed rows of one sample into dst (P.size elements), from its channels-last copy src
+// (`wpc` elements per padded row, C per pixel, readable to rl elements past a row's last pixel).
+template <typename T>
+void pack_rows(const T* src, const ConvPoolGeometry& g, int64_t wpc, const PackedRows<T>& P,
+               T* dst) {
+  using V = typename WideVec<T>::V;
+  constexpr int VW = WideVec<T>::VW;
+  const int64_t hp = g.h + 2 * g.padh, colstep = g.sw * g.c;
+  for (int64_t y = 0; y < hp; ++y) {
+    const T* s = src + y * wpc;
+    for (int64_t ox = 0; ox < g.ow; ++ox, s += colstep, dst += P.rl)
+      for (int64_t v = 0; v < P.rl; v += VW) store(dst + v, load<V>(s + v));
   }
 }
 

@@ -89,6 +89,13 @@ CONV = {
     # its twin half a line along (aligned_wide_weight; lenet_conv2 too), with padding and
     # pool 3 stride 2.
     "half_line_pixels": (2, 7, 11, 12, 9, 5, 5, 1, 2, 3, 2),
+    # grad_w from packed patch rows (PackedRows in csrc/conv_relu_pool_cpu_bwd_wide.h; float32,
+    # lenet_conv2 too): 10 channels, 5x5 with padding and pool 3 stride 2 (rows of 50 values,
+    # 4 vectors instead of 5); 6 channels with a conv stride of 2 (30 values, 2 instead of 3);
+    # 20 channels, 5x5, few output channels (100 values, 7 instead of 10).
+    "packed_rows": (2, 10, 9, 10, 9, 5, 5, 1, 1, 3, 2),
+    "packed_rows_strided": (2, 6, 13, 12, 5, 5, 5, 2, 2, 2, 2),
+    "packed_rows_wide": (2, 20, 8, 8, 10, 5, 5, 1, 0, 2, 2),
     # One input channel: the CPU forward's lanes over pooled columns at least half full
     # (kColumnsOneChannelFill) however many outputs: the Fashion CNN's conv1 (16 outputs in
     # blocks of 6, 6 and 4), and 8 pooled columns of 16 lanes, 13 outputs (6, 6, 1), odd width.
