@@ -99,6 +99,8 @@ CONV = {
     # One input channel: the CPU forward's lanes over pooled columns at least half full
     # (kColumnsOneChannelFill) however many outputs: the Fashion CNN's conv1 (16 outputs in
     # blocks of 6, 6 and 4), and 8 pooled columns of 16 lanes, 13 outputs (6, 6, 1), odd width.
+    # Both, and lenet_conv1, have 2x2 pools at stride 2 over 5 or 3 taps a row: the paired
+    # column kernel (columns_block_pairs).
     "columns_one_channel": (3, 1, 28, 28, 16, 5, 5, 1, 2, 2, 2),
     "columns_one_channel_3x3": (2, 1, 16, 17, 13, 3, 3, 1, 1, 2, 2),
     # One input channel, stride 1, pool stride 2 along rows of many windows, batch >= 8: grad_w
