@@ -273,13 +273,6 @@ constexpr int kColumnsAccumulators = kVecRegs * 3 / 4;
 constexpr int kColumnsMaxWindow = 4;
 constexpr int kColumnsMaxOut = kColumnsAccumulators / kColumnsMaxWindow;
 
-// One pooled row's block of VW pooled columns for OB output channels and NQ window positions.
-// xs: the sample split by column phase, [C][HP][S][M]; xoff[q][kw]: offset of window position
-// q, tap kw (row part included) relative to the block's first input; wt: [C][KH][KW][OB].
-// `lanes` of the VW columns are outputs; `room`: elements from the block's first output to the
-// end of its channel's plane. Where room >= VW the block stores whole vectors, the lanes past
-// its row landing on the next pooled rows, which the caller writes later (LeNet-5 conv1: 14
-// columns; measured faster than storing lane by lane); elsewhere lane by lane.
 // The pooled block's max, argmax codes and ReLU from its accumulators, stored (columns_block).
 template <typename T, int OB, int NQ, typename V>
 inline void columns_store(const V (&acc)[OB][NQ], T* out, uint8_t* am, int64_t plane, int64_t lanes,
@@ -312,15 +305,18 @@ inline void columns_store(const V (&acc)[OB][NQ], T* out, uint8_t* am, int64_t p
   }
 }
 
+// One pooled row's block of VW pooled columns for OB output channels and NQ window positions.
+// xs: the sample split by column phase, [C][HP][S][M]; xoff[q][kw]: offset of window position
+// q, tap kw (row part included) relative to the block's first input; wt: [C][KH][KW][OB].
+// `lanes` of the VW columns are outputs; `room`: elements from the block's first output to the
+// end of its channel's plane. Where room >= VW the block stores whole vectors, the lanes past
+// its row landing on the next pooled rows, which the caller writes later (LeNet-5 conv1: 14
+// columns; measured faster than storing lane by lane); elsewhere lane by lane.
 template <typename T, int OB, int NQ>
 void columns_block(const T* xs, int64_t chan, int64_t row, const int64_t* xoff, const T* wt,
                    int64_t C, int64_t KH, int64_t KW, const T* bias, T* out, uint8_t* am,
                    int64_t plane, int64_t lanes, int64_t room) {
-  using Vec = VecOf<T, kColumnsBytes>;
-  using V = typename Vec::type;
-  using M = typename Vec::mask;
-  using MI = typename Vec::mask_int;
-  constexpr int VW = Vec::kLanes;
+  using V = typename VecOf<T, kColumnsBytes>::type;
   V acc[OB][NQ];
   for (int o = 0; o < OB; ++o)
     for (int q = 0; q < NQ; ++q) acc[o][q] = V{} + bias[o];
@@ -368,8 +364,7 @@ void columns_block_pairs(const T* xs, int64_t chan, int64_t row, const int64_t* 
       V a[2] = {load<V>(xr), load<V>(xr + rq)};  // tap kw for j = 0, per window row
 #pragma GCC unroll 8
       for (int kw = 0; kw < KW; ++kw) {
-        constexpr int64_t one = 1;
-        const int64_t at = ((kw + 1) & one) * M + ((kw + 1) >> 1);  // tap kw + 1
+        const int64_t at = (kw + 1) % 2 * M + (kw + 1) / 2;  // tap kw + 1
         const V b[2] = {load<V>(xr + at), load<V>(xr + rq + at)};
         for (int o = 0; o < OB; ++o) {
           const V wv = broadcast<V>(wr + kw * OB + o);
