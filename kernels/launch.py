@@ -211,11 +211,12 @@ def split_chunk(length: int, splits: int, block_rows: int) -> tuple[int, int]:
 
 @triton.jit
 def dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b (see dot_precision and dot_upcast)."""
+    """acc + a @ b (see dot_precision and dot_upcast). out_dtype names the accumulator's type:
+    Triton 3.6 takes float32 when it is not given and rejects a float64 accumulator."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
