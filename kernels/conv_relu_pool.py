@@ -36,7 +36,9 @@ from fastlenet import _checks, backends
 from fastlenet import conv_relu_pool as op_module
 from fastlenet.kernels import launch
 
-_dot = launch.dot
+# The kernels call these helpers by their own names: torch.compile copies a user kernel's
+# source with the source of each helper it names, under that name (tests/inductor_copy.py).
+from fastlenet.kernels.launch import dot, dot_fma
 
 
 @triton.jit
@@ -106,7 +108,7 @@ def _fwd_kernel(
                 a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
                 b_off = chans[None, :] * K + ks[:, None]
                 b = tl.load(w_ptr + b_off, mask=chan_ok[None, :] & k_ok[:, None], other=0.0)
-                acc = _dot(a, b, acc, DOT_PRECISION, DOT_UPCAST)
+                acc = dot(a, b, acc, DOT_PRECISION, DOT_UPCAST)
             if HAS_BIAS:
                 acc += bias[None, :]
             # strictly greater keeps the first max; every NaN replaces it (max_pool2d's rule)
@@ -255,9 +257,9 @@ def _bwd_input_kernel(
         w_acc = b_tile.to(acc_dtype)
         finite = tl.abs(w_acc) < float("inf")  # false for NaN and +/-Inf
         if ACC_FP64:  # float64 inputs: the dot on FMA units, as in the weight gradient
-            acc = launch.dot_fma(a_tile, tl.where(finite, b_tile, 0.0), acc)
+            acc = dot_fma(a_tile, tl.where(finite, b_tile, 0.0), acc)
         else:
-            acc = _dot(a_tile, tl.where(finite, b_tile, 0.0), acc, DOT_PRECISION, DOT_UPCAST)
+            acc = dot(a_tile, tl.where(finite, b_tile, 0.0), acc, DOT_PRECISION, DOT_UPCAST)
         if tl.sum((~finite).to(tl.int32)) > 0:
             acc = _add_nonfinite_taps(acc, a_tile.to(acc_dtype), ok, w_acc, finite, BLOCK_K)
     off = (n.to(tl.int64)[:, None] * C + chans[None, :]) * (H * W) + rem[:, None]
@@ -338,9 +340,9 @@ def _bwd_weight_kernel(
         x_off = (n.to(tl.int64)[:, None] * C + c[None, :]) * (H * W) + ih * W + iw
         b_tile = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)
         if DOT_FMA:
-            acc = launch.dot_fma(a_tile, b_tile, acc)
+            acc = dot_fma(a_tile, b_tile, acc)
         else:
-            acc = _dot(a_tile, b_tile, acc, DOT_PRECISION, DOT_UPCAST)
+            acc = dot(a_tile, b_tile, acc, DOT_PRECISION, DOT_UPCAST)
     part_off = (split * O + chans[:, None]).to(tl.int64) * K + cols[None, :]
     tl.store(part_w_ptr + part_off, acc, mask=chan_ok[:, None] & col_ok[None, :])
     if tl.program_id(1) == 0:

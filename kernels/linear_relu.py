@@ -24,7 +24,9 @@ from fastlenet import backends
 from fastlenet import linear_relu as op_module
 from fastlenet.kernels import launch
 
-_dot = launch.dot
+# The kernels call these helpers by their own names: torch.compile copies a user kernel's
+# source with the source of each helper it names, under that name (tests/inductor_copy.py).
+from fastlenet.kernels.launch import dot
 
 
 @triton.jit
@@ -62,7 +64,7 @@ def _fwd_kernel(
         b = tl.load(
             w_ptr + cols[None, :] * K + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0
         )
-        acc = _dot(a, b, acc, DOT_PRECISION, DOT_UPCAST)
+        acc = dot(a, b, acc, DOT_PRECISION, DOT_UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(acc_dtype)[None, :]
     if RELU:
@@ -109,7 +111,7 @@ def _bwd_input_kernel(
         b = tl.load(
             w_ptr + ns[:, None] * K + cols[None, :], mask=n_ok[:, None] & col_ok[None, :], other=0.0
         )
-        acc = _dot(g.to(w_ptr.dtype.element_ty), b, acc, DOT_PRECISION, DOT_UPCAST)
+        acc = dot(g.to(w_ptr.dtype.element_ty), b, acc, DOT_PRECISION, DOT_UPCAST)
     tl.store(
         gx_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
         acc.to(gx_ptr.dtype.element_ty),
@@ -162,7 +164,7 @@ def _bwd_weight_kernel(
             mask=m_ok[:, None] & col_ok[None, :],
             other=0.0,
         )
-        acc = _dot(g, b, acc, DOT_PRECISION, DOT_UPCAST)
+        acc = dot(g, b, acc, DOT_PRECISION, DOT_UPCAST)
     part_off = (split * N + feats[:, None]).to(tl.int64) * K + cols[None, :]
     tl.store(part_w_ptr + part_off, acc, mask=feat_ok[:, None] & col_ok[None, :])
     if tl.program_id(1) == 0:

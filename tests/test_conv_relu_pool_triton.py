@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import rel_err
 from geometry import CONV, conv_inputs
+from inductor_copy import inductor_copy
 
 import fastlenet
 from fastlenet import backends, reference
@@ -87,10 +88,12 @@ _POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf
 _POINTER[torch.float64] = "*fp64"
 
 
-def compile_all_natively(arch):
+def compile_all_natively(arch, inductor=False):
     """Every kernel of this op (and the shared split reduction) for each dtype, compiled to a
-    cubin for sm_<arch> with the launchers' native settings. Run without TRITON_INTERPRET."""
+    cubin for sm_<arch> with the launchers' native settings; with `inductor`, each as
+    torch.compile rebuilds it (tests/inductor_copy.py). Run without TRITON_INTERPRET."""
     assert not launch.INTERPRETED
+    source = inductor_copy if inductor else (lambda kernel: kernel)
     k = triton_conv
     for dtype, ptr in _POINTER.items():
         acc = "*fp64" if dtype == torch.float64 else "*fp32"
@@ -106,28 +109,31 @@ def compile_all_natively(arch):
             pool = {"POOL_H": 3, "POOL_W": 3, "WIN_H": 2, "WIN_W": 2}
             fwd_ptrs = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr}
             launch.compile_natively(
-                k._fwd_kernel,
+                source(k._fwd_kernel),
                 {**fwd_ptrs, "argmax_ptr": "*u8"},
                 {**common, "POOL_H": 2, "POOL_W": 2, "HAS_BIAS": True},
                 arch,
             )
             ptrs = {"g_ptr": ptr, "argmax_ptr": "*u8", "w_ptr": ptr, "gx_ptr": ptr}
-            launch.compile_natively(k._bwd_input_kernel, ptrs, {**common, **pool}, arch)
+            launch.compile_natively(source(k._bwd_input_kernel), ptrs, {**common, **pool}, arch)
             fma = launch.dot_fma_needed(dtype)
             weight_cfg = {**common, **pool, "DOT_FMA": fma}
             if fma:
                 weight_cfg.update(launch.FMA_BLOCKS)
             ptrs = {"g_ptr": ptr, "argmax_ptr": "*u8", "x_ptr": ptr}
             ptrs |= {"part_w_ptr": acc, "part_b_ptr": acc}
-            launch.compile_natively(k._bwd_weight_kernel, ptrs, weight_cfg, arch)
+            launch.compile_natively(source(k._bwd_weight_kernel), ptrs, weight_cfg, arch)
         launch.compile_natively(
-            launch._sum_splits_kernel, {"part_ptr": acc, "out_ptr": ptr}, {"BLOCK": 1024}, arch
+            source(launch._sum_splits_kernel),
+            {"part_ptr": acc, "out_ptr": ptr},
+            {"BLOCK": 1024},
+            arch,
         )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", [80, 90])
-def test_kernels_compile_natively(arch):
+@pytest.mark.parametrize(("arch", "inductor"), [(80, False), (90, False), (90, True)])
+def test_kernels_compile_natively(arch, inductor):
     """The interpreter runs kernels Triton cannot compile (it found a float64 dot the GPU
     lowering rejects): compile every kernel and dtype for the GPU, in a process without the
     interpreter. Needs no GPU; it does not run the kernels."""
@@ -135,7 +141,7 @@ def test_kernels_compile_natively(arch):
     here = os.path.dirname(os.path.abspath(__file__))
     code = (
         f"import sys, triton; sys.path.insert(0, {here!r}); "
-        f"import {__name__.rpartition('.')[2]} as t; t.compile_all_natively({arch})"
+        f"import {__name__.rpartition('.')[2]} as t; t.compile_all_natively({arch}, {inductor})"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False

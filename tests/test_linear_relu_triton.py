@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import rel_err
 from geometry import LINEAR, linear_inputs
+from inductor_copy import inductor_copy
 
 from fastlenet import backends, reference
 from fastlenet.kernels import launch
@@ -57,10 +58,12 @@ _POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf
 _POINTER[torch.float64] = "*fp64"
 
 
-def compile_all_natively(arch):
+def compile_all_natively(arch, inductor=False):
     """Every kernel of this op for each dtype, compiled to a cubin for sm_<arch> with the
-    launchers' native settings. Run without TRITON_INTERPRET."""
+    launchers' native settings; with `inductor`, each as torch.compile rebuilds it
+    (tests/inductor_copy.py). Run without TRITON_INTERPRET."""
     assert not launch.INTERPRETED
+    source = inductor_copy if inductor else (lambda kernel: kernel)
     k = triton_linear
     for dtype, ptr in _POINTER.items():
         acc = "*fp64" if dtype == torch.float64 else "*fp32"
@@ -73,24 +76,24 @@ def compile_all_natively(arch):
                 **{n: v for n, v in launch.gemm_blocks(256, 120, 400).items() if n != "num_warps"},
             }
             ptrs = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr}
-            launch.compile_natively(k._fwd_kernel, ptrs, {**common, "HAS_BIAS": True}, arch)
+            launch.compile_natively(source(k._fwd_kernel), ptrs, {**common, "HAS_BIAS": True}, arch)
             ptrs = {"g_ptr": ptr, "out_ptr": ptr, "w_ptr": ptr, "gx_ptr": ptr}
-            launch.compile_natively(k._bwd_input_kernel, ptrs, common, arch)
+            launch.compile_natively(source(k._bwd_input_kernel), ptrs, common, arch)
             ptrs = {"g_ptr": ptr, "out_ptr": ptr, "x_ptr": ptr}
             ptrs |= {"part_w_ptr": acc, "part_b_ptr": acc}
-            launch.compile_natively(k._bwd_weight_kernel, ptrs, common, arch)
+            launch.compile_natively(source(k._bwd_weight_kernel), ptrs, common, arch)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", [80, 90])
-def test_kernels_compile_natively(arch):
+@pytest.mark.parametrize(("arch", "inductor"), [(80, False), (90, False), (90, True)])
+def test_kernels_compile_natively(arch, inductor):
     """Compile every kernel and dtype for the GPU, in a process without the interpreter (which
     runs kernels the GPU lowering may reject). Needs no GPU; it does not run the kernels."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     here = os.path.dirname(os.path.abspath(__file__))
     code = (
         f"import sys, triton; sys.path.insert(0, {here!r}); "
-        f"import {__name__.rpartition('.')[2]} as t; t.compile_all_natively({arch})"
+        f"import {__name__.rpartition('.')[2]} as t; t.compile_all_natively({arch}, {inductor})"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
