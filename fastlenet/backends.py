@@ -73,6 +73,12 @@ def _probe(name: str) -> BackendStatus:
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
             return BackendStatus(False, "triton is not installed")
+        if importlib.util.find_spec("fastlenet.kernels") is None:
+            return BackendStatus(
+                False,
+                "fastlenet.kernels is missing: an install (`pip install -e .`) maps kernels/ to "
+                "it, an in-place `setup.py build_ext --inplace` does not",
+            )
         if not (torch.cuda.is_available() or triton_interpreted()):
             return BackendStatus(
                 False, "no CUDA device (set TRITON_INTERPRET=1 for the slow CPU interpreter)"

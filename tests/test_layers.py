@@ -1,6 +1,7 @@
 """The drop-in layers: parameters, init, state_dict and repr as the stock layers; the public
 API's backend selection; torch.compile(fullgraph=True) through the registered ops."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -96,6 +97,21 @@ def test_available_backends_says_why():
     if not torch.cuda.is_available():
         assert not status["cuda"].available and status["cuda"].reason
         assert "unavailable (" in repr(status["cuda"])
+
+
+def test_triton_says_when_its_kernels_are_not_installed(monkeypatch):
+    """An in-place build has fastlenet but no fastlenet.kernels: the Triton backend says so
+    rather than passing as available and failing at its first call (seen on a GPU machine)."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "fastlenet.kernels" else find_spec(name, *args),
+    )
+    monkeypatch.setattr(backends, "_STATUS", {})
+    status = backends.available_backends()["triton"]
+    assert not status.available
+    assert "fastlenet.kernels is missing" in status.reason
 
 
 @pytest.fixture
