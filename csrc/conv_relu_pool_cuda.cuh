@@ -158,26 +158,29 @@ __global__ void conv_relu_pool_fwd_kernel(const T* __restrict__ x, const T* __re
   }
 }
 
-// The gradient of conv output (n, o, oh, ow): grad_out of every window whose argmax it is
-// (several when windows overlap), 0 when there is none.
+// The gradient of the conv output at (oh, ow) of the pooled plane starting at flat index
+// `plane`: grad_out of every window whose argmax it is (several when windows overlap), 0 when
+// there is none. Coordinates within a plane are 32-bit (the bindings check that a plane fits):
+// a 64-bit division by a run-time divisor is a slow call on the GPU.
 template <typename T>
 __device__ __forceinline__ acc_t<T> conv_output_grad(const T* __restrict__ grad_out,
                                                      const uint8_t* __restrict__ argmax,
-                                                     const ConvGeom& g, int64_t n, int64_t o,
-                                                     int64_t oh, int64_t ow) {
+                                                     const ConvGeom& g, int64_t plane, int oh,
+                                                     int ow) {
   using A = acc_t<T>;
-  const int64_t plane = (n * g.o + o) * g.ph * g.pw;
-  const int64_t ph_lo = oh >= g.poolh ? ceil_div(oh - g.poolh + 1, g.psh) : 0;
-  const int64_t ph_hi = imin(oh / g.psh, g.ph - 1);
-  const int64_t pw_lo = ow >= g.poolw ? ceil_div(ow - g.poolw + 1, g.psw) : 0;
-  const int64_t pw_hi = imin(ow / g.psw, g.pw - 1);
+  const int psh = static_cast<int>(g.psh), psw = static_cast<int>(g.psw);
+  const int poolh = static_cast<int>(g.poolh), poolw = static_cast<int>(g.poolw);
+  const int pw_n = static_cast<int>(g.pw);
+  const int ph_lo = oh >= poolh ? ceil_div(oh - poolh + 1, psh) : 0;
+  const int ph_hi = imin(oh / psh, static_cast<int>(g.ph) - 1);
+  const int pw_lo = ow >= poolw ? ceil_div(ow - poolw + 1, psw) : 0;
+  const int pw_hi = imin(ow / psw, pw_n - 1);
   A d = A(0);
-  for (int64_t ph = ph_lo; ph <= ph_hi; ++ph)
-    for (int64_t pw = pw_lo; pw <= pw_hi; ++pw) {
-      const int64_t idx = plane + ph * g.pw + pw;
+  for (int ph = ph_lo; ph <= ph_hi; ++ph)
+    for (int pw = pw_lo; pw <= pw_hi; ++pw) {
+      const int64_t idx = plane + ph * pw_n + pw;
       // kNoGrad and bytes that are no window position never match.
-      if (argmax[idx] == (oh - ph * g.psh) * g.poolw + (ow - pw * g.psw))
-        d += to_acc(grad_out[idx]);
+      if (argmax[idx] == (oh - ph * psh) * poolw + (ow - pw * psw)) d += to_acc(grad_out[idx]);
     }
   return d;
 }
@@ -204,27 +207,32 @@ __global__ void conv_relu_pool_bwd_input_kernel(const T* __restrict__ grad_out,
   using A = acc_t<T>;
   const int64_t total = g.n * g.c * g.h * g.w;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int kh_n = static_cast<int>(g.kh), kw_n = static_cast<int>(g.kw);
+  const int sh = static_cast<int>(g.sh), sw = static_cast<int>(g.sw);
+  const int64_t pooled = g.ph * g.pw, filters = g.c * g.kh * g.kw;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += step) {
     const int64_t xx = e % g.w, yy = (e / g.w) % g.h, c = (e / (g.w * g.h)) % g.c;
     const int64_t n = e / (g.w * g.h * g.c);
-    const int64_t py = yy + g.padh, px = xx + g.padw;  // position in the padded input
-    // Conv outputs touching (py, px): oh*SH + kh = py with 0 <= kh < KH, 0 <= oh < OH.
-    const int64_t oh_lo = py >= g.kh ? ceil_div(py - g.kh + 1, g.sh) : 0;
-    const int64_t oh_hi = imin(py / g.sh, g.oh - 1);
-    const int64_t ow_lo = px >= g.kw ? ceil_div(px - g.kw + 1, g.sw) : 0;
-    const int64_t ow_hi = imin(px / g.sw, g.ow - 1);
+    // Position in the padded input, then the conv outputs touching it: oh*SH + kh = py with
+    // 0 <= kh < KH, 0 <= oh < OH (32-bit: the bindings check that a padded plane fits).
+    const int py = static_cast<int>(yy + g.padh), px = static_cast<int>(xx + g.padw);
+    const int oh_lo = py >= kh_n ? ceil_div(py - kh_n + 1, sh) : 0;
+    const int oh_hi = imin(py / sh, static_cast<int>(g.oh) - 1);
+    const int ow_lo = px >= kw_n ? ceil_div(px - kw_n + 1, sw) : 0;
+    const int ow_hi = imin(px / sw, static_cast<int>(g.ow) - 1);
+    const T* wc = w + c * g.kh * g.kw;
+    const int64_t planes = n * g.o * pooled;  // sample n's first pooled plane
     A acc = A(0);
-    for (int64_t o = 0; o < g.o; ++o) {
-      const T* wo = w + (o * g.c + c) * g.kh * g.kw;
-      for (int64_t oh = oh_lo; oh <= oh_hi; ++oh) {
-        const int64_t kh = py - oh * g.sh;
-        for (int64_t ow = ow_lo; ow <= ow_hi; ++ow) {
-          const int64_t kw = px - ow * g.sw;
+    // Output channels innermost: each conv position's window arithmetic is done once for all.
+    for (int oh = oh_lo; oh <= oh_hi; ++oh) {
+      for (int ow = ow_lo; ow <= ow_hi; ++ow) {
+        const T* wk = wc + (py - oh * sh) * kw_n + (px - ow * sw);
+        for (int64_t o = 0; o < g.o; ++o) {
           // d * w is added even when d is 0, so that 0 * Inf/NaN in w propagates as in stock's
           // dense conv backward.
-          const A d = conv_output_grad(grad_out, argmax, g, n, o, oh, ow);
-          acc += d * to_acc(wo[kh * g.kw + kw]);
+          const A d = conv_output_grad(grad_out, argmax, g, planes + o * pooled, oh, ow);
+          acc += d * to_acc(wk[o * filters]);
         }
       }
     }
@@ -254,9 +262,16 @@ __global__ void conv_relu_pool_bwd_weight_partial_kernel(
     const int64_t c = k / ksize, kh = (k % ksize) / g.kw, kw = k % g.kw;
     A acc = A(0);
     if (k <= K) {
+      // Position p = n * plane + r, stepped by PY without a 64-bit division per step (a slow
+      // call on the GPU): r, the position within the plane, is 32-bit (the bindings check
+      // that a plane fits) and carries into n.
+      const int plane32 = static_cast<int>(plane), poolw = static_cast<int>(g.poolw);
+      const int pw_n = static_cast<int>(g.pw), ow_n = static_cast<int>(g.ow);
+      int64_t n = (p0 + ty) / plane;
+      int r = static_cast<int>((p0 + ty) % plane) - PY;  // advanced by PY first thing
       for (int64_t p = p0 + ty; p < p1; p += PY) {
-        const int64_t n = p / plane, r = p % plane;
-        int64_t oh, ow;
+        for (r += PY; r >= plane32; r -= plane32) ++n;
+        int oh, ow;
         A gv;
         if (!dense) {
           const int64_t idx = (n * g.o + o) * plane + r;
@@ -265,12 +280,12 @@ __global__ void conv_relu_pool_bwd_weight_partial_kernel(
           // CPU binding rejects it, checking here would cost a device sync): no gradient.
           if (q >= qn) continue;
           gv = to_acc(grad_out[idx]);
-          oh = (r / g.pw) * g.psh + q / g.poolw;
-          ow = (r % g.pw) * g.psw + q % g.poolw;
+          oh = (r / pw_n) * static_cast<int>(g.psh) + q / poolw;
+          ow = (r % pw_n) * static_cast<int>(g.psw) + q % poolw;
         } else {
-          oh = r / g.ow;
-          ow = r % g.ow;
-          gv = conv_output_grad(grad_out, argmax, g, n, o, oh, ow);
+          oh = r / ow_n;
+          ow = r % ow_n;
+          gv = conv_output_grad(grad_out, argmax, g, (n * g.o + o) * g.ph * g.pw, oh, ow);
         }
         if (k == K) {  // the bias "weight": input 1
           acc += gv;

@@ -51,6 +51,12 @@ ConvPoolGeometry check_backward(const at::Tensor& grad_out, const at::Tensor& ar
   const ConvPoolGeometry g = conv_pool_backward_geometry(grad_out, argmax, input, weight, stride,
                                                          padding, pool_size, pool_stride, true);
   check_cuda(input, "input");
+  // The backward kernels walk one plane (padded input, conv output, pooled output) with 32-bit
+  // coordinates (conv_relu_pool_cuda.cuh); the margin covers their step past a plane's end.
+  constexpr int64_t kMaxPlane = (int64_t{1} << 31) - 1024;
+  const int64_t padded = (g.h + 2 * g.padh) * (g.w + 2 * g.padw);
+  TORCH_CHECK(padded < kMaxPlane, "input: the CUDA backward needs (H + 2 * padding[0]) * (W + 2 * ",
+              "padding[1]) below ", kMaxPlane, ", got ", padded);
   return g;
 }
 
