@@ -8,7 +8,7 @@ CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
 CLANG_FILES = $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh tests/cuda_sim/*.cpp tests/cuda_sim/*.h)
 TRAIN_ARGS ?=
 
-.PHONY: venv deps build train test test-gpu lint format bench plot clean
+.PHONY: venv deps build train test test-gpu test-gpu-offline lint format bench plot clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,18 @@ test-gpu: $(BUILT)
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
 	$(PY) -m pytest -m gpu tests
 	$(MAKE) bench
+
+# The same on a GPU machine without PyPI whose Python already holds torch, triton, pytest,
+# pytest-benchmark and hypothesis (a lent machine's image): the extension is installed into
+# that Python (editable, offline, built with every core) instead of a .venv with our pins.
+SYSTEM_PY ?= python3
+test-gpu-offline:
+	mkdir -p build
+	MAX_JOBS=$$(nproc) FASTLENET_CUDA=1 $(SYSTEM_PY) -m pip install --no-build-isolation \
+	  --no-deps --no-index -e . > build/install-gpu.log 2>&1 || { tail -n 30 build/install-gpu.log; exit 1; }
+	$(SYSTEM_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+	$(SYSTEM_PY) -m pytest -m gpu tests
+	$(MAKE) bench PY=$(SYSTEM_PY) BUILT=
 
 # The C++ CPU kernels under ASan + UBSan, built apart in build/sanitize (see the script).
 .PHONY: sanitize
