@@ -373,8 +373,8 @@ def _pool(pool_size, pool_stride):
     return {
         "POOL_H": pool_size[0],
         "POOL_W": pool_size[1],
-        "WIN_H": triton.cdiv(pool_size[0], pool_stride[0]),
-        "WIN_W": triton.cdiv(pool_size[1], pool_stride[1]),
+        "WIN_H": launch.cdiv(pool_size[0], pool_stride[0]),
+        "WIN_W": launch.cdiv(pool_size[1], pool_stride[1]),
     }
 
 
@@ -469,7 +469,7 @@ def conv_relu_pool_fwd(
         return out, argmax
     kernel_size = weight.shape[2:]
     cfg = _fwd_config(rows, o, depth, kernel_size, pool_size, bias is not None, input.dtype)
-    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(o, cfg["BLOCK_N"]))
+    grid = (launch.cdiv(rows, cfg["BLOCK_M"]), launch.cdiv(o, cfg["BLOCK_N"]))
     wrap_triton(_fwd_kernel)[grid](
         input,
         weight,
@@ -514,7 +514,7 @@ def _bwd_input(
         return grad_input
     kernel_size = weight.shape[2:]
     cfg = _bwd_input_config(rows, c, depth, kernel_size, pool_size, pool_stride, input.dtype)
-    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(c, cfg["BLOCK_N"]))
+    grid = (launch.cdiv(rows, cfg["BLOCK_M"]), launch.cdiv(c, cfg["BLOCK_N"]))
     wrap_triton(_bwd_input_kernel)[grid](
         grad_out,
         argmax,
@@ -561,7 +561,7 @@ def _bwd_weight(
     grad_weight = launch.new_output((o, c, kh, kw), weight.dtype, weight.device)
     grad_bias = launch.new_output((o,), weight.dtype, weight.device)
     cfg = _bwd_weight_config(o, depth, rows, (kh, kw), pool_size, pool_stride, input.dtype)
-    tiles = (triton.cdiv(o, cfg["BLOCK_M"]), triton.cdiv(depth, cfg["BLOCK_N"]))
+    tiles = (launch.cdiv(o, cfg["BLOCK_M"]), launch.cdiv(depth, cfg["BLOCK_N"]))
     splits = launch.num_splits(rows, cfg["BLOCK_K"], tiles[0] * tiles[1], input.device)
     chunk, splits = launch.split_chunk(rows, splits, cfg["BLOCK_K"])
     acc_dtype = torch.float64 if launch.acc_is_fp64(input.dtype) else torch.float32

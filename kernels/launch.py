@@ -82,8 +82,16 @@ def check_device(*tensors) -> None:
             )
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers: triton.cdiv and triton.next_power_of_2 are
+    ConstexprFunctions (Triton 3.8), microseconds a call from Python, and a LeNet-5 training step
+    made ~106 such calls."""
+    return -(-a // b)
+
+
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    """The power of two >= n (at least 1), clamped to [lo, hi]."""
+    return max(lo, min(hi, 1 << (max(int(n), 1) - 1).bit_length()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,17 +204,17 @@ _sm_counts: dict[int, int] = {}
 def num_splits(length: int, block_rows: int, tiles: int, device: torch.device) -> int:
     """How many row chunks the first reduction stage uses (a function of shape and device
     only, so results are bitwise reproducible). `tiles`: output tiles per split."""
-    blocks = triton.cdiv(max(length, 1), block_rows)
+    blocks = cdiv(max(length, 1), block_rows)
     if INTERPRETED:
         return min(blocks, _INTERP_SPLITS)
-    wanted = triton.cdiv(2 * _sm_count(device), max(tiles, 1))
-    return max(1, min(wanted, triton.cdiv(blocks, _MIN_SPLIT_BLOCKS), _MAX_SPLITS))
+    wanted = cdiv(2 * _sm_count(device), max(tiles, 1))
+    return max(1, min(wanted, cdiv(blocks, _MIN_SPLIT_BLOCKS), _MAX_SPLITS))
 
 
 def split_chunk(length: int, splits: int, block_rows: int) -> tuple[int, int]:
     """(rows per split, a multiple of block_rows; the split count actually needed)."""
-    chunk = triton.cdiv(triton.cdiv(max(length, 1), splits), block_rows) * block_rows
-    return chunk, triton.cdiv(max(length, 1), chunk)
+    chunk = cdiv(cdiv(max(length, 1), splits), block_rows) * block_rows
+    return chunk, cdiv(max(length, 1), chunk)
 
 
 @triton.jit
@@ -269,7 +277,7 @@ def sum_splits(part: torch.Tensor, out: torch.Tensor) -> None:
     length = out.numel()
     if length == 0:
         return
-    grid = (triton.cdiv(length, _SUM_BLOCK),)
+    grid = (cdiv(length, _SUM_BLOCK),)
     torch.library.wrap_triton(_sum_splits_kernel)[grid](
         part, out, part.shape[0], length, **sum_splits_config()
     )

@@ -211,7 +211,7 @@ def linear_relu_fwd(
     if out.numel() == 0:
         return out
     cfg = _config(m, n, k, input.dtype, relu)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    grid = (launch.cdiv(m, cfg["BLOCK_M"]), launch.cdiv(n, cfg["BLOCK_N"]))
     wrap_triton(_fwd_kernel)[grid](
         input,
         weight,
@@ -243,7 +243,7 @@ def linear_relu_bwd(
     grad_input = launch.new_output((m, k), input.dtype, input.device)
     if grad_input.numel():
         cfg = _config(m, k, n, input.dtype, relu)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(k, cfg["BLOCK_N"]))
+        grid = (launch.cdiv(m, cfg["BLOCK_M"]), launch.cdiv(k, cfg["BLOCK_N"]))
         wrap_triton(_bwd_input_kernel)[grid](grad_out, out, weight, grad_input, m, n, k, **cfg)
 
     if m == 0:  # no rows: the weight and bias gradients are zero
@@ -253,7 +253,7 @@ def linear_relu_bwd(
     if n == 0:
         return grad_input, grad_weight, grad_bias
     cfg = _config(n, k, m, input.dtype, relu)
-    tiles = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(max(k, 1), cfg["BLOCK_N"]))
+    tiles = (launch.cdiv(n, cfg["BLOCK_M"]), launch.cdiv(max(k, 1), cfg["BLOCK_N"]))
     splits = launch.num_splits(m, cfg["BLOCK_K"], tiles[0] * tiles[1], input.device)
     chunk, splits = launch.split_chunk(m, splits, cfg["BLOCK_K"])
     acc_dtype = torch.float64 if cfg["ACC_FP64"] else torch.float32
