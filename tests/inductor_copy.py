@@ -13,6 +13,9 @@ import importlib.util
 import tempfile
 from pathlib import Path
 
+# triton.jit reads a function's source from its file: each copy gets one here (removed at exit).
+_SOURCES = tempfile.TemporaryDirectory(prefix="fastlenet-inductor-copy-")
+
 
 def inductor_copy(kernel):
     """`kernel` rebuilt from the source inductor writes for it, as a JITFunction."""
@@ -22,8 +25,7 @@ def inductor_copy(kernel):
 
     source = "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
     source += closure_source(kernel)
-    # triton.jit reads its function's source from the file: the copy needs one.
-    path = Path(tempfile.mkdtemp(prefix="fastlenet-inductor-copy-")) / f"{kernel.__name__}.py"
+    path = Path(_SOURCES.name) / f"{kernel.__name__}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(f"inductor_copy_{kernel.__name__}", path)
     module = importlib.util.module_from_spec(spec)
