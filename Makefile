@@ -45,10 +45,13 @@ format: $(DEPS)
 test: $(BUILT) lint
 	$(PY) -m pytest tests
 
+# Exits with an error where torch sees no CUDA device (the GPU targets' first step).
+NEED_CUDA := -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+
 # On a machine with a GPU, one command: the CUDA and Triton kernels on CUDA tensors (parity,
 # gradcheck, opcheck, streams, half precision), then the benchmarks on the GPU.
 test-gpu: $(BUILT)
-	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+	$(PY) $(NEED_CUDA)
 	$(PY) -m pytest -m gpu tests
 	$(MAKE) bench
 
@@ -60,7 +63,7 @@ test-gpu-offline:
 	mkdir -p build
 	MAX_JOBS=$$(nproc) FASTLENET_CUDA=1 $(SYSTEM_PY) -m pip install --no-build-isolation \
 	  --no-deps --no-index -e . > build/install-gpu.log 2>&1 || { tail -n 30 build/install-gpu.log; exit 1; }
-	$(SYSTEM_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+	$(SYSTEM_PY) $(NEED_CUDA)
 	$(SYSTEM_PY) -m pytest -m gpu tests
 	$(MAKE) bench PY=$(SYSTEM_PY) BUILT=
 
