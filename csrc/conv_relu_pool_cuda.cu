@@ -16,22 +16,36 @@ constexpr int kOcb = 4;
 // samples' tiles as fit in kConvFwdThreads threads (conv_relu_pool_fwd_plan).
 constexpr int64_t kTile = 8;
 constexpr int64_t kWarp = 32;
-// Threads per block of the element-wise kernels (bwd_input, reduce): a common default that
-// keeps 8 blocks of 256 resident per SM on sm_80/sm_90.
+// Threads per block of the element-wise kernels (conv_output_grad, bwd_input, nonfinite): a
+// common default that keeps 8 blocks of 256 resident per SM on sm_80/sm_90.
 constexpr int kThreads = 256;
 // Weight elements per bwd_weight block (one warp's width of consecutive kernel taps, so that
 // input loads coalesce) and pooled-position lanes per element (8: 256 threads per block).
 constexpr int kWeightLanes = 32;
 constexpr int kPositionLanes = 8;
-// Pooled positions per bwd_weight slice: 1024 gives each of the 8 position lanes 128
-// positions per weight element, and LeNet-5 at batch 256 about 50 (conv1) and 7 (conv2)
-// slices per output channel. At most 1024 slices bound the workspace and the reduce loop.
-constexpr int64_t kPositionsPerSlice = 1024;
+// Pooled positions per bwd_weight slice: at most 1024 (each of the 8 position lanes visits at
+// most 128 per weight element), at least 64 (8 per lane), and in between as many slices as give
+// kWeightBlocks blocks over the output channels. The partial kernel is bound by the latency of
+// its dependent loads (argmax, then grad_out and x), so it needs many warps resident: with
+// 1024-position slices, LeNet-5 at batch 256 got 294 (conv1) and 112 (conv2) blocks, two or one
+// per SM of an H200, and the kernel took 168 us a call on average; with these, 84 us
+// (2026-12-04). 1024 blocks of 256 threads are about 8 per SM of a 132-SM H100/H200. At most
+// 1024 slices bound the workspace and the reduce.
+constexpr int64_t kMaxPositionsPerSlice = 1024;
+constexpr int64_t kMinPositionsPerSlice = 64;
+constexpr int64_t kWeightBlocks = 1024;
 constexpr int64_t kMaxSlices = 1024;
+// The reduce's elements per block (a warp) and lanes per element (8: 256 threads per block, and
+// 8 partials in flight per element; more lanes made the CPU simulator's runs much longer).
+constexpr int kReduceElems = 32;
+constexpr int kReduceLanes = 8;
 
 int64_t slices_of(const ConvGeom& g) {
   const int64_t p = g.n * g.ph * g.pw;
-  return imax<int64_t>(1, imin(kMaxSlices, ceil_div<int64_t>(p, kPositionsPerSlice)));
+  const int64_t most = imax<int64_t>(1, ceil_div(p, kMinPositionsPerSlice));
+  const int64_t wanted =
+      imax(ceil_div(p, kMaxPositionsPerSlice), ceil_div(kWeightBlocks, imax<int64_t>(1, g.o)));
+  return imax<int64_t>(1, imin(kMaxSlices, imin(most, wanted)));
 }
 
 // Blocks for a grid-stride loop over `total` elements: enough to fill any current GPU, capped
@@ -99,15 +113,27 @@ cudaError_t conv_relu_pool_fwd(DType dtype, const void* input, const void* weigh
   });
 }
 
+size_t conv_relu_pool_bwd_input_workspace(DType dtype, const ConvGeom& g) {
+  return static_cast<size_t>(g.n * g.o * g.oh * g.ow) * acc_size(dtype);
+}
+
 cudaError_t conv_relu_pool_bwd_input(DType dtype, const void* grad_out, const uint8_t* argmax,
-                                     const void* weight, void* grad_input, const ConvGeom& g,
-                                     cudaStream_t stream) {
-  const int64_t total = g.n * g.c * g.h * g.w;
+                                     const void* weight, void* grad_input, void* workspace,
+                                     const ConvGeom& g, cudaStream_t stream) {
+  const int64_t total = g.n * g.c * g.h * g.w, convs = g.n * g.o * g.oh * g.ow;
   if (total == 0) return cudaSuccess;
   return dispatch(dtype, [&]<typename T>() {
+    auto* dy = static_cast<acc_t<T>*>(workspace);
+    if (convs > 0) {
+      auto grad = conv_output_grad_kernel<T>;
+      FASTLENET_LAUNCH(grad, dim3(grid_for(convs)), dim3(kThreads), 0, stream,
+                       static_cast<const T*>(grad_out), argmax, dy, g);
+      const cudaError_t e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
+    }
     auto kernel = conv_relu_pool_bwd_input_kernel<T>;
     FASTLENET_LAUNCH(kernel, dim3(grid_for(total)), dim3(kThreads), 0, stream,
-                     static_cast<const T*>(grad_out), argmax, static_cast<const T*>(weight),
+                     static_cast<const acc_t<T>*>(dy), static_cast<const T*>(weight),
                      static_cast<T*>(grad_input), g);
     return cudaGetLastError();
   });
@@ -156,8 +182,10 @@ cudaError_t conv_relu_pool_bwd_weight(DType dtype, const void* grad_out, const u
       const cudaError_t e = cudaMemsetAsync(workspace, 0, elems * sizeof(acc_t<T>), stream);
       if (e != cudaSuccess) return e;
     }
-    auto reduce = conv_relu_pool_bwd_weight_reduce_kernel<T>;
-    FASTLENET_LAUNCH(reduce, dim3(grid_for(elems)), dim3(kThreads), 0, stream,
+    auto reduce = conv_relu_pool_bwd_weight_reduce_kernel<T, kReduceElems, kReduceLanes>;
+    const auto reduce_blocks = static_cast<unsigned>(
+        imin<int64_t>(ceil_div<int64_t>(elems, kReduceElems), int64_t(1) << 20));
+    FASTLENET_LAUNCH(reduce, dim3(reduce_blocks), dim3(kReduceElems, kReduceLanes), 0, stream,
                      static_cast<const acc_t<T>*>(partial), static_cast<T*>(grad_weight),
                      static_cast<T*>(grad_bias), g, (atomics || g.n == 0) ? int64_t(1) : slices);
     return cudaGetLastError();
@@ -175,13 +203,16 @@ int64_t conv_launches(DType dtype, const ConvGeom& g, char* out, int64_t size) {
   char partial[96];
   std::snprintf(partial, sizeof partial, "conv_relu_pool_bwd_weight_partial_kernel<T, %d, %d>",
                 kWeightLanes, kPositionLanes);
+  char reduce[96];
+  std::snprintf(reduce, sizeof reduce, "conv_relu_pool_bwd_weight_reduce_kernel<T, %d, %d>",
+                kReduceElems, kReduceLanes);
   int64_t used = 0;
-  const bool ok =
-      put_launch(out, size, used, fwd, p.threads, p.smem) &&
-      put_launch(out, size, used, "conv_relu_pool_bwd_input_kernel<T>", kThreads, 0) &&
-      put_launch(out, size, used, "nonfinite_kernel<T>", kThreads, 0) &&
-      put_launch(out, size, used, partial, kWeightLanes * kPositionLanes, 0) &&
-      put_launch(out, size, used, "conv_relu_pool_bwd_weight_reduce_kernel<T>", kThreads, 0);
+  const bool ok = put_launch(out, size, used, fwd, p.threads, p.smem) &&
+                  put_launch(out, size, used, "conv_output_grad_kernel<T>", kThreads, 0) &&
+                  put_launch(out, size, used, "conv_relu_pool_bwd_input_kernel<T>", kThreads, 0) &&
+                  put_launch(out, size, used, "nonfinite_kernel<T>", kThreads, 0) &&
+                  put_launch(out, size, used, partial, kWeightLanes * kPositionLanes, 0) &&
+                  put_launch(out, size, used, reduce, kReduceLanes * kReduceElems, 0);
   return ok ? used : -1;
 }
 

@@ -18,19 +18,22 @@
 //    registers. When the channel chunk does not cover all channels, it is re-staged for every
 //    window position (only for wide layers). Without staging (Stage = false: a patch of one
 //    channel does not fit) it reads global memory directly.
-//  - conv_relu_pool_bwd_input_kernel: one thread per input element, gathering from every conv
-//    output its weights touch (gradient d: grad_out where it is a window's argmax, else 0): no
-//    atomics, a fixed summation order. Adding d * w for d = 0 too costs little here and makes
-//    Inf/NaN in w propagate exactly as in stock's dense backward (the reference).
+//  - conv_output_grad_kernel: the gradient of every conv output (grad_out where it is a
+//    window's argmax, else 0; summed over windows that overlap), into a dense workspace dy in
+//    acc_t<T>; then conv_relu_pool_bwd_input_kernel: one thread per input element, gathering
+//    dy * w from every conv output its weights touch. No atomics, a fixed summation order.
+//    Adding d * w for d = 0 too costs little here and makes Inf/NaN in w propagate exactly as
+//    in stock's dense backward (the reference).
 //  - conv_relu_pool_bwd_weight_partial_kernel: block (s, o) sums the contributions of a fixed
 //    slice s of the N*PH*PW pooled positions to every grad_w[o] element (and grad_b[o], as
 //    element K = C*KH*KW with input 1); threads along y split the slice, a shared-memory tree
 //    adds their sums; the block writes its partial sums (or atomically adds them, opt-in).
-//    conv_relu_pool_bwd_weight_reduce_kernel adds the partials of each element in slice
-//    order: bitwise reproducible from run to run. Stock's dense backward multiplies the zero
-//    gradient of every other conv output by x too: nonfinite_kernel flags Inf/NaN in x on the
-//    device (no host sync), and then the partial kernel runs over every conv output (dense
-//    mode) so that 0 * Inf/NaN propagates exactly as in the reference.
+//    conv_relu_pool_bwd_weight_reduce_kernel adds the partials of each element in a fixed
+//    order (lanes over strided slices, then a tree): bitwise reproducible from run to run.
+//    Stock's dense backward multiplies the zero gradient of every other conv output by x too:
+//    nonfinite_kernel flags Inf/NaN in x on the device (no host sync), and then the partial
+//    kernel runs over every conv output (dense mode) so that 0 * Inf/NaN propagates exactly as
+//    in the reference.
 #pragma once
 
 #include "cuda_common.cuh"
@@ -199,9 +202,27 @@ __global__ void nonfinite_kernel(const T* __restrict__ x, int64_t total, int* __
   if (found) atomicAdd(flag, 1);
 }
 
+// dy[e], e over (N, O, OH, OW): the gradient of conv output e (conv_output_grad), once per
+// conv output, so that bwd_input's gather reads it instead of redoing the window search for
+// each of the KH * KW input elements under it.
 template <typename T>
-__global__ void conv_relu_pool_bwd_input_kernel(const T* __restrict__ grad_out,
-                                                const uint8_t* __restrict__ argmax,
+__global__ void conv_output_grad_kernel(const T* __restrict__ grad_out,
+                                        const uint8_t* __restrict__ argmax,
+                                        acc_t<T>* __restrict__ dy, ConvGeom g) {
+  const int64_t plane = g.oh * g.ow, total = g.n * g.o * plane;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int ow_n = static_cast<int>(g.ow);
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += step) {
+    const int64_t no = e / plane;
+    const int r = static_cast<int>(e - no * plane);  // 32-bit: a plane fits (bindings)
+    dy[e] = conv_output_grad(grad_out, argmax, g, no * g.ph * g.pw, r / ow_n, r % ow_n);
+  }
+}
+
+// One thread per input element, gathering dy * w from every conv output its weights touch.
+template <typename T>
+__global__ void conv_relu_pool_bwd_input_kernel(const acc_t<T>* __restrict__ dy,
                                                 const T* __restrict__ w, T* __restrict__ grad_in,
                                                 ConvGeom g) {
   using A = acc_t<T>;
@@ -209,7 +230,8 @@ __global__ void conv_relu_pool_bwd_input_kernel(const T* __restrict__ grad_out,
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int kh_n = static_cast<int>(g.kh), kw_n = static_cast<int>(g.kw);
   const int sh = static_cast<int>(g.sh), sw = static_cast<int>(g.sw);
-  const int64_t pooled = g.ph * g.pw, filters = g.c * g.kh * g.kw;
+  const int ow_n = static_cast<int>(g.ow);
+  const int64_t plane = g.oh * g.ow, filters = g.c * g.kh * g.kw;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += step) {
     const int64_t xx = e % g.w, yy = (e / g.w) % g.h, c = (e / (g.w * g.h)) % g.c;
@@ -222,18 +244,16 @@ __global__ void conv_relu_pool_bwd_input_kernel(const T* __restrict__ grad_out,
     const int ow_lo = px >= kw_n ? ceil_div(px - kw_n + 1, sw) : 0;
     const int ow_hi = imin(px / sw, static_cast<int>(g.ow) - 1);
     const T* wc = w + c * g.kh * g.kw;
-    const int64_t planes = n * g.o * pooled;  // sample n's first pooled plane
+    const A* dyn = dy + n * g.o * plane;  // sample n's first conv output plane
     A acc = A(0);
     // Output channels innermost: each conv position's window arithmetic is done once for all.
     for (int oh = oh_lo; oh <= oh_hi; ++oh) {
       for (int ow = ow_lo; ow <= ow_hi; ++ow) {
         const T* wk = wc + (py - oh * sh) * kw_n + (px - ow * sw);
-        for (int64_t o = 0; o < g.o; ++o) {
-          // d * w is added even when d is 0, so that 0 * Inf/NaN in w propagates as in stock's
-          // dense conv backward.
-          const A d = conv_output_grad(grad_out, argmax, g, planes + o * pooled, oh, ow);
-          acc += d * to_acc(wk[o * filters]);
-        }
+        const A* d = dyn + oh * ow_n + ow;
+        // d * w is added even when d is 0, so that 0 * Inf/NaN in w propagates as in stock's
+        // dense conv backward.
+        for (int64_t o = 0; o < g.o; ++o) acc += d[o * plane] * to_acc(wk[o * filters]);
       }
     }
     grad_in[e] = from_acc<T>(acc);
@@ -315,24 +335,39 @@ __global__ void conv_relu_pool_bwd_weight_partial_kernel(
   }
 }
 
-// One thread per element e of [O][K + 1]: the sum of its `slices` partials, in slice order.
-template <typename T>
+// Block of (RE, RL) threads: RE consecutive elements e of [O][K + 1] (a warp's loads
+// coalesce), RL lanes each. Lane l adds the partials of slices l, l + RL, ... in order, then a
+// shared-memory tree adds the lanes' sums: a fixed order, so bitwise reproducible, with RL
+// loads in flight per element instead of one.
+template <typename T, int RE, int RL>
 __global__ void conv_relu_pool_bwd_weight_reduce_kernel(const acc_t<T>* __restrict__ partial,
                                                         T* __restrict__ grad_w,
                                                         T* __restrict__ grad_b, ConvGeom g,
                                                         int64_t slices) {
   using A = acc_t<T>;
+  __shared__ A red[RL][RE];
   const int64_t K = g.c * g.kh * g.kw, total = g.o * (K + 1);
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += step) {
+  const int col = static_cast<int>(threadIdx.x), lane = static_cast<int>(threadIdx.y);
+  for (int64_t e0 = static_cast<int64_t>(blockIdx.x) * RE; e0 < total;
+       e0 += static_cast<int64_t>(gridDim.x) * RE) {
+    const int64_t e = e0 + col;
     A sum = A(0);
-    for (int64_t s = 0; s < slices; ++s) sum += partial[s * total + e];
-    const int64_t o = e / (K + 1), k = e % (K + 1);
-    if (k == K)
-      grad_b[o] = from_acc<T>(sum);
-    else
-      grad_w[o * K + k] = from_acc<T>(sum);
+    if (e < total)
+      for (int64_t s = lane; s < slices; s += RL) sum += partial[s * total + e];
+    red[lane][col] = sum;
+    __syncthreads();
+    for (int h = RL / 2; h > 0; h /= 2) {
+      if (lane < h) red[lane][col] += red[lane + h][col];
+      __syncthreads();
+    }
+    if (lane == 0 && e < total) {
+      const int64_t o = e / (K + 1), k = e % (K + 1);
+      if (k == K)
+        grad_b[o] = from_acc<T>(red[0][col]);
+      else
+        grad_w[o * K + k] = from_acc<T>(red[0][col]);
+    }
+    __syncthreads();  // red[0] is read above before the next round overwrites it
   }
 }
 

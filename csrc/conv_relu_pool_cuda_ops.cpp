@@ -60,8 +60,9 @@ ConvPoolGeometry check_backward(const at::Tensor& grad_out, const at::Tensor& ar
   return g;
 }
 
-// grad_input (when `input_grad`) and grad_weight / grad_bias (when `weight_grad`): one kernel
-// launch for grad_input, a partial-sum and a reduce launch for the weight.
+// grad_input (when `input_grad`) and grad_weight / grad_bias (when `weight_grad`): the conv
+// outputs' gradient and a gather launch for grad_input, a partial-sum and a reduce launch for
+// the weight.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cuda(
     const at::Tensor& grad_out_, const at::Tensor& argmax_, const at::Tensor& input_,
     const at::Tensor& weight_, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -81,10 +82,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cuda(
     const at::Tensor weight = weight_.contiguous();
     grad_input = at::empty({g.n, g.c, g.h, g.w}, input_.options());
     maybe_poison(grad_input);
-    check_launch(cuda::conv_relu_pool_bwd_input(
-                     dtype, grad_out.const_data_ptr(), argmax.const_data_ptr<uint8_t>(),
-                     weight.const_data_ptr(), grad_input.data_ptr(), cg, stream),
-                 "conv_relu_pool_bwd (grad_input)");
+    at::Tensor workspace =
+        at::empty({static_cast<int64_t>(cuda::conv_relu_pool_bwd_input_workspace(dtype, cg))},
+                  input_.options().dtype(at::kByte));
+    check_launch(
+        cuda::conv_relu_pool_bwd_input(dtype, grad_out.const_data_ptr(),
+                                       argmax.const_data_ptr<uint8_t>(), weight.const_data_ptr(),
+                                       grad_input.data_ptr(), workspace.data_ptr(), cg, stream),
+        "conv_relu_pool_bwd (grad_input)");
   }
   if (weight_grad) {
     const at::Tensor input = input_.contiguous();

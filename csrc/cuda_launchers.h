@@ -65,10 +65,13 @@ cudaError_t conv_relu_pool_fwd(DType dtype, const void* input, const void* weigh
                                void* out, uint8_t* argmax, const ConvGeom& g, cudaStream_t stream,
                                int64_t smem_budget = kConvSmemBudget);
 
+// Bytes of device workspace conv_relu_pool_bwd_input needs (the conv outputs' gradient).
+size_t conv_relu_pool_bwd_input_workspace(DType dtype, const ConvGeom& g);
+
 // grad_input (N, C, H, W) from grad_out and argmax (N, O, PH, PW) and weight.
 cudaError_t conv_relu_pool_bwd_input(DType dtype, const void* grad_out, const uint8_t* argmax,
-                                     const void* weight, void* grad_input, const ConvGeom& g,
-                                     cudaStream_t stream);
+                                     const void* weight, void* grad_input, void* workspace,
+                                     const ConvGeom& g, cudaStream_t stream);
 
 // Bytes of device workspace conv_relu_pool_bwd_weight needs (per-block partial sums).
 size_t conv_relu_pool_bwd_weight_workspace(DType dtype, const ConvGeom& g, bool atomics);

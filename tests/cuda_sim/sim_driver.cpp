@@ -146,8 +146,9 @@ int main(int argc, char** argv) {
       const auto go = read_file(dir, "go", ps * es), am = read_file(dir, "am", ps);
       const auto w = read_file(dir, "w", ws * es);
       auto gx = poisoned(xs * es);
+      auto ws_buf = poisoned(fastlenet::cuda::conv_relu_pool_bwd_input_workspace(dtype, g));
       check(fastlenet::cuda::conv_relu_pool_bwd_input(dtype, go.data(), am.data(), w.data(),
-                                                      gx.data(), g, stream));
+                                                      gx.data(), ws_buf.data(), g, stream));
       write_file(dir, "gx", gx);
     } else if (op == "conv_bwd_weight") {
       const auto go = read_file(dir, "go", ps * es), am = read_file(dir, "am", ps);
