@@ -5,21 +5,29 @@
 // Saves for backward (the autograd Function does): input, weight and out, the ReLU mask.
 //
 // The float32 products go to the hand AVX-512 kernel (linear_relu_cpu_gemm.h) where it suits
-// (hand_gemm_suits, kPackMinRows), forwards of 8-12 outputs, of fewer than kPackMinRows rows,
-// or of a few rows by a large weight to dot products (dot_suits), the rest to the BLAS that ATen
-// uses (sgemm_/dgemm_ directly; at::mm where it cannot take the sizes); what is fused is everything
-// around them: bias and ReLU in one pass over the product, and the mask, the masked gradient and
-// grad_bias in one pass (each task owns a column range: deterministic grad_bias). With two threads
-// the backward's two products run side by side, one thread each.
+// (hand_gemm_suits, kPackMinRows; the backward's only where the BLAS runs no AVX-512 code,
+// gemm_choice), forwards of 8-12 outputs, of fewer than kPackMinRows rows, or of a few rows by
+// a large weight to dot products (dot_suits), the rest to the BLAS that ATen uses (sgemm_/dgemm_
+// directly; at::mm where it cannot take the sizes); what is fused is everything around them:
+// bias and ReLU in one pass over the product, and the mask, the masked gradient and grad_bias
+// in one pass (each task owns a column range: deterministic grad_bias). With two threads the
+// backward's two products run side by side, one thread each.
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <type_traits>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
 
 #include "checks.h"
 #include "cpu_parallel.h"
@@ -67,11 +75,54 @@ bool blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const T* a, in
   return false;
 }
 
+// Which kernel takes the backward's products where the hand kernel suits. The hand kernel was
+// written on a CPU where the BLAS (MKL) runs its AVX2 code (an AMD EPYC: linear_relu_cpu_gemm.h).
+// MKL runs its AVX-512 code on Intel CPUs only, and there it beats the hand kernel on the
+// backward's products. Both products side by side, 2 threads, an Intel Xeon VM with AVX-512,
+// 2026-12-04, in-process medians, hand -> BLAS, shapes batch x in x out: 64x400x120 71 -> 65 us,
+// 256x400x120 203 -> 171 us, 256x120x84 87 -> 73 us, 256x784x512 1775 -> 1346 us,
+// 256x9216x128 6.50 -> 4.03 ms, 256x12544x512 37.1 -> 22.9 ms; the hand kernel ahead only with
+// 10 outputs (1.05-1.09x). The forward keeps the hand kernel on both CPUs (64x400x120 43 us,
+// the BLAS 50). FASTLENET_CPU_GEMM=hand or =blas forces one kernel for both passes; it is read
+// at every call, so that the tests run both kernels on any CPU.
+enum class GemmChoice { kAuto, kHand, kBlas };
+
+GemmChoice gemm_choice() {
+  const char* v = std::getenv("FASTLENET_CPU_GEMM");
+  if (v == nullptr) return GemmChoice::kAuto;
+  const std::string_view s(v);
+  if (s == "hand") return GemmChoice::kHand;
+  if (s == "blas") return GemmChoice::kBlas;
+  TORCH_CHECK(s.empty() || s == "auto", "FASTLENET_CPU_GEMM must be auto, hand or blas, got '", s,
+              "'");
+  return GemmChoice::kAuto;
+}
+
+// True where ATen's BLAS is MKL on an Intel CPU (cpuid's vendor string), which runs its AVX-512
+// code.
+bool blas_runs_avx512() {
+  static const bool v = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!at::hasMKL() || __get_cpuid(0, &a, &b, &c, &d) == 0) return false;
+    char vendor[13] = {};
+    std::memcpy(vendor, &b, 4);
+    std::memcpy(vendor + 4, &d, 4);
+    std::memcpy(vendor + 8, &c, 4);
+    return std::string_view(vendor) == "GenuineIntel";
+#else
+    return false;
+#endif
+  }();
+  return v;
+}
+
 // Products that the hand kernel (linear_relu_cpu_gemm.h) computes: float32 in a build with
 // AVX-512, depth up to kGemmMaxDepth, no empty side. Elsewhere the BLAS does.
 template <typename T>
 bool hand_gemm_suits(int64_t m, int64_t n, int64_t depth) {
 #if defined(__AVX512F__)
+  if (gemm_choice() == GemmChoice::kBlas) return false;
   return std::is_same_v<T, float> && depth <= cpu::kGemmMaxDepth && std::min({m, n, depth}) >= 1;
 #else
   return false;
@@ -416,6 +467,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
   at::Tensor grad_weight = at::empty({cols, in_f}, g.options());
   maybe_poison(grad_input);
   maybe_poison(grad_weight);
+  const GemmChoice choice = gemm_choice();
+  const bool hand_ok =
+      choice == GemmChoice::kHand || (choice == GemmChoice::kAuto && !blas_runs_avx512());
   const auto products = [&](int64_t first, int64_t last) {
     // out= variants refuse inputs that require grad while grad mode is on (it is thread-local:
     // set here, on the thread that runs the product).
@@ -431,10 +485,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
         scalar_t* gi = grad_input.data_ptr<scalar_t>();
         scalar_t* gw = grad_weight.data_ptr<scalar_t>();
         if (i == 0) {
-          if (!hand_gemm<scalar_t>(rows, in_f, cols, gp, cols, 1, wp, gi) &&
+          if (!(hand_ok && hand_gemm<scalar_t>(rows, in_f, cols, gp, cols, 1, wp, gi)) &&
               !blas_gemm<scalar_t>('N', 'N', in_f, rows, cols, wp, in_f, gp, cols, gi))
             at::mm_out(grad_input, g, w);
-        } else if (!hand_gemm<scalar_t>(cols, in_f, rows, gp, 1, cols, x, gw) &&
+        } else if (!(hand_ok && hand_gemm<scalar_t>(cols, in_f, rows, gp, 1, cols, x, gw)) &&
                    !blas_gemm<scalar_t>('N', 'T', in_f, cols, rows, x, in_f, gp, cols, gw)) {
           at::mm_out(grad_weight, g.t(), input);
         }

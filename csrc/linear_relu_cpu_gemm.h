@@ -5,7 +5,9 @@
 // file computes only the products, saves nothing and reads no mask.
 //
 // Why by hand: the BLAS that ATen's x86 wheels use (MKL) runs its AVX2 code on this AMD CPU,
-// ~90-100 GFLOP/s per core, where the core's two 64-byte FMA pipes allow ~220. Each tile here is
+// ~90-100 GFLOP/s per core, where the core's two 64-byte FMA pipes allow ~220. (On Intel CPUs
+// MKL runs its AVX-512 code and takes the backward's products: gemm_choice in
+// linear_relu_cpu.cpp.) Each tile here is
 // kGemmRows rows by kGemmVecs 64-byte vectors of columns, all accumulators in registers, one
 // broadcast per row and one load per vector per depth step. The op's forward alone against
 // F.linear (2 threads, 2-core Zen 5 VM, in-process medians): 64x400 . 400x120 18.9 us against
