@@ -83,8 +83,8 @@ bool blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const T* a, in
 // 256x400x120 203 -> 171 us, 256x120x84 87 -> 73 us, 256x784x512 1775 -> 1346 us,
 // 256x9216x128 6.50 -> 4.03 ms, 256x12544x512 37.1 -> 22.9 ms; the hand kernel ahead only with
 // 10 outputs (1.05-1.09x). The forward keeps the hand kernel on both CPUs (64x400x120 43 us,
-// the BLAS 50). FASTLENET_CPU_GEMM=hand or =blas forces one kernel for both passes; it is read
-// at every call, so that the tests run both kernels on any CPU.
+// the BLAS 50). FASTLENET_CPU_GEMM=hand or =blas forces one kernel for both passes; each op
+// call reads it once, on the calling thread, so that the tests run both kernels on any CPU.
 enum class GemmChoice { kAuto, kHand, kBlas };
 
 GemmChoice gemm_choice() {
@@ -122,7 +122,6 @@ bool blas_runs_avx512() {
 template <typename T>
 bool hand_gemm_suits(int64_t m, int64_t n, int64_t depth) {
 #if defined(__AVX512F__)
-  if (gemm_choice() == GemmChoice::kBlas) return false;
   return std::is_same_v<T, float> && depth <= cpu::kGemmMaxDepth && std::min({m, n, depth}) >= 1;
 #else
   return false;
@@ -383,7 +382,8 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const bool hand = hand_gemm_nt<scalar_t>(rows, cols, k, x, wp, o);
+    const bool hand =
+        gemm_choice() != GemmChoice::kBlas && hand_gemm_nt<scalar_t>(rows, cols, k, x, wp, o);
     // out^T (cols x rows, column-major) = w^T' . input^T': w (cols x k) transposed, input as is.
     if (!hand && !blas_gemm<scalar_t>('T', 'N', cols, rows, k, wp, k, x, k, o))
       at::mm_out(out, input, w.t());
