@@ -1,5 +1,6 @@
 // What the chain's kernels (chain_cpu.cpp) and its autograd node (chain_autograd_cpu.cpp) share:
-// typed handles of fastlenet ops, found through the dispatcher, and the C++ signatures of the
+// typed handles of fastlenet ops, found through the dispatcher (the per-layer autograd nodes,
+// *_autograd_cpu.cpp, call the ops through them too), and the C++ signatures of the
 // chain_fwd and chain_bwd schemas (csrc/fastlenet.cpp), which chain_cpu.cpp's kernels have.
 #pragma once
 

@@ -1,7 +1,7 @@
 // The fastlenet operator library: every schema is written here, once.
 // Device sources add only TORCH_LIBRARY_IMPL(fastlenet, CPU|CUDA, m); fake
-// (meta) kernels and autograd live beside the Python wrappers in fastlenet/, but for the
-// chain's node (csrc/chain_autograd_cpu.cpp).
+// (meta) kernels and autograd live beside the Python wrappers in fastlenet/, but for the C++
+// autograd nodes of the CPU fast paths (csrc/*_autograd_cpu.cpp).
 // The math and semantics of each op: fastlenet/reference.py.
 #include <torch/extension.h>
 
@@ -49,6 +49,13 @@ at::Tensor chain_autograd(const at::Tensor& input,
                           const std::vector<int64_t>& spec);
 // csrc/chain_key_cpu.cpp
 py::object chain_signature(const at::Tensor& input, const py::sequence& params);
+// csrc/conv_relu_pool_autograd_cpu.cpp
+at::Tensor conv_relu_pool_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias,
+                                   const std::vector<int64_t>& geometry);
+// csrc/linear_relu_autograd_cpu.cpp
+at::Tensor linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, bool relu);
 }  // namespace fastlenet
 
 namespace {
@@ -68,4 +75,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chain_signature", &fastlenet::chain_signature, py::arg("input"), py::arg("params"),
         "The sizes of a chain's parameters as bytes, or None where one cannot take the chain "
         "with `input` (fastlenet/chain.py)");
+  m.def("conv_relu_pool", &fastlenet::conv_relu_pool_autograd, py::arg("input"), py::arg("weight"),
+        py::arg("bias"), py::arg("geometry"),
+        "conv_relu_pool on the CPU op as a C++ autograd node; geometry: stride, padding, "
+        "pool_size, pool_stride (fastlenet/conv_relu_pool.py's fast path)");
+  m.def("linear_relu", &fastlenet::linear_relu_autograd, py::arg("input"), py::arg("weight"),
+        py::arg("bias"), py::arg("relu"),
+        "linear_relu on the CPU op as a C++ autograd node (fastlenet/linear_relu.py's fast path)");
 }

@@ -2,7 +2,9 @@
 
 Math, argmax rule and saved state: fastlenet/reference.py (conv_relu_pool).
 The Function runs the backend's fwd, saves input, weight and argmax (one byte per pooled
-output), and asks the backend's bwd for all the gradients it needs in one call.
+output), and asks the backend's bwd for all the gradients it needs in one call. The CPU fast
+path (a contiguous 4-D input, eager) records the same as a C++ node instead
+(csrc/conv_relu_pool_autograd_cpu.cpp).
 """
 
 import torch
@@ -63,6 +65,9 @@ def _fwd(input, weight, bias, geometry, backend, infer=False):
 # The CPU op's inference overload (None without the extension; the fast path then never runs):
 # the forward's output without the argmax that only a backward reads.
 _CPU_INFER = torch.ops.fastlenet.conv_relu_pool_infer.default if _ext.LOADED else None
+# The fast path's autograd node (csrc/conv_relu_pool_autograd_cpu.cpp): ConvReLUPoolFunction's
+# forward and backward on the CPU ops, as a C++ node, whose backward runs no Python.
+_CPU_NODE = _ext._C.conv_relu_pool if _ext.LOADED else None
 
 
 def conv_relu_pool2d(
@@ -115,9 +120,7 @@ def conv_relu_pool2d(
                 or weight.requires_grad
                 or (bias is not None and bias.requires_grad)
             ):
-                return ConvReLUPoolFunction.apply(
-                    input, weight, bias, stride, padding, pool_size, pool_stride, "cpu"
-                )
+                return _CPU_NODE(input, weight, bias, (*stride, *padding, *pool_size, *pool_stride))
             return _CPU_INFER(input, weight, bias, stride, padding, pool_size, pool_stride)
         except Exception as exc:  # re-raised below unless the checks name the mistake
             error = exc

@@ -2,7 +2,8 @@
 
 Math and saved state: fastlenet/reference.py (linear_relu).
 The Function runs the backend's fwd, saves input, weight and out (the ReLU mask), and asks the
-backend's bwd for all three gradients in one call.
+backend's bwd for all three gradients in one call. On the CPU backend, in eager mode, the same
+is recorded by a C++ node instead (csrc/linear_relu_autograd_cpu.cpp).
 """
 
 import torch
@@ -45,6 +46,9 @@ class LinearReLUFunction(torch.autograd.Function):
 
 # The CPU op's forward overload (None without the extension; the fast path then never runs).
 _CPU_FWD = backends.ops("linear_relu", "cpu").fwd if _ext.LOADED else None
+# The CPU path's autograd node (csrc/linear_relu_autograd_cpu.cpp): LinearReLUFunction's
+# forward and backward on the CPU ops, as a C++ node, whose backward runs no Python.
+_CPU_NODE = _ext._C.linear_relu if _ext.LOADED else None
 
 
 def _function(relu: bool, name: str, doc: str):
@@ -80,7 +84,7 @@ def _function(relu: bool, name: str, doc: str):
                     or weight.requires_grad
                     or (bias is not None and bias.requires_grad)
                 ):
-                    return LinearReLUFunction.apply(input, weight, bias, relu, "cpu")
+                    return _CPU_NODE(input, weight, bias, relu)
                 return _CPU_FWD(input, weight, bias, relu)
             except Exception as exc:  # re-raised below unless the checks name the mistake
                 error = exc
@@ -108,6 +112,8 @@ def _apply(input, weight, bias, relu, backend):
 
 def _call(input, weight, bias, relu, name):
     if records_graph(input, weight, bias):
+        if name == "cpu" and not torch.compiler.is_compiling():
+            return _CPU_NODE(input, weight, bias, relu)
         return LinearReLUFunction.apply(input, weight, bias, relu, name)
     # Nothing to record (inference): the op itself (84->10 at batch 64 takes ~8 us).
     return backends.ops("linear_relu", name).fwd(input, weight, bias, relu)

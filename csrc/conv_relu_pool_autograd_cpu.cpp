@@ -1,0 +1,81 @@
+// conv2d -> ReLU -> max_pool2d as a C++ autograd node: the CPU fast path of
+// fastlenet.functional.conv_relu_pool2d (fastlenet/conv_relu_pool.py; contiguous NCHW input
+// and weight), where the Python ConvReLUPoolFunction serves every other backend, channels_last
+// and torch.compile. Forward: the conv_relu_pool_fwd op; backward: conv_relu_pool_bwd, or under
+// create_graph the reference's. Math: fastlenet/reference.py (conv_relu_pool). Saves for
+// backward: input, weight, argmax, as the Python Function. Why C++: as the linear one's
+// (csrc/linear_relu_autograd_cpu.cpp).
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "chain_ops.h"
+#include "cpu_autograd.h"
+
+namespace fastlenet {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The node's name (grad_fn.name()): fastlenet::ConvReLUPoolNode.
+struct ConvReLUPoolNode : torch::autograd::Function<ConvReLUPoolNode> {
+  // geometry: stride, padding, pool_size, pool_stride, two ints each.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const std::vector<int64_t>& geometry) {
+    static const auto fwd = op<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
+        at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>("fastlenet::conv_relu_pool_fwd");
+    TORCH_CHECK(geometry.size() == 8, "geometry must hold 8 ints, got ", geometry.size());
+    const at::IntArrayRef g(geometry);
+    const at::AutoDispatchBelowADInplaceOrView below;  // already past autograd
+    auto [out, argmax] =
+        fwd.call(input, weight, bias, g.slice(0, 2), g.slice(2, 2), g.slice(4, 2), g.slice(6, 2));
+    ctx->save_for_backward({input, weight, argmax});
+    ctx->saved_data["geometry"] = geometry;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return out;
+  }
+
+  // Gradients of input, weight, bias (undefined without one), none for the geometry.
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const std::vector<int64_t> geometry = ctx->saved_data["geometry"].toIntVector();
+    const at::IntArrayRef g(geometry);
+    const size_t edges = ctx->saved_data["has_bias"].toBool() ? 3 : 2;
+    const bool input_grad = ctx->needs_input_grad(0);
+    const bool weight_grad = ctx->needs_input_grad(1) || (edges == 3 && ctx->needs_input_grad(2));
+    const at::Tensor grad_out = grad_outputs[0].contiguous();
+    std::vector<at::Tensor> grads;
+    if (at::GradMode::is_enabled()) {
+      grads = reference_bwd("conv_relu_pool_bwd", grad_out, saved[2], saved[0], saved[1],
+                            g.slice(0, 2).vec(), g.slice(2, 2).vec(), g.slice(4, 2).vec(),
+                            g.slice(6, 2).vec(), input_grad, weight_grad);
+    } else {
+      static const auto bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+          at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool, bool)>(
+          "fastlenet::conv_relu_pool_bwd");
+      const at::AutoDispatchBelowADInplaceOrView below;
+      auto [gi, gw, gb] =
+          bwd.call(grad_out, saved[2], saved[0], saved[1], g.slice(0, 2), g.slice(2, 2),
+                   g.slice(4, 2), g.slice(6, 2), input_grad, weight_grad);
+      grads = {gi, gw, gb};
+    }
+    variable_list result(4);
+    for (size_t i = 0; i < edges; ++i)
+      if (ctx->needs_input_grad(i)) result[i] = grads[i];
+    return result;
+  }
+};
+
+at::Tensor conv_relu_pool_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias,
+                                   const std::vector<int64_t>& geometry) {
+  return ConvReLUPoolNode::apply(input, weight, bias, geometry);
+}
+
+}  // namespace fastlenet
