@@ -82,9 +82,9 @@ bool blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const T* a, in
 // 2026-12-04, in-process medians, hand -> BLAS, shapes batch x in x out: 64x400x120 71 -> 65 us,
 // 256x400x120 203 -> 171 us, 256x120x84 87 -> 73 us, 256x784x512 1775 -> 1346 us,
 // 256x9216x128 6.50 -> 4.03 ms, 256x12544x512 37.1 -> 22.9 ms; the hand kernel ahead only with
-// 10 outputs (1.05-1.09x). The forward keeps the hand kernel on both CPUs (64x400x120 43 us,
-// the BLAS 50). FASTLENET_CPU_GEMM=hand or =blas forces one kernel for both passes; each op
-// call reads it once, on the calling thread, so that the tests run both kernels on any CPU.
+// 10 outputs (1.05-1.09x). The forward keeps the hand kernel there only where
+// hand_forward_beats_mkl says. FASTLENET_CPU_GEMM=hand or =blas forces one kernel for both passes;
+// each op call reads it once, on the calling thread, so that the tests run both kernels on any CPU.
 enum class GemmChoice { kAuto, kHand, kBlas };
 
 GemmChoice gemm_choice() {
@@ -115,6 +115,23 @@ bool blas_runs_avx512() {
 #endif
   }();
   return v;
+}
+
+// Where MKL runs its AVX-512 code, the forward's product by the hand kernel only from
+// kHandMinRows rows and up to kHandMaxWeights weights: with fewer rows its packing of w (which
+// MKL's small-matrix code does without) costs more than the product, and a larger w packed
+// outgrows the cache the kernel blocks for. Forward alone (the op, bias + ReLU), us, hand /
+// BLAS, stock F.linear + relu in parentheses, 2 threads, Intel Xeon VM, 2026-12-04 18:10Z
+// (/tmp script, best of 5): 400->120 4 rows 16.7 / 6.5 (11.1), 16 rows 23.8 / 14.9 (23.6),
+// 64 rows 43.3 / 38.9 (53.1); 120->84 16 rows 8.6 / 9.7 (11.9), 64 rows 13.5 / 21.7 (23.0)
+// (the rows' bound between: both ahead of stock at 16-32 rows, the hand kernel not always);
+// 256->256 64 rows 46.4 / 52.5 (65.5); 784->128 64 rows 65.8 / 80.5 (84.8); 784->512 16 rows
+// 137 / 107 (118), 256 rows 943 / 853 (862).
+constexpr int64_t kHandMinRows = 32;
+constexpr int64_t kHandMaxWeights = int64_t{1} << 17;
+
+bool hand_forward_beats_mkl(int64_t rows, int64_t cols, int64_t k) {
+  return rows >= kHandMinRows && cols * k <= kHandMaxWeights;
 }
 
 // Products that the hand kernel (linear_relu_cpu_gemm.h) computes: float32 in a build with
@@ -382,8 +399,11 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const bool hand =
-        gemm_choice() != GemmChoice::kBlas && hand_gemm_nt<scalar_t>(rows, cols, k, x, wp, o);
+    const GemmChoice choice = gemm_choice();
+    const bool hand_ok = choice == GemmChoice::kHand ||
+                         (choice == GemmChoice::kAuto &&
+                          (!blas_runs_avx512() || hand_forward_beats_mkl(rows, cols, k)));
+    const bool hand = hand_ok && hand_gemm_nt<scalar_t>(rows, cols, k, x, wp, o);
     // out^T (cols x rows, column-major) = w^T' . input^T': w (cols x k) transposed, input as is.
     if (!hand && !blas_gemm<scalar_t>('T', 'N', cols, rows, k, wp, k, x, k, o))
       at::mm_out(out, input, w.t());
