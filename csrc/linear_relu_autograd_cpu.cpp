@@ -6,9 +6,9 @@
 // mask), as the Python Function.
 //
 // Why C++: the Python Function costs ~7 us per forward (Function.apply, a ctx, saving from
-// Python) and holds the GIL in the engine. Forward + backward, 84 -> 10 at batch 4, against
-// F.linear, 2-core Xeon VM, alternating in one process: 0.93x with the Python Function; the
-// same layer through a C++ node (the chain's, one layer) 1.23x.
+// Python) and holds the GIL in the engine. Forward + backward against F.linear (+ relu), stock
+// / Python Function / this node alternating in one process, 2-core Xeon VM, medians: 84 -> 10
+// at batch 4 90.8 / 95.8 / 70.3 us, 400 -> 120 at batch 4 153.8 / 157.2 / 111.9 us.
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/extension.h>
 
