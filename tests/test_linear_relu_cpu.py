@@ -15,6 +15,9 @@ ENV = "FASTLENET_CPU_GEMM"
 #: Rows whose products the hand kernel takes where it runs (AVX-512 builds), with tails and
 #: tile orders of their own (geometry.LINEAR), and LeNet-5's layers.
 HAND_ROWS = ["lenet_fc1", "lenet_fc2", "lenet_fc3", "odd", "odd_small", "deep_k", "few_rows"]
+#: A backward whose products run one after the other, each over all threads (side_by_side in
+#: csrc/linear_relu_cpu.cpp): grad_weight 4 MiB, 32 times grad_input.
+WIDE_FEW_ROWS = pytest.param((4, 8192, 128), id="wide_few_rows")
 
 
 def _fwd_bwd(name, relu):
@@ -35,7 +38,7 @@ def _blas_runs_avx512() -> bool:
 
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("gemm", ["hand", "blas"])
-@pytest.mark.parametrize("name", HAND_ROWS)
+@pytest.mark.parametrize("name", [*HAND_ROWS, WIDE_FEW_ROWS])
 def test_each_gemm_matches_reference(monkeypatch, name, gemm, relu):
     """Forced to either kernel, forward and every gradient match the float64 reference."""
     monkeypatch.setenv(ENV, gemm)
