@@ -45,9 +45,9 @@ struct ConvReLUPoolNode : torch::autograd::Function<ConvReLUPoolNode> {
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<int64_t> geometry = ctx->saved_data["geometry"].toIntVector();
     const at::IntArrayRef g(geometry);
-    const size_t edges = ctx->saved_data["has_bias"].toBool() ? 3 : 2;
     const bool input_grad = ctx->needs_input_grad(0);
-    const bool weight_grad = ctx->needs_input_grad(1) || (edges == 3 && ctx->needs_input_grad(2));
+    const bool weight_grad =
+        ctx->needs_input_grad(1) || (param_edges(ctx) == 3 && ctx->needs_input_grad(2));
     const at::Tensor grad_out = grad_outputs[0].contiguous();
     std::vector<at::Tensor> grads;
     if (at::GradMode::is_enabled()) {
@@ -65,10 +65,7 @@ struct ConvReLUPoolNode : torch::autograd::Function<ConvReLUPoolNode> {
                    g.slice(4, 2), g.slice(6, 2), input_grad, weight_grad);
       grads = {gi, gw, gb};
     }
-    variable_list result(4);
-    for (size_t i = 0; i < edges; ++i)
-      if (ctx->needs_input_grad(i)) result[i] = grads[i];
-    return result;
+    return param_grads(ctx, grads);
   }
 };
 

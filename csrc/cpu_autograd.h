@@ -1,5 +1,6 @@
 // What the per-layer autograd nodes of the CPU fast path share (linear_relu_autograd_cpu.cpp,
-// conv_relu_pool_autograd_cpu.cpp): the backward with a graph (create_graph), which calls the
+// conv_relu_pool_autograd_cpu.cpp): their gradient edges, and the backward with a graph
+// (create_graph), which calls the
 // reference's backward in Python, as the Python Functions' backward_backend does
 // (fastlenet/_autograd.py), so that gradients of every order are stock's.
 #pragma once
@@ -10,6 +11,22 @@
 #include <vector>
 
 namespace fastlenet {
+
+// The forward's arguments start with input, weight and an optional bias; forward records
+// saved_data["has_bias"]. Their gradient edges: input, weight, and the bias where there is one.
+inline size_t param_edges(torch::autograd::AutogradContext* ctx) {
+  return ctx->saved_data["has_bias"].toBool() ? 3 : 2;
+}
+
+// backward's result from `grads` (input, weight, bias): each where needs_input_grad asks, none
+// for the bias without one or for the fourth, non-tensor argument.
+inline torch::autograd::variable_list param_grads(torch::autograd::AutogradContext* ctx,
+                                                  const std::vector<at::Tensor>& grads) {
+  torch::autograd::variable_list result(4);
+  for (size_t i = 0; i < param_edges(ctx); ++i)
+    if (ctx->needs_input_grad(i)) result[i] = grads[i];
+  return result;
+}
 
 // fastlenet.reference.<name>(*args) under the GIL: its tensors, with their graph.
 template <typename... Args>

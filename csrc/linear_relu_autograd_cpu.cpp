@@ -53,12 +53,7 @@ struct LinearReLUNode : torch::autograd::Function<LinearReLUNode> {
       auto [gi, gw, gb] = bwd.call(grad_out, saved[2], saved[0], saved[1], relu);
       grads = {gi, gw, gb};
     }
-    // Edges: input, weight, then the bias where there is one (needs_input_grad's indices).
-    const size_t edges = ctx->saved_data["has_bias"].toBool() ? 3 : 2;
-    variable_list result(4);
-    for (size_t i = 0; i < edges; ++i)
-      if (ctx->needs_input_grad(i)) result[i] = grads[i];
-    return result;
+    return param_grads(ctx, grads);
   }
 };
 

@@ -5,13 +5,14 @@
 // Saves for backward (the autograd Function does): input, weight and out, the ReLU mask.
 //
 // The float32 products go to the hand AVX-512 kernel (linear_relu_cpu_gemm.h) where it suits
-// (hand_gemm_suits, kPackMinRows; the backward's only where the BLAS runs no AVX-512 code,
-// gemm_choice), forwards of 8-12 outputs, of fewer than kPackMinRows rows, or of a few rows by
-// a large weight to dot products (dot_suits), the rest to the BLAS that ATen uses (sgemm_/dgemm_
-// directly; at::mm where it cannot take the sizes); what is fused is everything around them:
-// bias and ReLU in one pass over the product, and the mask, the masked gradient and grad_bias
-// in one pass (each task owns a column range: deterministic grad_bias). With two threads the
-// backward's two products run side by side, one thread each.
+// (hand_gemm_suits, kPackMinRows; where the BLAS runs AVX-512 code the backward's never and the
+// forward's only where hand_forward_beats_mkl, hand_allowed), forwards of 8-12 outputs, of fewer
+// than kPackMinRows rows, or of a few rows by a large weight to dot products (dot_suits), the rest
+// to the BLAS that ATen uses (sgemm_/dgemm_ directly; at::mm where it cannot take the sizes); what
+// is fused is everything around them: bias and ReLU in one pass over the product, and the mask, the
+// masked gradient and grad_bias in one pass (each task owns a column range: deterministic
+// grad_bias). With two threads the backward's two products run side by side, one thread each,
+// unless one output dwarfs the other (side_by_side).
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
 #include <ATen/Context.h>
@@ -132,6 +133,14 @@ constexpr int64_t kHandMaxWeights = int64_t{1} << 17;
 
 bool hand_forward_beats_mkl(int64_t rows, int64_t cols, int64_t k) {
   return rows >= kHandMinRows && cols * k <= kHandMaxWeights;
+}
+
+// Whether a product may take the hand kernel: forced by FASTLENET_CPU_GEMM, or unforced where
+// the BLAS runs no AVX-512 code or the hand kernel beats it (`beats_mkl`; the backward: never).
+bool hand_allowed(bool beats_mkl) {
+  const GemmChoice choice = gemm_choice();
+  return choice == GemmChoice::kHand ||
+         (choice == GemmChoice::kAuto && (!blas_runs_avx512() || beats_mkl));
 }
 
 // Products that the hand kernel (linear_relu_cpu_gemm.h) computes: float32 in a build with
@@ -416,11 +425,8 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const GemmChoice choice = gemm_choice();
-    const bool hand_ok = choice == GemmChoice::kHand ||
-                         (choice == GemmChoice::kAuto &&
-                          (!blas_runs_avx512() || hand_forward_beats_mkl(rows, cols, k)));
-    const bool hand = hand_ok && hand_gemm_nt<scalar_t>(rows, cols, k, x, wp, o);
+    const bool hand = hand_allowed(hand_forward_beats_mkl(rows, cols, k)) &&
+                      hand_gemm_nt<scalar_t>(rows, cols, k, x, wp, o);
     // out^T (cols x rows, column-major) = w^T' . input^T': w (cols x k) transposed, input as is.
     if (!hand && !blas_gemm<scalar_t>('T', 'N', cols, rows, k, wp, k, x, k, o))
       at::mm_out(out, input, w.t());
@@ -504,9 +510,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
   at::Tensor grad_weight = at::empty({cols, in_f}, g.options());
   maybe_poison(grad_input);
   maybe_poison(grad_weight);
-  const GemmChoice choice = gemm_choice();
-  const bool hand_ok =
-      choice == GemmChoice::kHand || (choice == GemmChoice::kAuto && !blas_runs_avx512());
+  const bool hand_ok = hand_allowed(false);
   const auto products = [&](int64_t first, int64_t last) {
     // out= variants refuse inputs that require grad while grad mode is on (it is thread-local:
     // set here, on the thread that runs the product).

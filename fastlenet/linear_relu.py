@@ -112,7 +112,7 @@ def _apply(input, weight, bias, relu, backend):
 
 def _call(input, weight, bias, relu, name):
     if records_graph(input, weight, bias):
-        if name == "cpu" and not torch.compiler.is_compiling():
+        if name == "cpu" and not _is_compiling():
             return _CPU_NODE(input, weight, bias, relu)
         return LinearReLUFunction.apply(input, weight, bias, relu, name)
     # Nothing to record (inference): the op itself (84->10 at batch 64 takes ~8 us).
