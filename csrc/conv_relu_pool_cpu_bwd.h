@@ -726,16 +726,31 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   fallback.weight = x_bad;
   fallback.input = fallback.input || go_bad;
   if (!want_weight) return fallback;
-  add_chunks(partial.data(), chunks, stride);
-  // [O][KH][KW][pix] (rows padded to rowsize) -> [O][C][KH][KW]
+  // The chunks' sums added in chunk order (as add_chunks does) and rearranged from [O][KH][KW][pix]
+  // (rows padded to rowsize) to [O][C][KH][KW] in one pass over the threads. vgg-128-128 (128 ->
+  // 128 3x3), grad_w alone at batch 1, against a serial add, then a serial rearrangement:
+  // 175-195 -> 159-169 us.
   T* gwp = grad_weight.data_ptr<T>();
-  for (int64_t o = 0; o < g.o; ++o)
-    for (int64_t kh = 0; kh < g.kh; ++kh)
-      for (int64_t kw = 0; kw < g.kw; ++kw)
-        for (int64_t c = 0; c < g.c; ++c)
-          gwp[((o * g.c + c) * g.kh + kh) * g.kw + kw] =
-              partial[(o * g.kh + kh) * rowsize + kw * L.pix + c];
-  std::memcpy(grad_bias.data_ptr<T>(), partial.data() + wsize, g.o * sizeof(T));
+  T* gbp = grad_bias.data_ptr<T>();
+  const T* sums = partial.data();
+  const int64_t pix = L.pix;
+  const int64_t grain = std::max<int64_t>(1, kRepackGrain / (g.c * g.kh * g.kw));
+  cpu::parallel_for(0, g.o, grain, [=](int64_t o0, int64_t o1) {
+    const auto add = [=](int64_t at) {
+      T v = sums[at];
+      for (int64_t chunk = 1; chunk < chunks; ++chunk) v += sums[chunk * stride + at];
+      return v;
+    };
+    const int64_t taps = g.kh * g.kw;
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        T* dst = gwp + o * g.c * taps + tap;
+        const int64_t at = (o * g.kh + tap / g.kw) * rowsize + tap % g.kw * pix;
+        for (int64_t c = 0; c < g.c; ++c) dst[c * taps] = add(at + c);
+      }
+      gbp[o] = add(wsize + o);
+    }
+  });
   return fallback;
 }
 
