@@ -85,6 +85,9 @@ CONV = {
     # 7 pixels of 8 channels in two column groups, its 12 output channels in passes of 11 and 1
     # (float32).
     "region_groups": (2, 8, 13, 12, 12, 7, 5, 1, 1, 3, 2),
+    # The CPU forward by lanes over output channels (forward_channels) keeps the conv rows of a
+    # pooled row in a ring: pooled rows 1 apart share 2 of their 3 conv rows, computed once.
+    "channels_pool_overlap": (2, 6, 12, 11, 24, 3, 3, 1, 1, (3, 2), (1, 2)),
     # 7 channels, 5x5 (float32): grad_w's 8-float pixels on the wide kernels, from the copy or
     # its twin half a line along (aligned_wide_weight; lenet_conv2 too), with padding and
     # pool 3 stride 2.
