@@ -164,21 +164,24 @@ void conv_row(const T* xpad, Plane p, const ConvPoolGeometry& g, int64_t oh, int
   }
 }
 
+// Output channels o_lo .. o_hi - 1 (o_hi < 0: all of them).
 template <typename T, int Bytes, int NV>
 void forward_channels(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                      const ConvPoolGeometry& g, at::Tensor& out, at::Tensor& argmax) {
+                      const ConvPoolGeometry& g, at::Tensor& out, at::Tensor& argmax,
+                      int64_t o_lo = 0, int64_t o_hi = -1) {
   constexpr int BW = VecOf<T, Bytes>::kLanes * NV;  // output channels of one block
   using V = typename VecOf<T, Bytes>::type;
   using M = typename VecOf<T, Bytes>::mask;
   using MI = typename VecOf<T, Bytes>::mask_int;
   constexpr int VW = VecOf<T, Bytes>::kLanes;
-  const int64_t oblocks = (g.o + BW - 1) / BW;
+  if (o_hi < 0) o_hi = g.o;
+  const int64_t oblocks = (o_hi - o_lo + BW - 1) / BW;
   // Weight repacked to [O/BW][C][KH][KW][BW] and bias to [O/BW][BW], zero-padded lanes.
   std::vector<T> wt(oblocks * g.c * g.kh * g.kw * BW, T(0));
   std::vector<T> bt(oblocks * BW, T(0));
   const T* w = weight.const_data_ptr<T>();
-  for (int64_t o = 0; o < g.o; ++o) {
-    const int64_t ob = o / BW, lane = o % BW;
+  for (int64_t o = o_lo; o < o_hi; ++o) {
+    const int64_t ob = (o - o_lo) / BW, lane = (o - o_lo) % BW;
     for (int64_t k = 0; k < g.c * g.kh * g.kw; ++k)
       wt[(ob * g.c * g.kh * g.kw + k) * BW + lane] = w[o * g.c * g.kh * g.kw + k];
     bt[ob * BW + lane] = bias.defined() ? bias.const_data_ptr<T>()[o] : T(0);
@@ -239,8 +242,8 @@ void forward_channels(const at::Tensor& input, const at::Tensor& weight, const a
         const int64_t slot0 = oh0 % poolh;  // the tile row of the window's first row
         for (int64_t pw = 0; pw < npw; ++pw) {
           for (int u = 0; u < NV; ++u) {
-            const int64_t o0 = ob * BW + u * VW;
-            if (o0 >= nout) break;
+            const int64_t o0 = o_lo + ob * BW + u * VW;
+            if (o0 >= o_hi) break;
             const T* first = tiles + pw * psw * BW + u * VW;
             V best = load<V>(first + slot0 * width * BW);
             M pos = M{} + 0;
@@ -258,7 +261,7 @@ void forward_channels(const at::Tensor& input, const at::Tensor& weight, const a
             const V relu = dead ? V{} : best;  // NaN stays NaN, as torch.relu
             const auto codes = argmax_codes(dead, pos);
             const int64_t base = (n * nout + o0) * plane + ph * npw + pw;
-            const int64_t lanes = std::min<int64_t>(VW, nout - o0);
+            const int64_t lanes = std::min<int64_t>(VW, o_hi - o0);
             for (int64_t l = 0; l < lanes; ++l) {
               out_l[base + l * plane] = relu[l];
               am_l[base + l * plane] = codes[l];

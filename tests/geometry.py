@@ -88,6 +88,9 @@ CONV = {
     # The CPU forward by lanes over output channels (forward_channels) keeps the conv rows of a
     # pooled row in a ring: pooled rows 1 apart share 2 of their 3 conv rows, computed once.
     "channels_pool_overlap": (2, 6, 12, 11, 24, 3, 3, 1, 1, (3, 2), (1, 2)),
+    # Output channels past whole pairs of vectors: forward_channels in blocks of two vectors,
+    # then a block of one (45 = 32 + 13; channels_70's 6 past 64 take one narrow vector).
+    "channels_pair_rest": (2, 5, 9, 10, 45, 3, 3, 1, 1, 2, 2),
     # 7 channels, 5x5 (float32): grad_w's 8-float pixels on the wide kernels, from the copy or
     # its twin half a line along (aligned_wide_weight; lenet_conv2 too), with padding and
     # pool 3 stride 2.
