@@ -56,8 +56,8 @@ namespace {
 // Inside an op that runs serially (cpu::SerialBelow) MKL still opened a parallel region of its
 // own for a small product: its sgemv, which it takes for one row, woke the other thread for
 // LeNet-5's fc1 backward at batch 1 on every step. There MKL is now held to the calling thread
-// for the call: that op alone, 2 threads, best of 7 x 3000 calls, alternating processes, 10.4 -
-// 11.2 -> 9.5 - 9.8 us.
+// for the call (that op alone, 2 threads, best of 7 x 3000 calls, alternating processes:
+// 10.4-11.2 -> 9.5-9.8 us).
 class SerialBlas {
  public:
   SerialBlas() {
