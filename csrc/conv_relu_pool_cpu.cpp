@@ -108,18 +108,13 @@ void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor
     // fill 48 lanes instead of 64. Forward alone, batch 64, 2 threads, best of 7, alternating
     // processes, us: 24 -> 40 5x5 20x20 3359-3518 -> 2727-2844, 16 -> 48 3x3 16x16 991-1199 ->
     // 878-992, 9 -> 77 5x5 13x13 1216-1467 -> 1040-1164. The same sums: the same bits.
-    const int64_t paired = g.o / (kChannelVectors * kWide) * (kChannelVectors * kWide);
-    const int64_t rest = g.o - paired;
-    if (paired == 0 || rest == 0 || rest > kWide) {
-      forward_channels<T, kVecBytes, kChannelVectors>(input, weight, bias, g, out, argmax);
-    } else {
-      forward_channels<T, kVecBytes, kChannelVectors>(input, weight, bias, g, out, argmax, 0,
-                                                      paired);
-      if (rest <= kNarrow)
-        forward_channels<T, kNarrowBytes, 1>(input, weight, bias, g, out, argmax, paired, g.o);
-      else
-        forward_channels<T, kVecBytes, 1>(input, weight, bias, g, out, argmax, paired, g.o);
-    }
+    const int64_t pair = kChannelVectors * kWide, rest = g.o % pair;
+    const int64_t paired = g.o > pair && rest > 0 && rest <= kWide ? g.o - rest : g.o;
+    forward_channels<T, kVecBytes, kChannelVectors>(input, weight, bias, g, out, argmax, 0, paired);
+    if (paired < g.o && rest <= kNarrow)
+      forward_channels<T, kNarrowBytes, 1>(input, weight, bias, g, out, argmax, paired, g.o);
+    else if (paired < g.o)
+      forward_channels<T, kVecBytes, 1>(input, weight, bias, g, out, argmax, paired, g.o);
   } else
     forward_channels<T, kVecBytes, 1>(input, weight, bias, g, out, argmax);
 }
