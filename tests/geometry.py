@@ -138,6 +138,9 @@ CONV = {
     "tap_gemm_pool3": (2, 33, 32, 33, 5, 3, 2, 1, (1, 0), 3, 2),
     "tap_gemm_5x5": (2, 40, 11, 12, 8, 5, 5, 1, 2, 2, 2),
     "tap_gemm_no_pool": (2, 35, 9, 10, 6, 3, 3, 1, 1, 1, 1),  # pool_size=1: ReLU/argmax per value
+    # Planes of 256 pixels (1 KiB of float32, 2 KiB of float64): the tap GEMM copies each
+    # block of columns into a panel and prefetches the next (kTapAliasBytes); 63 GEMM rows.
+    "tap_gemm_aliased": (2, 34, 16, 16, 7, 3, 3, 1, 1, 2, 2),
 }
 
 #: The rows Triton runs (see the module docstring).
