@@ -243,7 +243,6 @@ void tap_gemm(const T* wt, int64_t m, int64_t c, const T* x, int64_t ld, T* y, T
                                        &tap_gemm_block<T, 5>, &tap_gemm_block<T, 6>};
   constexpr int VW = VecOf<T, kVecBytes>::kLanes;
   constexpr int64_t cols = kTapCols * VW;
-  constexpr int64_t kLineBytes = 64;
   const bool pack = ld * int64_t{sizeof(T)} % kTapAliasBytes == 0;
   for (int64_t j0 = 0; j0 < ld; j0 += cols) {
     const int nv = static_cast<int>(std::min<int64_t>(kTapCols, (ld - j0) / VW));
@@ -253,10 +252,9 @@ void tap_gemm(const T* wt, int64_t m, int64_t c, const T* x, int64_t ld, T* y, T
       const bool ahead = j0 + 2 * cols <= ld;  // a whole next block
       for (int64_t k = 0; k < c; ++k) {
         std::memcpy(panel + k * cols, xb + k * ld, sizeof(T) * cols);
-        const char* next = reinterpret_cast<const char*>(xb + k * ld + cols);
         if (ahead)
-          for (int64_t b = 0; b < int64_t{sizeof(T)} * cols; b += kLineBytes)
-            __builtin_prefetch(next + b, 0, 2);  // read, into L2
+          for (int64_t e = cols; e < 2 * cols; e += kCacheLineElems<T>)
+            __builtin_prefetch(xb + k * ld + e, 0, 2);  // read, into L2
       }
       xb = panel;
       xs = cols;
