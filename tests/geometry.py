@@ -82,9 +82,12 @@ CONV = {
     "wide_padded_pixels": (2, 15, 9, 10, 20, 3, 3, 1, 1, 2, 2),
     # grad_x by pooling-window region (csrc/conv_relu_pool_cpu_bwd_tile.h; most rows above with
     # at most 8 channels take it too): a 7x5 kernel with pool 3 stride 2, regions of 9 rows by
-    # 7 pixels of 8 channels in two column groups, its 12 output channels in passes of 11 and 1
-    # (float32).
+    # 7 pixels of 8 channels in two column groups, a list per row shift (three), its 12 output
+    # channels in one pass (float32).
     "region_groups": (2, 8, 13, 12, 12, 7, 5, 1, 1, 3, 2),
+    # The region kernel with a list per row shift (split_shifts; region_groups and lenet_conv2
+    # too, float32): 45 output channels in passes of 21, 21 and 3.
+    "region_lists": (2, 6, 14, 14, 45, 5, 5, 1, 0, 2, 2),
     # The CPU forward by lanes over output channels (forward_channels) keeps the conv rows of a
     # pooled row in a ring: pooled rows 1 apart share 2 of their 3 conv rows, computed once.
     "channels_pool_overlap": (2, 6, 12, 11, 24, 3, 3, 1, 1, (3, 2), (1, 2)),
