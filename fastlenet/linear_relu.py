@@ -14,7 +14,6 @@ from fastlenet._autograd import RESOLVED as _RESOLVED
 from fastlenet._autograd import Tensor as _Tensor
 from fastlenet._autograd import backward_backend, records_graph
 from fastlenet._autograd import is_compiling as _is_compiling
-from fastlenet._autograd import is_grad_enabled as _is_grad_enabled
 
 
 class LinearReLUFunction(torch.autograd.Function):
@@ -44,10 +43,10 @@ class LinearReLUFunction(torch.autograd.Function):
         )
 
 
-# The CPU op's forward overload (None without the extension; the fast path then never runs).
-_CPU_FWD = backends.ops("linear_relu", "cpu").fwd if _ext.LOADED else None
 # The CPU path's autograd node (csrc/linear_relu_autograd_cpu.cpp): LinearReLUFunction's
-# forward and backward on the CPU ops, as a C++ node, whose backward runs no Python.
+# forward and backward on the CPU ops, as a C++ node, whose backward runs no Python; where
+# autograd records nothing, the forward op alone. None without the extension (the fast path
+# then never runs).
 _CPU_NODE = _ext._C.linear_relu if _ext.LOADED else None
 
 
@@ -56,11 +55,12 @@ def _function(relu: bool, name: str, doc: str):
 
     def function(input, weight, bias=None, *, backend="auto"):
         # The fast path: a plain 2-D CPU input, CPU parameters, and a backend that resolve()
-        # has already answered "cpu" for (from its cache: FASTLENET_BACKEND holds). The op, or
-        # the autograd Function, in one Python frame instead of seven: under no_grad, 84->10 at
-        # batch 64 5.25 -> 4.86 us per call (the op alone 4.21), 120->84 14.20 -> 13.83 us
-        # (13.24), alternating medians in one process, 2-core Zen 4 VM; with the names above
-        # and this frame inlined, 84->10 6.55 -> 6.39 us. The op's checks (csrc/checks.h)
+        # has already answered "cpu" for (from its cache: FASTLENET_BACKEND holds). One call
+        # into C++, which records the node or runs the op alone, in one Python frame instead of
+        # seven: under no_grad, 84->10 at batch 64 5.25 -> 4.86 us per call (the op alone
+        # 4.21), 120->84 14.20 -> 13.83 us (13.24), alternating medians in one process, 2-core
+        # Zen 4 VM; with the names above and this frame inlined, 84->10 6.55 -> 6.39 us. The
+        # op's checks (csrc/checks.h)
         # cover the Python ones for these arguments: those run only after it raised, to name
         # the mistake as they always do. Not while torch.compile traces (fake tensors run no
         # checks); a first call resolves the backend in _apply. A condition that raises (a
@@ -78,14 +78,8 @@ def _function(relu: bool, name: str, doc: str):
         except (AttributeError, TypeError):
             fast = False
         if fast:
-            try:
-                if _is_grad_enabled() and (  # records_graph, inlined: one frame fewer
-                    input.requires_grad
-                    or weight.requires_grad
-                    or (bias is not None and bias.requires_grad)
-                ):
-                    return _CPU_NODE(input, weight, bias, relu)
-                return _CPU_FWD(input, weight, bias, relu)
+            try:  # the node where autograd records, else the op (both from C++)
+                return _CPU_NODE(input, weight, bias, relu)
             except Exception as exc:  # re-raised below unless the checks name the mistake
                 error = exc
             _checks.check_linear(input, weight, bias)
