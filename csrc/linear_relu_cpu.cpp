@@ -7,12 +7,13 @@
 // The float32 products go to the hand AVX-512 kernel (linear_relu_cpu_gemm.h) where it suits
 // (hand_gemm_suits, kPackMinRows; where the BLAS runs AVX-512 code the backward's never and the
 // forward's only where hand_forward_beats_mkl, hand_allowed), forwards of 8-12 outputs, of fewer
-// than kPackMinRows rows, or of a few rows by a large weight to dot products (dot_suits), the rest
-// to the BLAS that ATen uses (sgemm_/dgemm_ directly; at::mm where it cannot take the sizes); what
-// is fused is everything around them: bias and ReLU in one pass over the product, and the mask, the
-// masked gradient and grad_bias in one pass (each task owns a column range: deterministic
-// grad_bias). With two threads the backward's two products run side by side, one thread each,
-// unless one output dwarfs the other (side_by_side).
+// than kPackMinRows rows, or of a few rows by a large weight to dot products (dot_suits; where the
+// BLAS runs AVX-512 code only where dot_beats_mkl), the rest to the BLAS that ATen uses
+// (sgemm_/dgemm_ directly; at::mm where it cannot take the sizes); what is fused is everything
+// around them: bias and ReLU in one pass over the product, and the mask, the masked gradient and
+// grad_bias in one pass (each task owns a column range: deterministic grad_bias). With two threads
+// the backward's two products run side by side, one thread each, unless one output dwarfs the other
+// (side_by_side).
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
 #include <ATen/Context.h>
@@ -114,8 +115,10 @@ bool blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const T* a, in
 // 256x400x120 203 -> 171 us, 256x120x84 87 -> 73 us, 256x784x512 1775 -> 1346 us,
 // 256x9216x128 6.50 -> 4.03 ms, 256x12544x512 37.1 -> 22.9 ms; the hand kernel ahead only with
 // 10 outputs (1.05-1.09x). The forward keeps the hand kernel there only where
-// hand_forward_beats_mkl says. FASTLENET_CPU_GEMM=hand or =blas forces one kernel for both passes;
-// each op call reads it once, on the calling thread, so that the tests run both kernels on any CPU.
+// hand_forward_beats_mkl says, its dot products only where dot_beats_mkl. FASTLENET_CPU_GEMM=hand
+// or =blas forces one kernel for both passes (hand: the dot products where dot_suits, else the
+// hand GEMM; blas: the BLAS everywhere); each op call reads it once, on the calling thread, so
+// that the tests run both kernels on any CPU.
 enum class GemmChoice { kAuto, kHand, kBlas };
 
 GemmChoice gemm_choice() {
@@ -290,6 +293,22 @@ inline bool dot_suits(int64_t rows, int64_t cols, int64_t k) {
   return rows > 0 && ((cols >= kDotMinOutputs && cols <= kDotMaxOutputs) || rows < kPackMinRows ||
                       (rows <= 2 * kDotRows && cols * k >= kDotMinWeights));
 }
+// Where MKL runs its AVX-512 code, the dot products beat it only with one row, with 8-12 outputs
+// from at least kDotMinDepthMkl inputs, or with a weight of at least kDotMinWeightsMkl values
+// (dot_suits' other cases): it is ahead with short rows of few outputs, and with a few rows by
+// a weight below ~1M values. Forward alone (the op, bias + ReLU), 2 threads, Intel Xeon VM, in
+// one process alternately, us, dot / BLAS (stock F.linear + relu): 1 row 400->120 4.0 / 4.9
+// (6.5), 784->512 12.1 / 14.0 (15.6); 84->10 64 rows 5.3 / 4.2 (6.2), 256 rows 9.7 / 8.7
+// (10.6); 120->12 64 rows 6.1 / 5.0 (6.6); 256->10 64 rows 6.2 / 7.7 (9.9); 784->10 64 rows
+// 8.9 / 21.1 (23.9); 2 rows 784->512 14.9 / 11.4 (13.2), 400->120 5.0 / 4.8 (6.6), 120->84 3.3 /
+// 3.4 (5.1); 8 rows 784->512 36.6 / 29.8 (32.9), 1568->256 37.2 / 31.6 (34.7), 4096->128 45.5 /
+// 46.6 (51.9), 2048->512 101 / 131 (141), 9216->128 112 / 183 (190), 12544->128 174 / 335 (344).
+constexpr int64_t kDotMinDepthMkl = 256;
+constexpr int64_t kDotMinWeightsMkl = int64_t{1} << 20;
+inline bool dot_beats_mkl(int64_t rows, int64_t cols, int64_t k) {
+  return rows == 1 || (cols >= kDotMinOutputs && cols <= kDotMaxOutputs && k >= kDotMinDepthMkl) ||
+         cols * k >= kDotMinWeightsMkl;
+}
 // Multiply-adds per parallel task of the dot-product path: an OpenMP region costs ~1 us; this
 // much work takes ~4 us on one core (so LeNet-5 fc3 at batch 64, 54k, runs serially).
 constexpr int64_t kDotGrain = int64_t{1} << 17;
@@ -437,7 +456,8 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
   // The dot-product path splits by its own grain (kDotGrain), not by SerialBelow's: its
   // multiply-adds are slower (LeNet-5 fc3 at batch 256, 215k: 10.5 us serially, 9.4 us on two
   // threads, stock 11.5-14.4 us; the 09:20Z bench read 0.91x stock's inference serially).
-  if (dot_suits(input.size(0), weight.size(0), input.size(1))) {
+  const int64_t rows = input.size(0), cols = weight.size(0), k = input.size(1);
+  if (dot_suits(rows, cols, k) && hand_allowed(dot_beats_mkl(rows, cols, k))) {
     const at::Tensor w = weight.contiguous();
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     at::Tensor out = at::empty({input.size(0), weight.size(0)}, input.options());
@@ -446,7 +466,6 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
                                [&] { linear_dot<scalar_t>(input, w, b, out, relu); });
     return out;
   }
-  const int64_t rows = input.size(0), cols = weight.size(0), k = input.size(1);
   const cpu::SerialBelow serial((rows + kPackCostRows) * cols * k);
   const at::Tensor w = weight.contiguous();
   at::Tensor out = at::empty({rows, cols}, input.options());

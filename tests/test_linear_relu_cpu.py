@@ -15,6 +15,9 @@ ENV = "FASTLENET_CPU_GEMM"
 #: Rows whose products the hand kernel takes where it runs (AVX-512 builds), with tails and
 #: tile orders of their own (geometry.LINEAR), and LeNet-5's layers.
 HAND_ROWS = ["lenet_fc1", "lenet_fc2", "lenet_fc3", "odd", "odd_small", "deep_k", "few_rows"]
+#: Rows of the forward's dot products (dot_suits), which FASTLENET_CPU_GEMM=hand takes on any
+#: CPU, and unforced only where MKL runs no AVX-512 code or they beat it (dot_beats_mkl).
+DOT_ROWS = ["one_row", "dot_tails", "dot_short", "dot_wide", "dot_spans"]
 #: A backward whose products run one after the other, each over all threads (side_by_side in
 #: csrc/linear_relu_cpu.cpp): grad_weight 4 MiB, 32 times grad_input.
 WIDE_FEW_ROWS = pytest.param((4, 8192, 128), id="wide_few_rows")
@@ -38,7 +41,7 @@ def _blas_runs_avx512() -> bool:
 
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("gemm", ["hand", "blas"])
-@pytest.mark.parametrize("name", [*HAND_ROWS, WIDE_FEW_ROWS])
+@pytest.mark.parametrize("name", [*HAND_ROWS, *DOT_ROWS, WIDE_FEW_ROWS])
 def test_each_gemm_matches_reference(monkeypatch, name, gemm, relu):
     """Forced to either kernel, forward and every gradient match the float64 reference."""
     monkeypatch.setenv(ENV, gemm)
@@ -73,6 +76,27 @@ def test_backward_takes_the_blas_where_it_runs_avx512(monkeypatch):
     if same("hand", "blas"):  # also where the BLAS is no MKL (not measured)
         pytest.skip("no hand kernel in this build (no AVX-512): both choices are the BLAS")
     assert same("auto", "blas" if _blas_runs_avx512() else "hand")
+
+
+@pytest.mark.parametrize(
+    ("shape", "dot_on_mkl"),
+    [((64, 84, 10), False), ((64, 784, 10), True), ((3, 400, 120), False), ((1, 400, 120), True)],
+    ids=["fc3", "784_to_10", "three_rows", "one_row"],
+)
+def test_forward_takes_the_dot_products_where_they_win(monkeypatch, shape, dot_on_mkl):
+    """Unforced, the forward's dot products (FASTLENET_CPU_GEMM=hand) or the BLAS (=blas), bitwise:
+    where MKL runs its AVX-512 code the dot products only where they beat it (dot_beats_mkl:
+    LeNet-5's fc3 and three rows of 400 -> 120 take the BLAS; 784 -> 10 and one row the dot
+    products), elsewhere wherever dot_suits."""
+    outs = {}
+    for gemm in ("auto", "hand", "blas"):
+        monkeypatch.setenv(ENV, gemm)
+        torch.manual_seed(0)
+        outs[gemm] = _fwd_bwd(shape, True)[1]
+    if torch.equal(outs["hand"], outs["blas"]):
+        pytest.skip("the dot products and the BLAS gave the same bits here")
+    expected = "hand" if dot_on_mkl or not _blas_runs_avx512() else "blas"
+    assert torch.equal(outs["auto"], outs[expected])
 
 
 def test_bad_choice_is_named(monkeypatch):
