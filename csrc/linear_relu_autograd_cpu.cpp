@@ -1,6 +1,7 @@
 // linear -> ReLU (and plain linear) as a C++ autograd node: the CPU fast path of
 // fastlenet.functional.linear_relu / linear (fastlenet/linear_relu.py), where the Python
-// LinearReLUFunction serves every other backend and torch.compile. Forward: the
+// LinearReLUFunction serves every other backend and torch.compile; where autograd records
+// nothing, the fast path's forward op alone (linear_relu_autograd). Forward: the
 // linear_relu_fwd op; backward: linear_relu_bwd, or under create_graph the reference's.
 // Math: fastlenet/reference.py (linear_relu). Saves for backward: input, weight, out (the ReLU
 // mask), as the Python Function.
@@ -22,10 +23,10 @@ namespace fastlenet {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The node's name (grad_fn.name()): fastlenet::LinearReLUNode.
 using LinearFwd = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                              bool);
 
+// The node's name (grad_fn.name()): fastlenet::LinearReLUNode.
 struct LinearReLUNode : torch::autograd::Function<LinearReLUNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, bool relu) {

@@ -293,11 +293,13 @@ inline bool dot_suits(int64_t rows, int64_t cols, int64_t k) {
   return rows > 0 && ((cols >= kDotMinOutputs && cols <= kDotMaxOutputs) || rows < kPackMinRows ||
                       (rows <= 2 * kDotRows && cols * k >= kDotMinWeights));
 }
-// Where MKL runs its AVX-512 code, the dot products beat it only with one row, with 8-12 outputs
-// from at least kDotMinDepthMkl inputs, or with a weight of at least kDotMinWeightsMkl values
-// (dot_suits' other cases): it is ahead with short rows of few outputs, and with a few rows by
-// a weight below ~1M values. Forward alone (the op, bias + ReLU), 2 threads, Intel Xeon VM, in
-// one process alternately, us, dot / BLAS (stock F.linear + relu): 1 row 400->120 4.0 / 4.9
+// Where MKL runs its AVX-512 code, the dot products beat the GEMM path (the hand GEMM where
+// hand_forward_beats_mkl, from kHandMinRows rows; MKL below) only with one row, with 8-12
+// outputs from at least kDotMinDepthMkl inputs, or with a weight of at least kDotMinWeightsMkl
+// values (dot_suits' other cases): the GEMM path is ahead with short rows of few outputs (the
+// hand GEMM at 64 and 256 rows, MKL below 32), and with a few rows by a weight below ~1M values
+// (MKL). Forward alone (the op, bias + ReLU), 2 threads, Intel Xeon VM, in one process
+// alternately, us, dot / GEMM path (stock F.linear + relu): 1 row 400->120 4.0 / 4.9
 // (6.5), 784->512 12.1 / 14.0 (15.6); 84->10 64 rows 5.3 / 4.2 (6.2), 256 rows 9.7 / 8.7
 // (10.6); 120->12 64 rows 6.1 / 5.0 (6.6); 256->10 64 rows 6.2 / 7.7 (9.9); 784->10 64 rows
 // 8.9 / 21.1 (23.9); 2 rows 784->512 14.9 / 11.4 (13.2), 400->120 5.0 / 4.8 (6.6), 120->84 3.3 /

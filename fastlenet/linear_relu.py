@@ -60,11 +60,11 @@ def _function(relu: bool, name: str, doc: str):
         # seven: under no_grad, 84->10 at batch 64 5.25 -> 4.86 us per call (the op alone
         # 4.21), 120->84 14.20 -> 13.83 us (13.24), alternating medians in one process, 2-core
         # Zen 4 VM; with the names above and this frame inlined, 84->10 6.55 -> 6.39 us. The
-        # op's checks (csrc/checks.h)
-        # cover the Python ones for these arguments: those run only after it raised, to name
-        # the mistake as they always do. Not while torch.compile traces (fake tensors run no
-        # checks); a first call resolves the backend in _apply. A condition that raises (a
-        # weight that is no tensor, an unhashable backend) leaves the rest to _apply.
+        # op's checks (csrc/checks.h) cover the Python ones for these arguments: those run
+        # only after it raised, to name the mistake as they always do. Not while
+        # torch.compile traces (fake tensors run no checks); a first call resolves the backend
+        # in _apply. A condition that raises (a weight that is no tensor, an unhashable
+        # backend) leaves the rest to _apply.
         try:
             fast = (
                 type(input) is _Tensor
