@@ -187,8 +187,8 @@ LINEAR = {
     "tiny": (5, 7, 4),  # small enough for a float64 gradcheck in Triton's interpreter
     # the CPU forward's dot products (8-12 outputs): 4-row blocks plus 3 rows, 5-output blocks
     # plus 1, a masked tail vector; then in_features shorter than a vector (scalar tail). Where
-    # MKL runs AVX-512 code these four dot_ rows take the BLAS unforced (dot_beats_mkl), and
-    # the dot products under FASTLENET_CPU_GEMM=hand (tests/test_linear_relu_cpu.py).
+    # MKL runs AVX-512 code these four dot_ rows take the GEMM path unforced (dot_beats_mkl),
+    # and the dot products under FASTLENET_CPU_GEMM=hand (tests/test_linear_relu_cpu.py).
     "dot_tails": (39, 13, 11),
     "dot_short": (6, 5, 9),
     # the CPU's float32 hand GEMM (csrc/linear_relu_cpu_gemm.h; lenet_fc1, odd, odd_small and
