@@ -168,10 +168,10 @@ bool hand_forward_beats_mkl(int64_t rows, int64_t cols, int64_t k) {
   return rows >= kHandMinRows && cols * k <= kHandMaxWeights;
 }
 
-// Whether a product may take the hand kernel: forced by FASTLENET_CPU_GEMM, or unforced where
-// the BLAS runs no AVX-512 code or the hand kernel beats it (`beats_mkl`; the backward: never).
-bool hand_allowed(bool beats_mkl) {
-  const GemmChoice choice = gemm_choice();
+// Whether a product may take the hand kernel (the GEMM or the dot products): forced by
+// FASTLENET_CPU_GEMM (`choice`, read once per op call), or unforced where the BLAS runs no
+// AVX-512 code or the hand kernel beats it (`beats_mkl`; the backward: never).
+bool hand_allowed(GemmChoice choice, bool beats_mkl) {
   return choice == GemmChoice::kHand ||
          (choice == GemmChoice::kAuto && (!blas_runs_avx512() || beats_mkl));
 }
@@ -459,10 +459,11 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
   // multiply-adds are slower (LeNet-5 fc3 at batch 256, 215k: 10.5 us serially, 9.4 us on two
   // threads, stock 11.5-14.4 us; the 09:20Z bench read 0.91x stock's inference serially).
   const int64_t rows = input.size(0), cols = weight.size(0), k = input.size(1);
-  if (dot_suits(rows, cols, k) && hand_allowed(dot_beats_mkl(rows, cols, k))) {
+  const GemmChoice choice = gemm_choice();
+  if (dot_suits(rows, cols, k) && hand_allowed(choice, dot_beats_mkl(rows, cols, k))) {
     const at::Tensor w = weight.contiguous();
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-    at::Tensor out = at::empty({input.size(0), weight.size(0)}, input.options());
+    at::Tensor out = at::empty({rows, cols}, input.options());
     maybe_poison(out);
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "linear_relu_fwd_cpu",
                                [&] { linear_dot<scalar_t>(input, w, b, out, relu); });
@@ -476,7 +477,7 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const bool hand = hand_allowed(hand_forward_beats_mkl(rows, cols, k)) &&
+    const bool hand = hand_allowed(choice, hand_forward_beats_mkl(rows, cols, k)) &&
                       hand_gemm_nt<scalar_t>(rows, cols, k, x, wp, o);
     // out^T (cols x rows, column-major) = w^T' . input^T': w (cols x k) transposed, input as is.
     if (!hand && !blas_gemm<scalar_t>('T', 'N', cols, rows, k, wp, k, x, k, o))
@@ -561,7 +562,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
   at::Tensor grad_weight = at::empty({cols, in_f}, g.options());
   maybe_poison(grad_input);
   maybe_poison(grad_weight);
-  const bool hand_ok = hand_allowed(false);
+  const bool hand_ok = hand_allowed(gemm_choice(), false);
   const auto products = [&](int64_t first, int64_t last) {
     // out= variants refuse inputs that require grad while grad mode is on (it is thread-local:
     // set here, on the thread that runs the product).
