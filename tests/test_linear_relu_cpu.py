@@ -32,6 +32,16 @@ def _fwd_bwd(name, relu):
     return (x, weight, bias, grad), out, ops.bwd(grad, out, x, weight, relu)
 
 
+def _each_choice(monkeypatch, shape):
+    """_fwd_bwd(shape, True) under FASTLENET_CPU_GEMM=auto, hand and blas, from the same inputs."""
+    results = {}
+    for gemm in ("auto", "hand", "blas"):
+        monkeypatch.setenv(ENV, gemm)
+        torch.manual_seed(0)
+        results[gemm] = _fwd_bwd(shape, True)
+    return results
+
+
 def _blas_runs_avx512() -> bool:
     """What the op decides from (blas_runs_avx512): MKL, on an Intel CPU."""
     with open("/proc/cpuinfo") as f:
@@ -64,11 +74,7 @@ DIFFERING = (600, 33, 65)
 def test_backward_takes_the_blas_where_it_runs_avx512(monkeypatch):
     """Unforced, the backward's products are the BLAS's where MKL runs its AVX-512 code (an Intel
     CPU), else the hand kernel's: bitwise the forced run of that kernel."""
-    results = {}
-    for gemm in ("auto", "hand", "blas"):
-        monkeypatch.setenv(ENV, gemm)
-        torch.manual_seed(0)
-        results[gemm] = _fwd_bwd(DIFFERING, True)[2]
+    results = {gemm: got for gemm, (_, _, got) in _each_choice(monkeypatch, DIFFERING).items()}
 
     def same(a, b):
         return all(torch.equal(u, v) for u, v in zip(results[a], results[b], strict=True))
@@ -89,11 +95,7 @@ def test_forward_takes_the_dot_products_where_they_win(monkeypatch, shape, dot_o
     LeNet-5's fc3 and three rows of 400 -> 120 take the BLAS; 784 -> 10 and one row the dot
     products), elsewhere wherever dot_suits. Below kHandMinRows (32) rows, where the GEMM path
     is MKL's even in a build with the hand GEMM."""
-    outs = {}
-    for gemm in ("auto", "hand", "blas"):
-        monkeypatch.setenv(ENV, gemm)
-        torch.manual_seed(0)
-        outs[gemm] = _fwd_bwd(shape, True)[1]
+    outs = {gemm: out for gemm, (_, out, _) in _each_choice(monkeypatch, shape).items()}
     if torch.equal(outs["hand"], outs["blas"]):
         pytest.skip("the dot products and the BLAS gave the same bits here")
     expected = "hand" if dot_on_mkl or not _blas_runs_avx512() else "blas"
