@@ -50,22 +50,6 @@ std::vector<Layer> parse(at::IntArrayRef spec, size_t layers) {
   return out;
 }
 
-using ConvFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                   const std::optional<at::Tensor>&,
-                                                   at::IntArrayRef, at::IntArrayRef,
-                                                   at::IntArrayRef, at::IntArrayRef);
-using ConvBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                               const at::Tensor&, const at::Tensor&,
-                                                               at::IntArrayRef, at::IntArrayRef,
-                                                               at::IntArrayRef, at::IntArrayRef,
-                                                               bool, bool);
-using LinearFwd = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                             bool);
-using LinearBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&,
-                                                                 const at::Tensor&,
-                                                                 const at::Tensor&,
-                                                                 const at::Tensor&, bool);
-
 // The per-layer ops are called below the Autograd and ADInplaceOrView keys.
 // chain_fwd and chain_bwd already passed those keys (the chain's autograd node,
 // csrc/chain_autograd_cpu.cpp, runs them below autograd), so for each nested call they only

@@ -26,9 +26,7 @@ struct ConvReLUPoolNode : torch::autograd::Function<ConvReLUPoolNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,
                             const std::vector<int64_t>& geometry) {
-    static const auto fwd = op<std::tuple<at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
-        at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>("fastlenet::conv_relu_pool_fwd");
+    static const auto fwd = op<ConvFwd>("fastlenet::conv_relu_pool_fwd");
     TORCH_CHECK(geometry.size() == 8, "geometry must hold 8 ints, got ", geometry.size());
     const at::IntArrayRef g(geometry);
     const at::AutoDispatchBelowADInplaceOrView below;  // already past autograd
@@ -55,10 +53,7 @@ struct ConvReLUPoolNode : torch::autograd::Function<ConvReLUPoolNode> {
                             g.slice(0, 2).vec(), g.slice(2, 2).vec(), g.slice(4, 2).vec(),
                             g.slice(6, 2).vec(), input_grad, weight_grad);
     } else {
-      static const auto bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-          at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool, bool)>(
-          "fastlenet::conv_relu_pool_bwd");
+      static const auto bwd = op<ConvBwd>("fastlenet::conv_relu_pool_bwd");
       const at::AutoDispatchBelowADInplaceOrView below;
       auto [gi, gw, gb] =
           bwd.call(grad_out, saved[2], saved[0], saved[1], g.slice(0, 2), g.slice(2, 2),

@@ -23,16 +23,20 @@ namespace fastlenet {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using LinearFwd = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                             bool);
+namespace {
+// The forward op's handle, shared by the node and the entry below.
+const c10::TypedOperatorHandle<LinearFwd>& linear_fwd() {
+  static const auto handle = op<LinearFwd>("fastlenet::linear_relu_fwd");
+  return handle;
+}
+}  // namespace
 
 // The node's name (grad_fn.name()): fastlenet::LinearReLUNode.
 struct LinearReLUNode : torch::autograd::Function<LinearReLUNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, bool relu) {
-    static const auto fwd = op<LinearFwd>("fastlenet::linear_relu_fwd");
     const at::AutoDispatchBelowADInplaceOrView below;  // already past autograd
-    at::Tensor out = fwd.call(input, weight, bias, relu);
+    at::Tensor out = linear_fwd().call(input, weight, bias, relu);
     ctx->save_for_backward({input, weight, out});
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["has_bias"] = bias.has_value();
@@ -48,9 +52,7 @@ struct LinearReLUNode : torch::autograd::Function<LinearReLUNode> {
     if (at::GradMode::is_enabled()) {
       grads = reference_bwd("linear_relu_bwd", grad_out, saved[2], saved[0], saved[1], relu);
     } else {
-      static const auto bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>(
-          "fastlenet::linear_relu_bwd");
+      static const auto bwd = op<LinearBwd>("fastlenet::linear_relu_bwd");
       const at::AutoDispatchBelowADInplaceOrView below;
       auto [gi, gw, gb] = bwd.call(grad_out, saved[2], saved[0], saved[1], relu);
       grads = {gi, gw, gb};
@@ -67,8 +69,7 @@ at::Tensor linear_relu_autograd(const at::Tensor& input, const at::Tensor& weigh
                                 const std::optional<at::Tensor>& bias, bool relu) {
   if (!at::GradMode::is_enabled() ||
       !(input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))) {
-    static const auto fwd = op<LinearFwd>("fastlenet::linear_relu_fwd");
-    return fwd.call(input, weight, bias, relu);
+    return linear_fwd().call(input, weight, bias, relu);
   }
   return LinearReLUNode::apply(input, weight, bias, relu);
 }
