@@ -162,17 +162,32 @@ class Bench:
         self.benchmark = benchmark
 
     def run(
-        self, *, op, pass_, shape, batch, flops, fns, compile_s=None, dtype="float32", case_s=None
+        self,
+        *,
+        op,
+        pass_,
+        shape,
+        batch,
+        flops,
+        fns,
+        compile_s=None,
+        dtype="float32",
+        case_s=None,
+        paired_mm=None,
     ):
         """Times `fns` ({provider: no-argument callable}) alternately and records a row each.
 
         flops: useful FLOPs of one call; compile_s: {provider: seconds} for compiled ones;
-        case_s: the case's budget of timed rounds, when not the settings' case_s.
+        case_s: the case's budget of timed rounds, when not the settings' case_s; paired_mm:
+        (product, its FLOPs) timed in the same rounds, which gives each row its mm_frac.
         """
         settings = SETTINGS if case_s is None else dataclasses.replace(SETTINGS, case_s=case_s)
-        timer = harness.AlternatingTimer(fns, settings)
+        timed = dict(fns)
+        if paired_mm is not None:
+            timed[harness.PAIRED_MM] = paired_mm[0]
+        timer = harness.AlternatingTimer(timed, settings)
         rounds = timer.calibrate()
-        self.benchmark.extra_info["round"] = "every provider once: " + ", ".join(fns)
+        self.benchmark.extra_info["round"] = "every provider once: " + ", ".join(timed)
         self.benchmark.pedantic(timer.round, rounds=rounds, iterations=1, warmup_rounds=0)
         for name in fns:
             t = timer.timing(name)
@@ -197,6 +212,9 @@ class Bench:
                 row["vs_eager"] = timer.ratio("eager", name)
             if name.startswith("fastlenet-") and "compile" in fns:
                 row["vs_compile"] = timer.ratio("compile", name)
+            if paired_mm is not None:
+                # median over rounds of (flops / t) / (mm_flops / t_mm)
+                row["mm_frac"] = timer.ratio(harness.PAIRED_MM, name) * flops / paired_mm[1]
             if compile_s and name in compile_s:
                 row["compile_s"] = compile_s[name]
             self.benchmark.extra_info[name] = {

@@ -79,6 +79,7 @@ COLUMNS = (
     "samples_per_s",  # batch / median
     "gflops",  # useful FLOPs (see flops below) / median
     "peak_frac",  # gflops / the torch.mm peak measured in the same run
+    "mm_frac",  # sweeps: median over rounds of gflops / PAIRED_MM's GFLOP/s in the same round
     "vs_eager",  # median over rounds of t_eager / t_provider (blank for eager)
     "vs_compile",  # median over rounds of t_compile / t_provider (fastlenet rows)
     "compile_s",  # torch.compile rows: wall time of the first (compiling) call(s)
@@ -398,9 +399,31 @@ def checked_inputs(inputs, fns, check):
     return inputs
 
 
+#: Side of the square float32 product timed beside each sweep case's providers, in the same
+#: rounds (the rows' mm_frac, the sweep table's `% mm`). The run's peak (peak_mm_gflops) is the
+#: fastest of 7 products at the start or the end of the run, and this VM's speed drifts by
+#: 10-20% over minutes: a case's median against it read lower than against a product timed
+#: beside it (LeNet-5's conv2 inference at batch 64: 65% of the run's peak in the 04:41Z
+#: bench, 83-84% of 2048 products timed alternately with it in one process). CPU: 768, ~2.7
+#: ms a call, whose median rate measured within 1-4% of the 2048 product's (384 to 1024 the
+#: same). GPU: 4096, ~3 ms on an H100.
+PAIRED_MM_N = {"cpu": 768, "cuda": 4096}
+PAIRED_MM = "torch.mm"  # its provider name in a case's rounds (it records no row)
+
+
+def paired_mm(settings: Settings) -> tuple[Callable[[], object], int]:
+    """The product timed beside a sweep case (PAIRED_MM_N) and its FLOPs."""
+    n = PAIRED_MM_N[settings.device]
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(settings.device) for _ in range(2))
+    c = torch.empty(n, n, device=settings.device)
+    return functools.partial(torch.mm, a, b, out=c), 2 * n**3
+
+
 def run_sweep_case(bench, op, name, shape, batch, pass_, inputs, fns, settings) -> None:
     """One case of a shape sweep: {provider: f(x, w, b)} timed on `pass_` with the checked
-    inputs (x, w, b, grad_out) of shape `name` (its `describe` and `flops` label the row)."""
+    inputs (x, w, b, grad_out) of shape `name` (its `describe` and `flops` label the row),
+    and PAIRED_MM timed in the same rounds."""
     x, w, b, g = inputs
     bench.run(
         op=op,
@@ -410,6 +433,7 @@ def run_sweep_case(bench, op, name, shape, batch, pass_, inputs, fns, settings) 
         flops=shape.flops(batch, pass_),
         fns={n: op_pass_fn(f, (x, w, b), g, pass_) for n, f in fns.items()},
         case_s=settings.sweep_case_s,
+        paired_mm=paired_mm(settings),
     )
 
 

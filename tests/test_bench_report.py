@@ -12,6 +12,7 @@ plot = benchmark_script("plot")
 
 RUN = "2026-12-02T16:00:00Z"
 PEAK = 200.0
+MM = 90.0  # GFLOP/s of the product timed beside every case (mm_frac)
 #: (op, shape, batch, {pass: fastlenet's ratio to eager})
 SWEEP = [
     ("conv_relu_pool_sweep", "a-pool 6->16 14x14 k5", 64, {"inference": 2.0, "backward": 1.5}),
@@ -70,10 +71,12 @@ def sweep_rows():
                     **common,
                     gflops=gflops,
                     peak_frac=gflops / PEAK,
+                    mm_frac=gflops / MM,
                     vs_eager=ratio,
                 )
             )
-            rows.append(row(provider="eager", **common, gflops=50.0, peak_frac=50.0 / PEAK))
+            eager = {"gflops": 50.0, "peak_frac": 50.0 / PEAK, "mm_frac": 50.0 / MM}
+            rows.append(row(provider="eager", **common, **eager))
     return rows
 
 
@@ -137,14 +140,26 @@ def test_sweep_summary_lists_the_cases_below_the_targets():
     assert "pooled, below 1.6x (list)" not in linear
 
 
+def test_sweep_summary_lists_compute_bound_inference_below_75_percent_of_mm():
+    text = report.sweep_report(RUN, sweep_rows(), {})
+    inference = summary(text, "conv_relu_pool", "inference")
+    # a-pool (C_in x k x k = 150) at 100 of 90 GFLOP/s passes; b-nopool (54) is below 144 and
+    # not listed at 72%; c-pool3 (250) at 50%
+    listed = "C_in x k x k >= 144, below 75% of torch.mm (list)"
+    assert inference[listed] == "c-pool3 (b64 50%)"
+    assert listed not in summary(text, "conv_relu_pool", "full")
+    assert listed not in summary(text, "linear_relu", "inference")
+
+
 def test_sweep_table_has_each_pass_of_a_shape_on_its_line():
     text = report.sweep_report(RUN, sweep_rows(), {})
     conv = section(text, "conv_relu_pool")
     _, body = table_lines(conv)
     (line,) = [line for line in body if line[0].startswith("c-pool3 ") and line[1] == "64"]
     assert line[:3] == ["c-pool3 10->22 20x20 k5 pool3/2", "64", "fastlenet-cpu"]
-    # inference: 45 GFLOP/s, 22.5% of the 200 GFLOP/s peak, 0.90x; no backward row; full
-    assert line[3:] == ["45.0", "22.5", "0.90", "", "", "", "40.0", "20.0", "0.80"]
+    # inference: 45 GFLOP/s, 50% of the 90 GFLOP/s of the product timed beside it, 0.90x; no
+    # backward row; full
+    assert line[3:] == ["45.0", "50.0", "0.90", "", "", "", "40.0", "44.4", "0.80"]
     assert "fc 400->120" not in conv
     assert "torch.mm peak: 200 GFLOP/s" in text
 
