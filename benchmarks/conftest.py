@@ -13,7 +13,6 @@
 - At the end of the session the rows are appended to results/*.csv.
 """
 
-import csv
 import dataclasses
 import os
 import tempfile
@@ -86,16 +85,6 @@ class Recorder:
 _RECORDER = Recorder()
 
 
-def _write(path, columns, rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def pytest_sessionfinish(session, exitstatus):
     if SETTINGS.csv is None:
         return
@@ -103,9 +92,9 @@ def pytest_sessionfinish(session, exitstatus):
         peak = _RECORDER.peak_gflops
         for row in _RECORDER.rows:
             row["peak_frac"] = row["gflops"] / peak
-        _write(SETTINGS.csv, harness.COLUMNS, [_RECORDER.peak_row, *_RECORDER.rows])
+        harness.append_rows(SETTINGS.csv, harness.COLUMNS, [_RECORDER.peak_row, *_RECORDER.rows])
     if _RECORDER.saved_rows:
-        _write(
+        harness.append_rows(
             SETTINGS.csv.with_name(harness.SAVED_CSV_NAME),
             harness.SAVED_COLUMNS,
             _RECORDER.saved_rows,

@@ -29,6 +29,7 @@ Settings come from environment variables (make passes them through):
   FASTLENET_BENCH_RUN        run id shared by several pytest invocations of one `make bench`
 """
 
+import csv
 import dataclasses
 import datetime
 import functools
@@ -101,6 +102,27 @@ SAVED_COLUMNS = (
     "saved_bytes_excl_input",  # the same without the layer's input (alive anyway)
     "tensors",  # what was saved: dtype[shape] of each distinct storage
 )
+
+
+def append_rows(path, columns, rows) -> None:
+    """Appends `rows` (dicts) to the CSV at `path` under the header `columns`. A file written
+    under another header (an older schema: a column added since) is first rewritten under
+    `columns`, its rows keeping their values by name, blank in the new columns: appending
+    under the old header would shift every value after the new column."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if path.exists() and path.stat().st_size > 0:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != list(columns):
+                old = list(reader)
+    mode = "a" if path.exists() and path.stat().st_size > 0 and old is None else "w"
+    with path.open(mode, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        if mode == "w":
+            writer.writeheader()
+            writer.writerows(old or [])
+        writer.writerows(rows)
 
 
 def _env_list(name: str, default: str) -> list[str]:

@@ -210,3 +210,22 @@ def test_plot_writes_the_sweep_png_alone(tmp_path):
     assert plot.main(["--csv", str(csv_path)]) == 0
     assert (tmp_path / "sweep_cpu.png").stat().st_size > 10_000
     assert not (tmp_path / "speedup_cpu.png").exists()
+
+
+def test_rows_appended_under_an_older_header_keep_their_columns(tmp_path):
+    path = tmp_path / "bench.csv"
+    old_columns = [c for c in harness.COLUMNS if c != "mm_frac"]  # the schema before mm_frac
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerow(row(provider="eager", gflops=50.0, vs_eager=""))
+    harness.append_rows(path, harness.COLUMNS, [row(provider="fastlenet-cpu", mm_frac=0.5)])
+    harness.append_rows(path, harness.COLUMNS, [row(provider="fastlenet-cpu", vs_eager=2.0)])
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == list(harness.COLUMNS)
+        rows = list(reader)
+    assert [r["provider"] for r in rows] == ["eager", "fastlenet-cpu", "fastlenet-cpu"]
+    assert [r["gflops"] for r in rows] == ["50.0", "", ""]
+    assert [r["mm_frac"] for r in rows] == ["", "0.5", ""]
+    assert [r["vs_eager"] for r in rows] == ["", "", "2.0"]
