@@ -328,7 +328,7 @@ def sweep_summary(rows: list[dict], alloc_tags) -> str:
         ]
         if bound:
             slow = [r for r in bound if num(r, "mm_frac") < INFERENCE_MM_TARGET]
-            listed = by_shape(slow, lambda r: f"{100 * num(r, 'mm_frac'):.0f}%")
+            listed = by_shape(slow, lambda r: f"{100 * num(r, 'mm_frac'):.1f}%")
             lists.append(
                 f"{what}, C_in x k x k >= {COMPUTE_BOUND_DEPTH}, below "
                 f"{100 * INFERENCE_MM_TARGET:.0f}% of torch.mm: {listed or 'none'}"

@@ -189,14 +189,16 @@ class NextTaskPrefetch {
   }
   void step() {
     for (size_t i = 0; i < spans_.size(); ++i) {
+      // Locals: through the members the loop stored its counter and reloaded the span's
+      // fields at every line.
       const char* p = static_cast<const char*>(spans_[i].p);
-      const int64_t end = std::min(spans_[i].bytes, done_[i] + slice_[i]);
-      for (; done_[i] < end; done_[i] += kLine) {
-        if (spans_[i].write)
-          __builtin_prefetch(p + done_[i], 1, 2);  // into L2
-        else
-          __builtin_prefetch(p + done_[i], 0, 2);
-      }
+      int64_t at = done_[i];
+      const int64_t end = std::min(spans_[i].bytes, at + slice_[i]);
+      if (spans_[i].write)
+        for (; at < end; at += kLine) __builtin_prefetch(p + at, 1, 2);  // into L2
+      else
+        for (; at < end; at += kLine) __builtin_prefetch(p + at, 0, 2);
+      done_[i] = at;
     }
   }
 

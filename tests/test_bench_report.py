@@ -146,7 +146,7 @@ def test_sweep_summary_lists_compute_bound_inference_below_75_percent_of_mm():
     # a-pool (C_in x k x k = 150) at 100 of 90 GFLOP/s passes; b-nopool (54) is below 144 and
     # not listed at 72%; c-pool3 (250) at 50%
     listed = "C_in x k x k >= 144, below 75% of torch.mm (list)"
-    assert inference[listed] == "c-pool3 (b64 50%)"
+    assert inference[listed] == "c-pool3 (b64 50.0%)"
     assert listed not in summary(text, "conv_relu_pool", "full")
     assert listed not in summary(text, "linear_relu", "inference")
 
