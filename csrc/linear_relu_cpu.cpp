@@ -257,7 +257,7 @@ constexpr int64_t kSideBySideMaxRatio = 4;
 // grad_weight's product is shallow (its depth is the rows) and its thread, alone on it, ends
 // well after the other's. Forward + backward against F.linear + relu, 2 threads, Xeon VM, one
 // process alternately, side by side / one after the other (stock's time over ours): 64 x 9216
-// -> 128 (pytorch/examples' fc1) 0.58-0.85x / 0.92-1.12x over five runs, 128 x 9216 -> 128
+// -> 128 (pytorch/examples' fc1) 0.58-0.85x / 0.92-1.12x in four runs, 128 x 9216 -> 128
 // 0.99x / 1.02x, 128 x 12544 -> 128 0.95x / 0.98x; from 256 rows side by side stays ahead:
 // 256 x 9216 -> 128 1.07-1.11x / 1.00-1.05x, 256 x 12544 -> 512 1.09x / 1.01x.
 constexpr int64_t kSideBySideMinRows = 256;
