@@ -136,7 +136,8 @@ inline void gemm_f32(int64_t m, int64_t n, int64_t depth, const float* a, int64_
 
 // Columns of c per thread task, in vectors: each thread computes (and, in the forward, packs
 // the operand for) its own column range, so no packed buffer is shared between threads.
-// Splitting by vectors keeps two threads even at 84 or 120 columns.
+// Splitting by vectors keeps two threads even at 84 or 120 columns; the forward splits the rows
+// where the vectors divide unevenly among the threads (hand_gemm_nt in linear_relu_cpu.cpp).
 // `columns(j0, j1)` computes columns [j0, j1).
 template <typename F>
 inline void gemm_columns(int64_t n, int64_t m, int64_t depth, const F& columns) {

@@ -202,6 +202,10 @@ LINEAR = {
     # last of 11 (5-output blocks plus 1); 2 rows in two spans of 25 and 22
     "dot_wide": (7, 1100, 131),
     "dot_spans": (2, 3000, 47),
+    # the hand GEMM's forward split by rows (kRowSplitMaxVectors): one vector of outputs with a
+    # masked tail, and three; row blocks of 8 plus a tail of 5 and of 3
+    "rows_split": (1037, 129, 13),
+    "rows_split_3v": (203, 150, 45),
 }
 
 #: The shapes Triton runs (see the module docstring).

@@ -14,7 +14,10 @@ pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension
 ENV = "FASTLENET_CPU_GEMM"
 #: Rows whose products the hand kernel takes where it runs (AVX-512 builds), with tails and
 #: tile orders of their own (geometry.LINEAR), and LeNet-5's layers.
-HAND_ROWS = ["lenet_fc1", "lenet_fc2", "lenet_fc3", "odd", "odd_small", "deep_k", "few_rows"]
+HAND_ROWS = [
+    *("lenet_fc1", "lenet_fc2", "lenet_fc3", "odd", "odd_small", "deep_k", "few_rows"),
+    *("rows_split", "rows_split_3v"),
+]
 #: Rows of the forward's dot products (dot_suits), which FASTLENET_CPU_GEMM=hand takes on any
 #: CPU, and unforced only where MKL runs no AVX-512 code or they beat it (dot_beats_mkl).
 DOT_ROWS = ["one_row", "dot_tails", "dot_short", "dot_wide", "dot_spans"]
@@ -100,6 +103,24 @@ def test_forward_takes_the_dot_products_where_they_win(monkeypatch, shape, dot_o
         pytest.skip("the dot products and the BLAS gave the same bits here")
     expected = "hand" if dot_on_mkl or not _blas_runs_avx512() else "blas"
     assert torch.equal(outs["auto"], outs[expected])
+
+
+@pytest.mark.parametrize("name", ["rows_split", "rows_split_3v", "lenet_fc1"])
+def test_hand_forward_is_bitwise_on_any_thread_count(monkeypatch, name):
+    """The hand GEMM's forward, its threads splitting the rows (one or three vectors of outputs)
+    or the columns (LeNet-5's fc1), gives the bits it gives on one thread: every output is one
+    chain of multiply-adds in input order however the work is split."""
+    monkeypatch.setenv(ENV, "hand")
+    x, weight, bias = linear_inputs(LINEAR[name], F32, requires_grad=False)
+    fwd = backends.ops("linear_relu", "cpu").fwd
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = fwd(x, weight, bias, True)
+        torch.set_num_threads(2)
+        assert torch.equal(fwd(x, weight, bias, True), serial)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_bad_choice_is_named(monkeypatch):
