@@ -206,6 +206,10 @@ LINEAR = {
     # masked tail, and three; row blocks of 8 plus a tail of 5 and of 3
     "rows_split": (1037, 129, 13),
     "rows_split_3v": (203, 150, 45),
+    # a layer whose op runs on one thread by w's row shares (owner_split: 32768 weights and up):
+    # LeNet-5's fc1 at batch 1, and two rows with shares that end inside a row of w
+    "shares_one_row": (1, 400, 120),
+    "shares_two_rows": (2, 333, 101),
 }
 
 #: The shapes Triton runs (see the module docstring).

@@ -20,7 +20,10 @@ HAND_ROWS = [
 ]
 #: Rows of the forward's dot products (dot_suits), which FASTLENET_CPU_GEMM=hand takes on any
 #: CPU, and unforced only where MKL runs no AVX-512 code or they beat it (dot_beats_mkl).
-DOT_ROWS = ["one_row", "dot_tails", "dot_short", "dot_wide", "dot_spans"]
+DOT_ROWS = [
+    *("one_row", "dot_tails", "dot_short", "dot_wide", "dot_spans"),
+    *("shares_one_row", "shares_two_rows"),
+]
 #: A backward whose products run one after the other, each over all threads (side_by_side in
 #: csrc/linear_relu_cpu.cpp): grad_weight 4 MiB, 32 times grad_input.
 WIDE_FEW_ROWS = pytest.param((4, 8192, 128), id="wide_few_rows")
