@@ -108,24 +108,6 @@ def test_forward_takes_the_dot_products_where_they_win(monkeypatch, shape, dot_o
     assert torch.equal(outs["auto"], outs[expected])
 
 
-@pytest.mark.parametrize("name", ["rows_split", "rows_split_3v", "lenet_fc1"])
-def test_hand_forward_is_bitwise_on_any_thread_count(monkeypatch, name):
-    """The hand GEMM's forward, its threads splitting the rows (one or three vectors of outputs)
-    or the columns (LeNet-5's fc1), gives the bits it gives on one thread: every output is one
-    chain of multiply-adds in input order however the work is split."""
-    monkeypatch.setenv(ENV, "hand")
-    x, weight, bias = linear_inputs(LINEAR[name], F32, requires_grad=False)
-    fwd = backends.ops("linear_relu", "cpu").fwd
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        serial = fwd(x, weight, bias, True)
-        torch.set_num_threads(2)
-        assert torch.equal(fwd(x, weight, bias, True), serial)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_bad_choice_is_named(monkeypatch):
     monkeypatch.setenv(ENV, "fast")
     with pytest.raises(RuntimeError, match=f"{ENV} must be auto, hand or blas, got 'fast'"):
