@@ -651,7 +651,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
   const int64_t rows = input_.size(0), cols = weight.size(0);
   check_linear_grad(grad_out_, out_, input_, weight, relu);
   const int64_t macs = 2 * rows * cols * weight.size(1);
-  const OwnerSplit owner = owner_split(cols, weight.size(1), macs < cpu::kParallelMinMacs);
+  // (An empty batch keeps the path below, which writes grad_w's and grad_b's zeros.)
+  const OwnerSplit owner =
+      owner_split(cols, weight.size(1), rows > 0 && macs < cpu::kParallelMinMacs);
   if (owner.parts > 1) {
     const at::Tensor go = grad_out_.contiguous(), x = input_.contiguous(), w = weight.contiguous();
     const at::Tensor out = relu ? out_.contiguous() : at::Tensor();

@@ -210,6 +210,7 @@ LINEAR = {
     # LeNet-5's fc1 at batch 1, and two rows with shares that end inside a row of w
     "shares_one_row": (1, 400, 120),
     "shares_two_rows": (2, 333, 101),
+    "shares_empty_batch": (0, 400, 120),  # no rows: the usual path
 }
 
 #: The shapes Triton runs (see the module docstring).
