@@ -605,8 +605,9 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
 
 // The backward by the shares of owner_split: part p computes grad_w's and grad_b's rows of its
 // share and its share's terms of grad_input (g's columns of the share times w's rows), summed
-// after the parts in part order. grad_w = g^T . x and grad_input = g . w, the ReLU mask applied
-// to g first (fastlenet/reference.py, linear_relu).
+// after the parts in part order: the same bits for a given thread count (the parts follow the
+// threads). grad_w = g^T . x and grad_input = g . w, the ReLU mask applied to g first
+// (fastlenet/reference.py, linear_relu).
 template <typename T>
 void owner_backward(const OwnerSplit& owner, const T* go, const T* out, const T* x, const T* w,
                     int64_t rows, T* gi, T* gw, T* gb) {
