@@ -474,11 +474,12 @@ struct OwnerSplit {
   int64_t row(int64_t t) const { return std::min(cols, (t * share + k / 2) / k); }
 };
 
-// The shares of a w of cols x k weights, for an op that would otherwise run on one thread
-// (`alone`).
-inline OwnerSplit owner_split(int64_t cols, int64_t k, bool alone) {
+// The shares of a w of cols x k weights, for an op of `rows` rows that would otherwise run on
+// one thread (`alone`). No rows: nothing to split (the usual paths write an empty batch's zero
+// gradients).
+inline OwnerSplit owner_split(int64_t rows, int64_t cols, int64_t k, bool alone) {
   const int64_t n = cols * k;
-  if (!alone || n < kOwnerMinWeights || at::in_parallel_region()) return {};
+  if (rows < 1 || !alone || n < kOwnerMinWeights || at::in_parallel_region()) return {};
   const int64_t parts =
       std::min<int64_t>(at::get_num_threads(), (n + kOwnerMinWeights - 1) / kOwnerMinWeights);
   return {parts, (n + parts - 1) / parts, k, cols};
@@ -525,7 +526,7 @@ void linear_dot(const at::Tensor& input, const at::Tensor& weight, const at::Ten
   const int64_t macs = per_col * span;  // multiply-adds of a full task
   const int64_t grain = std::max<int64_t>(1, kDotGrain / std::max<int64_t>(macs, 1));
   // Work for one thread: each thread its share of w's rows instead (owner_split).
-  const OwnerSplit owner = owner_split(cols, k, blocks * spans <= grain);
+  const OwnerSplit owner = owner_split(rows, cols, k, blocks * spans <= grain);
   if (owner.parts > 1) {
     at::parallel_for(0, owner.parts, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) task(0, owner.row(p), owner.row(p + 1));
@@ -651,35 +652,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
   check_linear(input_, weight);
   const int64_t rows = input_.size(0), cols = weight.size(0);
   check_linear_grad(grad_out_, out_, input_, weight, relu);
-  const int64_t macs = 2 * rows * cols * weight.size(1);
-  // (An empty batch keeps the path below, which writes grad_w's and grad_b's zeros.)
-  const OwnerSplit owner =
-      owner_split(cols, weight.size(1), rows > 0 && macs < cpu::kParallelMinMacs);
+  const int64_t in_f = weight.size(1), macs = 2 * rows * cols * in_f;
+  const at::Tensor grad_out = grad_out_.contiguous();
+  const at::Tensor out = relu ? out_.contiguous() : at::Tensor();
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor w = weight.contiguous();
+  at::Tensor grad_input = at::empty({rows, in_f}, grad_out.options());
+  at::Tensor grad_weight = at::empty({cols, in_f}, grad_out.options());
+  at::Tensor grad_bias = at::empty({cols}, grad_out.options());
+  maybe_poison(grad_input);
+  maybe_poison(grad_weight);
+  maybe_poison(grad_bias);
+  const OwnerSplit owner = owner_split(rows, cols, in_f, macs < cpu::kParallelMinMacs);
   if (owner.parts > 1) {
-    const at::Tensor go = grad_out_.contiguous(), x = input_.contiguous(), w = weight.contiguous();
-    const at::Tensor out = relu ? out_.contiguous() : at::Tensor();
-    at::Tensor grad_input = at::empty({rows, owner.k}, go.options());
-    at::Tensor grad_weight = at::empty({cols, owner.k}, go.options());
-    at::Tensor grad_bias = at::empty({cols}, go.options());
-    maybe_poison(grad_input);
-    maybe_poison(grad_weight);
-    maybe_poison(grad_bias);
-    AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "linear_relu_bwd_cpu", [&] {
-      owner_backward<scalar_t>(owner, go.const_data_ptr<scalar_t>(),
+    AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "linear_relu_bwd_cpu", [&] {
+      owner_backward<scalar_t>(owner, grad_out.const_data_ptr<scalar_t>(),
                                relu ? out.const_data_ptr<scalar_t>() : nullptr,
-                               x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), rows,
+                               input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), rows,
                                grad_input.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(),
                                grad_bias.data_ptr<scalar_t>());
     });
     return {grad_input, grad_weight, grad_bias};
   }
   const cpu::SerialBelow serial(macs);
-  const at::Tensor grad_out = grad_out_.contiguous();
-  const at::Tensor out = relu ? out_.contiguous() : at::Tensor();
-  const at::Tensor input = input_.contiguous();
   at::Tensor g = relu ? at::empty_like(grad_out) : grad_out;
-  at::Tensor grad_bias = at::empty({cols}, grad_out.options());
-  maybe_poison(grad_bias);
   if (relu) maybe_poison(g);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "linear_relu_bwd_cpu", [&] {
     const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
@@ -710,12 +706,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
       }
     });
   });
-  const int64_t in_f = weight.size(1);
-  const at::Tensor w = weight.contiguous();
-  at::Tensor grad_input = at::empty({rows, in_f}, g.options());
-  at::Tensor grad_weight = at::empty({cols, in_f}, g.options());
-  maybe_poison(grad_input);
-  maybe_poison(grad_weight);
   const bool hand_ok = hand_allowed(gemm_choice(), false);
   const auto products = [&](int64_t first, int64_t last) {
     // out= variants refuse inputs that require grad while grad mode is on (it is thread-local:
