@@ -7,11 +7,12 @@
 //
 // float32 and float64, contiguous NCHW (inputs are made contiguous); the conv output is stored
 // only where ATen's convolution computes it: layers without pooling (pool_size 1, forward and
-// backward; see conv_relu_pool_fwd_cpu), few outputs from deep input (kAtenConvMinChannels),
-// deep float32 patches over few conv outputs (cl_conv_suits: channels-last operands), and one
-// sample's at a time by the tap GEMM (tap_gemm_suits). Kernels:
+// backward; see forward_op) but for the tap GEMM's and those of shallow patches, few outputs from
+// deep input (kAtenConvMinChannels), deep float32 patches over few conv outputs (cl_conv_suits:
+// channels-last operands), and one sample's at a time by the tap GEMM (tap_gemm_suits). Kernels:
 // conv_relu_pool_cpu_fwd.h (forward), conv_relu_pool_cpu_pool.h (ReLU/pool pass after ATen's
 // conv, tap GEMM), conv_relu_pool_cpu_bwd.h and conv_relu_pool_cpu_bwd_wide.h (backward),
+// conv_relu_pool_cpu_nopool_fwd.h (forward without pooling, shallow patches),
 // conv_relu_pool_cpu_nopool.h (weight gradient without pooling, few input channels);
 // a gradient that Inf/NaN reach through the zeros the sparse backward skips is recomputed
 // here with dense_backward, as stock's dense backward computes it.
@@ -25,6 +26,7 @@
 #include "conv_relu_pool_cpu_bwd.h"
 #include "conv_relu_pool_cpu_fwd.h"
 #include "conv_relu_pool_cpu_nopool.h"
+#include "conv_relu_pool_cpu_nopool_fwd.h"
 #include "conv_relu_pool_cpu_pool.h"
 
 namespace fastlenet {
@@ -135,13 +137,19 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& input_, const at
   const at::Tensor weight = weight_.contiguous();
   const at::Tensor bias = bias_.has_value() ? bias_->contiguous() : at::Tensor();
   // No pooling: the fusion saves no multiply-adds, and ATen's convolution (oneDNN) measured
-  // faster than the fused kernels at every such layer of the sweep (benchmarks/results/
+  // faster than the pooling kernels at every such layer of the sweep (benchmarks/results/
   // sweep_cpu.md: 0.27-1.03x of stock's conv + ReLU before, forward alone). Its output becomes
   // ours after ReLU in place; stock's composition writes a second tensor for the ReLU. The
-  // tap GEMM beats it where it suits (forward below).
-  const bool aten_conv = windows_are_outputs(g) && g.n > 0 && !tap_gemm_suits(g);
+  // tap GEMM beats it where it suits (forward below), flat_forward with shallow patches.
+  const bool no_pool = windows_are_outputs(g) && g.n > 0 && !tap_gemm_suits(g);
+  bool flat = false;
+  if (no_pool && flat_suits(g))
+    AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "conv_relu_fwd_cpu", [&] {
+      flat = span_finite(weight.const_data_ptr<scalar_t>(), weight.numel());  // see flat_suits
+    });
+  const bool aten_conv = no_pool && !flat;
   at::Tensor argmax;
-  if (codes || !aten_conv) {
+  if (codes || !(aten_conv || flat)) {
     argmax = at::empty({g.n, g.o, g.ph, g.pw}, input.options().dtype(at::kByte));
     maybe_poison(argmax);
   }
@@ -157,6 +165,12 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& input_, const at
   at::Tensor out = at::empty({g.n, g.o, g.ph, g.pw}, input.options());
   maybe_poison(out);
   if (g.n == 0) return {out, argmax};
+  if (flat) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_fwd_cpu", [&] {
+      flat_forward<scalar_t>(input, weight, bias, g, out, argmax.defined() ? &argmax : nullptr);
+    });
+    return {out, argmax};
+  }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_fwd_cpu",
                              [&] { forward<scalar_t>(input, weight, bias, g, out, argmax); });
   return {out, argmax};

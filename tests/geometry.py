@@ -41,8 +41,9 @@ CONV = {
     "odd": (2, 3, 11, 9, 20, 3, 2, (2, 1), (1, 0), 3, 2),  # odd sizes, overlapping pools
     # the same with 5 = 4 + 1 channels: small integer data hold windows with max <= 0 too
     "odd_small": (3, 3, 11, 9, 5, 3, 2, (2, 1), (1, 0), 3, 2),
-    # pool_size=1: conv + ReLU alone (the C++ CPU op: ATen's conv, its ReLU/argmax pass over
-    # 17 vectors and a tail of 8, ATen's dense backward; tap_gemm_no_pool below: the tap GEMM)
+    # pool_size=1: conv + ReLU alone (the C++ CPU op: flat_forward below; no_pool_deep ATen's
+    # conv and its ReLU/argmax pass over 26 vectors and a tail of 4; ATen's dense backward;
+    # tap_gemm_no_pool below: the tap GEMM)
     "no_pool": (1, 2, 7, 8, 5, 3, 3, 1, 1, 1, 1),
     "no_pool_deep": (2, 16, 7, 6, 5, 3, 3, 1, 1, 1, 1),  # patches of depth 16 * 3 * 3 = 144
     # pool_size=1, few input channels: the CPU backward's own weight gradient
@@ -50,6 +51,13 @@ CONV = {
     # (blocks of 2 and one of 1); 5x5 with padding, 18 = 16 + 2 lanes.
     "no_pool_wide": (2, 1, 19, 35, 7, 3, 3, 1, 0, 1, 1),
     "no_pool_5x5": (2, 1, 13, 18, 5, 5, 5, 1, 2, 1, 1),
+    # pool_size=1, patches of at most 100 values: the CPU forward's flat_forward (no_pool,
+    # no_pool_wide, no_pool_5x5, slices and conv_1x1 too; csrc/conv_relu_pool_cpu_nopool_fwd.h).
+    # Vectors per conv row (16 wide conv rows of 20 padded), 12 outputs in blocks of 6, 15 vectors
+    # in blocks of 4 and a last one of 3 (float32; float64 30, 7 blocks and one of 2); flattened
+    # rows, 29 outputs in blocks of 6 (the last with 5), a block of 4 vectors and one of 1.
+    "flat_rows": (2, 3, 15, 16, 12, 5, 5, 1, 2, 1, 1),
+    "flat_blocks": (2, 1, 9, 10, 29, 3, 3, 1, 0, 1, 1),
     # pool_size=1 with a conv stride: 2 * 7 * 6 * 5 outputs, 26 vectors and a tail of 4
     "no_pool_strided": (2, 3, 11, 10, 7, 3, 3, 2, 1, 1, 1),
     "strides": (3, 2, 13, 10, 9, 4, 3, 2, 2, (2, 3), (3, 1)),  # strides everywhere

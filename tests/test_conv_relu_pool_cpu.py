@@ -142,11 +142,14 @@ def test_serial_ops_match_parallel(geometry):
 
 @pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", ["no_pool", "no_pool_wide", "tap_gemm_no_pool", "odd", "cl_conv"])
+@pytest.mark.parametrize(
+    "name", ["no_pool", "flat_rows", "no_pool_deep", "tap_gemm_no_pool", "odd", "cl_conv"]
+)
 def test_infer_op_is_forward_output(name, dtype):
     """conv_relu_pool_infer, the CPU path under no_grad: bitwise the forward op's output, a NaN
-    and an Inf in the input included, without pooling (ATen's conv and the ReLU in place with no
-    argmax; the tap GEMM's layers through the forward) and pooled (the forward's kernels)."""
+    and an Inf in the input included, without pooling (flat_forward with no argmax; ATen's conv
+    and the ReLU in place with none; the tap GEMM's layers through the forward) and pooled (the
+    forward's kernels)."""
     x, weight, bias, conv = conv_inputs(CONV[name], dtype, requires_grad=False)
     x.view(-1)[x.numel() // 3] = float("nan")
     x.view(-1)[-1] = float("inf")
@@ -156,3 +159,33 @@ def test_infer_op_is_forward_output(name, dtype):
     assert out.isnan().any() and (out > 0).any()
     torch.testing.assert_close(got, out, rtol=0, atol=0, equal_nan=True)
     assert got.stride() == out.stride()
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        (16, 3, 20, 20, 12, 3, 3, 1, 1, 1, 1),  # tasks of samples
+        (1, 3, 32, 32, 29, 3, 3, 1, 1, 1, 1),  # one sample: tasks of 5 channel blocks
+        (3, 2, 9, 31, 14, 5, 5, 1, 2, 1, 1),  # 3 samples of 2 channel blocks
+    ],
+)
+def test_flat_forward_threads(geometry, dtype):
+    """The forward without pooling of shallow patches (flat_forward) splits (sample, channel
+    block) tasks over the threads: on one thread and on two, bitwise the same output and ReLU
+    codes (each output one chain of multiply-adds in tap order), and the reference's."""
+    x, weight, bias, conv = conv_inputs(geometry, dtype, requires_grad=False)
+    fwd = torch.ops.fastlenet.conv_relu_pool_fwd.default
+    conv = [list(v) for v in conv]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = fwd(x, weight, bias, *conv)
+        torch.set_num_threads(2)
+        out = fwd(x, weight, bias, *conv)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0], alone[0]) and torch.equal(out[1], alone[1])
+    ref = reference.conv_relu_pool2d(x.double(), weight.double(), bias.double(), *conv)
+    assert rel_err(out[0], ref) < TOL[dtype]

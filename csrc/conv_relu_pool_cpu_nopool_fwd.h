@@ -1,0 +1,201 @@
+// Forward of conv2d -> ReLU without pooling (pool_size 1) on the CPU, for layers with few input
+// channels, where oneDNN's convolution runs far from the FMA peak.
+// Math and saved state: fastlenet/reference.py (conv_relu_pool).
+// Computes: out (N, O, OH, OW) = ReLU(conv(x, w) + b), and the ReLU codes (argmax: 0, or kNoGrad
+// where ReLU passes no gradient) unless inference. Stride 1, any kernel size and padding.
+// Accumulates in the data's own type (float32 or float64): each output is b, then every tap
+// (c, kh, kw) in that order, whatever the threads.
+// Saves nothing itself: the caller's op returns the codes, which the backward reads.
+//
+// Lanes over flattened conv positions: one sample's input is copied into a zero-padded buffer
+// of rows of wp = W + 2 * padw, and output (y, x) is computed at position y * wp + x, so tap
+// (c, kh, kw) of VW consecutive positions is one contiguous load at offset c * hp * wp + kh * wp
+// + kw. The K - 1 positions past each conv row's end are computed and dropped. A register block
+// holds OB output channels by XB vectors of positions; per tap it loads XB input vectors and
+// broadcasts OB weights (repacked [O/OB][C*KH*KW][OB], zero past O). A block's outputs go to
+// a per-thread stage, from which ReLU and the codes write the conv rows out.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "checks.h"
+#include "cpu_parallel.h"
+#include "cpu_vec.h"
+
+namespace fastlenet::cpu {
+
+// Register block: OB * XB accumulators, XB input vectors and one broadcast weight within the
+// vector registers (AVX-512: 8 x 3, 6 x 4 or 4 x 6 accumulators, 28-31 registers).
+template <int OB>
+constexpr int flat_vectors() {
+  return std::max(1, std::min(6, (kVecRegs - 2) / (OB + 1)));
+}
+
+// NB vectors of positions (src: offsets into xp, dst: into each stage plane) of one sample's
+// padded input xp into stage ([OB][pitch]) for one block of output channels: wk its packed
+// weights ([taps][OB]), off the taps' offsets into xp.
+template <typename T, int OB, int NB>
+void flat_block(const T* xp, const T* wk, const T* bias, const int64_t* off, int64_t taps,
+                const int64_t* src, const int64_t* dst, T* stage, int64_t pitch) {
+  using V = typename VecOf<T, kVecBytes>::type;
+  V acc[OB][NB];
+  for (int j = 0; j < OB; ++j)
+    for (int i = 0; i < NB; ++i) acc[j][i] = V{} + bias[j];
+  for (int64_t t = 0; t < taps; ++t) {
+    const T* xr = xp + off[t];
+    V xv[NB];
+    for (int i = 0; i < NB; ++i) xv[i] = load<V>(xr + src[i]);
+    for (int j = 0; j < OB; ++j) {
+      const V wv = broadcast<V>(wk + t * OB + j);
+      for (int i = 0; i < NB; ++i) acc[j][i] += wv * xv[i];
+    }
+  }
+  for (int j = 0; j < OB; ++j)
+    for (int i = 0; i < NB; ++i) store(stage + j * pitch + dst[i], acc[j][i]);
+}
+
+// The vectors src/dst[0 .. nv) in blocks of XB, the last one of nv % XB.
+template <typename T, int OB, int NB = flat_vectors<OB>()>
+void flat_blocks(const T* xp, const T* wk, const T* bias, const int64_t* off, int64_t taps,
+                 const int64_t* src, const int64_t* dst, int64_t nv, T* stage, int64_t pitch) {
+  constexpr int XB = flat_vectors<OB>();
+  if constexpr (NB == XB) {
+    int64_t v = 0;
+    for (; v + XB <= nv; v += XB)
+      flat_block<T, OB, XB>(xp, wk, bias, off, taps, src + v, dst + v, stage, pitch);
+    if (v < nv && XB > 1)
+      flat_blocks<T, OB, std::max(1, XB - 1)>(xp, wk, bias, off, taps, src + v, dst + v, nv - v,
+                                              stage, pitch);
+  } else if (nv == NB || NB == 1) {
+    flat_block<T, OB, NB>(xp, wk, bias, off, taps, src, dst, stage, pitch);
+  } else {
+    flat_blocks<T, OB, std::max(1, NB - 1)>(xp, wk, bias, off, taps, src, dst, nv, stage, pitch);
+  }
+}
+
+// ReLU of one conv row (OW values of src) into dst, with its codes into am (null: inference).
+template <typename T>
+void flat_relu_row(const T* src, int64_t ow, T* dst, uint8_t* am) {
+  using Vec = VecOf<T, kVecBytes>;
+  using V = typename Vec::type;
+  using M = typename Vec::mask;
+  using MI = typename Vec::mask_int;
+  constexpr int VW = Vec::kLanes;
+  int64_t x = 0;
+  for (; x + VW <= ow; x += VW) {
+    const V v = load<V>(src + x);
+    const M dead = v <= V{};  // false for NaN, which ReLU passes as stock's does
+    store(dst + x, dead ? V{} : v);
+    if (am) store(am + x, low_bytes(dead & static_cast<MI>(kNoGrad)));
+  }
+  for (; x < ow; ++x) {
+    const bool dead = src[x] <= T(0);
+    dst[x] = keep_or_zero(!dead, src[x]);
+    if (am) am[x] = dead ? kNoGrad : uint8_t(0);
+  }
+}
+
+template <typename T, int OB>
+void flat_forward_ob(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                     const ConvPoolGeometry& g, at::Tensor& out, at::Tensor* argmax) {
+  constexpr int VW = VecOf<T, kVecBytes>::kLanes;
+  const int64_t hp = g.h + 2 * g.padh, wp = g.w + 2 * g.padw, plane = hp * wp;
+  const int64_t taps = g.c * g.kh * g.kw;
+  // Vectors of positions: consecutive over the flattened rows (K - 1 dropped per row), or per
+  // conv row (rounded up to whole vectors), whichever are fewer.
+  const int64_t npos = (g.oh - 1) * wp + g.ow;  // through the last conv row's last output
+  const int64_t owv = (g.ow + VW - 1) / VW;
+  const bool flat = (npos + VW - 1) / VW <= g.oh * owv;
+  const int64_t pitch = flat ? wp : owv * VW;  // a stage row
+  std::vector<int64_t> src, dst;
+  if (flat)
+    for (int64_t f = 0; f < npos; f += VW) src.push_back(f), dst.push_back(f);
+  else
+    for (int64_t r = 0; r < g.oh; ++r)
+      for (int64_t xb = 0; xb < g.ow; xb += VW)
+        src.push_back(r * wp + xb), dst.push_back(r * pitch + xb);
+  const int64_t nv = static_cast<int64_t>(src.size());
+  const int64_t splane = std::max(dst.back() + VW, g.oh * pitch);
+  // Reads end before off[taps - 1] + src.back() + VW <= c * plane + VW.
+  const int64_t xsize = g.c * plane + VW;
+  const int64_t blocks = (g.o + OB - 1) / OB;
+
+  std::vector<int64_t> off(taps);
+  for (int64_t c = 0; c < g.c; ++c)
+    for (int64_t kh = 0; kh < g.kh; ++kh)
+      for (int64_t kw = 0; kw < g.kw; ++kw)
+        off[(c * g.kh + kh) * g.kw + kw] = c * plane + kh * wp + kw;
+  AlignedVector<T> wk(blocks * taps * OB, T(0)), bk(blocks * OB, T(0));
+  const T* w = weight.const_data_ptr<T>();
+  for (int64_t o = 0; o < g.o; ++o) {
+    for (int64_t t = 0; t < taps; ++t) wk[((o / OB) * taps + t) * OB + o % OB] = w[o * taps + t];
+    if (bias.defined()) bk[o] = bias.const_data_ptr<T>()[o];
+  }
+  const T* x = input.const_data_ptr<T>();
+  T* y = out.data_ptr<T>();
+  uint8_t* am = argmax ? argmax->data_ptr<uint8_t>() : nullptr;
+  const int64_t outplane = g.oh * g.ow;
+  // Tasks of (sample, block): a thread's tasks are consecutive, so it pads each sample once.
+  cpu::parallel_for(0, g.n * blocks, 1, [&](int64_t begin, int64_t end) {
+    AlignedVector<T> xp(xsize, T(0)), stage(OB * splane);
+    int64_t padded = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, b = task % blocks;
+      if (n != padded) {
+        for (int64_t c = 0; c < g.c; ++c)
+          for (int64_t r = 0; r < g.h; ++r)
+            std::memcpy(xp.data() + c * plane + (r + g.padh) * wp + g.padw,
+                        x + ((n * g.c + c) * g.h + r) * g.w, g.w * sizeof(T));
+        padded = n;
+      }
+      flat_blocks<T, OB>(xp.data(), wk.data() + b * taps * OB, bk.data() + b * OB, off.data(), taps,
+                         src.data(), dst.data(), nv, stage.data(), splane);
+      for (int j = 0; j < OB && b * OB + j < g.o; ++j) {
+        const int64_t o = b * OB + j;
+        for (int64_t r = 0; r < g.oh; ++r) {
+          const int64_t at = (n * g.o + o) * outplane + r * g.ow;
+          flat_relu_row(stage.data() + j * splane + r * pitch, g.ow, y + at,
+                        am ? am + at : nullptr);
+        }
+      }
+    }
+  });
+}
+
+// Layers that take flat_forward rather than ATen's convolution: stride 1 and patches (C * KH *
+// KW) of at most kFlatMaxDepth values, where oneDNN's kernels run far from the FMA peak. The
+// caller also requires a finite weight: a padded zero times Inf would be NaN where oneDNN,
+// which skips the padding, has none. Measured (forward alone under no_grad, 2 threads, AVX-512,
+// batch 64 / 256, ATen's time over this one's, one process alternately, median of paired
+// rounds): 1 -> 32 3x3 28x28 1.9 / 7.3x, 1 -> 32 5x5 pad 2 28x28 5.8 / 1.8x, 1 -> 6 5x5 32x32
+// 2.6 / 2.2x, 3 -> 16 3x3 pad 1 32x32 1.5-1.8 / 1.5x, 3 -> 32 5x5 pad 2 32x32 4.2 / 2.5x, 3 -> 8
+// 3x3 pad 1 9x9 2.3 / 1.3x, 6 -> 16 3x3 30x30 1.0-3.7 / 0.85-3.9x, 8 -> 16 3x3 pad 1 28x28 3.4 /
+// 1.2x, 10 -> 20 3x3 pad 1 16x16 1.4 / 1.3x; deeper, not kept: 13 -> 29 3x3 11x11 0.9 / 0.9x,
+// 16 -> 16 3x3 pad 1 24x24 1.1-3.0 / 1.1-3.1x, 6 -> 16 5x5 pad 2 16x16 1.0 / 1.0x, 32 -> 32
+// 3x3 pad 1 16x16 1.0 / 1.0x, 16 -> 32 5x5 pad 2 14x14 0.8 / 0.7x, 64 -> 64 3x3 8x8 0.7 / 0.7x.
+constexpr int64_t kFlatMaxDepth = 100;
+
+inline bool flat_suits(const ConvPoolGeometry& g) {
+  return g.sh == 1 && g.sw == 1 && g.c * g.kh * g.kw <= kFlatMaxDepth;
+}
+
+// out, and the ReLU codes into *argmax unless null (inference).
+template <typename T>
+void flat_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                  const ConvPoolGeometry& g, at::Tensor& out, at::Tensor* argmax) {
+  // The block with the fewest padded channels; of equal ones the widest.
+  const auto pad = [&](int64_t ob) { return (g.o + ob - 1) / ob * ob - g.o; };
+  if (g.o <= 4)
+    flat_forward_ob<T, 4>(input, weight, bias, g, out, argmax);
+  else if (pad(6) < pad(8))
+    flat_forward_ob<T, 6>(input, weight, bias, g, out, argmax);
+  else
+    flat_forward_ob<T, 8>(input, weight, bias, g, out, argmax);
+}
+
+}  // namespace fastlenet::cpu
