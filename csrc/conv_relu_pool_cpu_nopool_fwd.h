@@ -1,5 +1,5 @@
 // Forward of conv2d -> ReLU without pooling (pool_size 1) on the CPU, for layers with few input
-// channels, where oneDNN's convolution runs far from the FMA peak.
+// channels (flat_suits), where oneDNN's convolution runs far from the FMA peak.
 // Math and saved state: fastlenet/reference.py (conv_relu_pool).
 // Computes: out (N, O, OH, OW) = ReLU(conv(x, w) + b), and the ReLU codes (argmax: 0, or kNoGrad
 // where ReLU passes no gradient) unless inference. Stride 1, any kernel size and padding.
@@ -167,21 +167,22 @@ void flat_forward_ob(const at::Tensor& input, const at::Tensor& weight, const at
   });
 }
 
-// Layers that take flat_forward rather than ATen's convolution: stride 1 and patches (C * KH *
-// KW) of at most kFlatMaxDepth values, where oneDNN's kernels run far from the FMA peak. The
-// caller also requires a finite weight: a padded zero times Inf would be NaN where oneDNN,
-// which skips the padding, has none. Measured (forward alone under no_grad, 2 threads, AVX-512,
-// batch 64 / 256, ATen's time over this one's, one process alternately, median of paired
-// rounds): 1 -> 32 3x3 28x28 1.9 / 7.3x, 1 -> 32 5x5 pad 2 28x28 5.8 / 1.8x, 1 -> 6 5x5 32x32
-// 2.6 / 2.2x, 3 -> 16 3x3 pad 1 32x32 1.5-1.8 / 1.5x, 3 -> 32 5x5 pad 2 32x32 4.2 / 2.5x, 3 -> 8
-// 3x3 pad 1 9x9 2.3 / 1.3x, 6 -> 16 3x3 30x30 1.0-3.7 / 0.85-3.9x, 8 -> 16 3x3 pad 1 28x28 3.4 /
-// 1.2x, 10 -> 20 3x3 pad 1 16x16 1.4 / 1.3x; deeper, not kept: 13 -> 29 3x3 11x11 0.9 / 0.9x,
-// 16 -> 16 3x3 pad 1 24x24 1.1-3.0 / 1.1-3.1x, 6 -> 16 5x5 pad 2 16x16 1.0 / 1.0x, 32 -> 32
-// 3x3 pad 1 16x16 1.0 / 1.0x, 16 -> 32 5x5 pad 2 14x14 0.8 / 0.7x, 64 -> 64 3x3 8x8 0.7 / 0.7x.
-constexpr int64_t kFlatMaxDepth = 100;
+// Layers that take flat_forward rather than ATen's convolution: stride 1, at most
+// kFlatMaxChannels input channels and kFlatMaxTaps taps per channel: the first layers of
+// networks on grayscale or RGB images, where oneDNN's kernels run far from the FMA peak. The
+// caller also requires a finite weight: a padded zero times Inf would be NaN where oneDNN, which
+// skips the padding, has none. Measured (forward alone under no_grad, 2 threads, AVX-512, glibc
+// keeping freed buffers (no page faults), ATen's time over this one's, one process alternately,
+// median of paired rounds, batch 64 / 256): 1 -> 32 3x3 28x28 1.58 / 1.39x, 3 -> 16 3x3 pad 1
+// 32x32 1.63 / 1.47x, 4 -> 16 1.35 / 1.35x, 5 -> 16 1.31 / 1.34x, 3 -> 6 5x5 32x32 2.41 /
+// 2.09x, 3 -> 32 5x5 pad 2 32x32 1.12 / 1.77x; not taken: 6 -> 16 3x3 30x30 0.99 / 0.87x,
+// 8 -> 16 3x3 pad 1 28x28 0.98 / 0.85x, 1 -> 16 7x7 pad 3 28x28 0.99 / 0.94x (10 -> 20 3x3
+// pad 1 16x16 1.42 / 1.20x, 13 -> 29 3x3 11x11 0.9 / 0.9x, 16 -> 32 5x5 pad 2 14x14 0.7-0.8x).
+constexpr int64_t kFlatMaxChannels = 5;
+constexpr int64_t kFlatMaxTaps = 25;
 
 inline bool flat_suits(const ConvPoolGeometry& g) {
-  return g.sh == 1 && g.sw == 1 && g.c * g.kh * g.kw <= kFlatMaxDepth;
+  return g.sh == 1 && g.sw == 1 && g.c <= kFlatMaxChannels && g.kh * g.kw <= kFlatMaxTaps;
 }
 
 // out, and the ReLU codes into *argmax unless null (inference).

@@ -51,7 +51,7 @@ CONV = {
     # (blocks of 2 and one of 1); 5x5 with padding, 18 = 16 + 2 lanes.
     "no_pool_wide": (2, 1, 19, 35, 7, 3, 3, 1, 0, 1, 1),
     "no_pool_5x5": (2, 1, 13, 18, 5, 5, 5, 1, 2, 1, 1),
-    # pool_size=1, patches of at most 100 values: the CPU forward's flat_forward (no_pool,
+    # pool_size=1, at most 5 input channels and 25 taps: the CPU forward's flat_forward (no_pool,
     # no_pool_wide, no_pool_5x5, slices and conv_1x1 too; csrc/conv_relu_pool_cpu_nopool_fwd.h).
     # Vectors per conv row (16 wide conv rows of 20 padded), 12 outputs in blocks of 6, 15 vectors
     # in blocks of 4 and a last one of 3 (float32; float64 30, 7 blocks and one of 2); flattened

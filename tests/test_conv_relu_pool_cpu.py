@@ -172,7 +172,7 @@ def test_infer_op_is_forward_output(name, dtype):
     ],
 )
 def test_flat_forward_threads(geometry, dtype):
-    """The forward without pooling of shallow patches (flat_forward) splits (sample, channel
+    """The forward without pooling of few input channels (flat_forward) splits (sample, channel
     block) tasks over the threads: on one thread and on two, bitwise the same output and ReLU
     codes (each output one chain of multiply-adds in tap order), and the reference's."""
     x, weight, bias, conv = conv_inputs(geometry, dtype, requires_grad=False)
