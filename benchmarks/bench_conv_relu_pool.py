@@ -230,6 +230,7 @@ SWEEP = {
     "vgg-128-128": ConvShape(128, 128, 8, 3, input_grad=True, padding=1),
     "vgg-128-128-nopool": ConvShape(128, 128, 8, 3, input_grad=True, padding=1, **NO_POOL),
     "nopool-6-16": ConvShape(6, 16, 30, 3, input_grad=True, **NO_POOL),
+    "nopool-3-16": ConvShape(3, 16, 32, 3, input_grad=False, padding=1, **NO_POOL),  # RGB input
     # the corners of the envelope, odd channel counts and sizes
     "min-8x8": ConvShape(1, 6, 8, 3, input_grad=False),
     "min-8x8-pool3": ConvShape(1, 6, 8, 5, input_grad=False, padding=2, pool=3),
