@@ -13,7 +13,7 @@
 // + kw. The K - 1 positions past each conv row's end are computed and dropped. A register block
 // holds OB output channels by XB vectors of positions; per tap it loads XB input vectors and
 // broadcasts OB weights (repacked [O/OB][C*KH*KW][OB], zero past O). A block's outputs go to
-// a per-thread stage, from which ReLU and the codes write the conv rows out.
+// a per-thread stage, from which ReLU and the codes (relu_codes_span) write the conv rows out.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "conv_relu_pool_cpu_pool.h"
 #include "cpu_parallel.h"
 #include "cpu_vec.h"
 
@@ -75,28 +76,6 @@ void flat_blocks(const T* xp, const T* wk, const T* bias, const int64_t* off, in
     flat_block<T, OB, NB>(xp, wk, bias, off, taps, src, dst, stage, pitch);
   } else {
     flat_blocks<T, OB, std::max(1, NB - 1)>(xp, wk, bias, off, taps, src, dst, nv, stage, pitch);
-  }
-}
-
-// ReLU of one conv row (OW values of src) into dst, with its codes into am (null: inference).
-template <typename T>
-void flat_relu_row(const T* src, int64_t ow, T* dst, uint8_t* am) {
-  using Vec = VecOf<T, kVecBytes>;
-  using V = typename Vec::type;
-  using M = typename Vec::mask;
-  using MI = typename Vec::mask_int;
-  constexpr int VW = Vec::kLanes;
-  int64_t x = 0;
-  for (; x + VW <= ow; x += VW) {
-    const V v = load<V>(src + x);
-    const M dead = v <= V{};  // false for NaN, which ReLU passes as stock's does
-    store(dst + x, dead ? V{} : v);
-    if (am) store(am + x, low_bytes(dead & static_cast<MI>(kNoGrad)));
-  }
-  for (; x < ow; ++x) {
-    const bool dead = src[x] <= T(0);
-    dst[x] = keep_or_zero(!dead, src[x]);
-    if (am) am[x] = dead ? kNoGrad : uint8_t(0);
   }
 }
 
@@ -159,8 +138,8 @@ void flat_forward_ob(const at::Tensor& input, const at::Tensor& weight, const at
         const int64_t o = b * OB + j;
         for (int64_t r = 0; r < g.oh; ++r) {
           const int64_t at = (n * g.o + o) * outplane + r * g.ow;
-          flat_relu_row(stage.data() + j * splane + r * pitch, g.ow, y + at,
-                        am ? am + at : nullptr);
+          relu_codes_span(stage.data() + j * splane + r * pitch, g.ow, y + at,
+                          am ? am + at : nullptr);
         }
       }
     }

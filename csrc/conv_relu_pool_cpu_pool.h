@@ -12,7 +12,8 @@
 //   after it (argmax kNoGrad where the max is <= 0); relu_pool_cl the same from a channels-last
 //   y (N, OH, OW, O);
 // - relu_codes, without pooling (every conv output a window of its own): ReLU in place on y,
-//   which becomes the output, and argmax 0 or kNoGrad per output (no argmax for inference).
+//   which becomes the output, and argmax 0 or kNoGrad per output (no argmax for inference);
+//   relu_codes_span the same over a span (flat_forward's conv rows too).
 // Saves nothing itself: the caller's op returns argmax, one byte per pooled output, which the
 // backward reads.
 #pragma once
@@ -325,29 +326,36 @@ void tap_gemm_forward(const at::Tensor& input, const at::Tensor& weight, const a
 // Elements per task of relu_codes: below this a parallel region costs more than it saves.
 constexpr int64_t kCodesGrain = 1 << 15;
 
-// `argmax` null: the ReLU alone (inference), the same values.
+// ReLU of n values of src into dst (src itself allowed), with their codes into am unless null
+// (inference): 0, or kNoGrad where ReLU passes no gradient.
 template <typename T>
-void relu_codes(at::Tensor& y, at::Tensor* argmax) {
+void relu_codes_span(const T* src, int64_t n, T* dst, uint8_t* am) {
   using Vec = VecOf<T, kVecBytes>;
   using V = typename Vec::type;
   using M = typename Vec::mask;
   using MI = typename Vec::mask_int;
   constexpr int VW = Vec::kLanes;
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) {
+    const V v = load<V>(src + i);
+    const M dead = v <= V{};  // false for NaN, which ReLU passes as stock's does
+    store(dst + i, dead ? V{} : v);
+    if (am) store(am + i, low_bytes(dead & static_cast<MI>(kNoGrad)));
+  }
+  for (; i < n; ++i) {
+    const bool dead = src[i] <= T(0);
+    dst[i] = keep_or_zero(!dead, src[i]);
+    if (am) am[i] = dead ? kNoGrad : uint8_t(0);
+  }
+}
+
+// `argmax` null: the ReLU alone (inference), the same values.
+template <typename T>
+void relu_codes(at::Tensor& y, at::Tensor* argmax) {
   T* p = y.data_ptr<T>();
   uint8_t* amp = argmax ? argmax->data_ptr<uint8_t>() : nullptr;
   cpu::parallel_for(0, y.numel(), kCodesGrain, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
-    for (; i + VW <= end; i += VW) {
-      const V v = load<V>(p + i);
-      const M dead = v <= V{};  // false for NaN, which ReLU passes as stock's does
-      store(p + i, dead ? V{} : v);
-      if (amp) store(amp + i, low_bytes(dead & static_cast<MI>(kNoGrad)));
-    }
-    for (; i < end; ++i) {
-      const bool dead = p[i] <= T(0);
-      p[i] = keep_or_zero(!dead, p[i]);
-      if (amp) amp[i] = dead ? kNoGrad : uint8_t(0);
-    }
+    relu_codes_span(p + begin, end - begin, p + begin, amp ? amp + begin : nullptr);
   });
 }
 
