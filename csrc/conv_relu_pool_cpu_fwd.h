@@ -268,10 +268,7 @@ void forward_channels(const at::Tensor& input, const at::Tensor& weight, const a
                                 conv_rows);
       }
       if (padded) {
-        for (int64_t c = 0; c < g.c; ++c)
-          for (int64_t y = 0; y < g.h; ++y)
-            std::memcpy(&pad_buf[(c * hp + y + g.padh) * wp + g.padw], xs + (c * g.h + y) * g.w,
-                        g.w * sizeof(T));
+        copy_padded(xs, g.c, g.h, g.w, g.padh, g.padw, wp, pad_buf.data());
         xs = pad_buf.data();
       }
       const T* wtb = wt.data() + ob * g.c * g.kh * g.kw * BW;

@@ -126,10 +126,7 @@ void nopool_weight_chunk(const T* x, const T* go, const uint8_t* am, const ConvP
   AlignedVector<T> gm(g.o * g.oh * owp, T(0)), xp(g.c * hp * wp, T(0));
   const int64_t total = g.n * g.o * g.oh * g.ow;
   for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t c = 0; c < g.c; ++c)
-      for (int64_t y = 0; y < g.h; ++y)
-        std::memcpy(xp.data() + (c * hp + y + g.padh) * wp + g.padw,
-                    x + ((n * g.c + c) * g.h + y) * g.w, g.w * sizeof(T));
+    copy_padded(x + n * g.c * g.h * g.w, g.c, g.h, g.w, g.padh, g.padw, wp, xp.data());
     nopool_masked_sample(go, am, total, g, n, owp, gm.data(), gb);
     int64_t o0 = 0;
     for (; o0 + OB <= g.o; o0 += OB)

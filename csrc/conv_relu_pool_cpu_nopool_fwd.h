@@ -126,10 +126,7 @@ void flat_forward_ob(const at::Tensor& input, const at::Tensor& weight, const at
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, b = task % blocks;
       if (n != padded) {
-        for (int64_t c = 0; c < g.c; ++c)
-          for (int64_t r = 0; r < g.h; ++r)
-            std::memcpy(xp.data() + c * plane + (r + g.padh) * wp + g.padw,
-                        x + ((n * g.c + c) * g.h + r) * g.w, g.w * sizeof(T));
+        copy_padded(x + n * g.c * g.h * g.w, g.c, g.h, g.w, g.padh, g.padw, wp, xp.data());
         padded = n;
       }
       flat_blocks<T, OB>(xp.data(), wk.data() + b * taps * OB, bk.data() + b * OB, off.data(), taps,

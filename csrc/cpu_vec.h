@@ -107,6 +107,18 @@ struct CacheLineAllocator {
 template <typename T>
 using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 
+// One input sample's c planes of h x w values (xs, contiguous) into dst's planes of
+// (h + 2 * padh) x wp values at row padh and column padw: the conv kernels' zero-padded copies.
+// dst's padding keeps what it holds (the zeros it was allocated with).
+template <typename T>
+void copy_padded(const T* xs, int64_t c, int64_t h, int64_t w, int64_t padh, int64_t padw,
+                 int64_t wp, T* dst) {
+  const int64_t plane = (h + 2 * padh) * wp;
+  for (int64_t ci = 0; ci < c; ++ci)
+    for (int64_t y = 0; y < h; ++y)
+      std::memcpy(dst + ci * plane + (y + padh) * wp + padw, xs + (ci * h + y) * w, w * sizeof(T));
+}
+
 // Unaligned load and store (memcpy compiles to one vmovups).
 template <typename V, typename T>
 inline V load(const T* p) {
