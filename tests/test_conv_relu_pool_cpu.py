@@ -178,14 +178,10 @@ def test_flat_forward_threads(geometry, dtype):
     x, weight, bias, conv = conv_inputs(geometry, dtype, requires_grad=False)
     fwd = torch.ops.fastlenet.conv_relu_pool_fwd.default
     conv = [list(v) for v in conv]
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        alone = fwd(x, weight, bias, *conv)
-        torch.set_num_threads(2)
-        out = fwd(x, weight, bias, *conv)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # conftest's _seed_and_threads restores the count
+    alone = fwd(x, weight, bias, *conv)
+    torch.set_num_threads(2)
+    out = fwd(x, weight, bias, *conv)
     assert torch.equal(out[0], alone[0]) and torch.equal(out[1], alone[1])
     ref = reference.conv_relu_pool2d(x.double(), weight.double(), bias.double(), *conv)
     assert rel_err(out[0], ref) < TOL[dtype]

@@ -222,14 +222,10 @@ def test_cpu_dot_forward_threads(monkeypatch, name, relu):
     monkeypatch.setenv("FASTLENET_CPU_GEMM", "hand")
     x, weight, bias = linear_inputs(LINEAR[name], F32, requires_grad=False)
     fwd = backends.ops("linear_relu", "cpu").fwd
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        alone = fwd(x, weight, bias, relu)
-        torch.set_num_threads(2)
-        out = fwd(x, weight, bias, relu)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # conftest's _seed_and_threads restores the count
+    alone = fwd(x, weight, bias, relu)
+    torch.set_num_threads(2)
+    out = fwd(x, weight, bias, relu)
     assert torch.equal(out, alone)
     ref = reference.linear_relu(x.double(), weight.double(), bias.double(), relu)
     assert rel_err(out, ref) < TOL[F32]
