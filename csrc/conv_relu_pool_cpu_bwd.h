@@ -538,17 +538,27 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
                                   false, {0, 0}, 1, mask);
 }
 
+// Independent sums of span_finite: each FMA waits on its sum's previous one, so with one sum
+// the check ran at one vector per FMA latency (half of the backward op's own time outside its
+// kernels, LeNet-5 step at batch 256, perf). 8 = FMA latency (4) x FMA ports (2): enough sums
+// in flight to keep both FMA units busy. Backward op, 2 threads, in one process alternately,
+// Xeon VM, batch 64 / 256: LeNet-5's conv2 1.018x / 1.018x, conv1 1.038x / 1.021x.
+constexpr int kFiniteSums = 8;
+
 // True when each of the n values at p is finite (x * 0 is 0 for finite x, NaN otherwise).
 template <typename T>
 bool span_finite(const T* p, int64_t n) {
   using V = typename VecOf<T, kVecBytes>::type;
   constexpr int VW = VecOf<T, kVecBytes>::kLanes;
-  V acc{};
+  V acc[kFiniteSums] = {};
   int64_t i = 0;
-  for (; i + VW <= n; i += VW) acc += load<V>(p + i) * T(0);
+  for (; i + kFiniteSums * VW <= n; i += kFiniteSums * VW)
+    for (int k = 0; k < kFiniteSums; ++k) acc[k] += load<V>(p + i + k * VW) * T(0);
+  for (; i + VW <= n; i += VW) acc[0] += load<V>(p + i) * T(0);
+  for (int k = 1; k < kFiniteSums; ++k) acc[0] += acc[k];
   T tail = T(0);
   for (; i < n; ++i) tail += p[i] * T(0);
-  for (int l = 0; l < VW; ++l) tail += acc[l];
+  for (int l = 0; l < VW; ++l) tail += acc[0][l];
   return tail == T(0);
 }
 
