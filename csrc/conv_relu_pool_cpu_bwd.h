@@ -584,11 +584,19 @@ struct BwdFallback {
 };
 
 // Both backward gradients of a batch in one parallel region: grad_w and grad_b when
-// `want_weight`, grad_x (into grad_input) when `want_input`. Tasks: first one grad_w chunk per
-// thread (a fixed split of the samples, each summing into its own buffer, added in chunk order:
-// bitwise identical run to run for a given thread count), then grad_x per sample; each thread
-// takes the next task from a shared counter. One op, one parallel region and the finiteness
-// checks inside the tasks (measured faster than one op per gradient).
+// `want_weight`, grad_x (into grad_input) when `want_input`. The samples are split into parts,
+// one per thread: a part's grad_w chunk (each chunk summing into its own buffer, added in chunk
+// order: bitwise identical run to run for a given thread count), then grad_x of the part's
+// samples, one at a time from the part's cursor; a thread done with its part takes samples from
+// the others' cursors. One op, one parallel region and the finiteness checks inside the tasks
+// (measured faster than one op per gradient).
+//
+// Part p runs on thread p (at::parallel_for's static split), the thread whose forward kernels
+// wrote or read the same samples (they split the batch the same way): the samples' inputs,
+// gradients and argmax are in that core's caches, and the next layer's backward finds grad_x
+// there. One shared counter over all tasks handed the first task, chunk 0, to whichever thread
+// came first. LeNet-5 step, fused SGD, 2 threads, in one process alternately, Xeon VM, batch 64
+// / 256, median step-time ratio: 1.014-1.015x / 1.029-1.030x (two runs; 1.001x at batch 1).
 template <typename T>
 BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax,
                             const at::Tensor& input, const at::Tensor& weight,
@@ -680,16 +688,20 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
       wide ? nullptr : tables.weight[(g.kh - 1) % khb][L.nv - 1];
   const InputSampleFn<T> ifn =
       blocked_x ? tables.input[g.kh - 1][LX.nv - 1] : &bwd_input_sample_generic<T>;
-  const int64_t tasks = chunks + (want_input ? g.n : 0);
-  std::atomic<int64_t> next{0};
   std::atomic<bool> x_bad{false}, go_bad{false};
-  cpu::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+  const int64_t parts = want_weight ? chunks : std::min(threads, g.n);
+  struct alignas(kCacheLineElems<char>) Cursor {  // a line each: no line written by two threads
+    std::atomic<int64_t> next;
+  };
+  std::vector<Cursor> cursor(std::max<int64_t>(parts, 0));
+  for (int64_t p = 0; p < parts; ++p) cursor[p].next = p * g.n / parts;
+  cpu::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     AlignedVector<T> xcl(want_weight && !lfn ? L.size + L.twin : 0, T(0));
     AlignedVector<T> rows(packed ? packed->size : 0);
     AlignedVector<T> dx(want_input ? LX.size : 0);
     WideLists<T> lists;
     TileLists<T> tlists;
-    for (int64_t t = next++; t < tasks; t = next++) {
+    const auto run = [&](int64_t t) {  // grad_w chunk t, or grad_x of sample t - chunks
       if (t < chunks) {
         T* gw = partial.data() + t * stride;
         LaneScratch<T>* lanes = lfn ? &lane_scratch<T>(g, lplan) : nullptr;
@@ -731,7 +743,17 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
           ifn(dx.data(), go, amp + n * g.o * plane_out, g, LX, wcl.data());
         from_padded_cl(dx.data(), g, LX, gi + n * sample);
       }
+    };
+    const auto drain = [&](int64_t q) {
+      const int64_t end = (q + 1) * g.n / parts;
+      for (int64_t n = cursor[q].next++; n < end; n = cursor[q].next++) run(chunks + n);
+    };
+    for (int64_t p = p0; p < p1; ++p) {
+      if (want_weight) run(p);
+      if (want_input) drain(p);
     }
+    if (want_input)
+      for (int64_t q = 1; q < parts; ++q) drain((p1 - 1 + q) % parts);
   });
   fallback.weight = x_bad;
   fallback.input = fallback.input || go_bad;
