@@ -263,32 +263,32 @@ inline void transpose_pooled(const V (&a)[8], V (&b)[8]) {
     }
 }
 
-// The values and codes of `cols` <= kPooledRun pooled columns of 16 channels (relu[r], code[r]:
-// column r) as runs: channel l's at out + l * plane and am + l * plane. False, storing nothing,
-// where the target lacks the masked stores (AVX-512 BW and VL) or the lanes are not 16 floats.
+// The values and codes of `cols` <= kPooledRun pooled columns of 16 float channels (relu[r],
+// code[r]: column r) as runs: channel l's at out + l * plane and am + l * plane. False, storing
+// nothing, where the target lacks the masked stores (AVX-512 BW and VL).
 template <typename V, typename M>
 inline bool store_pooled_runs(const V (&relu)[kPooledRun], const M (&code)[kPooledRun], int cols,
                               float* out, uint8_t* am, int64_t plane) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  {
-    V v[kPooledRun];
-    M c[kPooledRun];
-    transpose_pooled(relu, v);
-    transpose_pooled(code, c);
-    const auto keep = static_cast<__mmask8>((1u << cols) - 1);
-    for (int k = 0; k < kPooledRun; ++k) {
-      const Float8 lo = __builtin_shufflevector(v[k], v[k], 0, 1, 2, 3, 4, 5, 6, 7);
-      const Float8 hi = __builtin_shufflevector(v[k], v[k], 8, 9, 10, 11, 12, 13, 14, 15);
-      _mm256_mask_storeu_ps(out + 2 * k * plane, keep, (__m256)lo);
-      _mm256_mask_storeu_ps(out + (2 * k + 1) * plane, keep, (__m256)hi);
-      const __m128i bytes = _mm512_cvtepi32_epi8((__m512i)c[k]);
-      _mm_mask_storeu_epi8(am + 2 * k * plane, keep, bytes);
-      _mm_mask_storeu_epi8(am + (2 * k + 1) * plane, keep, _mm_srli_si128(bytes, 8));
-    }
-    return true;
+  static_assert(sizeof(V) == 64 && sizeof(M) == 64, "16 lanes of 4 bytes");
+  V v[kPooledRun];
+  M c[kPooledRun];
+  transpose_pooled(relu, v);
+  transpose_pooled(code, c);
+  const auto keep = static_cast<__mmask8>((1u << cols) - 1);
+  for (int k = 0; k < kPooledRun; ++k) {
+    const Float8 lo = __builtin_shufflevector(v[k], v[k], 0, 1, 2, 3, 4, 5, 6, 7);
+    const Float8 hi = __builtin_shufflevector(v[k], v[k], 8, 9, 10, 11, 12, 13, 14, 15);
+    _mm256_mask_storeu_ps(out + 2 * k * plane, keep, (__m256)lo);
+    _mm256_mask_storeu_ps(out + (2 * k + 1) * plane, keep, (__m256)hi);
+    const __m128i bytes = _mm512_cvtepi32_epi8((__m512i)c[k]);
+    _mm_mask_storeu_epi8(am + 2 * k * plane, keep, bytes);
+    _mm_mask_storeu_epi8(am + (2 * k + 1) * plane, keep, _mm_srli_si128(bytes, 8));
   }
-#endif
+  return true;
+#else
   return false;
+#endif
 }
 
 // Output channels o_lo .. o_hi - 1 (o_hi < 0: all of them).
