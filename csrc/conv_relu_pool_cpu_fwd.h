@@ -281,7 +281,9 @@ inline bool store_pooled_runs(const V (&relu)[kPooledRun], const M (&code)[kPool
     const Float8 hi = __builtin_shufflevector(v[k], v[k], 8, 9, 10, 11, 12, 13, 14, 15);
     _mm256_mask_storeu_ps(out + 2 * k * plane, keep, (__m256)lo);
     _mm256_mask_storeu_ps(out + (2 * k + 1) * plane, keep, (__m256)hi);
-    const __m128i bytes = _mm512_cvtepi32_epi8((__m512i)c[k]);
+    // The zero-masked form: the plain one's undefined pass-through draws GCC 12's
+    // -Wmaybe-uninitialized; with every lane kept it is the same vpmovdb.
+    const __m128i bytes = _mm512_maskz_cvtepi32_epi8(__mmask16(0xffff), (__m512i)c[k]);
     _mm_mask_storeu_epi8(am + 2 * k * plane, keep, bytes);
     _mm_mask_storeu_epi8(am + (2 * k + 1) * plane, keep, _mm_srli_si128(bytes, 8));
   }
