@@ -13,8 +13,8 @@
 // Patches too large for that (wide layers) go to conv_relu_pool_cpu_bwd_wide.h's tiled kernels
 // (grad_w from packed patch rows where those take fewer vectors and fit L1: PackedRows);
 // grad_x, where a pooling window's whole region fits the registers and that measured faster, to
-// conv_relu_pool_cpu_bwd_tile.h's; grad_w of one-channel inputs with pooled rows of many windows
-// to conv_relu_pool_cpu_bwd_lanes.h's (lanes over pooled columns).
+// conv_relu_pool_cpu_bwd_tile.h's; grad_w of one-channel float32 inputs to
+// conv_relu_pool_cpu_bwd_stacks.h's (lanes over a patch's taps, from rows stacked by column).
 // grad_w/grad_b: samples are split into a fixed number of chunks (one per thread), each summing
 // into its own buffer, added in chunk order: bitwise identical run to run for a given thread
 // count.
@@ -36,7 +36,7 @@
 #include <vector>
 
 #include "checks.h"
-#include "conv_relu_pool_cpu_bwd_lanes.h"
+#include "conv_relu_pool_cpu_bwd_stacks.h"
 #include "conv_relu_pool_cpu_bwd_tile.h"
 #include "conv_relu_pool_cpu_bwd_wide.h"
 #include "cpu_parallel.h"
@@ -610,11 +610,10 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   int64_t wpix = half_lines ? VW : weight_pixel<T>(g.c, g.kw);
   // Patches the register-blocked kernels cannot hold take the wide kernels.
   const bool wide = half_lines || !register_blocked(g, (g.kw * wpix + VW - 1) / VW);
-  // grad_w of one-channel inputs with lanes over pooled columns where that applies.
-  const LanePlan lplan = want_weight ? lane_weight_plan<T>(g) : LanePlan{};
-  const LaneWeightFn<T> lfn = lplan.ok() ? lane_weight_kernel<T>(g) : nullptr;
+  // grad_w of one-channel inputs from stacks of rows where that applies.
+  const bool stacks = want_weight && stack_weight_suits<T>(g);
   // The wide kernels read packed patch rows (PackedRows) where those take fewer vectors.
-  const int64_t packed_nv = wide && want_weight && !lfn
+  const int64_t packed_nv = wide && want_weight && !stacks
                                 ? packed_vectors<T>(g, wide_vectors(g.kw * wpix, WideVec<T>::VW))
                                 : 0;
   if (packed_nv > 0) wpix = g.c;
@@ -623,6 +622,8 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
                                         wpix * int64_t{sizeof(T)} <= kTwinMaxPixelBytes &&
                                         g.ph * g.pw >= kTwinMinWindows));
   BwdLayout<T> L(g, wpix, twin ? kCacheLineElems<T> : 1);
+  const std::optional<StackLayout<T>> SL =
+      stacks ? std::make_optional<StackLayout<T>>(g) : std::nullopt;
   BwdLayout<T> LX(g, padded_pixel(g.c, VW));  // grad_x
   const bool wide_x = !register_blocked(g, LX.nv) && g.o >= kWideInputMinOut;
   const WideWeightPlan plan = wide_weight_plan(g.kh, L.rowlen, WideVec<T>::VW);
@@ -696,7 +697,7 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   std::vector<Cursor> cursor(std::max<int64_t>(parts, 0));
   for (int64_t p = 0; p < parts; ++p) cursor[p].next = p * g.n / parts;
   cpu::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    AlignedVector<T> xcl(want_weight && !lfn ? L.size + L.twin : 0, T(0));
+    AlignedVector<T> xcl(want_weight && !stacks ? L.size + L.twin : 0, T(0));
     AlignedVector<T> rows(packed ? packed->size : 0);
     AlignedVector<T> dx(want_input ? LX.size : 0);
     WideLists<T> lists;
@@ -704,12 +705,13 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
     const auto run = [&](int64_t t) {  // grad_w chunk t, or grad_x of sample t - chunks
       if (t < chunks) {
         T* gw = partial.data() + t * stride;
-        LaneScratch<T>* lanes = lfn ? &lane_scratch<T>(g, lplan) : nullptr;
+        StackScratch<T>* ss = stacks ? &stack_scratch<T>(*SL, g.o) : nullptr;
         for (int64_t n = t * g.n / chunks; n < (t + 1) * g.n / chunks; ++n) {
           if (!span_finite(x + n * sample, sample)) x_bad = true;
-          if (lfn) {
+          if (ss) {
             const int64_t at = n * g.o * plane_out;
-            lfn(x + n * sample, gop + at, amp + at, g.n * g.o * plane_out - at, g, lplan, *lanes);
+            build_stacks(x + n * sample, g, *SL, ss->stacks.data());
+            SL->fn(gop + at, amp + at, g.n * g.o * plane_out - at, g, *SL, *ss);
             continue;
           }
           to_padded_cl(x + n * sample, g, L, xcl.data());
@@ -727,7 +729,7 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
             for (int64_t kh0 = 0; kh0 < g.kh; kh0 += khb)
               (kh0 + khb < g.kh ? wfn : wfn_last)(xcl.data(), go, am, g, L, gw, gw + wsize, kh0);
         }
-        if (lfn) lane_weight_finish(*lanes, g, rowsize, gw, gw + wsize);
+        if (ss) stack_weight_finish(*ss, g, *SL, rowsize, gw, gw + wsize);
       } else {
         const int64_t n = t - chunks;
         const T* go = gop + n * g.o * plane_out;

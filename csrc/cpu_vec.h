@@ -158,6 +158,22 @@ inline V load_lanes(const T* p, int lo, int hi) {
   return v;
 }
 
+// N bytes: p[0 .. n) and `fill` past them, reading nothing past p + n (one masked load on
+// AVX-512 BW/VL).
+template <int N>
+inline typename ByteVec<N>::type load_bytes(const uint8_t* p, int n, uint8_t fill) {
+  using B = typename ByteVec<N>::type;
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  if constexpr (N == 16) {
+    const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1);
+    return B(_mm_mask_loadu_epi8(_mm_set1_epi8(static_cast<char>(fill)), keep, p));
+  }
+#endif
+  B b = B{} + fill;
+  for (int i = 0; i < n; ++i) b[i] = p[i];
+  return b;
+}
+
 // Transposes 8 rows of 8 floats in registers: afterwards r[j][i] is the old r[i][j]. The
 // shuffles are the classic AVX2 sequence (unpack pairs of rows, shuffle pairs of pairs, swap
 // 128-bit halves: 24 shuffles per 64 values), written portably.

@@ -120,16 +120,20 @@ CONV = {
     # column kernel (columns_block_pairs).
     "columns_one_channel": (3, 1, 28, 28, 16, 5, 5, 1, 2, 2, 2),
     "columns_one_channel_3x3": (2, 1, 16, 17, 13, 3, 3, 1, 1, 2, 2),
-    # One input channel, stride 1, pool stride 2 along rows of many windows, batch >= 8: grad_w
-    # with lanes over pooled columns (csrc/conv_relu_pool_cpu_bwd_lanes.h). 5x5 with padding 2,
-    # 7 channels in passes of 3, 3 and 1; 3x3 pool 3 with odd padding (the columns' phases
-    # swap), 29 windows a row (two float32 lane vectors, four float64); pool 2x3; pool 3x2 with
-    # pool stride 3 along rows; 5x5 pool 3 (one channel a pass).
-    "lanes_5x5": (8, 1, 28, 28, 7, 5, 5, 1, 2, 2, 2),
-    "lanes_pool3": (8, 1, 37, 60, 5, 3, 3, 1, 1, 3, 2),
-    "lanes_pool_2x3": (8, 1, 30, 33, 6, 3, 3, 1, 0, (2, 3), 2),
-    "lanes_row_stride": (8, 1, 31, 30, 6, 5, 5, 1, 0, (3, 2), (3, 2)),
-    "lanes_5x5_pool3": (8, 1, 29, 29, 4, 5, 5, 1, 2, 3, 2),
+    # One input channel, float32, at least 128 windows a batch: grad_w from rows stacked by column
+    # (csrc/conv_relu_pool_cpu_bwd_stacks.h; lenet_conv1 and columns_one_channel too). 5x5 with
+    # padding 2, 7 channels in a pass of 8 (one padding channel), 196 windows a plane (a partial
+    # table block); 3x3 pool 3 with padding, rows of 60 (four 16-column blocks, the last partial);
+    # pool 2x3; pool 3x2 with pool stride 3 along rows; 5x5 pool 3; a conv stride of 2 with a 4x2
+    # kernel (two stacks, rows past the kernel's dropped), 13 channels in passes of 8; a 6x7
+    # kernel (two stacks of two vectors) with padding 3, 3 channels in a pass of 4.
+    "stacks_5x5": (8, 1, 28, 28, 7, 5, 5, 1, 2, 2, 2),
+    "stacks_pool3": (8, 1, 37, 60, 5, 3, 3, 1, 1, 3, 2),
+    "stacks_pool_2x3": (8, 1, 30, 33, 6, 3, 3, 1, 0, (2, 3), 2),
+    "stacks_row_stride": (8, 1, 31, 30, 6, 5, 5, 1, 0, (3, 2), (3, 2)),
+    "stacks_5x5_pool3": (8, 1, 29, 29, 4, 5, 5, 1, 2, 3, 2),
+    "stacks_strided": (8, 1, 17, 15, 13, 4, 2, 2, 1, 2, 2),
+    "stacks_wide_rows": (2, 1, 15, 20, 3, 6, 7, 1, 3, 2, 2),
     # At least 32 input channels and 9 to 16 output channels, or a stride: the CPU forward's
     # ATen conv and its ReLU/pool pass, with pool stride 2 (pairs of columns; pool 2 and 3) and 3.
     "aten_conv": (2, 32, 9, 10, 11, 3, 3, 1, 1, 2, 2),
