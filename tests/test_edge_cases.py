@@ -180,6 +180,26 @@ def test_conv_nonfinite(which, index, value, c, o, padding, pool_size, backend):
     _compare(*_conv(backend, padding=padding, pool_size=pool_size), tensors)
 
 
+#: One input channel, at least 128 pooling windows a batch: the C++ CPU grad_w from stacked rows
+#: (csrc/conv_relu_pool_cpu_bwd_stacks.h), which tests finiteness as it builds the stacks.
+ONE_CHANNEL_NONFINITE = [
+    ("nan_input", (1, 0, 7, 4), NAN),
+    ("inf_input_corner", (3, 0, 0, 15), INF),  # under the padding edge
+    ("neg_inf_input", (2, 0, 15, 9), -INF),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("padding", [0, 2], ids=["pad0", "pad2"])
+@pytest.mark.parametrize(
+    ("index", "value"), [pytest.param(*c[1:], id=c[0]) for c in ONE_CHANNEL_NONFINITE]
+)
+def test_conv_nonfinite_one_channel(index, value, padding, backend):
+    tensors = _conv_tensors(n=4, c=1, h=16, w=16, o=6, k=5)
+    tensors[0] = _poison(tensors[0], index, value)
+    _compare(*_conv(backend, padding=padding), tensors)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_conv_nonfinite_grad_out(backend):
     tensors = _conv_tensors()
