@@ -194,82 +194,9 @@ AlignedVector<T> tile_input_weight(const T* w, const ConvPoolGeometry& g, int64_
 // as their gradient and the offset of the weight rows their argmax reads.
 template <typename T>
 struct TileLists {
-  std::vector<int32_t> count, off;  // int32: tile_lists_vec's lanes (tile_input_choice)
+  std::vector<int32_t> count, off;  // int32: window_lists_vec's lanes (tile_input_choice)
   std::vector<T> grad;
 };
-
-// Windows per block of tile_lists_vec: one vector of 16 int32 lanes.
-constexpr int kTileListBlock = 16;
-
-// The lists of output channels [o0, o1) (tile_input_sample's), 16 windows at a time: the lanes
-// are 16 windows, so no two lanes share a list, and each list's count stays in a register lane
-// across the channels; a channel's entries go to their lists by two masked scatters. The same
-// entries in the same order as the scalar loop, which spent ~20 instructions per channel and
-// window (with the tables' loads and the count's read-modify-write), about 45% of the kernel's
-// time at LeNet-5's conv2 (perf). grad_x alone, float32, 2 threads, in one process alternately,
-// bitwise the same, batch 64 / 256: LeNet-5's conv2 1.08x / 1.11x, 6 -> 120 5x5 1.10x / 1.10x,
-// 6 -> 16 3x3 1.16x / 1.12x, 8 -> 16 5x5 1.08x / 1.11x, 5 -> 12 5x5 pool 3 1.07x / 1.08x, 3 -> 7
-// 5x5 pool 3 1.08x / 1.06x. float32 on AVX-512 (BW, VL), pools of fewer than 15 positions (the
-// position tables are one vector, kNoGrad's low 4 bits a zero entry); false, nothing written,
-// elsewhere.
-template <typename T, int SHIFTS>
-bool tile_lists_vec(const T* go, const uint8_t* am, int64_t plane, int64_t positions, int64_t o0,
-                    int64_t o1, int64_t ob, const TileInputPlan& p, int32_t* count, int32_t* off,
-                    T* grad) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (positions >= 15 || (plane + 1) * SHIFTS * ob >= INT32_MAX) return false;
-    __m512i dq = _mm512_setzero_si512(), wq = dq;
-    {
-      alignas(64) int32_t d[16] = {}, w[16] = {};
-      for (int q = 0; q < 15; ++q) {
-        d[q] = static_cast<int32_t>(p.dq[q]);
-        w[q] = static_cast<int32_t>(p.wq[q]);
-      }
-      dq = _mm512_load_si512(d);
-      wq = _mm512_load_si512(w);
-    }
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i nograd = _mm512_set1_epi32(kNoGrad), low = _mm512_set1_epi32(15);
-    for (int64_t k0 = 0; k0 < plane; k0 += kTileListBlock) {
-      const int n = static_cast<int>(std::min<int64_t>(kTileListBlock, plane - k0));
-      const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
-      // Lane l's lists: (k0 + l) * SHIFTS + d, entries from (k0 + l) * SHIFTS * ob.
-      const __m512i first = _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(k0), iota),
-                                               _mm512_set1_epi32(SHIFTS));
-      __m512i cnt[SHIFTS];
-      for (int d = 0; d < SHIFTS; ++d) cnt[d] = _mm512_setzero_si512();
-      for (int64_t o = o0; o < o1; ++o) {
-        const int64_t at = o * plane + k0;
-        const __m512i q = _mm512_maskz_cvtepu8_epi32(0xffff, _mm_maskz_loadu_epi8(lanes, am + at));
-        const __m512 gv = _mm512_maskz_loadu_ps(lanes, go + at);
-        const __mmask16 keep = _mm512_mask_cmpneq_epi32_mask(lanes, q, nograd);
-        const __m512i qi = _mm512_and_si512(q, low);
-        const __m512i d = _mm512_maskz_permutexvar_epi32(0xffff, qi, dq);
-        __m512i c = cnt[0];
-        for (int s = 1; s < SHIFTS; ++s)
-          c = _mm512_mask_mov_epi32(c, _mm512_cmpeq_epi32_mask(d, _mm512_set1_epi32(s)), cnt[s]);
-        // entry (list * ob + count): list = first + d
-        const __m512i entry = _mm512_add_epi32(
-            _mm512_mullo_epi32(_mm512_add_epi32(first, d), _mm512_set1_epi32(ob)), c);
-        const __m512i w = _mm512_add_epi32(_mm512_maskz_permutexvar_epi32(0xffff, qi, wq),
-                                           _mm512_set1_epi32(static_cast<int32_t>(o * p.block)));
-        _mm512_mask_i32scatter_epi32(off, keep, entry, w, 4);
-        _mm512_mask_i32scatter_ps(grad, keep, entry, gv, 4);
-        for (int s = 0; s < SHIFTS; ++s)
-          cnt[s] =
-              _mm512_mask_add_epi32(cnt[s], keep & _mm512_cmpeq_epi32_mask(d, _mm512_set1_epi32(s)),
-                                    cnt[s], _mm512_set1_epi32(1));
-      }
-      for (int s = 0; s < SHIFTS; ++s)
-        _mm512_mask_i32scatter_epi32(count, lanes, _mm512_add_epi32(first, _mm512_set1_epi32(s)),
-                                     cnt[s], 4);
-    }
-    return true;
-  }
-#endif
-  return false;
-}
 
 // grad_x of one sample into dx (channels-last, padded, wpc elements per row); woff[k] is the
 // offset of pooled output k's window region. Windows with no gradient are skipped. RH region
@@ -291,11 +218,11 @@ void tile_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeom
   int32_t* off = lists.off.data();
   T* grad = lists.grad.data();
   for (int64_t o0 = 0; o0 < g.o; o0 += ob) {
-    // The lists: tile_lists_vec, or without a branch per window (a window with no gradient is
+    // The lists: window_lists_vec, or without a branch per window (a window with no gradient is
     // written and then overwritten by the next one of its list).
     const int64_t o1 = std::min(g.o, o0 + ob);
-    if (!tile_lists_vec<T, SHIFTS>(go, am, plane, g.poolh * g.poolw, o0, o1, ob, p, count, off,
-                                   grad)) {
+    if (!window_lists_vec<T, SHIFTS>(go, am, plane, g.poolh * g.poolw, SHIFTS, o0, o1, ob,
+                                     p.dq.data(), p.wq.data(), p.block, count, off, grad)) {
       std::fill(count, count + plane * SHIFTS, 0);
       for (int64_t o = o0; o < o1; ++o)
         for (int64_t k = 0; k < plane; ++k) {
