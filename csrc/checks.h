@@ -14,6 +14,10 @@ namespace fastlenet {
 
 // Window positions are stored in one byte; this value means "no gradient flows".
 constexpr uint8_t kNoGrad = 255;
+// Windows per block of the backward's vector-built tables and lists (stack_table,
+// window_lists_vec): one vector of 16 int32 lanes. A block's codes index a 16-entry table of
+// window positions by their low 4 bits, so kNoGrad reads entry 15 (masked out by the caller).
+constexpr int kWindowBlock = 16;
 
 // Largest padding accepted: a plane padded by more than this (over 2^42 elements) could never
 // be allocated, and the bound keeps every size product of the kernels far from int64 overflow.

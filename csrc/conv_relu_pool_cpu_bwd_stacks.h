@@ -48,8 +48,6 @@ constexpr int kStackRows = 3;
 // rows of up to 10 taps (two vectors a stack above 5).
 constexpr int kStackMaxNT = 2;
 constexpr int kStackMaxNV = 2;
-// Windows per block of a pass's table (StackScratch): one vector of 16 int32 offsets.
-constexpr int kStackBlock = 16;
 
 template <typename T>
 struct StackVec {
@@ -77,10 +75,10 @@ struct StackLayout {
   int nt = 0, nv = 0;       // stacks per patch, vectors per stack
   std::vector<int> lo, hi;  // per block of VW padded columns: the lanes [lo, hi) on input columns
   // Per pooled output k = ph * PW + pw, the offset of its window's first tap in the stacks (in
-  // whole blocks of kStackBlock, zero past the plane), and per argmax position q that of its
-  // patch relative to the window's (the first kStackBlock; kNoGrad & 15 = 15 maps to 0).
+  // whole blocks of kWindowBlock, zero past the plane), and per argmax position q that of its
+  // patch relative to the window's (the first kWindowBlock; kNoGrad & 15 = 15 maps to 0).
   AlignedVector<int32_t> woff;
-  std::array<int32_t, kStackBlock> qoff{};
+  std::array<int32_t, kWindowBlock> qoff{};
   StackWeightFn<T> fn = nullptr;
   int cb = 0;
 
@@ -136,11 +134,11 @@ void build_stacks(const T* x, const ConvPoolGeometry& g, const StackLayout<T>& L
   }
 }
 
-// A thread's scratch: the stacks; one pass's table ([KB][CB][kStackBlock]: per block of
-// kStackBlock windows and output channel of the pass, each window's argmax patch as its offset in
+// A thread's scratch: the stacks; one pass's table ([KB][CB][kWindowBlock]: per block of
+// kWindowBlock windows and output channel of the pass, each window's argmax patch as its offset in
 // the stacks and its gradient, zero without one); and the chunk's lane sums (grad_w
 // [OP][NT * NV][VW], OP: the output channels rounded up to whole passes; grad_b
-// [O][kStackBlock]).
+// [O][kWindowBlock]).
 template <typename T>
 struct StackScratch {
   AlignedVector<T> stacks;
@@ -161,7 +159,7 @@ StackScratch<T>& stack_scratch(const StackLayout<T>& L, int64_t o) {
   s.off.resize(table);
   s.grad.resize(table);
   s.sums.assign((o + L.cb - 1) / L.cb * L.cb * L.nt * L.nv * StackVec<T>::VW, T(0));
-  s.bias.assign(o * kStackBlock, T(0));
+  s.bias.assign(o * kWindowBlock, T(0));
   return s;
 }
 
@@ -172,45 +170,45 @@ StackScratch<T>& stack_scratch(const StackLayout<T>& L, int64_t o) {
 template <typename T, int CB>
 void stack_table(const T* go, const uint8_t* am, int64_t left, const ConvPoolGeometry& g,
                  const StackLayout<T>& L, int64_t o0, StackScratch<T>& t) {
-  typedef int32_t I __attribute__((vector_size(4 * kStackBlock)));
-  typedef T G __attribute__((vector_size(sizeof(T) * kStackBlock)));
-  using Codes = typename ByteVec<kStackBlock>::type;
+  typedef int32_t I __attribute__((vector_size(4 * kWindowBlock)));
+  typedef T G __attribute__((vector_size(sizeof(T) * kWindowBlock)));
+  using Codes = typename ByteVec<kWindowBlock>::type;
   using GM = decltype(G{} > G{});
   const int64_t plane = g.ph * g.pw;
-  const int64_t blocks = static_cast<int64_t>(L.woff.size()) / kStackBlock;
+  const int64_t blocks = static_cast<int64_t>(L.woff.size()) / kWindowBlock;
   const I qoff = load<I>(L.qoff.data());
   for (int i = 0; i < CB; ++i) {
     const int64_t o = o0 + i;
     if (o >= g.o) {
       for (int64_t kb = 0; kb < blocks; ++kb) {
-        store(t.off.data() + (kb * CB + i) * kStackBlock, I{});
-        store(t.grad.data() + (kb * CB + i) * kStackBlock, G{});
+        store(t.off.data() + (kb * CB + i) * kWindowBlock, I{});
+        store(t.grad.data() + (kb * CB + i) * kWindowBlock, G{});
       }
       continue;
     }
-    G b = load<G>(t.bias.data() + o * kStackBlock);
+    G b = load<G>(t.bias.data() + o * kWindowBlock);
     for (int64_t kb = 0; kb < blocks; ++kb) {
-      const int64_t k0 = kb * kStackBlock, at = o * plane + k0;
-      const int n = static_cast<int>(std::min<int64_t>(kStackBlock, plane - k0));
+      const int64_t k0 = kb * kWindowBlock, at = o * plane + k0;
+      const int n = static_cast<int>(std::min<int64_t>(kWindowBlock, plane - k0));
       Codes qb;
       G gv;
-      if (n == kStackBlock && at + kStackBlock <= left) {
+      if (n == kWindowBlock && at + kWindowBlock <= left) {
         qb = load<Codes>(am + at);
         gv = load<G>(go + at);
       } else {
-        qb = load_bytes<kStackBlock>(am + at, n, kNoGrad);
+        qb = load_bytes<kWindowBlock>(am + at, n, kNoGrad);
         gv = load_lanes<G>(go + at, 0, n);
       }
       const I q = __builtin_convertvector(qb, I);
       const I keep = q != I{} + kNoGrad;
-      const I patch = __builtin_shuffle(qoff, q & (kStackBlock - 1));
-      const int64_t e = (kb * CB + i) * kStackBlock;
+      const I patch = __builtin_shuffle(qoff, q & (kWindowBlock - 1));
+      const int64_t e = (kb * CB + i) * kWindowBlock;
       store(t.off.data() + e, (load<I>(L.woff.data() + k0) + patch) & keep);
       gv = __builtin_convertvector(keep, GM) ? gv : G{};  // NaN, Inf pass where kept
       store(t.grad.data() + e, gv);
       b += gv;
     }
-    store(t.bias.data() + o * kStackBlock, b);
+    store(t.bias.data() + o * kWindowBlock, b);
   }
 }
 
@@ -231,7 +229,7 @@ void stack_weight_sample(const T* go, const uint8_t* am, int64_t left, const Con
   using V = typename StackVec<T>::V;
   constexpr int VW = StackVec<T>::VW;
   const int64_t plane = g.ph * g.pw;
-  const int64_t blocks = static_cast<int64_t>(L.woff.size()) / kStackBlock;
+  const int64_t blocks = static_cast<int64_t>(L.woff.size()) / kWindowBlock;
   const T* stack[NT];  // each stack of a patch from a base of its own: no address arithmetic
   for (int s = 0; s < NT; ++s) stack[s] = t.stacks.data() + s * kStackRows * L.row;
   for (int64_t o0 = 0; o0 < g.o; o0 += CB) {
@@ -241,13 +239,13 @@ void stack_weight_sample(const T* go, const uint8_t* am, int64_t left, const Con
     for (int i = 0; i < CB; ++i)
       for (int a = 0; a < NT * NV; ++a) acc[i][a] = load<V>(sums + (i * NT * NV + a) * VW);
     for (int64_t kb = 0; kb < blocks; ++kb) {
-      const int32_t* off = t.off.data() + kb * CB * kStackBlock;
-      const T* gr = t.grad.data() + kb * CB * kStackBlock;
-      const int64_t n = std::min<int64_t>(kStackBlock, plane - kb * kStackBlock);
+      const int32_t* off = t.off.data() + kb * CB * kWindowBlock;
+      const T* gr = t.grad.data() + kb * CB * kWindowBlock;
+      const int64_t n = std::min<int64_t>(kWindowBlock, plane - kb * kWindowBlock);
       for (int64_t k = 0; k < n; ++k)
         for (int i = 0; i < CB; ++i) {
-          const int64_t at = off[i * kStackBlock + k];
-          const V gb = broadcast<V>(gr + i * kStackBlock + k);
+          const int64_t at = off[i * kWindowBlock + k];
+          const V gb = broadcast<V>(gr + i * kWindowBlock + k);
           for (int s = 0; s < NT; ++s)
             for (int v = 0; v < NV; ++v) acc[i][s * NV + v] += gb * load<V>(stack[s] + at + v * VW);
         }
@@ -295,7 +293,7 @@ StackLayout<T>::StackLayout(const ConvPoolGeometry& g) {
     lo.push_back(static_cast<int>(std::clamp<int64_t>(g.padw - c0, 0, VW)));
     hi.push_back(static_cast<int>(std::clamp<int64_t>(g.w + g.padw - c0, lo.back(), VW)));
   }
-  woff.assign((g.ph * g.pw + kStackBlock - 1) / kStackBlock * kStackBlock, 0);
+  woff.assign((g.ph * g.pw + kWindowBlock - 1) / kWindowBlock * kWindowBlock, 0);
   for (int64_t ph = 0, k = 0; ph < g.ph; ++ph)
     for (int64_t pw = 0; pw < g.pw; ++pw, ++k)
       woff[k] = static_cast<int32_t>(ph * g.psh * g.sh * row + pw * g.psw * g.sw * kStackRows);
@@ -314,15 +312,15 @@ constexpr int64_t kStackMinWindows = 128;
 // Whether the stack kernel takes grad_w of this layer: float32 (float64 rows of 5 taps take two
 // vectors: 0.61-1.03x the lanes over pooled columns at batch 64, where the per-window kernel is
 // 0.70-1.20x), one input channel, at least kStackMinWindows windows, patches of up to kStackMaxNT
-// stacks of kStackMaxNV vectors, pools of fewer than kStackBlock positions (qoff), offsets that fit
-// int32, and 32 vector registers (its register blocks assume AVX-512's).
+// stacks of kStackMaxNV vectors, pools of fewer than kWindowBlock positions (qoff), offsets that
+// fit int32, and 32 vector registers (its register blocks assume AVX-512's).
 template <typename T>
 bool stack_weight_suits(const ConvPoolGeometry& g) {
   constexpr int64_t VW = StackVec<T>::VW;
   const int64_t wpr = (g.w + 2 * g.padw + VW - 1) / VW * VW;
   return kVecRegs >= 32 && std::is_same_v<T, float> && g.c == 1 &&
          g.n * g.ph * g.pw >= kStackMinWindows && g.kh <= kStackRows * kStackMaxNT &&
-         kStackRows * g.kw <= kStackMaxNV * VW && g.poolh * g.poolw < kStackBlock &&
+         kStackRows * g.kw <= kStackMaxNV * VW && g.poolh * g.poolw < kWindowBlock &&
          (g.h + 2 * g.padh + 4) * kStackRows * wpr < INT32_MAX;
 }
 
@@ -340,9 +338,9 @@ void stack_weight_finish(const StackScratch<T>& t, const ConvPoolGeometry& g,
         const int64_t kh = s * kStackRows + e % kStackRows, kw = e / kStackRows;
         if (kh < g.kh && kw < g.kw) gw[(o * g.kh + kh) * rowsize + kw] += sums[s * per_stack + e];
       }
-    T b[kStackBlock];
-    std::memcpy(b, t.bias.data() + o * kStackBlock, sizeof(b));
-    for (int w = kStackBlock / 2; w > 0; w /= 2)  // halves added pairwise: a fixed order
+    T b[kWindowBlock];
+    std::memcpy(b, t.bias.data() + o * kWindowBlock, sizeof(b));
+    for (int w = kWindowBlock / 2; w > 0; w /= 2)  // halves added pairwise: a fixed order
       for (int l = 0; l < w; ++l) b[l] += b[l + w];
     gb[o] += b[0];
   }

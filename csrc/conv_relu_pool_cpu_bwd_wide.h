@@ -317,8 +317,6 @@ std::vector<T, CacheLineAllocator<T>> wide_input_weight(const T* w, const ConvPo
   return wt;
 }
 
-// Windows per block of window_lists_vec: one vector of 16 int32 lanes.
-constexpr int kListBlock = 16;
 // Pool positions (buckets per window) wide_input_sample's vector lists are instantiated for:
 // pools up to 3x3.
 constexpr int kWideListMaxPositions = 9;
@@ -345,18 +343,18 @@ bool window_lists_vec(const T* go, const uint8_t* am, int64_t plane, int64_t pos
     if (positions >= 15 || (plane + 1) * W * stride >= INT32_MAX ||
         o1 * scale + stride >= INT32_MAX)
       return false;
-    alignas(64) int32_t wh[kListBlock] = {}, va[kListBlock] = {};
+    alignas(64) int32_t wh[kWindowBlock] = {}, va[kWindowBlock] = {};
     for (int64_t q = 0; q < positions; ++q) {
       wh[q] = static_cast<int32_t>(which[q]);
       va[q] = static_cast<int32_t>(value[q]);
     }
     const __m512i which16 = _mm512_load_si512(wh), value16 = _mm512_load_si512(va);
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i nograd = _mm512_set1_epi32(kNoGrad), low = _mm512_set1_epi32(kListBlock - 1);
+    const __m512i nograd = _mm512_set1_epi32(kNoGrad), low = _mm512_set1_epi32(kWindowBlock - 1);
     const __m512i one = _mm512_set1_epi32(1), width = _mm512_set1_epi32(static_cast<int32_t>(W));
     const __m512i per_bucket = _mm512_set1_epi32(static_cast<int32_t>(stride));
-    for (int64_t k0 = 0; k0 < plane; k0 += kListBlock) {
-      const int n = static_cast<int>(std::min<int64_t>(kListBlock, plane - k0));
+    for (int64_t k0 = 0; k0 < plane; k0 += kWindowBlock) {
+      const int n = static_cast<int>(std::min<int64_t>(kWindowBlock, plane - k0));
       const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
       // Lane l's first bucket: (k0 + l) * W.
       const __m512i first = _mm512_mullo_epi32(
@@ -477,12 +475,12 @@ void wide_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeom
   int32_t* count = lists.count.data();
   int32_t* chan = lists.chan.data();
   T* grad = lists.grad.data();
-  static const std::array<int64_t, kListBlock> position = [] {
-    std::array<int64_t, kListBlock> a{};
-    for (int q = 0; q < kListBlock; ++q) a[q] = q;
+  static const std::array<int64_t, kWindowBlock> position = [] {
+    std::array<int64_t, kWindowBlock> a{};
+    for (int q = 0; q < kWindowBlock; ++q) a[q] = q;
     return a;
   }();
-  static const std::array<int64_t, kListBlock> zero{};
+  static const std::array<int64_t, kWindowBlock> zero{};
   const auto by_vectors = [&]<int... NQ>(std::integer_sequence<int, NQ...>) {
     bool done = false;
     ((done = done || (nq == NQ + 1 && window_lists_vec<T, NQ + 1>(go, am, plane, nq, nq + 1, 0, g.o,

@@ -181,7 +181,7 @@ def test_conv_nonfinite(which, index, value, c, o, padding, pool_size, backend):
 
 
 #: One input channel, at least 128 pooling windows a batch: the C++ CPU grad_w from stacked rows
-#: (csrc/conv_relu_pool_cpu_bwd_stacks.h), which tests finiteness as it builds the stacks.
+#: (csrc/conv_relu_pool_cpu_bwd_stacks.h), whose sparse sums need the dense fallback here.
 ONE_CHANNEL_NONFINITE = [
     ("nan_input", (1, 0, 7, 4), NAN),
     ("inf_input_corner", (3, 0, 0, 15), INF),  # under the padding edge
