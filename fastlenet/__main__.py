@@ -22,7 +22,7 @@ import sys
 
 import torch.multiprocessing as mp
 
-from fastlenet import backends, checkpoint, data, models, report, train
+from fastlenet import backends, checkpoint, data, distributed, models, report, train
 from fastlenet.models import MODELS
 
 
@@ -196,8 +196,6 @@ def build_parser():
 
 
 def _train(args):
-    from fastlenet import distributed
-
     # Two TrainConfig fields come from flags; every other one from the option of its name
     # (argparse dest), which counts as given (a resumed run refuses to change the settings
     # given) unless left out (None: the field's default).
@@ -260,6 +258,13 @@ def _message(exc) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    code = _run(args)
+    if args.command == "train" and distributed.under_torchrun():
+        distributed.exit_without_teardown(code)  # gloo's teardown can abort: see there
+    return code
+
+
+def _run(args) -> int:
     try:
         if args.command == "train":
             _train(args)

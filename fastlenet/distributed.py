@@ -45,17 +45,19 @@ def _setup_device(config, local_rank):
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
 
 
-def _exit_worker():
-    """Ends a spawned worker that finished cleanly without the interpreter's teardown: in torch
-    2.14 a process that used gloo (DDP, its barrier, destroy_process_group) aborts at exit at
-    random with "terminate called without an active exception" (C++ static destruction, no
-    Python frame). Measured with 2 spawned processes doing only DDP steps on a Linear, a barrier
-    and destroy_process_group (no fastlenet code): 9 of 40 runs aborted; 0 of 40 ending with
-    os._exit. Everything a worker hands back is sent before this (rank 0's metrics through a
-    SimpleQueue, written synchronously); stdout and stderr are flushed here."""
+def exit_without_teardown(code: int = 0):
+    """Ends a process that used gloo and finished without the interpreter's teardown: in torch
+    2.14 such a process (DDP, its barrier, destroy_process_group) aborts at exit at random with
+    "terminate called without an active exception" (C++ static destruction, no Python frame).
+    Measured with 2 spawned processes doing only DDP steps on a Linear, a barrier and
+    destroy_process_group (no fastlenet code): 9 of 40 runs aborted; 0 of 40 ending with
+    os._exit. The same under torchrun: `fastlenet train` on 2 ranks aborted in 2 of 40 runs.
+    The caller must have handed back everything first (a spawned worker's metrics go through a
+    SimpleQueue, written synchronously; checkpoints, metrics JSON and event files are closed
+    when train returns); stdout and stderr are flushed here."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def _worker(rank, world_size, port, config, dataset, explicit, results):
@@ -74,7 +76,7 @@ def _worker(rank, world_size, port, config, dataset, explicit, results):
             results.put(metrics)
     finally:
         torch.distributed.destroy_process_group()
-    _exit_worker()
+    exit_without_teardown(0)
 
 
 def _per_rank(config, world_size):
