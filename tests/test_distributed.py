@@ -85,3 +85,33 @@ def test_torchrun_runs_the_same_command(tmp_path):
     b = torch.load(ddp, weights_only=True)["model"]
     for name in a:
         assert rel_err(b[name], a[name]) < PARAM_TOL, name
+
+
+def test_torchrun_rank_ends_with_its_exit_code_and_message(tmp_path):
+    # Under torchrun `fastlenet train` ends through os._exit (distributed.exit_without_teardown):
+    # the code and the buffered stderr must still come out. A refused --nproc fails before any
+    # process group, so a one-rank torchrun environment is enough.
+    env = {
+        **os.environ,
+        **dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511"),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastlenet",
+            "train",
+            "--nproc",
+            "3",
+            "--device",
+            "cpu",
+            "--checkpoint",
+            str(tmp_path / "ck.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "fastlenet: error: --nproc 3 under torchrun" in proc.stderr
