@@ -445,7 +445,20 @@ constexpr int kColumnsAccumulators = kVecRegs * 3 / 4;
 constexpr int kColumnsMaxWindow = 4;
 constexpr int kColumnsMaxOut = kColumnsAccumulators / kColumnsMaxWindow;
 
+// The first `lanes` of a block's values and codes, one by one (columns_store near the end of the
+// output). Out of line: in columns_store, the lane subscripts made GCC keep every accumulator
+// and each channel's results in memory on the whole-vector path too.
+template <typename T, typename V, typename C>
+[[gnu::noinline]] void columns_store_lanes(const V relu, const C codes, T* out, uint8_t* am,
+                                           int64_t lanes) {
+  for (int64_t l = 0; l < lanes; ++l) {
+    out[l] = relu[l];
+    am[l] = codes[l];
+  }
+}
+
 // The pooled block's max, argmax codes and ReLU from its accumulators, stored (columns_block).
+// The channel and position loops are unrolled so that the accumulators stay in registers.
 template <typename T, int OB, int NQ, typename V>
 inline void columns_store(const V (&acc)[OB][NQ], T* out, uint8_t* am, int64_t plane, int64_t lanes,
                           int64_t room) {
@@ -453,9 +466,11 @@ inline void columns_store(const V (&acc)[OB][NQ], T* out, uint8_t* am, int64_t p
   using M = typename Vec::mask;
   using MI = typename Vec::mask_int;
   constexpr int VW = Vec::kLanes;
+#pragma GCC unroll 16
   for (int o = 0; o < OB; ++o) {
     V best = acc[o][0];
     M pos = M{};
+#pragma GCC unroll 4
     for (int q = 1; q < NQ; ++q) {
       // max_pool2d's rule: a strictly larger value or a NaN replaces the max.
       const M take = (acc[o][q] > best) | (acc[o][q] != acc[o][q]);
@@ -469,10 +484,7 @@ inline void columns_store(const V (&acc)[OB][NQ], T* out, uint8_t* am, int64_t p
       store(out + o * plane, relu);
       store(am + o * plane, codes);
     } else {
-      for (int64_t l = 0; l < lanes; ++l) {
-        out[o * plane + l] = relu[l];
-        am[o * plane + l] = codes[l];
-      }
+      columns_store_lanes(relu, codes, out + o * plane, am + o * plane, lanes);
     }
   }
 }
