@@ -407,12 +407,21 @@ void wide_input_group(const T* wt, int64_t step, const int32_t* chan, const T* g
                       int64_t end, T* dst, int64_t wpc) {
   using V = typename WideVec<T>::V;
   constexpr int VW = WideVec<T>::VW;
-  V a0[RB][TV] = {}, a1[RB][TV] = {};
+  // Every loop over the tile unrolled: where one was not (the odd entry's, the final sums'),
+  // GCC kept both arrays on the stack around the main loop, ~30 stack loads and stores per
+  // call of a few entries.
+  V a0[RB][TV], a1[RB][TV];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < TV; ++v) a0[r][v] = a1[r][v] = V{};
   for (; e + 1 < end; e += 2) {
     const T* w0 = wt + chan[e] * step;
     const T* w1 = wt + chan[e + 1] * step;
     const T g0 = grad[e], g1 = grad[e + 1];
+#pragma GCC unroll 8
     for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
       for (int v = 0; v < TV; ++v) {
         a0[r][v] += g0 * load<V>(w0 + (r * TV + v) * VW);
         a1[r][v] += g1 * load<V>(w1 + (r * TV + v) * VW);
@@ -420,11 +429,18 @@ void wide_input_group(const T* wt, int64_t step, const int32_t* chan, const T* g
   }
   if (e < end) {
     const T* w0 = wt + chan[e] * step;
+#pragma GCC unroll 8
     for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
       for (int v = 0; v < TV; ++v) a0[r][v] += grad[e] * load<V>(w0 + (r * TV + v) * VW);
   }
-  for (int r = 0; r < RB; ++r, dst += wpc)
-    for (int v = 0; v < TV; ++v) store(dst + v * VW, load<V>(dst + v * VW) + (a0[r][v] + a1[r][v]));
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < TV; ++v) {
+      T* d = dst + r * wpc + v * VW;
+      store(d, load<V>(d) + (a0[r][v] + a1[r][v]));
+    }
 }
 
 template <typename T>
