@@ -196,30 +196,34 @@ inline at::Tensor tap_weight(const at::Tensor& weight, const ConvPoolGeometry& g
 // mm (MKL) at 54 x 128 x 1024 (128 -> 6 3x3 32x32, whole forward).
 constexpr int kTapCols = 4;
 
-// One register block: MR rows of y by nv <= kTapCols vectors, from x's rows xs apart.
-template <typename T, int MR>
-void tap_gemm_block(const T* wt, int64_t c, const T* x, int64_t xs, int nv, T* y, int64_t ld) {
+// One register block: MR rows of y by NV <= kTapCols vectors, from x's rows xs apart. NV is a
+// template argument: with a runtime count of vectors (a row's last block) GCC kept the
+// accumulators of that loop on the stack (tap_gemm_block<float, 6>: 48 stack loads and stores
+// per depth step).
+template <typename T, int MR, int NV>
+void tap_gemm_block(const T* wt, int64_t c, const T* x, int64_t xs, T* y, int64_t ld) {
   using V = typename VecOf<T, kVecBytes>::type;
   constexpr int VW = VecOf<T, kVecBytes>::kLanes;
-  V acc[MR][kTapCols] = {};
-  if (nv == kTapCols) {
-    for (int64_t k = 0; k < c; ++k) {
-      V xv[kTapCols];
-      for (int v = 0; v < kTapCols; ++v) xv[v] = load<V>(x + k * xs + v * VW);
-      for (int r = 0; r < MR; ++r) {
-        const T wv = wt[r * c + k];
-        for (int v = 0; v < kTapCols; ++v) acc[r][v] += wv * xv[v];
-      }
-    }
-  } else {
-    for (int64_t k = 0; k < c; ++k)
-      for (int v = 0; v < nv; ++v) {
-        const V xv = load<V>(x + k * xs + v * VW);
-        for (int r = 0; r < MR; ++r) acc[r][v] += wt[r * c + k] * xv;
-      }
-  }
+  V acc[MR][NV];
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < nv; ++v) store(y + r * ld + v * VW, acc[r][v]);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  for (int64_t k = 0; k < c; ++k) {
+    V xv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) xv[v] = load<V>(x + k * xs + v * VW);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const T wv = wt[r * c + k];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += wv * xv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) store(y + r * ld + v * VW, acc[r][v]);
 }
 
 constexpr int kTapRows = 6;  // MR: 6 x 4 accumulators, 4 inputs and a weight fill 29 registers
@@ -238,10 +242,21 @@ constexpr int64_t kTapAliasBytes = 512;
 
 template <typename T>
 void tap_gemm(const T* wt, int64_t m, int64_t c, const T* x, int64_t ld, T* y, T* panel) {
-  using Fn = void (*)(const T*, int64_t, const T*, int64_t, int, T*, int64_t);
-  static constexpr Fn fns[kTapRows] = {&tap_gemm_block<T, 1>, &tap_gemm_block<T, 2>,
-                                       &tap_gemm_block<T, 3>, &tap_gemm_block<T, 4>,
-                                       &tap_gemm_block<T, 5>, &tap_gemm_block<T, 6>};
+  using Fn = void (*)(const T*, int64_t, const T*, int64_t, T*, int64_t);
+  // [MR - 1][NV - 1]
+  static constexpr Fn fns[kTapRows][kTapCols] = {
+      {&tap_gemm_block<T, 1, 1>, &tap_gemm_block<T, 1, 2>, &tap_gemm_block<T, 1, 3>,
+       &tap_gemm_block<T, 1, 4>},
+      {&tap_gemm_block<T, 2, 1>, &tap_gemm_block<T, 2, 2>, &tap_gemm_block<T, 2, 3>,
+       &tap_gemm_block<T, 2, 4>},
+      {&tap_gemm_block<T, 3, 1>, &tap_gemm_block<T, 3, 2>, &tap_gemm_block<T, 3, 3>,
+       &tap_gemm_block<T, 3, 4>},
+      {&tap_gemm_block<T, 4, 1>, &tap_gemm_block<T, 4, 2>, &tap_gemm_block<T, 4, 3>,
+       &tap_gemm_block<T, 4, 4>},
+      {&tap_gemm_block<T, 5, 1>, &tap_gemm_block<T, 5, 2>, &tap_gemm_block<T, 5, 3>,
+       &tap_gemm_block<T, 5, 4>},
+      {&tap_gemm_block<T, 6, 1>, &tap_gemm_block<T, 6, 2>, &tap_gemm_block<T, 6, 3>,
+       &tap_gemm_block<T, 6, 4>}};
   constexpr int VW = VecOf<T, kVecBytes>::kLanes;
   constexpr int64_t cols = kTapCols * VW;
   const bool pack = ld * int64_t{sizeof(T)} % kTapAliasBytes == 0;
@@ -262,7 +277,7 @@ void tap_gemm(const T* wt, int64_t m, int64_t c, const T* x, int64_t ld, T* y, T
     }
     for (int64_t m0 = 0; m0 < m; m0 += kTapRows) {
       const int64_t mr = std::min<int64_t>(kTapRows, m - m0);
-      fns[mr - 1](wt + m0 * c, c, xb, xs, nv, y + m0 * ld + j0, ld);
+      fns[mr - 1][nv - 1](wt + m0 * c, c, xb, xs, y + m0 * ld + j0, ld);
     }
   }
 }
