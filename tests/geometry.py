@@ -153,6 +153,10 @@ CONV = {
     "tap_gemm_pool3": (2, 33, 32, 33, 5, 3, 2, 1, (1, 0), 3, 2),
     "tap_gemm_5x5": (2, 40, 11, 12, 8, 5, 5, 1, 2, 2, 2),
     "tap_gemm_no_pool": (2, 35, 9, 10, 6, 3, 3, 1, 1, 1, 1),  # pool_size=1: ReLU/argmax per value
+    # The GEMM's kernels are instantiated per rows (1-6) and vectors (1-4) of a block: the rows
+    # above end in blocks of 3, 6, 2, 6 and 3 rows over last blocks of 3, 2, 1, 2 and 4
+    # vectors; this one in 5 rows (125 = 5 x 5 x 5) over 1 vector (144 pixels).
+    "tap_gemm_rows5": (2, 32, 12, 12, 5, 5, 5, 1, 2, 2, 2),
     # Planes of 256 pixels (1 KiB of float32, 2 KiB of float64): the tap GEMM copies each
     # block of columns into a panel and prefetches the next (kTapAliasBytes); 63 GEMM rows.
     "tap_gemm_aliased": (2, 34, 16, 16, 7, 3, 3, 1, 1, 2, 2),
