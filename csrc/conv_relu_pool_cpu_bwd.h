@@ -212,7 +212,7 @@ template <typename T, typename Layout>
 void to_padded_cl(const T* xs, const ConvPoolGeometry& g, const Layout& L, T* dst) {
   if (L.pix == 1) {  // channels-last is the same layout: whole rows
     for (int64_t y = 0; y < g.h; ++y)
-      std::memcpy(dst + (y + g.padh) * L.wpc + g.padw, xs + y * g.w, g.w * sizeof(T));
+      copy_row(dst + (y + g.padh) * L.wpc + g.padw, xs + y * g.w, g.w);
     return;
   }
   int64_t x0 = 0;  // pixels [0, x0) of each row are done by blocks of 8 x 8

@@ -94,7 +94,7 @@ void relu_pool_plane(const T* y, const ConvPoolGeometry& g, T* outp, uint8_t* am
   const int64_t rowlen = relu_pool_rowlen(g, VW);
   for (int64_t ph = 0; ph < g.ph; ++ph) {
     for (int64_t i = 0; i < g.poolh; ++i)
-      std::memcpy(rows + i * rowlen, y + (ph * g.psh + i) * g.ow, g.ow * sizeof(T));
+      copy_row(rows + i * rowlen, y + (ph * g.psh + i) * g.ow, g.ow);
     for (int64_t b = 0; b < blocks; ++b) {
       WindowMax<T> win;
       for (int64_t i = 0; i < g.poolh; ++i)
@@ -309,8 +309,7 @@ void tap_gemm_forward(const at::Tensor& input, const at::Tensor& weight, const a
     for (int64_t n = n0; n < n1; ++n) {
       const T* xs = xp + n * g.c * hw;
       if (ld != hw) {  // rows of whole vectors, zero past the sample's pixels
-        for (int64_t c = 0; c < g.c; ++c)
-          std::memcpy(xpad.data() + c * ld, xs + c * hw, hw * sizeof(T));
+        for (int64_t c = 0; c < g.c; ++c) copy_row(xpad.data() + c * ld, xs + c * hw, hw);
         xs = xpad.data();
       }
       tap_gemm(wtp, taps * g.o, g.c, xs, ld, y.data(), panel.data());

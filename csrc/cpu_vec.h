@@ -107,6 +107,29 @@ struct CacheLineAllocator {
 template <typename T>
 using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 
+// n values from src to dst. On AVX-512 by whole vectors and a masked last one, inline: the
+// rows the conv kernels copy into padded buffers are short (tens of values), and libc's memcpy
+// of a runtime size cost a call and its size dispatch per row. mid-16-16's forward (batch 256,
+// perf): 8.3% of its samples in __memmove_avx512_unaligned_erms, then 5.7% in copy_padded.
+template <typename T>
+inline void copy_row(T* dst, const T* src, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    constexpr int64_t VW = 64 / sizeof(T);
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW) std::memcpy(dst + i, src + i, 64);
+    if (i == n) return;
+    const auto keep = static_cast<uint32_t>((1u << (n - i)) - 1);
+    if constexpr (std::is_same_v<T, float>)
+      _mm512_mask_storeu_ps(dst + i, keep, _mm512_maskz_loadu_ps(keep, src + i));
+    else
+      _mm512_mask_storeu_pd(dst + i, keep, _mm512_maskz_loadu_pd(keep, src + i));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n * sizeof(T));
+}
+
 // One input sample's c planes of h x w values (xs, contiguous) into dst's planes of
 // (h + 2 * padh) x wp values at row padh and column padw: the conv kernels' zero-padded copies.
 // dst's padding keeps what it holds (the zeros it was allocated with).
@@ -116,7 +139,7 @@ void copy_padded(const T* xs, int64_t c, int64_t h, int64_t w, int64_t padh, int
   const int64_t plane = (h + 2 * padh) * wp;
   for (int64_t ci = 0; ci < c; ++ci)
     for (int64_t y = 0; y < h; ++y)
-      std::memcpy(dst + ci * plane + (y + padh) * wp + padw, xs + (ci * h + y) * w, w * sizeof(T));
+      copy_row(dst + ci * plane + (y + padh) * wp + padw, xs + (ci * h + y) * w, w);
 }
 
 // Unaligned load and store (memcpy compiles to one vmovups).
