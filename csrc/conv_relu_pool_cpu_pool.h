@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -228,6 +229,23 @@ void tap_gemm_block(const T* wt, int64_t c, const T* x, int64_t xs, T* y, int64_
 
 constexpr int kTapRows = 6;  // MR: 6 x 4 accumulators, 4 inputs and a weight fill 29 registers
 
+template <typename T>
+using TapGemmFn = void (*)(const T*, int64_t, const T*, int64_t, T*, int64_t);
+
+// tap_gemm_block<T, MR, NV> for every NV in 1 .. kTapCols.
+template <typename T, int MR, int... NVs>
+constexpr std::array<TapGemmFn<T>, sizeof...(NVs)> tap_gemm_row(
+    std::integer_sequence<int, NVs...>) {
+  return {&tap_gemm_block<T, MR, NVs + 1>...};
+}
+
+// tap_gemm_block<T, MR, NV> by [MR - 1][NV - 1], MR in 1 .. kTapRows.
+template <typename T, int... MRs>
+constexpr std::array<std::array<TapGemmFn<T>, kTapCols>, sizeof...(MRs)> tap_gemm_table(
+    std::integer_sequence<int, MRs...>) {
+  return {tap_gemm_row<T, MRs + 1>(std::make_integer_sequence<int, kTapCols>{})...};
+}
+
 // Column block by column block, every row block of y per column block, so that the block's
 // C * kTapCols vectors of x are read from L1 by all of them. Where x's rows are a multiple of
 // kTapAliasBytes apart (16x16 and 32x32 planes: 1 and 4 KiB), a block's rows fall on a few sets
@@ -242,21 +260,7 @@ constexpr int64_t kTapAliasBytes = 512;
 
 template <typename T>
 void tap_gemm(const T* wt, int64_t m, int64_t c, const T* x, int64_t ld, T* y, T* panel) {
-  using Fn = void (*)(const T*, int64_t, const T*, int64_t, T*, int64_t);
-  // [MR - 1][NV - 1]
-  static constexpr Fn fns[kTapRows][kTapCols] = {
-      {&tap_gemm_block<T, 1, 1>, &tap_gemm_block<T, 1, 2>, &tap_gemm_block<T, 1, 3>,
-       &tap_gemm_block<T, 1, 4>},
-      {&tap_gemm_block<T, 2, 1>, &tap_gemm_block<T, 2, 2>, &tap_gemm_block<T, 2, 3>,
-       &tap_gemm_block<T, 2, 4>},
-      {&tap_gemm_block<T, 3, 1>, &tap_gemm_block<T, 3, 2>, &tap_gemm_block<T, 3, 3>,
-       &tap_gemm_block<T, 3, 4>},
-      {&tap_gemm_block<T, 4, 1>, &tap_gemm_block<T, 4, 2>, &tap_gemm_block<T, 4, 3>,
-       &tap_gemm_block<T, 4, 4>},
-      {&tap_gemm_block<T, 5, 1>, &tap_gemm_block<T, 5, 2>, &tap_gemm_block<T, 5, 3>,
-       &tap_gemm_block<T, 5, 4>},
-      {&tap_gemm_block<T, 6, 1>, &tap_gemm_block<T, 6, 2>, &tap_gemm_block<T, 6, 3>,
-       &tap_gemm_block<T, 6, 4>}};
+  static constexpr auto fns = tap_gemm_table<T>(std::make_integer_sequence<int, kTapRows>{});
   constexpr int VW = VecOf<T, kVecBytes>::kLanes;
   constexpr int64_t cols = kTapCols * VW;
   const bool pack = ld * int64_t{sizeof(T)} % kTapAliasBytes == 0;
