@@ -67,7 +67,7 @@ def make_model(provider: str):
 
 
 def train_step_fn(model, x, y, fused_sgd=True):
-    fused = {"fused": True} if fused_sgd else {}  # else SGD's default (foreach) implementation
+    fused = {"fused": True} if fused_sgd else {}  # else SGD's default: a loop per parameter on CPU
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, **fused)
 
     def step():
