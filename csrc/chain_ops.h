@@ -25,6 +25,8 @@ using ConvFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::
                                                    const std::optional<at::Tensor>&,
                                                    at::IntArrayRef, at::IntArrayRef,
                                                    at::IntArrayRef, at::IntArrayRef);
+using ConvInfer = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                             at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef);
 using ConvBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                const at::Tensor&, const at::Tensor&,
                                                                at::IntArrayRef, at::IntArrayRef,

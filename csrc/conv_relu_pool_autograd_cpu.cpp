@@ -64,9 +64,22 @@ struct ConvReLUPoolNode : torch::autograd::Function<ConvReLUPoolNode> {
   }
 };
 
-at::Tensor conv_relu_pool_autograd(const at::Tensor& input, const at::Tensor& weight,
-                                   const std::optional<at::Tensor>& bias,
-                                   const std::vector<int64_t>& geometry) {
+// The fast path's entry: the node where autograd records, else the inference op alone; None
+// where fast_path_takes says no. The inference op from here rather than as torch.ops' overload
+// from Python: 1 -> 6 5x5 32x32 at batch 1 under no_grad, 8.2 -> 6.0 us a call (2-core Xeon VM,
+// alternating processes, 8 rounds).
+std::optional<at::Tensor> conv_relu_pool_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias,
+                                                  const std::vector<int64_t>& geometry) {
+  if (!fast_path_takes(input)) return std::nullopt;
+  if (!at::GradMode::is_enabled() ||
+      !(input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))) {
+    static const auto infer = op<ConvInfer>("fastlenet::conv_relu_pool_infer");
+    TORCH_CHECK(geometry.size() == 8, "geometry must hold 8 ints, got ", geometry.size());
+    const at::IntArrayRef g(geometry);
+    return infer.call(input, weight, bias, g.slice(0, 2), g.slice(2, 2), g.slice(4, 2),
+                      g.slice(6, 2));
+  }
   return ConvReLUPoolNode::apply(input, weight, bias, geometry);
 }
 

@@ -50,12 +50,12 @@ at::Tensor chain_autograd(const at::Tensor& input,
 // csrc/chain_key_cpu.cpp
 py::object chain_signature(const at::Tensor& input, const py::sequence& params);
 // csrc/conv_relu_pool_autograd_cpu.cpp
-at::Tensor conv_relu_pool_autograd(const at::Tensor& input, const at::Tensor& weight,
-                                   const std::optional<at::Tensor>& bias,
-                                   const std::vector<int64_t>& geometry);
+std::optional<at::Tensor> conv_relu_pool_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias,
+                                                  const std::vector<int64_t>& geometry);
 // csrc/linear_relu_autograd_cpu.cpp
-at::Tensor linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias, bool relu);
+std::optional<at::Tensor> linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias, bool relu);
 }  // namespace fastlenet
 
 namespace {
@@ -77,9 +77,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "with `input` (fastlenet/chain.py)");
   m.def("conv_relu_pool", &fastlenet::conv_relu_pool_autograd, py::arg("input"), py::arg("weight"),
         py::arg("bias"), py::arg("geometry"),
-        "conv_relu_pool on the CPU op as a C++ autograd node; geometry: stride, padding, "
-        "pool_size, pool_stride (fastlenet/conv_relu_pool.py's fast path)");
+        "conv_relu_pool on the CPU op as a C++ autograd node, or the inference op where "
+        "autograd records nothing; None for a dtype the CPU kernels do not take or under "
+        "torch.autocast. geometry: stride, padding, pool_size, pool_stride "
+        "(fastlenet/conv_relu_pool.py's fast path)");
   m.def("linear_relu", &fastlenet::linear_relu_autograd, py::arg("input"), py::arg("weight"),
         py::arg("bias"), py::arg("relu"),
-        "linear_relu on the CPU op as a C++ autograd node (fastlenet/linear_relu.py's fast path)");
+        "linear_relu on the CPU op as a C++ autograd node, or the op where autograd records "
+        "nothing; None for a dtype the CPU kernels do not take or under torch.autocast "
+        "(fastlenet/linear_relu.py's fast path)");
 }

@@ -65,8 +65,9 @@ struct LinearReLUNode : torch::autograd::Function<LinearReLUNode> {
 // alone, as the Python path's inference branch calls it, through the dispatcher. The op from
 // here rather than as torch.ops' overload from Python: that call's Python half costs ~0.9 us
 // (84 -> 10 at batch 64 under no_grad, 2-core Xeon VM: the overload 4.21 us, F.linear 4.52).
-at::Tensor linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias, bool relu) {
+std::optional<at::Tensor> linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                               const std::optional<at::Tensor>& bias, bool relu) {
+  if (!fast_path_takes(input)) return std::nullopt;
   if (!at::GradMode::is_enabled() ||
       !(input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))) {
     return linear_fwd().call(input, weight, bias, relu);

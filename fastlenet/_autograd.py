@@ -10,7 +10,37 @@ CPU = torch.device("cpu")
 Tensor = torch.Tensor
 RESOLVED = backends._RESOLVED  # resolve()'s cache; refresh() clears it in place
 is_compiling = torch.compiler.is_compiling
-is_grad_enabled = torch.is_grad_enabled
+
+# The device types whose torch.autocast state the ops follow.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def autocast_inputs(input, weight, bias):
+    """(input, weight, bias) as stock's conv2d and linear take them under torch.autocast on
+    the input's device type: float32 (and other floating-point tensors but float64) cast to the
+    autocast dtype by a differentiable cast, as autocast casts them; as they are where autocast
+    is off. The ops then run in that dtype (on the CPU, by the reference: backends.resolve), so
+    their outputs have stock's dtype and their gradients flow back to the caller's dtypes.
+    Before the argument checks: a layer after another gets a half-precision input and a float32
+    weight, which stock's autocast casts to one dtype. A non-tensor argument is left as it is,
+    for the checks to name."""
+    if not isinstance(input, torch.Tensor):  # the checks name the mistake
+        return input, weight, bias
+    device_type = input.device.type
+    if device_type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        eligible = (
+            isinstance(t, torch.Tensor)
+            and t.is_floating_point()
+            and t.dtype != torch.float64
+            and t.device.type == device_type
+        )
+        return t.to(dtype) if eligible else t
+
+    return cast(input), cast(weight), cast(bias)
 
 
 def backward_backend(ctx) -> str:

@@ -125,8 +125,16 @@ def refresh() -> None:
 refresh()
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend for a tensor on `device`; raises if it cannot run there."""
+# The floating-point dtypes a backend's kernels take, where not every one: "auto" passes over a
+# backend whose kernels do not take the input's dtype. Half precision on the CPU (a model moved
+# to bfloat16 or float16, or torch.autocast) runs the reference: stock's own ops, as stock would.
+KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64)}
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend for a tensor of `dtype` on `device`; raises if it cannot run
+    there. A backend named outright runs whatever the dtype (its op refuses one it does not
+    take, naming it)."""
     check_choice(backend)
     key = (backend, device)
     name = _RESOLVED.get(key)
@@ -134,7 +142,16 @@ def resolve(backend: str, device: torch.device) -> str:
         name = _resolve(backend, device.type)
         if name != "triton":
             _RESOLVED[key] = name
+    taken = KERNEL_DTYPES.get(name)
+    if taken is not None and dtype is not None and dtype not in taken and _auto(backend):
+        return "reference"
     return name
+
+
+def _auto(backend: str) -> bool:
+    """Whether `backend` leaves the choice to resolve(): "auto", and FASTLENET_BACKEND unset or
+    "auto"."""
+    return backend == "auto" and _env_override in (None, "auto")
 
 
 def _resolve(backend: str, device_type: str) -> str:

@@ -10,10 +10,11 @@ autograd.Function, an engine node, the Python argument checks and a Python-to-C+
 layer and pass.
 
 `run(layers, x, layered)` takes the chain when nothing a user could observe differs, and calls
-`layered(x)` (the per-layer path) otherwise: hooks on a layer, torch.compile tracing, another
-backend or device, a channels_last or non-contiguous input or weight, unbatched input, string
-padding. The per-layer checks run on the first call of each shape (the layered path, which
-raises what the layers raise); later calls with that shape take the chain.
+`layered(x)` (the per-layer path) otherwise: hooks on a layer, torch.compile tracing,
+torch.autocast, another backend or device, a dtype other than float32 and float64, a
+channels_last or non-contiguous input or weight, unbatched input, string padding. The
+per-layer checks run on the first call of each shape (the layered path, which raises what the
+layers raise); later calls with that shape take the chain.
 """
 
 import torch
@@ -145,7 +146,12 @@ def of_modules(modules) -> list | None:
 def run(layers, x, layered, others=()):
     """layers applied to x as one autograd node when it may, else `layered(x)`. `others`:
     modules of the chain that are not layers (an nn.Flatten), whose hooks must run too."""
-    if not _ext.LOADED or torch.compiler.is_compiling() or _global_hooks():
+    if (
+        not _ext.LOADED
+        or torch.compiler.is_compiling()
+        or torch.is_autocast_enabled("cpu")  # the layers cast as stock's conv and linear do
+        or _global_hooks()
+    ):
         return layered(x)
     for m in others:
         if _hooked(m):

@@ -14,9 +14,8 @@ from fastlenet import _checks, _ext, backends
 from fastlenet._autograd import CPU as _CPU
 from fastlenet._autograd import RESOLVED as _RESOLVED
 from fastlenet._autograd import Tensor as _Tensor
-from fastlenet._autograd import backward_backend, records_graph
+from fastlenet._autograd import autocast_inputs, backward_backend, records_graph
 from fastlenet._autograd import is_compiling as _is_compiling
-from fastlenet._autograd import is_grad_enabled as _is_grad_enabled
 
 
 class ConvReLUPoolFunction(torch.autograd.Function):
@@ -62,8 +61,8 @@ def _fwd(input, weight, bias, geometry, backend, infer=False):
     return out, argmax, channels_last
 
 
-# The CPU op's inference overload (None without the extension; the fast path then never runs):
-# the forward's output without the argmax that only a backward reads.
+# The CPU op's inference overload (None without the extension): the forward's output without
+# the argmax that only a backward reads (_fwd; the fast path calls it from C++).
 _CPU_INFER = torch.ops.fastlenet.conv_relu_pool_infer.default if _ext.LOADED else None
 # The fast path's autograd node (csrc/conv_relu_pool_autograd_cpu.cpp): ConvReLUPoolFunction's
 # forward and backward on the CPU ops, as a C++ node, whose backward runs no Python.
@@ -91,9 +90,12 @@ def conv_relu_pool2d(
     """
     # The fast path, as linear_relu's (fastlenet/linear_relu.py): a plain 4-D CPU input and
     # weight, both contiguous (so neither is channels_last: _fwd's conversions do nothing),
-    # numeric geometry, and a backend that resolve() has already answered "cpu" for. The op's
-    # checks (csrc/checks.h) cover the Python ones for these arguments: those run only after it
-    # raised, to name the mistake as they always do. Not while torch.compile traces.
+    # numeric geometry, and a backend that resolve() has already answered "cpu" for. One call
+    # into C++, which records the node, runs the inference op where autograd records nothing,
+    # or returns None for the full path below (a dtype the CPU kernels do not take, or
+    # torch.autocast: csrc/cpu_autograd.h, fast_path_takes). The op's checks (csrc/checks.h)
+    # cover the Python ones for these arguments: those run only after it raised, to name the
+    # mistake as they always do. Not while torch.compile traces.
     try:
         fast = (
             type(input) is _Tensor
@@ -115,22 +117,22 @@ def conv_relu_pool2d(
         pool_size = _checks.pair(pool_size, "pool_size")
         pool_stride = pool_size if pool_stride is None else _checks.pair(pool_stride, "pool_stride")
         try:
-            if _is_grad_enabled() and (  # records_graph, inlined: one frame fewer
-                input.requires_grad
-                or weight.requires_grad
-                or (bias is not None and bias.requires_grad)
-            ):
-                return _CPU_NODE(input, weight, bias, (*stride, *padding, *pool_size, *pool_stride))
-            return _CPU_INFER(input, weight, bias, stride, padding, pool_size, pool_stride)
+            out = _CPU_NODE(input, weight, bias, (*stride, *padding, *pool_size, *pool_stride))
+            if out is not None:
+                return out
         except Exception as exc:  # re-raised below unless the checks name the mistake
             error = exc
-        _checks.check_params(input, weight, bias, weight_rank=4)
-        _checks.check_geometry(stride, padding, pool_size, pool_stride)
-        _checks.check_conv_input(input, weight, stride, padding, pool_size, pool_stride)
-        raise error
+        else:
+            error = None  # None from C++: the full path below
+        if error is not None:
+            _checks.check_params(input, weight, bias, weight_rank=4)
+            _checks.check_geometry(stride, padding, pool_size, pool_stride)
+            _checks.check_conv_input(input, weight, stride, padding, pool_size, pool_stride)
+            raise error
     stride = _checks.pair(stride, "stride")
     pool_size = _checks.pair(pool_size, "pool_size")
     pool_stride = pool_size if pool_stride is None else _checks.pair(pool_stride, "pool_stride")
+    input, weight, bias = autocast_inputs(input, weight, bias)
     _checks.check_params(input, weight, bias, weight_rank=4)
     if isinstance(padding, str):
         input, padding = _string_padding(input, weight, stride, padding)
@@ -141,7 +143,7 @@ def conv_relu_pool2d(
     if unbatched:
         input = input.unsqueeze(0)
     _checks.check_conv_input(input, weight, stride, padding, pool_size, pool_stride)
-    name = backends.resolve(backend, input.device)
+    name = backends.resolve(backend, input.device, input.dtype)
     if records_graph(input, weight, bias):
         out = ConvReLUPoolFunction.apply(
             input, weight, bias, stride, padding, pool_size, pool_stride, name

@@ -12,7 +12,7 @@ from fastlenet import _checks, _ext, backends
 from fastlenet._autograd import CPU as _CPU
 from fastlenet._autograd import RESOLVED as _RESOLVED
 from fastlenet._autograd import Tensor as _Tensor
-from fastlenet._autograd import backward_backend, records_graph
+from fastlenet._autograd import autocast_inputs, backward_backend, records_graph
 from fastlenet._autograd import is_compiling as _is_compiling
 
 
@@ -56,7 +56,8 @@ def _function(relu: bool, name: str, doc: str):
     def function(input, weight, bias=None, *, backend="auto"):
         # The fast path: a plain 2-D CPU input, CPU parameters, and a backend that resolve()
         # has already answered "cpu" for (from its cache: FASTLENET_BACKEND holds). One call
-        # into C++, which records the node or runs the op alone, in one Python frame instead of
+        # into C++, which records the node or runs the op alone (or returns None for _apply: a
+        # dtype the CPU kernels do not take, or torch.autocast), in one Python frame instead of
         # seven: under no_grad, 84->10 at batch 64 5.25 -> 4.86 us per call (the op alone
         # 4.21), 120->84 14.20 -> 13.83 us (13.24), alternating medians in one process, 2-core
         # Zen 4 VM; with the names above and this frame inlined, 84->10 6.55 -> 6.39 us. The
@@ -79,9 +80,13 @@ def _function(relu: bool, name: str, doc: str):
             fast = False
         if fast:
             try:  # the node where autograd records, else the op (both from C++)
-                return _CPU_NODE(input, weight, bias, relu)
+                out = _CPU_NODE(input, weight, bias, relu)
+                if out is not None:
+                    return out
             except Exception as exc:  # re-raised below unless the checks name the mistake
                 error = exc
+            else:
+                return _apply(input, weight, bias, relu, backend)
             _checks.check_linear(input, weight, bias)
             raise error
         return _apply(input, weight, bias, relu, backend)
@@ -96,8 +101,9 @@ def _apply(input, weight, bias, relu, backend):
         out = _checked_in_cpp(input, weight, bias, relu, backend)
         if out is not None:
             return out
+    input, weight, bias = autocast_inputs(input, weight, bias)
     _checks.check_linear(input, weight, bias)
-    name = backends.resolve(backend, input.device)
+    name = backends.resolve(backend, input.device, input.dtype)
     if input.dim() == 2:  # the common case: no reshapes (each costs microseconds per call)
         return _call(input, weight, bias, relu, name)
     out = _call(input.reshape(-1, input.shape[-1]), weight, bias, relu, name)
@@ -107,7 +113,9 @@ def _apply(input, weight, bias, relu, backend):
 def _call(input, weight, bias, relu, name):
     if records_graph(input, weight, bias):
         if name == "cpu" and not _is_compiling():
-            return _CPU_NODE(input, weight, bias, relu)
+            out = _CPU_NODE(input, weight, bias, relu)  # None: the op below names the dtype
+            if out is not None:
+                return out
         return LinearReLUFunction.apply(input, weight, bias, relu, name)
     # Nothing to record (inference): the op itself (84->10 at batch 64 takes ~8 us).
     return backends.ops("linear_relu", name).fwd(input, weight, bias, relu)
@@ -128,8 +136,10 @@ def _checked_in_cpp(input, weight, bias, relu, backend):
         and (bias is None or getattr(bias, "is_cpu", False))
     ):
         return None
+    if torch.is_autocast_enabled("cpu"):  # autocast_inputs first, in _apply
+        return None
     try:
-        name = backends.resolve(backend, input.device)
+        name = backends.resolve(backend, input.device, input.dtype)
         if name != "cpu":
             return None
         return _call(input, weight, bias, relu, name)

@@ -1,5 +1,6 @@
 """What a user of stock layers can observe, and fastlenet must match: second-order gradients,
-exception types, memory formats and nn.Conv2d's constructor arguments."""
+exception types, memory formats, nn.Conv2d's constructor arguments, half precision and
+torch.autocast."""
 
 import warnings
 
@@ -11,8 +12,9 @@ from conftest import CPU_BACKENDS, rel_err
 from torch import nn
 
 import fastlenet
+from fastlenet import backends
 from fastlenet.functional import conv_relu_pool2d, linear, linear_relu
-from fastlenet.models import LeNet5
+from fastlenet.models import FashionCNN, LeNet5
 
 F64 = {"dtype": torch.float64}
 
@@ -190,3 +192,127 @@ def test_string_padding_matches_stock(kernel, padding, backend):
 def test_stock_defaults_are_accepted():
     layer = fastlenet.ConvReLUPool2d(3, 4, 3, dilation=1, groups=1, padding_mode="zeros")
     assert layer(torch.randn(1, 3, 8, 8)).shape == (1, 4, 3, 3)
+
+
+HALF = [torch.bfloat16, torch.float16]
+
+
+def _stock_twin(fused_net):
+    """fused_net (fastlenet.nn.Sequential of ConvReLUPool2d, Flatten, LinearReLU, Linear)
+    written with stock layers, from the same weights."""
+    stock = nn.Sequential(
+        nn.Conv2d(3, 8, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 10),
+    )  # fmt: skip
+    fused_state = list(fused_net.state_dict().values())
+    stock.load_state_dict(dict(zip(stock.state_dict(), fused_state, strict=True)))
+    return stock
+
+
+def _fused_net():
+    return fastlenet.nn.Sequential(
+        fastlenet.ConvReLUPool2d(3, 8, 5, padding=2),
+        nn.Flatten(),
+        fastlenet.LinearReLU(8 * 8 * 8, 16),
+        fastlenet.Linear(16, 10),
+    )
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_half_precision_on_cpu_is_stock(dtype):
+    """A network moved to bfloat16 or float16 on the CPU runs as stock's does. The CPU kernels
+    take float32 and float64; backend "auto" gives other dtypes to the reference, which is
+    stock's own ops: the output and every gradient equal stock's, bit for bit (they raised
+    before)."""
+    torch.manual_seed(0)
+    fused = _fused_net()
+    stock = _stock_twin(fused)
+    fused, stock = fused.to(dtype), stock.to(dtype)
+    x = torch.randn(4, 3, 16, 16, dtype=dtype, requires_grad=True)
+    got, want = fused(x), stock(x)
+    assert got.dtype == want.dtype == dtype
+    assert torch.equal(got, want)
+    grad = torch.randn_like(want)
+    got_g = torch.autograd.grad(got, (x, *fused.parameters()), grad)
+    want_g = torch.autograd.grad(want, (x, *stock.parameters()), grad)
+    for g, w in zip(got_g, want_g, strict=True):
+        assert g.dtype == w.dtype == dtype
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("model", [LeNet5, FashionCNN], ids=["lenet5", "fashion-cnn"])
+def test_autocast_matches_stock(model, dtype):
+    """Under torch.autocast on the CPU the fused layers cast as stock's conv2d and linear do
+    (float32 inputs and parameters to the autocast dtype): the chain and the CPU fast paths
+    step aside, and the output (its dtype too) and the float32 parameters' gradients equal the
+    same network's with stock layers, bit for bit; inference as well. Before, the ops ran in
+    float32 and returned float32 under autocast."""
+    torch.manual_seed(0)
+    fused, stock = model(), model(fused=False)
+    stock.load_state_dict(fused.state_dict())
+    x = torch.randn(8, *model.input_size)
+    labels = torch.randint(0, 10, (8,))
+    fused(x), fused(x)  # outside autocast: the backend resolved and the chain's key checked
+    assert fastlenet.chain.on_chain(fused(x))
+    for net in (fused, stock):
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=dtype):
+            out = net(x)
+            loss = F.cross_entropy(out, labels)
+        loss.backward()
+        net.out = out
+    assert fused.out.dtype == stock.out.dtype == dtype
+    assert not fastlenet.chain.on_chain(fused.out)
+    assert torch.equal(fused.out, stock.out)
+    for p, q in zip(fused.parameters(), stock.parameters(), strict=True):
+        assert p.grad.dtype == q.grad.dtype == torch.float32
+        assert torch.equal(p.grad, q.grad)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        got, want = fused(x), stock(x)
+    assert got.dtype == dtype
+    assert torch.equal(got, want)
+    assert fastlenet.chain.on_chain(fused(x))  # autocast off again: the chain again
+
+
+@pytest.mark.parametrize("fn", [linear_relu, linear])
+def test_autocast_casts_single_functions(fn):
+    """The functional ops under torch.autocast, once the CPU fast path's backend is resolved:
+    stock's dtype and values. Where autocast does not cast (float64), the CPU kernels run."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(6, 20), torch.randn(12, 20), torch.randn(12)
+    fn(x, w, b)  # resolves the backend: the next calls would take the fast path
+    stock = (lambda *a: F.relu(F.linear(*a))) if fn is linear_relu else F.linear
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = fn(x, w, b), stock(x, w, b)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, want)
+        x64, w64, b64 = (t.double() for t in (x, w, b))
+        assert fn(x64, w64, b64).dtype == torch.float64
+        assert rel_err(fn(x64, w64, b64), stock(x64, w64, b64)) < 1e-12
+    xs, ws, bs = torch.randn(2, 3, 10, 10), torch.randn(4, 3, 3, 3), torch.randn(4)
+    conv_relu_pool2d(xs, ws, bs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = conv_relu_pool2d(xs, ws, bs)
+        want = F.max_pool2d(F.relu(F.conv2d(xs, ws, bs)), 2)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+def test_auto_backend_gives_half_precision_to_the_reference(monkeypatch):
+    """resolve(): "auto" passes over the CPU kernels for dtypes they do not take; a backend
+    named outright (as an argument or FASTLENET_BACKEND) is kept, and its op names the dtype."""
+    cpu = torch.device("cpu")
+    assert backends.resolve("auto", cpu, torch.float32) == "cpu"
+    assert backends.resolve("auto", cpu, torch.float64) == "cpu"
+    assert backends.resolve("auto", cpu, torch.bfloat16) == "reference"
+    assert backends.resolve("cpu", cpu, torch.bfloat16) == "cpu"
+    monkeypatch.setenv(backends.ENV_VAR, "cpu")
+    backends.refresh()
+    try:
+        assert backends.resolve("auto", cpu, torch.float16) == "cpu"
+        with pytest.raises(RuntimeError, match="input must be float32 or float64"):
+            linear_relu(torch.randn(2, 3).half(), torch.randn(4, 3).half())
+    finally:
+        monkeypatch.delenv(backends.ENV_VAR)
+        backends.refresh()
