@@ -71,7 +71,7 @@ struct ConvReLUPoolNode : torch::autograd::Function<ConvReLUPoolNode> {
 std::optional<at::Tensor> conv_relu_pool_autograd(const at::Tensor& input, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias,
                                                   const std::vector<int64_t>& geometry) {
-  if (!fast_path_takes(input)) return std::nullopt;
+  if (!fast_path_takes(input, weight, bias)) return std::nullopt;
   if (!at::GradMode::is_enabled() ||
       !(input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))) {
     static const auto infer = op<ConvInfer>("fastlenet::conv_relu_pool_infer");

@@ -6,21 +6,32 @@
 #pragma once
 
 #include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/extension.h>
 
+#include <optional>
 #include <vector>
 
 namespace fastlenet {
 
 // Whether a fast-path entry (conv_relu_pool_autograd, linear_relu_autograd) takes a call, else
-// it returns None and its Python caller takes the full path: a dtype the CPU kernels take, and
+// it returns None and its Python caller takes the full path: a dtype the CPU kernels take;
 // torch.autocast off on the CPU, under which stock's conv2d and linear cast their inputs
-// (fastlenet/_autograd.py, autocast_inputs). In Python the two checks cost ~0.2 us a call, 9%
-// of linear_relu's 84 -> 10 at batch 4 without grad.
-inline bool fast_path_takes(const at::Tensor& input) {
+// (fastlenet/_autograd.py, autocast_inputs); and no torch.func transform active (the keys
+// torch._C._are_functorch_transforms_active reads) nor a forward-mode tangent on an argument,
+// which a C++ autograd Function without a jvp rule would drop (the full path runs stock's
+// composition: transforms_active there). In Python the checks cost ~0.2 us a call, 9% of
+// linear_relu's 84 -> 10 at batch 4 without grad.
+inline bool fast_path_takes(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias) {
   const at::ScalarType t = input.scalar_type();
-  return (t == at::kFloat || t == at::kDouble) && !at::autocast::is_autocast_enabled(at::kCPU);
+  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
+  const auto dual = [](const at::Tensor& x) { return x._fw_grad(/*level=*/0).defined(); };
+  return (t == at::kFloat || t == at::kDouble) && !at::autocast::is_autocast_enabled(at::kCPU) &&
+         !included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
+         !included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode) && !dual(input) &&
+         !dual(weight) && !(bias && dual(*bias));
 }
 
 // The forward's arguments start with input, weight and an optional bias; forward records

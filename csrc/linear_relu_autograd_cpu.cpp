@@ -67,7 +67,7 @@ struct LinearReLUNode : torch::autograd::Function<LinearReLUNode> {
 // (84 -> 10 at batch 64 under no_grad, 2-core Xeon VM: the overload 4.21 us, F.linear 4.52).
 std::optional<at::Tensor> linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
                                                const std::optional<at::Tensor>& bias, bool relu) {
-  if (!fast_path_takes(input)) return std::nullopt;
+  if (!fast_path_takes(input, weight, bias)) return std::nullopt;
   if (!at::GradMode::is_enabled() ||
       !(input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))) {
     return linear_fwd().call(input, weight, bias, relu);

@@ -1,6 +1,7 @@
 """What the fused ops' autograd Functions share."""
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from fastlenet import backends
 
@@ -13,6 +14,17 @@ is_compiling = torch.compiler.is_compiling
 
 # The device types whose torch.autocast state the ops follow.
 _AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) or forward-mode AD (a dual
+    level of torch.autograd.forward_ad) is active: the ops then run the reference's composition,
+    stock's own ops, which every transform knows (the Functions and C++ nodes here define no
+    vmap or jvp rule: a dual input's tangent was dropped). Not while torch.compile traces."""
+    return not is_compiling() and (_functorch_active() or _forward_ad._current_level >= 0)
+
+
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def autocast_inputs(input, weight, bias):

@@ -11,10 +11,10 @@ layer and pass.
 
 `run(layers, x, layered)` takes the chain when nothing a user could observe differs, and calls
 `layered(x)` (the per-layer path) otherwise: hooks on a layer, torch.compile tracing,
-torch.autocast, another backend or device, a dtype other than float32 and float64, a
-channels_last or non-contiguous input or weight, unbatched input, string padding. The
-per-layer checks run on the first call of each shape (the layered path, which raises what the
-layers raise); later calls with that shape take the chain.
+torch.autocast, a torch.func transform or forward-mode AD, another backend or device, a dtype
+other than float32 and float64, a channels_last or non-contiguous input or weight, unbatched
+input, string padding. The per-layer checks run on the first call of each shape (the layered
+path, which raises what the layers raise); later calls with that shape take the chain.
 """
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from fastlenet import _ext, backends
+from fastlenet._autograd import transforms_active as _transforms_active
 from fastlenet.nn.conv_relu_pool import ConvReLUPool2d
 from fastlenet.nn.linear_relu import Linear, LinearReLU
 
@@ -150,6 +151,7 @@ def run(layers, x, layered, others=()):
         not _ext.LOADED
         or torch.compiler.is_compiling()
         or torch.is_autocast_enabled("cpu")  # the layers cast as stock's conv and linear do
+        or _transforms_active()  # torch.func, forward AD: the layers run stock's composition
         or _global_hooks()
     ):
         return layered(x)

@@ -10,11 +10,16 @@ path (a contiguous 4-D input, eager) records the same as a C++ node instead
 import torch
 import torch.nn.functional as F
 
-from fastlenet import _checks, _ext, backends
+from fastlenet import _checks, _ext, backends, reference
 from fastlenet._autograd import CPU as _CPU
 from fastlenet._autograd import RESOLVED as _RESOLVED
 from fastlenet._autograd import Tensor as _Tensor
-from fastlenet._autograd import autocast_inputs, backward_backend, records_graph
+from fastlenet._autograd import (
+    autocast_inputs,
+    backward_backend,
+    records_graph,
+    transforms_active,
+)
 from fastlenet._autograd import is_compiling as _is_compiling
 
 
@@ -143,6 +148,11 @@ def conv_relu_pool2d(
     if unbatched:
         input = input.unsqueeze(0)
     _checks.check_conv_input(input, weight, stride, padding, pool_size, pool_stride)
+    if transforms_active():  # stock's composition: torch.func and forward AD know it
+        out = reference.conv_relu_pool2d(
+            input, weight, bias, stride, padding, pool_size, pool_stride
+        )
+        return out.squeeze(0) if unbatched else out
     name = backends.resolve(backend, input.device, input.dtype)
     if records_graph(input, weight, bias):
         out = ConvReLUPoolFunction.apply(

@@ -8,11 +8,16 @@ is recorded by a C++ node instead (csrc/linear_relu_autograd_cpu.cpp).
 
 import torch
 
-from fastlenet import _checks, _ext, backends
+from fastlenet import _checks, _ext, backends, reference
 from fastlenet._autograd import CPU as _CPU
 from fastlenet._autograd import RESOLVED as _RESOLVED
 from fastlenet._autograd import Tensor as _Tensor
-from fastlenet._autograd import autocast_inputs, backward_backend, records_graph
+from fastlenet._autograd import (
+    autocast_inputs,
+    backward_backend,
+    records_graph,
+    transforms_active,
+)
 from fastlenet._autograd import is_compiling as _is_compiling
 
 
@@ -103,6 +108,8 @@ def _apply(input, weight, bias, relu, backend):
             return out
     input, weight, bias = autocast_inputs(input, weight, bias)
     _checks.check_linear(input, weight, bias)
+    if transforms_active():  # stock's composition: torch.func and forward AD know it
+        return reference.linear_relu(input, weight, bias, relu)
     name = backends.resolve(backend, input.device, input.dtype)
     if input.dim() == 2:  # the common case: no reshapes (each costs microseconds per call)
         return _call(input, weight, bias, relu, name)
@@ -136,7 +143,7 @@ def _checked_in_cpp(input, weight, bias, relu, backend):
         and (bias is None or getattr(bias, "is_cpu", False))
     ):
         return None
-    if torch.is_autocast_enabled("cpu"):  # autocast_inputs first, in _apply
+    if torch.is_autocast_enabled("cpu") or transforms_active():  # _apply's casts and choice
         return None
     try:
         name = backends.resolve(backend, input.device, input.dtype)

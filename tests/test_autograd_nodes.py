@@ -115,9 +115,14 @@ def test_second_derivatives_through_the_nodes():
     assert torch.autograd.gradgradcheck(lambda a, c: conv_relu_pool2d(a, c, None, 1, 1, 2), (x, w))
 
 
-def test_functorch_transforms_raise():
+def test_functorch_transforms_step_around_the_nodes():
     """torch.func cannot trace a C++ autograd node (nor the Python Functions, which have no
-    setup_context): a RuntimeError, never a silently wrong gradient."""
+    setup_context): under a transform the fast-path entry declines and the op runs stock's
+    composition, so the gradient is stock's (it raised before; tests/test_drop_in.py has the
+    other transforms)."""
     x, w, b = _leaves([(3, 4), (2, 4), (2,)], torch.float32, (False,) * 3, True)
-    with pytest.raises(RuntimeError, match="functorch"):
-        torch.func.grad(lambda w: linear_relu(x, w, b).sum())(w)
+    node = linear_relu(x, w.detach().requires_grad_(), b).grad_fn  # outside: the C++ node
+    assert node.name() == "torch::autograd::CppNode<fastlenet::LinearReLUNode>"
+    got = torch.func.grad(lambda w: linear_relu(x, w, b).sum())(w)
+    want = torch.func.grad(lambda w: torch.relu(torch.nn.functional.linear(x, w, b)).sum())(w)
+    assert torch.equal(got, want)
