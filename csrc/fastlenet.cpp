@@ -78,12 +78,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_relu_pool", &fastlenet::conv_relu_pool_autograd, py::arg("input"), py::arg("weight"),
         py::arg("bias"), py::arg("geometry"),
         "conv_relu_pool on the CPU op as a C++ autograd node, or the inference op where "
-        "autograd records nothing; None for a dtype the CPU kernels do not take or under "
-        "torch.autocast. geometry: stride, padding, pool_size, pool_stride "
-        "(fastlenet/conv_relu_pool.py's fast path)");
+        "autograd records nothing; None where csrc/cpu_autograd.h's fast_path_takes declines "
+        "(a dtype, torch.autocast, torch.func, a forward-mode tangent). geometry: stride, "
+        "padding, pool_size, pool_stride (fastlenet/conv_relu_pool.py's fast path)");
   m.def("linear_relu", &fastlenet::linear_relu_autograd, py::arg("input"), py::arg("weight"),
         py::arg("bias"), py::arg("relu"),
         "linear_relu on the CPU op as a C++ autograd node, or the op where autograd records "
-        "nothing; None for a dtype the CPU kernels do not take or under torch.autocast "
+        "nothing; None where csrc/cpu_autograd.h's fast_path_takes declines "
         "(fastlenet/linear_relu.py's fast path)");
 }

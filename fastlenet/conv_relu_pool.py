@@ -67,7 +67,7 @@ def _fwd(input, weight, bias, geometry, backend, infer=False):
 
 
 # The CPU op's inference overload (None without the extension): the forward's output without
-# the argmax that only a backward reads (_fwd; the fast path calls it from C++).
+# the argmax that only a backward reads (_fwd's; the fast path's C++ entry calls the op too).
 _CPU_INFER = torch.ops.fastlenet.conv_relu_pool_infer.default if _ext.LOADED else None
 # The fast path's autograd node (csrc/conv_relu_pool_autograd_cpu.cpp): ConvReLUPoolFunction's
 # forward and backward on the CPU ops, as a C++ node, whose backward runs no Python.
@@ -97,10 +97,11 @@ def conv_relu_pool2d(
     # weight, both contiguous (so neither is channels_last: _fwd's conversions do nothing),
     # numeric geometry, and a backend that resolve() has already answered "cpu" for. One call
     # into C++, which records the node, runs the inference op where autograd records nothing,
-    # or returns None for the full path below (a dtype the CPU kernels do not take, or
-    # torch.autocast: csrc/cpu_autograd.h, fast_path_takes). The op's checks (csrc/checks.h)
-    # cover the Python ones for these arguments: those run only after it raised, to name the
-    # mistake as they always do. Not while torch.compile traces.
+    # or returns None for the full path below (a dtype the CPU kernels do not take,
+    # torch.autocast, a torch.func transform or a forward-mode tangent: csrc/cpu_autograd.h,
+    # fast_path_takes). The op's checks (csrc/checks.h) cover the Python ones for these
+    # arguments: those run only after it raised, to name the mistake as they always do. Not
+    # while torch.compile traces.
     try:
         fast = (
             type(input) is _Tensor

@@ -61,10 +61,10 @@ def _function(relu: bool, name: str, doc: str):
     def function(input, weight, bias=None, *, backend="auto"):
         # The fast path: a plain 2-D CPU input, CPU parameters, and a backend that resolve()
         # has already answered "cpu" for (from its cache: FASTLENET_BACKEND holds). One call
-        # into C++, which records the node or runs the op alone (or returns None for _apply: a
-        # dtype the CPU kernels do not take, or torch.autocast), in one Python frame instead of
-        # seven: under no_grad, 84->10 at batch 64 5.25 -> 4.86 us per call (the op alone
-        # 4.21), 120->84 14.20 -> 13.83 us (13.24), alternating medians in one process, 2-core
+        # into C++, which records the node or runs the op alone (or returns None for _apply:
+        # csrc/cpu_autograd.h, fast_path_takes), in one Python frame instead of seven: under
+        # no_grad, 84->10 at batch 64 5.25 -> 4.86 us per call (the op alone 4.21), 120->84
+        # 14.20 -> 13.83 us (13.24), alternating medians in one process, 2-core
         # Zen 4 VM; with the names above and this frame inlined, 84->10 6.55 -> 6.39 us. The
         # op's checks (csrc/checks.h) cover the Python ones for these arguments: those run
         # only after it raised, to name the mistake as they always do. Not while
