@@ -21,10 +21,10 @@ def transforms_active() -> bool:
     level of torch.autograd.forward_ad) is active: the ops then run the reference's composition,
     stock's own ops, which every transform knows (the Functions and C++ nodes here define no
     vmap or jvp rule: a dual input's tangent was dropped). Not while torch.compile traces."""
-    return not is_compiling() and (functorch_active() or _forward_ad._current_level >= 0)
+    return not is_compiling() and (_functorch_active() or _forward_ad._current_level >= 0)
 
 
-functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 # Whether torch.autocast is on for any device type: ~60 ns a call against ~190 for
 # torch.is_autocast_enabled("cpu"), on every call of the chain's entry (fastlenet/chain.py).
 autocast_any = getattr(torch._C, "_is_any_autocast_enabled", None) or (

@@ -18,13 +18,12 @@ path, which raises what the layers raise); later calls with that shape take the 
 """
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 from torch import nn
 from torch.nn.modules import module as _module
 
 from fastlenet import _ext, backends
 from fastlenet._autograd import autocast_any as _autocast_any
-from fastlenet._autograd import functorch_active as _functorch_active
+from fastlenet._autograd import transforms_active as _transforms_active
 from fastlenet.nn.conv_relu_pool import ConvReLUPool2d
 from fastlenet.nn.linear_relu import Linear, LinearReLU
 
@@ -153,8 +152,7 @@ def run(layers, x, layered, others=()):
         not _ext.LOADED
         or torch.compiler.is_compiling()
         or _autocast_any()  # the layers cast as stock's conv and linear do
-        or _functorch_active()  # torch.func: the layers run stock's composition
-        or _forward_ad._current_level >= 0  # forward-mode AD: the same
+        or _transforms_active()  # torch.func, forward AD: the layers run stock's composition
         or _global_hooks()
     ):
         return layered(x)
