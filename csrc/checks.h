@@ -23,6 +23,14 @@ constexpr int kWindowBlock = 16;
 // be allocated, and the bound keeps every size product of the kernels far from int64 overflow.
 constexpr int64_t kMaxPadding = int64_t{1} << 20;
 
+// Whether stock's convolution lays out its output and gradients channels_last for `t` as an
+// input or weight: ATen's own reading of its strides (fastlenet/_checks.py, channels_last, writes
+// the same rule out for the other backends). A tensor can be contiguous and still read so: one
+// input channel converted with .to(memory_format=torch.channels_last).
+inline bool suggests_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
 // FASTLENET_POISON=1 (set by the test suite) fills every output with garbage before a kernel
 // writes it, so an element a kernel forgets to write shows up as a mismatch, not as a stale 0.
 inline bool poison_enabled() {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "chain_ops.h"
+#include "checks.h"
 #include "cpu_autograd.h"
 
 namespace fastlenet {
@@ -65,13 +66,16 @@ struct ConvReLUPoolNode : torch::autograd::Function<ConvReLUPoolNode> {
 };
 
 // The fast path's entry: the node where autograd records, else the inference op alone; None
-// where fast_path_takes says no. The inference op from here rather than as torch.ops' overload
-// from Python: 1 -> 6 5x5 32x32 at batch 1 under no_grad, 8.2 -> 6.0 us a call (2-core Xeon VM,
-// alternating processes, 8 rounds).
+// where fast_path_takes says no or stock's convolution would answer channels_last (the Python
+// Function converts the output and gradients). The inference op from here rather than as
+// torch.ops' overload from Python: 1 -> 6 5x5 32x32 at batch 1 under no_grad, 8.2 -> 6.0 us a
+// call (2-core Xeon VM, alternating processes, 8 rounds).
 std::optional<at::Tensor> conv_relu_pool_autograd(const at::Tensor& input, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias,
                                                   const std::vector<int64_t>& geometry) {
-  if (!fast_path_takes(input, weight, bias)) return std::nullopt;
+  if (!fast_path_takes(input, weight, bias) || suggests_channels_last(input) ||
+      suggests_channels_last(weight))
+    return std::nullopt;
   if (!at::GradMode::is_enabled() ||
       !(input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))) {
     static const auto infer = op<ConvInfer>("fastlenet::conv_relu_pool_infer");

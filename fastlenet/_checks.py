@@ -84,13 +84,26 @@ def conv_pool_shapes(in_hw, kernel_hw, stride, padding, pool_size, pool_stride):
 
 
 def channels_last(t: torch.Tensor) -> bool:
-    """Whether stock's convolution treats `t` as channels_last: a 4-D tensor laid out as one
-    and not also plain contiguous (size-1 dimensions can make both true)."""
-    return (
-        t.dim() == 4
-        and not t.is_contiguous()
-        and t.is_contiguous(memory_format=torch.channels_last)
-    )
+    """Whether stock's convolution treats `t` as channels_last: a strided 4-D tensor whose
+    strides ATen's suggest_memory_format() reads as channels_last. Where size-1 dimensions let
+    both layouts hold (one input channel; `x.to(memory_format=torch.channels_last)` sets C's
+    stride to 1), only the strides tell, as in c10's is_channels_last_strides_2d_s4: dimensions
+    C, W, H, N in that order, each stride at least the span of those before it, and an N whose
+    stride equals C's read as NCHW."""
+    if t.dim() != 4 or t.layout != torch.strided:
+        return False
+    contiguous = t.is_contiguous()
+    if contiguous != t.is_contiguous(memory_format=torch.channels_last):
+        return not contiguous  # one layout holds: no size-1 dimension makes it ambiguous
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return False
+    span = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < span or (d == 0 and span == strides[1]):
+            return False
+        span = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
 
 
 def _tensor(value, name: str) -> torch.Tensor:

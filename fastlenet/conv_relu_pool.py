@@ -94,14 +94,14 @@ def conv_relu_pool2d(
     mode, dilation 1, groups 1. Returns (N, O, PH, PW), or (O, PH, PW) for unbatched input.
     """
     # The fast path, as linear_relu's (fastlenet/linear_relu.py): a plain 4-D CPU input and
-    # weight, both contiguous (so neither is channels_last: _fwd's conversions do nothing),
-    # numeric geometry, and a backend that resolve() has already answered "cpu" for. One call
-    # into C++, which records the node, runs the inference op where autograd records nothing,
-    # or returns None for the full path below (a dtype the CPU kernels do not take,
-    # torch.autocast, a torch.func transform or a forward-mode tangent: csrc/cpu_autograd.h,
-    # fast_path_takes). The op's checks (csrc/checks.h) cover the Python ones for these
-    # arguments: those run only after it raised, to name the mistake as they always do. Not
-    # while torch.compile traces.
+    # weight, both contiguous, numeric geometry, and a backend that resolve() has already
+    # answered "cpu" for. One call into C++, which records the node, runs the inference op where
+    # autograd records nothing, or returns None for the full path below (a dtype the CPU kernels
+    # do not take, torch.autocast, a torch.func transform or a forward-mode tangent:
+    # csrc/cpu_autograd.h, fast_path_takes; a contiguous input or weight that stock's
+    # convolution still reads as channels_last, one channel converted to it: _fwd converts).
+    # The op's checks (csrc/checks.h) cover the Python ones for these arguments: those run only
+    # after it raised, to name the mistake as they always do. Not while torch.compile traces.
     try:
         fast = (
             type(input) is _Tensor

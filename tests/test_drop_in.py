@@ -164,6 +164,88 @@ def test_channels_last_module():
     assert rel_err(got, want) < 1e-5
 
 
+# Inputs and weights whose layout stock's convolution reads from their strides alone: size-1
+# dimensions make a tensor both contiguous and channels_last-contiguous, and only the strides tell
+# which one ATen suggests (c10's is_channels_last_strides_2d_s4). `.to(memory_format=...)` sets
+# the strides of size-1 dimensions too; `.contiguous(memory_format=...)` leaves such a tensor
+# as it is.
+
+
+def _dense_strides(t):
+    """t's layout as a user can observe it: the strides of its dimensions longer than one (a
+    size-1 dimension's stride addresses nothing; stock's own kernels disagree on it)."""
+    return tuple(s if n > 1 else None for n, s in zip(t.shape, t.stride(), strict=True))
+
+
+CL, PLAIN = torch.channels_last, torch.contiguous_format
+STRIDED_LAYOUTS = {
+    "one channel, to channels_last": lambda t: t.to(memory_format=CL),
+    "one channel, plain": lambda t: t.to(memory_format=CL).to(memory_format=PLAIN),
+    "first of dim 0, to channels_last": lambda t: t[:1].to(memory_format=CL),
+    "channels_last, columns sliced": lambda t: t.to(memory_format=CL)[..., ::2],
+    "plain, channels sliced": lambda t: torch.cat([t, t], 1)[:, ::2],
+}
+
+
+def _strided_case(layout, where, channels):
+    (x, weight, bias), _ = _conv_case((2, channels, 12, 12, 4, 3, 3), seed=3)
+    make = STRIDED_LAYOUTS[layout]
+    if where in ("input", "both"):
+        x = make(x.detach()).requires_grad_()
+    if where in ("weight", "both"):
+        weight = make(weight.detach()).requires_grad_()
+        bias = bias.detach()[: weight.shape[0]].requires_grad_()  # one output channel left
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("where", ["input", "weight", "both"])
+@pytest.mark.parametrize("layout", STRIDED_LAYOUTS)
+@pytest.mark.parametrize("pool", [2, 1])
+def test_strides_follow_stock(layout, where, pool, backend):
+    channels = 1 if layout.startswith("one channel") else 3
+    x, weight, bias = _strided_case(layout, where, channels)
+    got = conv_relu_pool2d(x, weight, bias, pool_size=pool, backend=backend)
+    want = _stock_conv(x, weight, bias, pool=pool)
+    assert _dense_strides(got) == _dense_strides(want)
+    assert rel_err(got, want) < 1e-12
+    grad = torch.randn(want.shape, **F64)
+    got_g = torch.autograd.grad(got, (x, weight, bias), grad)
+    want_g = torch.autograd.grad(want, (x, weight, bias), grad)
+    for g, w in zip(got_g, want_g, strict=True):
+        assert _dense_strides(g) == _dense_strides(w)
+        assert rel_err(g, w) < 1e-12
+    with torch.no_grad():  # the inference path
+        inferred = conv_relu_pool2d(x, weight, bias, pool_size=pool, backend=backend)
+    assert _dense_strides(inferred) == _dense_strides(want)
+
+
+def test_channels_last_lenet5_follows_stock():
+    """LeNet-5 and its input converted to channels_last: conv1's one input channel leaves its
+    input and weight contiguous, which stock's conv still reads as channels_last; the chain must
+    not take them as plain NCHW (its parameters' gradients would come out NCHW)."""
+    torch.manual_seed(0)
+    fused = LeNet5(fused=True).to(memory_format=CL)
+    stock = LeNet5(fused=False).to(memory_format=CL)
+    stock.load_state_dict(fused.state_dict())
+    x = torch.randn(8, 1, 32, 32).to(memory_format=CL)
+    y = torch.randint(0, 10, (8,))
+    for _ in range(2):  # the first call of a shape runs the layers' checks, the second the chain
+        for model in (fused, stock):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+        for (name, p), q in zip(fused.named_parameters(), stock.parameters(), strict=True):
+            assert _dense_strides(p.grad) == _dense_strides(q.grad), name
+            assert rel_err(p.grad, q.grad) < 1e-4, name
+    seen = {}
+    fused.conv1.register_forward_hook(lambda m, i, o: seen.update(fused=o))
+    stock.conv1.register_forward_hook(lambda m, i, o: seen.update(stock=o))
+    fused(x), stock(x)
+    want = F.max_pool2d(F.relu(seen["stock"]), 2)
+    assert want.is_contiguous(memory_format=CL) and not want.is_contiguous()
+    assert _dense_strides(seen["fused"]) == _dense_strides(want)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("padding", ["same", "valid"])
 @pytest.mark.parametrize("kernel", [(3, 3), (4, 4), (2, 5)])
