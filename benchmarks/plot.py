@@ -35,7 +35,7 @@ def panels(rows):
         sel = [r for r in rows if r["op"] == "lenet5" and r["pass"] == pass_]
         if sel:
             out.append((f"LeNet-5 {title}", sel))
-    for op in ("conv_relu_pool", "linear_relu"):
+    for op in ("conv_relu_pool", "linear_relu", "dropout"):
         shapes = dict.fromkeys(r["shape"] for r in rows if r["op"] == op)
         for shape in shapes:
             for pass_ in PASSES:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAVED_NAME = "saved_for_backward.csv"
-OPS = ("lenet5", "fuse", "conv_relu_pool", "linear_relu")  # the order of the sections
+OPS = ("lenet5", "fuse", "conv_relu_pool", "linear_relu", "dropout")  # the order of the sections
 #: the shape sweeps (issue 16), tabled apart in sweep_<device>.md, and their passes
 SWEEP_OPS = ("conv_relu_pool_sweep", "linear_relu_sweep")
 SWEEP_PASSES = ("inference", "backward", "full")

@@ -53,6 +53,8 @@ py::object chain_signature(const at::Tensor& input, const py::sequence& params);
 std::optional<at::Tensor> conv_relu_pool_autograd(const at::Tensor& input, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias,
                                                   const std::vector<int64_t>& geometry);
+// csrc/dropout_cpu.cpp
+at::Tensor dropout_noise(const at::Tensor& like, double p);
 // csrc/linear_relu_autograd_cpu.cpp
 std::optional<at::Tensor> linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
                                                const std::optional<at::Tensor>& bias, bool relu);
@@ -81,6 +83,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "autograd records nothing; None where csrc/cpu_autograd.h's fast_path_takes declines "
         "(a dtype, torch.autocast, torch.func, a forward-mode tangent). geometry: stride, "
         "padding, pool_size, pool_stride (fastlenet/conv_relu_pool.py's fast path)");
+  m.def("dropout_noise", &fastlenet::dropout_noise, py::arg("like"), py::arg("p"),
+        "The noise stock's dropout multiplies a contiguous CPU tensor by in training, bit for "
+        "bit, drawn from the default CPU generator as stock's draws it "
+        "(fastlenet/nn/dropout.py)");
   m.def("linear_relu", &fastlenet::linear_relu_autograd, py::arg("input"), py::arg("weight"),
         py::arg("bias"), py::arg("relu"),
         "linear_relu on the CPU op as a C++ autograd node, or the op where autograd records "
