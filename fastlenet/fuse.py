@@ -8,7 +8,9 @@ Patterns, in modules (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Linear) or functional
     linear -> ReLU
 A match is fused only when it is exactly the fused op (dilation 1, groups 1, zero padding mode;
 pool without padding or dilation, floor mode, no indices) and its intermediate tensors feed
-nothing else. Everything else is left as it was, with the reason in the report.
+nothing else. Everything else is left as it was, with the reason in the report. Dropout
+(nn.Dropout, F.dropout) is swapped for fastlenet's, which draws the same noise from the same
+generator, faster (fastlenet/dropout.py).
 """
 
 import copy
@@ -21,8 +23,9 @@ from torch import fx, nn
 
 from fastlenet import backends, chain
 from fastlenet.conv_relu_pool import conv_relu_pool2d
+from fastlenet.dropout import dropout
 from fastlenet.linear_relu import linear_relu
-from fastlenet.nn import Chain, ConvReLUPool2d, Linear, LinearReLU, Sequential
+from fastlenet.nn import Chain, ConvReLUPool2d, Dropout, Linear, LinearReLU, Sequential
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +50,16 @@ _LINEAR_LAYERS = (LinearReLU, Linear)  # fastlenet layers a chain may hold
 
 @dataclasses.dataclass
 class FuseReport:
-    """What fuse() did: `fused` and `left` hold one line per layer; `traced` is False when the
-    model could not be traced with torch.fx and only nn.Sequential containers were searched."""
+    """What fuse() did: `fused` and `left` hold one line per layer, `dropouts` one per dropout
+    swapped for fastlenet's; `traced` is False when the model could not be traced with torch.fx
+    and only nn.Sequential containers and nn.Dropout modules were searched."""
 
     traced: bool = True
     fused: list = dataclasses.field(default_factory=list)
     left: list = dataclasses.field(default_factory=list)
     note: str = ""
     chains: list = dataclasses.field(default_factory=list)  # runs made one autograd node
+    dropouts: list = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"fastlenet.fuse: {len(self.fused)} fused, {len(self.left)} left alone"]
@@ -62,6 +67,7 @@ class FuseReport:
             lines.append(f"  {self.note}")
         lines += [f"  fused: {line}" for line in self.fused]
         lines += [f"  chain: {line}" for line in self.chains]
+        lines += [f"  dropout: {line}" for line in self.dropouts]
         lines += [f"  left:  {line}" for line in self.left]
         return "\n".join(lines)
 
@@ -397,11 +403,34 @@ def fuse(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     else:
         report = rewrite(gm, backend)
         _chain_runs(gm, report, backend)
+        _swap_dropout_calls(gm, report)
         fused = gm
         fused.train(model.training)
+    _swap_dropout_modules(fused, report)
     fused.fuse_report = report
     log.info("%s", report)
     return fused
+
+
+def _swap_dropout_modules(model, report):
+    """Each nn.Dropout (exactly: a subclass may override forward) becomes fastlenet.nn.Dropout,
+    in `model`, a copy of the user's module tree (fx's GraphModule or the deep copy)."""
+    for name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:
+                swapped = Dropout(child.p, child.inplace)
+                swapped.train(child.training)
+                setattr(parent, child_name, swapped)
+                report.dropouts.append(f"{name}.{child_name}" if name else child_name)
+
+
+def _swap_dropout_calls(gm, report):
+    """F.dropout calls of the traced graph call fastlenet's dropout (the same signature)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is F.dropout:
+            node.target = dropout
+            report.dropouts.append(node.name)
+    gm.recompile()
 
 
 def _flatten_module(node, modules):

@@ -10,6 +10,7 @@ from torch import nn
 
 import fastlenet
 from fastlenet import chain
+from fastlenet.dropout import dropout
 from fastlenet.fuse import compile_backend
 from fastlenet.models import ExamplesNet, LeNet5
 from fastlenet.nn import ConvReLUPool2d, LinearReLU
@@ -315,3 +316,30 @@ def test_a_hook_on_a_chained_stock_linear_still_fires():
     assert seen == [(3, 10)]
     assert not chain.on_chain(out)
     assert rel_err(out, model(x)) < 1e-12
+
+
+class _FunctionalDropoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(20, 10)
+
+    def forward(self, x):
+        return self.fc(F.dropout(x, 0.4, training=self.training))
+
+
+def test_fuse_swaps_dropout_modules_and_calls():
+    torch.manual_seed(0)
+    net = ExamplesNet(input_size=(1, 14, 14))
+    fused = fastlenet.fuse(net)
+    assert fused.fuse_report.dropouts == ["dropout1", "dropout2"]
+    assert type(fused.dropout1) is fastlenet.nn.Dropout and type(net.dropout1) is nn.Dropout
+    assert fused.dropout2.p == 0.5
+    functional = fastlenet.fuse(_FunctionalDropoutNet())
+    assert functional.fuse_report.dropouts == ["dropout"]
+    calls = [n.target for n in functional.graph.nodes if n.op == "call_function"]
+    assert dropout in calls and F.dropout not in calls
+    x = torch.randn(6, 20)
+    torch.manual_seed(4)
+    want = _FunctionalDropoutNet.forward(functional, x)  # stock's F.dropout, the same weights
+    torch.manual_seed(4)
+    assert torch.equal(functional(x), want)
