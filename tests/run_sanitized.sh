@@ -96,4 +96,5 @@ run -m pytest -q -p no:cacheprovider -k "not triton" \
   tests/test_conv_relu_pool.py tests/test_conv_relu_pool_cpu.py tests/test_linear_relu.py \
   tests/test_linear_relu_cpu.py tests/test_ops.py tests/test_bad_input_functions.py \
   tests/test_bad_input_layers.py \
-  tests/test_bad_input_ops.py tests/test_edge_cases.py tests/test_chain.py tests/test_autograd_nodes.py "$@"
+  tests/test_bad_input_ops.py tests/test_edge_cases.py tests/test_chain.py tests/test_autograd_nodes.py \
+  tests/test_dropout.py "$@"
