@@ -131,6 +131,22 @@ def _layout(t):
     return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "strided"
 
 
+def _matches_stock(x, weight, bias, pool, backend, layout):
+    """conv_relu_pool2d's output and every gradient equal stock's composition's, in value and
+    in layout(t); returns stock's output."""
+    got = conv_relu_pool2d(x, weight, bias, pool_size=pool, backend=backend)
+    want = _stock_conv(x, weight, bias, pool=pool)
+    assert layout(got) == layout(want)
+    assert rel_err(got, want) < 1e-12
+    grad = torch.randn(want.shape, **F64)
+    got_g = torch.autograd.grad(got, (x, weight, bias), grad)
+    want_g = torch.autograd.grad(want, (x, weight, bias), grad)
+    for g, w in zip(got_g, want_g, strict=True):
+        assert layout(g) == layout(w)
+        assert rel_err(g, w) < 1e-12
+    return want
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("where", ["input", "weight", "both"])
 @pytest.mark.parametrize("pool", [2, 1])
@@ -141,16 +157,8 @@ def test_memory_format_follows_stock(where, pool, backend):
         x = x.detach().contiguous(memory_format=cl).requires_grad_()
     if where in ("weight", "both"):
         weight = weight.detach().contiguous(memory_format=cl).requires_grad_()
-    got = conv_relu_pool2d(x, weight, bias, pool_size=pool, backend=backend)
-    want = _stock_conv(x, weight, bias, pool=pool)
-    assert _layout(got) == _layout(want) == "channels_last"
-    assert rel_err(got, want) < 1e-12
-    grad = torch.randn(want.shape, **F64)
-    got_g = torch.autograd.grad(got, (x, weight, bias), grad)
-    want_g = torch.autograd.grad(want, (x, weight, bias), grad)
-    for g, w in zip(got_g, want_g, strict=True):
-        assert _layout(g) == _layout(w)
-        assert rel_err(g, w) < 1e-12
+    want = _matches_stock(x, weight, bias, pool, backend, _layout)
+    assert _layout(want) == "channels_last"
 
 
 def test_channels_last_module():
@@ -205,16 +213,7 @@ def _strided_case(layout, where, channels):
 def test_strides_follow_stock(layout, where, pool, backend):
     channels = 1 if layout.startswith("one channel") else 3
     x, weight, bias = _strided_case(layout, where, channels)
-    got = conv_relu_pool2d(x, weight, bias, pool_size=pool, backend=backend)
-    want = _stock_conv(x, weight, bias, pool=pool)
-    assert _dense_strides(got) == _dense_strides(want)
-    assert rel_err(got, want) < 1e-12
-    grad = torch.randn(want.shape, **F64)
-    got_g = torch.autograd.grad(got, (x, weight, bias), grad)
-    want_g = torch.autograd.grad(want, (x, weight, bias), grad)
-    for g, w in zip(got_g, want_g, strict=True):
-        assert _dense_strides(g) == _dense_strides(w)
-        assert rel_err(g, w) < 1e-12
+    want = _matches_stock(x, weight, bias, pool, backend, _dense_strides)
     with torch.no_grad():  # the inference path
         inferred = conv_relu_pool2d(x, weight, bias, pool_size=pool, backend=backend)
     assert _dense_strides(inferred) == _dense_strides(want)
