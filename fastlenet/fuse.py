@@ -400,34 +400,45 @@ def fuse(model: nn.Module, *, backend: str = "auto") -> nn.Module:
         note = f"torch.fx could not trace the model ({exc}); only nn.Sequential was searched"
         report = FuseReport(traced=False, note=note)
         _fuse_sequentials(fused, backend, report)
+        _swap_dropout_modules(fused, report)
     else:
         report = rewrite(gm, backend)
         _chain_runs(gm, report, backend)
         _swap_dropout_calls(gm, report)
         fused = gm
         fused.train(model.training)
-    _swap_dropout_modules(fused, report)
     fused.fuse_report = report
     log.info("%s", report)
     return fused
 
 
+def _swapped_dropout(module):
+    """fastlenet.nn.Dropout for an nn.Dropout (exactly: a subclass may override forward)."""
+    swapped = Dropout(module.p, module.inplace)
+    swapped.train(module.training)
+    return swapped
+
+
 def _swap_dropout_modules(model, report):
-    """Each nn.Dropout (exactly: a subclass may override forward) becomes fastlenet.nn.Dropout,
-    in `model`, a copy of the user's module tree (fx's GraphModule or the deep copy)."""
+    """Each nn.Dropout of `model`, a deep copy of the user's model, becomes fastlenet's."""
     for name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is nn.Dropout:
-                swapped = Dropout(child.p, child.inplace)
-                swapped.train(child.training)
-                setattr(parent, child_name, swapped)
+                setattr(parent, child_name, _swapped_dropout(child))
                 report.dropouts.append(f"{name}.{child_name}" if name else child_name)
 
 
 def _swap_dropout_calls(gm, report):
-    """F.dropout calls of the traced graph call fastlenet's dropout (the same signature)."""
+    """The traced graph's dropouts call fastlenet's: nn.Dropout modules it calls (set in the
+    GraphModule's own containers: a torch.nn layer fx keeps whole, holding dropouts of its own,
+    is the user's module and stays as it is) and F.dropout calls (the same signature)."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is F.dropout:
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Dropout:
+            prefix, _, field = node.target.rpartition(".")
+            parent = gm.get_submodule(prefix) if prefix else gm
+            setattr(parent, field, _swapped_dropout(gm.get_submodule(node.target)))
+            report.dropouts.append(node.target)
+        elif node.op == "call_function" and node.target is F.dropout:
             node.target = dropout
             report.dropouts.append(node.name)
     gm.recompile()

@@ -343,3 +343,30 @@ def test_fuse_swaps_dropout_modules_and_calls():
     want = _FunctionalDropoutNet.forward(functional, x)  # stock's F.dropout, the same weights
     torch.manual_seed(4)
     assert torch.equal(functional(x), want)
+
+
+class _WithEncoderLayer(nn.Module):
+    """A dropout of its own, and a torch.nn layer (which fx keeps whole) holding dropouts."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.drop = nn.Dropout(0.2)
+        self.layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+
+    def forward(self, x):
+        return self.layer(self.drop(self.fc(x)))
+
+
+def test_fuse_leaves_the_users_modules_as_they_are():
+    torch.manual_seed(0)
+    model = _WithEncoderLayer()
+    fused = fastlenet.fuse(model)
+    assert fused.fuse_report.dropouts == ["drop"]
+    assert type(fused.drop) is fastlenet.nn.Dropout and type(model.drop) is nn.Dropout
+    assert fused.layer is model.layer and type(model.layer.dropout1) is nn.Dropout
+    x = torch.randn(3, 5, 16)
+    torch.manual_seed(1)
+    want = model(x)
+    torch.manual_seed(1)
+    assert torch.equal(fused(x), want)
