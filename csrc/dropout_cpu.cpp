@@ -91,18 +91,20 @@ void fill_noise(at::mt19937_data_pod& d, double p, T* noise, int64_t numel) {
 
 }  // namespace
 
-// The noise stock's dropout(input, p, train=True) multiplies a contiguous `like` by: like's
-// sizes and dtype, contiguous, 1 / (1 - p) where kept, else 0; from the default CPU generator,
-// which it advances as stock's does.
+// The noise stock's dropout(input, p, train=True) multiplies `like` by: empty_like(like), as
+// stock's, 1 / (1 - p) where kept, else 0; from the default CPU generator, which it advances as
+// stock's does. empty_like's result is dense (like's strides where like is dense, else
+// contiguous), and stock's bernoulli_ walks it in memory order (TensorIterator orders a
+// nullary op's dimensions by stride), as this fills it.
 at::Tensor dropout_noise(const at::Tensor& like, double p) {
   TORCH_CHECK(like.device().is_cpu(), "input must be a CPU tensor, got ", like.device());
-  TORCH_CHECK(like.is_contiguous(), "input must be contiguous, got strides ", like.strides());
+  TORCH_CHECK(like.layout() == at::kStrided, "input must be strided, got ", like.layout());
   TORCH_CHECK(like.scalar_type() == at::kFloat || like.scalar_type() == at::kDouble,
               "input must be float32 or float64, got ", like.scalar_type());
   TORCH_CHECK(p > 0.0 && p < 1.0,
               "p must be in (0, 1) (stock's dropout draws no noise at 0 or 1), got ", p);
-  at::Tensor noise =
-      at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor noise = at::empty_like(like);
+  TORCH_INTERNAL_ASSERT(noise.is_non_overlapping_and_dense());
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
       std::nullopt, at::detail::getDefaultCPUGenerator());
   const std::lock_guard<std::mutex> lock(gen->mutex_);

@@ -84,7 +84,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(a dtype, torch.autocast, torch.func, a forward-mode tangent). geometry: stride, "
         "padding, pool_size, pool_stride (fastlenet/conv_relu_pool.py's fast path)");
   m.def("dropout_noise", &fastlenet::dropout_noise, py::arg("like"), py::arg("p"),
-        "The noise stock's dropout multiplies a contiguous CPU tensor by in training, bit for "
+        "The noise stock's dropout multiplies a CPU tensor by in training, bit for "
         "bit, drawn from the default CPU generator as stock's draws it "
         "(fastlenet/nn/dropout.py)");
   m.def("linear_relu", &fastlenet::linear_relu_autograd, py::arg("input"), py::arg("weight"),

@@ -6,8 +6,9 @@ element: 4.2 ms for pytorch/examples' MNIST Net's first dropout at batch 64, mor
 net's convolutions' forward). csrc/dropout_cpu.cpp draws the same numbers from the same
 default generator, vectorised, and leaves the generator where stock's leaves it; the product
 is stock's mul, so outputs, gradients of every order and the autograd graph (MulBackward0)
-are stock's. Everywhere else -- evaluation, p of 0 or 1, another device or dtype, a
-non-contiguous input, torch.compile, torch.func -- it is stock's F.dropout itself.
+are stock's, in any layout (the noise is empty_like(input), filled in memory order, as stock's).
+Everywhere else -- evaluation, p of 0 or 1, another device or dtype, torch.compile, torch.func
+-- it is stock's F.dropout itself.
 """
 
 import torch
@@ -30,7 +31,6 @@ def dropout(input, p=0.5, training=True, inplace=False):
         and _ext.LOADED
         and input.is_cpu
         and input.dtype in _DTYPES
-        and input.is_contiguous()
         and input.numel() > 0
         and not is_compiling()
         and not transforms_active()

@@ -76,13 +76,35 @@ def test_inplace_is_stocks():
     assert torch.equal(results[0], results[1])
 
 
+# Layouts: stock's noise is empty_like(input) -- the input's strides where it is dense, else
+# contiguous -- drawn in memory order; the kernel's too.
+LAYOUTS = {
+    "transposed": lambda t: t.t(),
+    "channels_last": lambda t: t.view(2, 3, 5, 7).to(memory_format=torch.channels_last),
+    "columns sliced": lambda t: t[:, ::3],
+    "expanded": lambda t: t[:1].expand(15, 14),
+    "permuted 3-d": lambda t: t.view(3, 5, 14).permute(2, 0, 1),
+}
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_take_the_kernel_and_match_stock(layout, monkeypatch):
+    x = LAYOUTS[layout](torch.randn(15, 14))
+    (want, want_state), (got, got_state) = _both(lambda f, t: f(t, 0.4, True), x, 13, 5)
+    assert got.stride() == want.stride()
+    assert torch.equal(got, want)
+    assert torch.equal(got_state, want_state)
+    refuse = lambda *a, **k: pytest.fail("left to stock's F.dropout")  # noqa: E731
+    monkeypatch.setattr(fastlenet.dropout.F, "dropout", refuse)
+    dropout(x, 0.4, True)
+
+
 # Calls the kernel does not take: stock's F.dropout answers them, with the same draws.
 STOCK_PATHS = {
     "eval": lambda f, x: f(x, 0.5, False),
     "p 0": lambda f, x: f(x, 0.0, True),
     "p 1": lambda f, x: f(x, 1.0, True),
-    "transposed": lambda f, x: f(x.t(), 0.5, True),
-    "channels_last": lambda f, x: f(x.view(2, 3, 5, 7).to(memory_format=torch.channels_last), 0.5),
     "float16": lambda f, x: f(x.half(), 0.5, True),
     "bfloat16": lambda f, x: f(x.bfloat16(), 0.5, True),
     "empty": lambda f, x: f(x[:0], 0.5, True),
@@ -118,7 +140,7 @@ def test_vmap_raises_as_stock():
 @pytest.mark.parametrize(
     ("like", "p", "match"),
     [
-        (torch.randn(4, 6).t(), 0.5, "input must be contiguous"),
+        (torch.randn(4, 6).to_sparse(), 0.5, "input must be strided"),
         (torch.randn(4, 6).half(), 0.5, "input must be float32 or float64"),
         (torch.randn(4, 6), 1.0, "p must be in"),
         (torch.randn(4, 6), 0.0, "p must be in"),
