@@ -8,9 +8,9 @@ Patterns, in modules (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Linear) or functional
     linear -> ReLU
 A match is fused only when it is exactly the fused op (dilation 1, groups 1, zero padding mode;
 pool without padding or dilation, floor mode, no indices) and its intermediate tensors feed
-nothing else. Everything else is left as it was, with the reason in the report. Dropout
-(nn.Dropout, F.dropout) is swapped for fastlenet's, which draws the same noise from the same
-generator, faster (fastlenet/dropout.py).
+nothing else. Everything else is left as it was, with the reason in the report. fuse() also
+swaps dropout (nn.Dropout, F.dropout) for fastlenet's, which draws the same noise from the same
+generator, faster (fastlenet/dropout.py); the compile backend leaves dropout to Inductor.
 """
 
 import copy
