@@ -15,8 +15,9 @@ needs_ext = pytest.mark.skipif(not _ext.LOADED, reason="the C++ extension is not
 # Element counts around the generator's 624-word state (each element takes two words), and a
 # dropout layer of pytorch/examples' MNIST Net at batch 4.
 SHAPES = [(1,), (311,), (312,), (313,), (3, 5, 7), (1249,), (4, 64, 12, 12)]
-# Words the default generator has given out before the dropout: on a refill, just before, just
-# after, mid-state.
+# Draws before the dropout (_both): `offset` float64 draws of two words each, and one float32
+# draw of one word where it is odd. The dropout then starts at word 0, 3, 1247 (one before a
+# refill), 1248 (on one) or 2000 of the stream.
 OFFSETS = [0, 1, 623, 624, 1000]
 
 
