@@ -433,10 +433,9 @@ def _swap_dropout_calls(gm, report):
     GraphModule's own containers: a torch.nn layer fx keeps whole, holding dropouts of its own,
     is the user's module and stays as it is) and F.dropout calls (the same signature)."""
     for node in gm.graph.nodes:
-        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Dropout:
-            prefix, _, field = node.target.rpartition(".")
-            parent = gm.get_submodule(prefix) if prefix else gm
-            setattr(parent, field, _swapped_dropout(gm.get_submodule(node.target)))
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if type(module) is nn.Dropout:
+            gm.add_submodule(node.target, _swapped_dropout(module))  # as _fuse_conv replaces
             report.dropouts.append(node.target)
         elif node.op == "call_function" and node.target is F.dropout:
             node.target = dropout
