@@ -14,8 +14,10 @@
 // (ReLU/pool pass after ATen's conv, tap GEMM), conv_relu_pool_cpu_bwd.h and
 // conv_relu_pool_cpu_bwd_wide.h (backward), conv_relu_pool_cpu_nopool_fwd.h (forward without
 // pooling, few input channels), conv_relu_pool_cpu_nopool.h (weight gradient without pooling, few
-// input channels); a gradient that Inf/NaN reach through the zeros the sparse backward skips is
-// recomputed here with dense_backward, as stock's dense backward computes it.
+// input channels), conv_relu_pool_cpu_nopool_cl.h (gradients without pooling from oneDNN's
+// channels-last backward: cl_backward_suits); a gradient that Inf/NaN reach through the zeros the
+// sparse backward skips is recomputed here with dense_backward, as stock's dense backward computes
+// it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,6 +28,7 @@
 #include "conv_relu_pool_cpu_bwd.h"
 #include "conv_relu_pool_cpu_fwd.h"
 #include "conv_relu_pool_cpu_nopool.h"
+#include "conv_relu_pool_cpu_nopool_cl.h"
 #include "conv_relu_pool_cpu_nopool_fwd.h"
 #include "conv_relu_pool_cpu_pool.h"
 
@@ -75,6 +78,28 @@ bool cl_conv_suits(const ConvPoolGeometry& g) {
   return g.o > kVecBytes / 4 && ((depth >= kClConvMinDepth && pixels <= kClConvMaxPixels) ||
                                  (depth >= kClConvDeepMinDepth && pixels <= kClConvDeepMaxPixels));
 }
+
+// Layers without pooling whose float32 gradients come from oneDNN's backward of channels-last
+// operands (conv_relu_pool_cpu_nopool_cl.h) where ATen computes the weight gradient: channel
+// counts that are not multiples of 16 (oneDNN's NCHW path pads them to its blocks of 16) or
+// planes of at most kClBackwardMaxPixels conv outputs. Measured (backward alone, batch 64 / 256,
+// 2 threads, AVX-512 Xeon VM, ms, NCHW -> channels-last, in alternating processes): 6 -> 16 5x5
+// pad 2 16x16 1.20 / 4.69 -> 1.01 / 3.74, 13 -> 29 3x3 11x11 0.63 / 2.39 -> 0.58 / 2.03, 10 ->
+// 22 3x3 pad 1 20x20 2.03 / 8.03 -> 1.52 / 5.55, 24 -> 40 5x5 20x20 6.85 / 27.2 -> 6.17 / 23.9,
+// 128 -> 128 3x3 pad 1 8x8 6.44 / 24.6 -> 6.26 / 24.2; not taken: 16 -> 16 3x3 pad 1 24x24
+// 1.45 / 5.42 -> 1.55 / 5.75, 64 -> 64 16x16 6.56 / 25.9 -> 6.63 / 26.9, 32 -> 64 16x16 3.74 /
+// 14.1 -> 3.79 / 14.8, 16 -> 32 16x16 1.27 / 4.67 -> 1.25 / 4.77. Layers whose weight gradient
+// is conv_relu_pool_cpu_nopool.h's keep NCHW: their input gradient alone measured slower
+// channels-last (6 -> 16 3x3 30x30 1.94 / 7.16 -> 2.21 / 8.84 ms).
+#if defined(__AVX512F__)
+constexpr int64_t kClBackwardChannels = 16;
+constexpr int64_t kClBackwardMaxPixels = 64;
+
+bool cl_backward_suits(const ConvPoolGeometry& g) {
+  return g.c % kClBackwardChannels != 0 || g.o % kClBackwardChannels != 0 ||
+         g.oh * g.ow <= kClBackwardMaxPixels;
+}
+#endif
 
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
@@ -239,6 +264,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
     const bool aten_weight = weight_grad && !weight_done;
     const auto none = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
     if (!input_grad && !aten_weight) return {none(input), grad_weight, grad_bias};
+#if defined(__AVX512F__)
+    if (aten_weight && input.scalar_type() == at::kFloat && cl_backward_suits(g)) {
+      auto [gi, gw] = nopool_backward_cl(go, am, x, w, g, input_grad, &grad_bias);
+      return {input_grad ? gi : none(input), gw, grad_bias};
+    }
+#endif
     const at::Tensor masked = masked_grad(go, am, aten_weight ? &grad_bias : nullptr);
     auto [gi, gw, unused] =
         at::convolution_backward(masked, x, w, at::IntArrayRef{g.o}, {g.sh, g.sw}, {g.padh, g.padw},

@@ -221,4 +221,50 @@ inline void transpose8(Float8 r[kTransposeLanes]) {
   }
 }
 
+#if defined(__AVX512F__)
+// Transposes 16 rows of 16 floats in registers: afterwards r[j][i] is the old r[i][j]. Pairs
+// of rows interleaved by floats, then by float pairs, then 128-bit lanes gathered twice (the
+// shuffles of _mm512_unpack*_ps/pd and _mm512_shuffle_f32x4, written as vector shuffles: GCC 12
+// warns about those intrinsics' undefined operand).
+using Float16 = VecOf<float, 64>::type;
+
+inline void transpose16(Float16 (&r)[16]) {
+  Float16 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28,
+                                   13, 29);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27,
+                                       14, 30, 15, 31);
+  }
+  // r[4i + j], 128-bit lane L: rows 4i .. 4i + 3 of column 4L + j.
+  for (int i = 0; i < 16; i += 4)
+    for (int h = 0; h < 2; ++h) {
+      r[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8,
+                                             9, 24, 25, 12, 13, 28, 29);
+      r[i + 2 * h + 1] = __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 18, 19, 6, 7, 22, 23,
+                                                 10, 11, 26, 27, 14, 15, 30, 31);
+    }
+  for (int j = 0; j < 4; ++j) {
+    // lanes 0, 1 (u) and 2, 3 (v) of rows 0-7's and rows 8-15's column-j vectors
+    const Float16 u = __builtin_shufflevector(r[j], r[4 + j], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                              19, 20, 21, 22, 23);
+    const Float16 v = __builtin_shufflevector(r[j], r[4 + j], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                              26, 27, 28, 29, 30, 31);
+    const Float16 u2 = __builtin_shufflevector(r[8 + j], r[12 + j], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17,
+                                               18, 19, 20, 21, 22, 23);
+    const Float16 v2 = __builtin_shufflevector(r[8 + j], r[12 + j], 8, 9, 10, 11, 12, 13, 14, 15,
+                                               24, 25, 26, 27, 28, 29, 30, 31);
+    // even lanes of each (column j of lane 0 / 2), odd lanes (lane 1 / 3)
+    t[j] = __builtin_shufflevector(u, u2, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+    t[4 + j] =
+        __builtin_shufflevector(u, u2, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    t[8 + j] =
+        __builtin_shufflevector(v, v2, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+    t[12 + j] =
+        __builtin_shufflevector(v, v2, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+#endif
+
 }  // namespace fastlenet::cpu

@@ -148,48 +148,12 @@ inline void gemm_columns(int64_t n, int64_t m, int64_t depth, const F& columns) 
       [&](int64_t v0, int64_t v1) { columns(v0 * kGemmLanes, std::min(n, v1 * kGemmLanes)); });
 }
 
-// dst (16 x 16, row stride ldd) = src (16 x 16, row stride lds) transposed, in registers: pairs
-// of rows interleaved by floats, then by float pairs, then 128-bit lanes gathered twice (the
-// shuffles of _mm512_unpack*_ps/pd and _mm512_shuffle_f32x4, written as vector shuffles: GCC 12
-// warns about those intrinsics' undefined operand).
+// dst (16 x 16, row stride ldd) = src (16 x 16, row stride lds) transposed, in registers.
 inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  using V = VecOf<float, 64>::type;
-  V r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = load<V>(src + i * lds);
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28,
-                                   13, 29);
-    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27,
-                                       14, 30, 15, 31);
-  }
-  // r[4i + j], 128-bit lane L: rows 4i .. 4i + 3 of column 4L + j.
-  for (int i = 0; i < 16; i += 4)
-    for (int h = 0; h < 2; ++h) {
-      r[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8,
-                                             9, 24, 25, 12, 13, 28, 29);
-      r[i + 2 * h + 1] = __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 18, 19, 6, 7, 22, 23,
-                                                 10, 11, 26, 27, 14, 15, 30, 31);
-    }
-  for (int j = 0; j < 4; ++j) {
-    // lanes 0, 1 (u) and 2, 3 (v) of rows 0-7's and rows 8-15's column-j vectors
-    const V u = __builtin_shufflevector(r[j], r[4 + j], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20,
-                                        21, 22, 23);
-    const V v = __builtin_shufflevector(r[j], r[4 + j], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26,
-                                        27, 28, 29, 30, 31);
-    const V u2 = __builtin_shufflevector(r[8 + j], r[12 + j], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
-                                         19, 20, 21, 22, 23);
-    const V v2 = __builtin_shufflevector(r[8 + j], r[12 + j], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
-                                         26, 27, 28, 29, 30, 31);
-    // even lanes of each (column j of lane 0 / 2), odd lanes (lane 1 / 3)
-    store(dst + j * ldd, V(__builtin_shufflevector(u, u2, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19,
-                                                   24, 25, 26, 27)));
-    store(dst + (4 + j) * ldd, V(__builtin_shufflevector(u, u2, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
-                                                         22, 23, 28, 29, 30, 31)));
-    store(dst + (8 + j) * ldd, V(__builtin_shufflevector(v, v2, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17,
-                                                         18, 19, 24, 25, 26, 27)));
-    store(dst + (12 + j) * ldd, V(__builtin_shufflevector(v, v2, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
-                                                          22, 23, 28, 29, 30, 31)));
-  }
+  Float16 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = load<Float16>(src + i * lds);
+  transpose16(r);
+  for (int i = 0; i < 16; ++i) store(dst + i * ldd, r[i]);
 }
 
 // dst (cols x rows, row stride ldd >= rows) = src (rows x cols) transposed: whole 16 x 16

@@ -46,6 +46,14 @@ CONV = {
     # tap_gemm_no_pool below: the tap GEMM)
     "no_pool": (1, 2, 7, 8, 5, 3, 3, 1, 1, 1, 1),
     "no_pool_deep": (2, 16, 7, 6, 5, 3, 3, 1, 1, 1, 1),  # patches of depth 16 * 3 * 3 = 144
+    # pool_size=1, the CPU backward's float32 gradients: from oneDNN's backward of channels-last
+    # copies (csrc/conv_relu_pool_cpu_nopool_cl.h, cl_backward_suits) for channel counts that are
+    # not multiples of 16 (no_pool_deep, no_pool_strided, tap_gemm_no_pool; here 17 = 16 + 1 and
+    # 19 = 16 + 3 channels over planes of 90 = 5 x 16 + 10 outputs) or planes of at most 64
+    # outputs; from ATen's NCHW backward otherwise (no_pool_nchw).
+    "no_pool_cl": (2, 17, 9, 10, 19, 3, 3, 1, 1, 1, 1),
+    "no_pool_cl_planes": (2, 32, 8, 8, 16, 3, 3, 1, 1, 1, 1),
+    "no_pool_nchw": (2, 16, 9, 10, 32, 3, 3, 1, 1, 1, 1),
     # pool_size=1, few input channels: the CPU backward's own weight gradient
     # (csrc/conv_relu_pool_cpu_nopool.h): conv rows of 33 = 16 + 16 + 1 lanes, 7 output channels
     # (blocks of 2 and one of 1); 5x5 with padding, 18 = 16 + 2 lanes.
