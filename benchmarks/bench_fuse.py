@@ -2,8 +2,8 @@
 cross-entropy, backward, SGD momentum step) of the model in eager mode, after
 `fastlenet.fuse(model)`, under `torch.compile(model)` and under
 `torch.compile(model, backend="fastlenet")`. Models: LeNet-5 and the Fashion-MNIST CNN (their
-stock variants) and pytorch/examples' MNIST Net; batch 64 and 256 (where FASTLENET_BENCH_BATCHES
-has them).
+stock variants), pytorch/examples' MNIST Net and the CIFAR-10 network of PyTorch's tutorial;
+batch 64 and 256 (where FASTLENET_BENCH_BATCHES has them).
 
 Like bench_lenet5, every provider steps with SGD(momentum=0.9, fused=True) at lr=0, so every
 round times the same weights.
@@ -18,15 +18,17 @@ import torch.nn.functional as F
 from bench_lenet5 import check, train_step_fn
 
 import fastlenet
-from fastlenet.models import ExamplesNet, FashionCNN, LeNet5
+from fastlenet.models import CifarTutorialNet, ExamplesNet, FashionCNN, LeNet5
 
 OP = "fuse"
 S = harness.settings()
 BATCHES = [b for b in S.batches if b in (64, 256)]
+# name: (model factory, input size)
 MODELS = {
-    "LeNet-5 1x32x32": lambda: LeNet5(fused=False),
-    "FashionCNN 1x28x28": lambda: FashionCNN(fused=False),
-    "pytorch/examples Net 1x28x28": ExamplesNet,
+    "LeNet-5 1x32x32": (lambda: LeNet5(fused=False), (1, 32, 32)),
+    "FashionCNN 1x28x28": (lambda: FashionCNN(fused=False), (1, 28, 28)),
+    "pytorch/examples Net 1x28x28": (ExamplesNet, (1, 28, 28)),
+    "CIFAR-10 tutorial Net 3x32x32": (CifarTutorialNet, (3, 32, 32)),
 }
 PROVIDERS = ("fastlenet-fuse", "fastlenet-compile", "eager", "compile")
 CASES = [(m, b) for m in MODELS for b in BATCHES]
@@ -35,19 +37,18 @@ CASES = [(m, b) for m in MODELS for b in BATCHES]
 @functools.cache
 def initial_state(name):
     torch.manual_seed(0)
-    return MODELS[name]().state_dict()
+    return MODELS[name][0]().state_dict()
 
 
 def make_model(name):
-    model = MODELS[name]()
+    model = MODELS[name][0]()
     model.load_state_dict(initial_state(name))
     return model.to(S.device)
 
 
 def make_data(name, batch):
     gen = torch.Generator().manual_seed(0)
-    size = (1, 32, 32) if name.startswith("LeNet") else (1, 28, 28)
-    x = torch.randn(batch, *size, generator=gen)
+    x = torch.randn(batch, *MODELS[name][1], generator=gen)
     return x.to(S.device), torch.randint(0, 10, (batch,), generator=gen).to(S.device)
 
 

@@ -120,6 +120,31 @@ class ExamplesNet(nn.Module):
         return F.log_softmax(x, dim=1)
 
 
+class CifarTutorialNet(nn.Module):
+    """The network of PyTorch's tutorial "Training a Classifier" (CIFAR-10), as written there:
+    3x32x32 -> conv 6@5x5, ReLU, pool 2 -> conv 16@5x5, ReLU, pool 2 -> 400 -> 120, ReLU -> 84,
+    ReLU -> num_classes, one MaxPool2d module called after both convolutions."""
+
+    input_size = (3, 32, 32)
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
 MODELS = {"lenet5": LeNet5, "fashion-cnn": FashionCNN}
 
 

@@ -12,7 +12,7 @@ import fastlenet
 from fastlenet import chain
 from fastlenet.dropout import dropout
 from fastlenet.fuse import compile_backend
-from fastlenet.models import ExamplesNet, LeNet5
+from fastlenet.models import CifarTutorialNet, ExamplesNet, LeNet5
 from fastlenet.nn import ConvReLUPool2d, LinearReLU
 
 F64 = {"dtype": torch.float64}
@@ -75,6 +75,8 @@ NETWORKS = {
     "examples": (lambda: ExamplesNet(input_size=(1, 14, 14)), (1, 14, 14), 3),
     "mlp": (_mlp, (1, 12, 12), 2),
     "relu_forms": (ReLUForms, (1, 14, 14), 3),
+    # PyTorch's CIFAR-10 tutorial: three input channels, one pooling module called twice
+    "cifar_tutorial": (CifarTutorialNet, (3, 32, 32), 4),
 }
 
 
@@ -289,6 +291,7 @@ CHAINS = {
     "tutorial": "conv1, conv2, flatten, fc1, fc2, fc3",
     "fashion_blocks": "layer1.0, layer2.0, flatten, fc",
     "mlp": "0, 1, 3, 5",
+    "cifar_tutorial": "conv1, conv2, flatten, fc1, fc2, fc3",
 }
 
 
