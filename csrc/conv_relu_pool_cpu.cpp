@@ -266,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
     if (!input_grad && !aten_weight) return {none(input), grad_weight, grad_bias};
 #if defined(__AVX512F__)
     if (aten_weight && input.scalar_type() == at::kFloat && cl_backward_suits(g)) {
-      auto [gi, gw] = nopool_backward_cl(go, am, x, w, g, input_grad, &grad_bias);
+      auto [gi, gw] = nopool_backward_cl(go, am, x, w, g, input_grad, grad_bias);
       return {input_grad ? gi : none(input), gw, grad_bias};
     }
 #endif

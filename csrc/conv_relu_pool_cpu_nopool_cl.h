@@ -19,7 +19,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <optional>
 #include <utility>
 #include <vector>
 
@@ -81,8 +80,11 @@ inline at::Tensor to_channels_last(const at::Tensor& t, const uint8_t* codes = n
   return d;
 }
 
-// The inverse: a channels-last tensor's samples as contiguous (C, H, W) planes.
+// The inverse: a channels-last tensor's samples as contiguous (C, H, W) planes. ATen's
+// backward returns channels-last gradients of channels-last operands (oneDNN's and, with oneDNN
+// off, its own); were a backend to return another layout, ATen copies it.
 inline at::Tensor from_channels_last(const at::Tensor& t) {
+  if (!t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t.contiguous();
   at::Tensor d = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t c = t.size(1), p = t.size(2) * t.size(3);
   const float* src = t.const_data_ptr<float>();
@@ -93,29 +95,24 @@ inline at::Tensor from_channels_last(const at::Tensor& t) {
   return d;
 }
 
-// grad_input (or undefined) and grad_weight (or undefined) of a layer without pooling, from go,
-// the ReLU codes am, x and w (contiguous NCHW float32); with grad_bias, its sum too.
+// grad_input (undefined unless input_grad) and grad_weight of a layer without pooling, from go,
+// the ReLU codes am, x and w (contiguous NCHW float32); grad_bias (O values) written here.
 inline std::pair<at::Tensor, at::Tensor> nopool_backward_cl(
     const at::Tensor& go, const at::Tensor& am, const at::Tensor& x, const at::Tensor& w,
-    const ConvPoolGeometry& g, bool input_grad, at::Tensor* grad_bias) {
-  std::vector<float> sums(grad_bias != nullptr ? g.n * g.o : 0);
-  const at::Tensor masked =
-      to_channels_last(go, am.const_data_ptr<uint8_t>(), grad_bias ? sums.data() : nullptr);
-  const bool weight = grad_bias != nullptr;
+    const ConvPoolGeometry& g, bool input_grad, at::Tensor& grad_bias) {
+  std::vector<float> sums(g.n * g.o);
+  const at::Tensor masked = to_channels_last(go, am.const_data_ptr<uint8_t>(), sums.data());
   auto [gi, gw, unused] = at::convolution_backward(
       masked, to_channels_last(x), w.contiguous(at::MemoryFormat::ChannelsLast),
       at::IntArrayRef{g.o}, {g.sh, g.sw}, {g.padh, g.padw}, {1, 1}, false, {0, 0}, 1,
-      {input_grad, weight, false});
-  if (weight) {  // sample by sample, in order: the same sums for any thread count
-    float* gb = grad_bias->data_ptr<float>();
-    for (int64_t o = 0; o < g.o; ++o) {
-      float total = 0.0f;
-      for (int64_t i = 0; i < g.n; ++i) total += sums[i * g.o + o];
-      gb[o] = total;
-    }
+      {input_grad, true, false});
+  float* gb = grad_bias.data_ptr<float>();
+  for (int64_t o = 0; o < g.o; ++o) {  // sample by sample, in order: the same for any threads
+    float total = 0.0f;
+    for (int64_t i = 0; i < g.n; ++i) total += sums[i * g.o + o];
+    gb[o] = total;
   }
-  return {input_grad ? from_channels_last(gi) : at::Tensor(),
-          weight ? gw.contiguous() : at::Tensor()};
+  return {input_grad ? from_channels_last(gi) : at::Tensor(), gw.contiguous()};
 }
 
 }  // namespace fastlenet::cpu

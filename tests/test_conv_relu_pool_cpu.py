@@ -69,6 +69,26 @@ def test_no_pool_weight_gradient(channels, kernel, padding, width, dtype):
         assert all(torch.equal(a, b) for a, b in zip(grads[0], other, strict=True))
 
 
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("name", ["no_pool_cl", "no_pool_cl_planes", "no_pool_strided"])
+def test_no_pool_channels_last_backward(name, onednn):
+    """Without pooling, float32 layers whose weight gradient ATen computes take ATen's backward
+    of channels-last copies where cl_backward_suits (csrc/conv_relu_pool_cpu_nopool_cl.h):
+    every gradient against the reference with oneDNN on and off (ATen's own convolution then
+    computes them from the same channels-last copies), and the same bits when computed again
+    (the bias sums added in a fixed order)."""
+    x, weight, bias, conv = conv_inputs(CONV[name], torch.float32)
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        check_conv_relu_pool(x, weight, bias, conv, "cpu", TOL[torch.float32])
+        grads = []
+        for _ in range(2):
+            out = conv_relu_pool2d(x, weight, bias, *conv, backend="cpu")
+            grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+            grads.append(torch.autograd.grad(out, (x, weight, bias), grad))
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(0, 3),
