@@ -28,6 +28,19 @@
 
 namespace fastlenet::cpu {
 
+// Lane j of the mask set where code a[j] (j < n <= 16) passes gradient: one widening load and
+// compare for a whole vector, byte by byte at a row's end.
+inline __mmask16 passing_lanes(const uint8_t* a, int n) {
+  if (n == 16) {
+    const __m512i codes =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a)));
+    return _mm512_cmpneq_epi32_mask(codes, _mm512_set1_epi32(kNoGrad));
+  }
+  __mmask16 keep = 0;
+  for (int j = 0; j < n; ++j) keep |= static_cast<__mmask16>(a[j] != kNoGrad) << j;
+  return keep;
+}
+
 // dst (cols x rows) = src (rows x cols) transposed, in 16 x 16 blocks (edges by masked loads and
 // stores). With codes (rows x cols), a value whose code is kNoGrad becomes 0 (NaN and Inf too,
 // as masked_grad), and with sums, sums[r] is row r's sum after masking, added in column order.
@@ -47,11 +60,7 @@ inline void transpose_plane(const float* src, int64_t rows, int64_t cols, float*
           continue;
         }
         __mmask16 keep = col_lanes;
-        if (codes != nullptr) {
-          const uint8_t* a = codes + (r0 + i) * cols + c0;
-          keep = 0;
-          for (int j = 0; j < nc; ++j) keep |= static_cast<__mmask16>(a[j] != kNoGrad) << j;
-        }
+        if (codes != nullptr) keep = passing_lanes(codes + (r0 + i) * cols + c0, nc);
         r[i] = Float16(_mm512_maskz_loadu_ps(keep, src + (r0 + i) * cols + c0));
       }
       transpose16(r);
