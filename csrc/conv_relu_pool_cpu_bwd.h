@@ -577,50 +577,16 @@ void add_chunks(T* partial, int64_t chunks, int64_t size) {
 }
 
 // grad_w from the backward's sums, [O][KH][rowsize] (each row [KW][pix], the first C of each
-// pix used) into gw as [O][C][KH][KW], output channels [o0, o1). On AVX-512 (float) by 16 taps x
-// 16 channels transposed in registers, masked at the edges; element by element elsewhere. It
-// moves values only: the same bits either way. The element-by-element copy took ~0.9 ns a value
-// (LeNet-5's conv2: 2400 values, ~2.1 us of its 12 us backward at batch 1); with one to three
-// channels the two measured the same.
+// pix used) into gw as [O][C][KH][KW], output channels [o0, o1) (from_rows_at).
 template <typename T>
 void repack_weight_grad(const T* sums, const ConvPoolGeometry& g, int64_t rowsize, int64_t pix,
                         int64_t o0, int64_t o1, T* gw) {
   const int64_t taps = g.kh * g.kw;
-  const auto src_at = [&](int64_t o, int64_t tap) {
-    return (o * g.kh + tap / g.kw) * rowsize + tap % g.kw * pix;
-  };
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    constexpr int64_t B = 16;  // a Float16's lanes
-    for (int64_t t0 = 0; t0 < taps; t0 += B) {
-      const int64_t nt = std::min(B, taps - t0);
-      int64_t rows[B];
-      for (int64_t i = 0; i < nt; ++i) rows[i] = src_at(0, t0 + i);  // o = 0; o adds below
-      const __mmask16 tap_lanes = static_cast<__mmask16>((1u << nt) - 1);
-      for (int64_t o = o0; o < o1; ++o) {
-        const float* so = sums + o * g.kh * rowsize;
-        for (int64_t c0 = 0; c0 < g.c; c0 += B) {
-          const int64_t nc = std::min(B, g.c - c0);
-          const __mmask16 channel_lanes = static_cast<__mmask16>((1u << nc) - 1);
-          Float16 r[B];
-          for (int64_t i = 0; i < B; ++i)
-            r[i] = i < nt ? Float16(_mm512_maskz_loadu_ps(channel_lanes, so + rows[i] + c0))
-                          : Float16{};
-          transpose16(r);
-          for (int64_t j = 0; j < nc; ++j)
-            _mm512_mask_storeu_ps(gw + (o * g.c + c0 + j) * taps + t0, tap_lanes, r[j]);
-        }
-      }
-    }
-    return;
-  }
-#endif
+  std::vector<int64_t> off(taps);  // tap (kh, kw)'s row in an output channel's sums
+  for (int64_t kh = 0; kh < g.kh; ++kh)
+    for (int64_t kw = 0; kw < g.kw; ++kw) off[kh * g.kw + kw] = kh * rowsize + kw * pix;
   for (int64_t o = o0; o < o1; ++o)
-    for (int64_t tap = 0; tap < taps; ++tap) {
-      T* dst = gw + o * g.c * taps + tap;
-      const T* src = sums + src_at(o, tap);
-      for (int64_t c = 0; c < g.c; ++c) dst[c * taps] = src[c];
-    }
+    from_rows_at(sums + o * g.kh * rowsize, off.data(), g.c, taps, gw + o * g.c * taps, taps);
 }
 
 // The sparse gradients that backward_kernel could not give because Inf/NaN reached them (the
@@ -705,13 +671,14 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   // The weight as [O][KH][KW][pix], zero past C and past each row (wide: wide_input_weight).
   const bool narrow_x = want_input && !wide_x && !tplan.ok();
   std::vector<T> wcl(narrow_x ? g.o * g.kh * rowsize_x : 0, T(0));
-  if (narrow_x)
+  if (narrow_x) {
+    const int64_t taps = g.kh * g.kw;
+    std::vector<int64_t> off(taps);  // tap (kh, kw)'s row in an output channel's rows
+    for (int64_t kh = 0; kh < g.kh; ++kh)
+      for (int64_t kw = 0; kw < g.kw; ++kw) off[kh * g.kw + kw] = kh * rowsize_x + kw * LX.pix;
     for (int64_t o = 0; o < g.o; ++o)
-      for (int64_t c = 0; c < g.c; ++c)
-        for (int64_t kh = 0; kh < g.kh; ++kh)
-          for (int64_t kw = 0; kw < g.kw; ++kw)
-            wcl[(o * g.kh + kh) * rowsize_x + kw * LX.pix + c] =
-                w[((o * g.c + c) * g.kh + kh) * g.kw + kw];
+      rows_at(w + o * g.c * taps, taps, g.c, taps, off.data(), wcl.data() + o * g.kh * rowsize_x);
+  }
   const auto wtile =
       want_input && tplan.ok() ? tile_input_weight(w, g, LX.pix, tplan) : AlignedVector<T>();
   const TileInputFn<T> tfn = tplan.ok() ? tile_input_fn<T>(tplan) : nullptr;

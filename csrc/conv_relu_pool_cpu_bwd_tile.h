@@ -164,16 +164,17 @@ AlignedVector<T> tile_input_weight(const T* w, const ConvPoolGeometry& g, int64_
   constexpr int VW = WideVec<T>::VW;
   const int64_t rowsize = p.nz * VW;
   AlignedVector<T> out(p.groups * p.per_group, T(0));
-  // Each patch row once ([KW][pix], zero past C), then copied to where each column shift and
-  // group reads it: no division per element (this runs on every call; at batch 1 it is a
-  // visible part of the op).
-  const int64_t rowlen = g.kw * pix;
-  std::vector<T> row(rowlen, T(0));
-  for (int64_t o = 0; o < g.o; ++o)
+  // An output channel's patch rows once ([KW][pix] each, zero past C; rows_at), then copied to
+  // where each column shift and group reads them: no division per element (this runs on every
+  // call; at batch 1 it is a visible part of the op).
+  const int64_t rowlen = g.kw * pix, taps = g.kh * g.kw;
+  std::vector<int64_t> off(taps);  // tap t's channels at t * pix: KH rows of rowlen
+  for (int64_t t = 0; t < taps; ++t) off[t] = t * pix;
+  std::vector<T> rows(g.kh * rowlen, T(0));
+  for (int64_t o = 0; o < g.o; ++o) {
+    rows_at(w + o * g.c * taps, taps, g.c, taps, off.data(), rows.data());
     for (int64_t kh = 0; kh < g.kh; ++kh) {
-      for (int64_t kw = 0; kw < g.kw; ++kw)
-        for (int64_t c = 0; c < g.c; ++c)
-          row[kw * pix + c] = w[((o * g.c + c) * g.kh + kh) * g.kw + kw];
+      const T* row = rows.data() + kh * rowlen;
       for (int64_t qx = 0; qx < g.poolw; ++qx) {
         const int64_t shift = qx * g.sw * pix;  // the row's first element in the region row
         for (int64_t grp = 0; grp < p.groups; ++grp) {
@@ -182,10 +183,11 @@ AlignedVector<T> tile_input_weight(const T* w, const ConvPoolGeometry& g, int64_
           if (lo >= hi) continue;
           T* dst = out.data() + grp * p.per_group + qx * p.per_qx + (p.top + kh) * rowsize +
                    o * p.block - grp * rowsize;
-          std::copy(row.begin() + (lo - shift), row.begin() + (hi - shift), dst + lo);
+          std::copy(row + (lo - shift), row + (hi - shift), dst + lo);
         }
       }
     }
+  }
   return out;
 }
 
