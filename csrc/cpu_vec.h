@@ -268,30 +268,45 @@ inline void transpose16(Float16 (&r)[16]) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// An a x b transpose by 16 x 16 blocks through transpose16: load(k, b0, lanes) gives input
+// vector k (k < a) of the block at b0, its `lanes` (a mask) from b0 on; store(k, a0, lanes, v)
+// takes output vector k (k < b), its `lanes` from a0 on.
+template <typename Load, typename Store>
+void transpose_blocks(int64_t a, int64_t b, Load&& load, Store&& store) {
+  for (int64_t a0 = 0; a0 < a; a0 += 16)
+    for (int64_t b0 = 0; b0 < b; b0 += 16) {
+      const int64_t na = std::min<int64_t>(16, a - a0), nb = std::min<int64_t>(16, b - b0);
+      const auto a_lanes = static_cast<__mmask16>((1u << na) - 1);
+      const auto b_lanes = static_cast<__mmask16>((1u << nb) - 1);
+      Float16 r[16];
+      for (int64_t k = 0; k < 16; ++k)
+        r[k] = k < na ? Float16(load(a0 + k, b0, b_lanes)) : Float16{};
+      transpose16(r);
+      for (int64_t k = 0; k < nb; ++k) store(b0 + k, a0, a_lanes, r[k]);
+    }
+}
+#endif
+
 // A rows x cols block transposed between row-major (leading dimension ld) and rows placed at
 // offsets: rows_at: dst[off[j] + i] = src[i * ld + j]; from_rows_at: dst[i * ld + j] =
 // src[off[j] + i] (i < rows, j < cols). The conv kernels' weight layouts: a weight's or a weight
 // gradient's [C][KH x KW] against rows of C channels per tap. Element by element these took
 // ~0.9 ns a value on every call (LeNet-5's conv2 backward at batch 1: ~2 us each of its ~12);
-// on AVX-512 (float) 16 x 16 blocks go through transpose16, masked at the edges. Values are only
-// moved: the same bits either way.
+// on AVX-512 (float) by transpose_blocks, masked at the edges. Values are only moved: the same
+// bits either way.
 template <typename T>
 void rows_at(const T* src, int64_t ld, int64_t rows, int64_t cols, const int64_t* off, T* dst) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
-    for (int64_t i0 = 0; i0 < rows; i0 += 16)
-      for (int64_t j0 = 0; j0 < cols; j0 += 16) {
-        const int64_t ni = std::min<int64_t>(16, rows - i0), nj = std::min<int64_t>(16, cols - j0);
-        const auto i_lanes = static_cast<__mmask16>((1u << ni) - 1);
-        const auto j_lanes = static_cast<__mmask16>((1u << nj) - 1);
-        Float16 r[16];
-        for (int64_t i = 0; i < 16; ++i)
-          r[i] = i < ni ? Float16(_mm512_maskz_loadu_ps(j_lanes, src + (i0 + i) * ld + j0))
-                        : Float16{};
-        transpose16(r);
-        for (int64_t j = 0; j < nj; ++j)
-          _mm512_mask_storeu_ps(dst + off[j0 + j] + i0, i_lanes, r[j]);
-      }
+    transpose_blocks(
+        rows, cols,
+        [&](int64_t i, int64_t j0, __mmask16 m) {
+          return _mm512_maskz_loadu_ps(m, src + i * ld + j0);
+        },
+        [&](int64_t j, int64_t i0, __mmask16 m, Float16 v) {
+          _mm512_mask_storeu_ps(dst + off[j] + i0, m, v);
+        });
     return;
   }
 #endif
@@ -304,19 +319,14 @@ void from_rows_at(const T* src, const int64_t* off, int64_t rows, int64_t cols, 
                   int64_t ld) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
-    for (int64_t i0 = 0; i0 < rows; i0 += 16)
-      for (int64_t j0 = 0; j0 < cols; j0 += 16) {
-        const int64_t ni = std::min<int64_t>(16, rows - i0), nj = std::min<int64_t>(16, cols - j0);
-        const auto i_lanes = static_cast<__mmask16>((1u << ni) - 1);
-        const auto j_lanes = static_cast<__mmask16>((1u << nj) - 1);
-        Float16 r[16];
-        for (int64_t j = 0; j < 16; ++j)
-          r[j] =
-              j < nj ? Float16(_mm512_maskz_loadu_ps(i_lanes, src + off[j0 + j] + i0)) : Float16{};
-        transpose16(r);
-        for (int64_t i = 0; i < ni; ++i)
-          _mm512_mask_storeu_ps(dst + (i0 + i) * ld + j0, j_lanes, r[i]);
-      }
+    transpose_blocks(
+        cols, rows,
+        [&](int64_t j, int64_t i0, __mmask16 m) {
+          return _mm512_maskz_loadu_ps(m, src + off[j] + i0);
+        },
+        [&](int64_t i, int64_t j0, __mmask16 m, Float16 v) {
+          _mm512_mask_storeu_ps(dst + i * ld + j0, m, v);
+        });
     return;
   }
 #endif
