@@ -582,9 +582,7 @@ template <typename T>
 void repack_weight_grad(const T* sums, const ConvPoolGeometry& g, int64_t rowsize, int64_t pix,
                         int64_t o0, int64_t o1, T* gw) {
   const int64_t taps = g.kh * g.kw;
-  std::vector<int64_t> off(taps);  // tap (kh, kw)'s row in an output channel's sums
-  for (int64_t kh = 0; kh < g.kh; ++kh)
-    for (int64_t kw = 0; kw < g.kw; ++kw) off[kh * g.kw + kw] = kh * rowsize + kw * pix;
+  const std::vector<int64_t> off = tap_rows(g, rowsize, pix);
   for (int64_t o = o0; o < o1; ++o)
     from_rows_at(sums + o * g.kh * rowsize, off.data(), g.c, taps, gw + o * g.c * taps, taps);
 }
@@ -673,9 +671,7 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   std::vector<T> wcl(narrow_x ? g.o * g.kh * rowsize_x : 0, T(0));
   if (narrow_x) {
     const int64_t taps = g.kh * g.kw;
-    std::vector<int64_t> off(taps);  // tap (kh, kw)'s row in an output channel's rows
-    for (int64_t kh = 0; kh < g.kh; ++kh)
-      for (int64_t kw = 0; kw < g.kw; ++kw) off[kh * g.kw + kw] = kh * rowsize_x + kw * LX.pix;
+    const std::vector<int64_t> off = tap_rows(g, rowsize_x, LX.pix);
     for (int64_t o = 0; o < g.o; ++o)
       rows_at(w + o * g.c * taps, taps, g.c, taps, off.data(), wcl.data() + o * g.kh * rowsize_x);
   }

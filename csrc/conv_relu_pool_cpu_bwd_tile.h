@@ -168,8 +168,7 @@ AlignedVector<T> tile_input_weight(const T* w, const ConvPoolGeometry& g, int64_
   // where each column shift and group reads them: no division per element (this runs on every
   // call; at batch 1 it is a visible part of the op).
   const int64_t rowlen = g.kw * pix, taps = g.kh * g.kw;
-  std::vector<int64_t> off(taps);  // tap t's channels at t * pix: KH rows of rowlen
-  for (int64_t t = 0; t < taps; ++t) off[t] = t * pix;
+  const std::vector<int64_t> off = tap_rows(g, rowlen, pix);
   std::vector<T> rows(g.kh * rowlen, T(0));
   for (int64_t o = 0; o < g.o; ++o) {
     rows_at(w + o * g.c * taps, taps, g.c, taps, off.data(), rows.data());

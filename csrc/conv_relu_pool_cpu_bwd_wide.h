@@ -55,6 +55,15 @@ constexpr int64_t kWideXTileBytes = 32 << 10;
 // such tasks a parallel region costs more than it saves).
 constexpr int64_t kRepackGrain = 1 << 14;
 
+// Where each tap (kh, kw) of one output channel's weight rows starts, rows of `rowsize`
+// elements per kh and `pix` per kw (the offsets rows_at and from_rows_at take).
+inline std::vector<int64_t> tap_rows(const ConvPoolGeometry& g, int64_t rowsize, int64_t pix) {
+  std::vector<int64_t> off(g.kh * g.kw);
+  for (int64_t kh = 0; kh < g.kh; ++kh)
+    for (int64_t kw = 0; kw < g.kw; ++kw) off[kh * g.kw + kw] = kh * rowsize + kw * pix;
+  return off;
+}
+
 template <typename T>
 struct WideVec {
   using V = typename VecOf<T, kWideBytes>::type;
