@@ -82,6 +82,10 @@ def main() -> None:
     parser.add_argument("--optimizer", nargs="+", choices=("fused", "default"), default=["fused"])
     parser.add_argument("--steps", type=int, default=500, help="timed steps per model")
     args = parser.parse_args()
+    if args.steps < ROUNDS:
+        parser.error(
+            f"--steps must be at least {ROUNDS} (a round of steps per model, {ROUNDS} rounds)"
+        )
     print(
         f"LeNet-5 training step by part, us (medians of {args.steps} steps), "
         f"{torch.get_num_threads()} threads"
