@@ -163,7 +163,7 @@ bool nopool_weight_grad(const at::Tensor& grad_out, const at::Tensor& argmax,
         nopool_weight_chunk<T, 5>(x, go, am, g, n0, n1, gw, gw + wsize);
     }
   });
-  add_chunks(partial.data(), chunks, wsize + bsize);
+  add_chunks(partial.data(), chunks, wsize + bsize, 0, wsize + bsize);
   // Each value the sum of its VW lanes, in lane order.
   const auto lane_sums = [&](const T* lanes, int64_t count, T* dst) {
     for (int64_t i = 0; i < count; ++i) {
