@@ -148,23 +148,17 @@ inline void gemm_columns(int64_t n, int64_t m, int64_t depth, const F& columns) 
       [&](int64_t v0, int64_t v1) { columns(v0 * kGemmLanes, std::min(n, v1 * kGemmLanes)); });
 }
 
-// dst (16 x 16, row stride ldd) = src (16 x 16, row stride lds) transposed, in registers.
-inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  Float16 r[16];
-  for (int i = 0; i < 16; ++i) r[i] = load<Float16>(src + i * lds);
-  transpose16(r);
-  for (int i = 0; i < 16; ++i) store(dst + i * ldd, r[i]);
-}
-
-// dst (cols x rows, row stride ldd >= rows) = src (rows x cols) transposed: whole 16 x 16
-// blocks in registers, the edges element by element.
+// dst (cols x rows, row stride ldd >= rows) = src (rows x cols) transposed, by transpose_blocks
+// (16 x 16 blocks in registers, masked at the edges).
 inline void transpose_f32(const float* src, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
-  const int64_t rows16 = rows / 16 * 16, cols16 = cols / 16 * 16;
-  for (int64_t r = 0; r < rows16; r += 16)
-    for (int64_t c = 0; c < cols16; c += 16)
-      transpose16(src + r * cols + c, cols, dst + c * ldd + r, ldd);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = r < rows16 ? cols16 : 0; c < cols; ++c) dst[c * ldd + r] = src[r * cols + c];
+  transpose_blocks(
+      rows, cols,
+      [&](int64_t r, int64_t c0, __mmask16 m) {
+        return _mm512_maskz_loadu_ps(m, src + r * cols + c0);
+      },
+      [&](int64_t c, int64_t r0, __mmask16 m, Float16 v) {
+        _mm512_mask_storeu_ps(dst + c * ldd + r0, m, v);
+      });
 }
 
 }  // namespace fastlenet::cpu
