@@ -32,26 +32,32 @@ constexpr int kGemmLanes = 16;  // floats per 64-byte vector
 constexpr int kGemmRows = 8;
 constexpr int kGemmVecs = 2;  // gemm_f32 handles a column tail of one vector or two
 constexpr int64_t kGemmCols = kGemmLanes * kGemmVecs;
-// Depth up to which the hand kernel runs. Deeper forwards (9216 or 12544 inputs) would pack a
-// w^T of several MB per call (not measured); deeper backward products (batches or output
-// counts beyond 4096) were not measured either. Both go to the BLAS.
+// Depth up to which the backward's products take the hand kernel (batches or output counts
+// beyond 4096 were not measured; they go to the BLAS). The forward takes any depth, in panels
+// (gemm_nt_panels in linear_relu_cpu.cpp).
 constexpr int64_t kGemmMaxDepth = 4096;
 // Multiply-adds per parallel task: an OpenMP region costs ~1 us, this much work ~0.5 us.
 constexpr int64_t kGemmGrain = int64_t{1} << 16;
 
-// One tile: R rows of c, NV vectors of columns, the last vector's lanes masked by `last`.
-// The accumulators are zeroed one by one and stored by value: with `= {}` (a memset) or an
-// address taken (cpu::store's reference) GCC 12 kept the array in registers but also stored
-// it to the stack on every depth step, which made the tile 2-3x slower.
+// One tile: R rows of c, NV vectors of columns, the last vector's lanes masked by `last`;
+// with `accumulate` the chains go on from the values in c (a later depth block: the same FMAs in
+// the same order as one pass over the whole depth, so the same bits). The accumulators are zeroed
+// one by one and stored by value: with `= {}` (a memset) or an address taken (cpu::store's
+// reference) GCC 12 kept the array in registers but also stored it to the stack on every depth
+// step, which made the tile 2-3x slower.
 template <int R, int NV>
 inline void gemm_tile(int64_t depth, const float* a, int64_t a_row, int64_t a_depth, const float* b,
-                      int64_t ldb, float* c, int64_t ldc, __mmask16 last) {
+                      int64_t ldb, float* c, int64_t ldc, __mmask16 last, bool accumulate) {
   using V = VecOf<float, 64>::type;
   V acc[R][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+    for (int v = 0; v + 1 < NV; ++v)
+      acc[r][v] = accumulate ? V(_mm512_loadu_ps(c + r * ldc + v * kGemmLanes)) : V{};
+    acc[r][NV - 1] =
+        accumulate ? V(_mm512_maskz_loadu_ps(last, c + r * ldc + (NV - 1) * kGemmLanes)) : V{};
+  }
   for (int64_t p = 0; p < depth; ++p) {
     const float* bp = b + p * ldb;
     V bv[NV];
@@ -76,11 +82,12 @@ inline void gemm_tile(int64_t depth, const float* a, int64_t a_row, int64_t a_de
 
 template <int NV>
 inline void gemm_rows(int rows, int64_t depth, const float* a, int64_t a_row, int64_t a_depth,
-                      const float* b, int64_t ldb, float* c, int64_t ldc, __mmask16 last) {
+                      const float* b, int64_t ldb, float* c, int64_t ldc, __mmask16 last,
+                      bool accumulate) {
   switch (rows) {
-#define FASTLENET_GEMM_ROWS(R)                                        \
-  case R:                                                             \
-    gemm_tile<R, NV>(depth, a, a_row, a_depth, b, ldb, c, ldc, last); \
+#define FASTLENET_GEMM_ROWS(R)                                                    \
+  case R:                                                                         \
+    gemm_tile<R, NV>(depth, a, a_row, a_depth, b, ldb, c, ldc, last, accumulate); \
     break;
     FASTLENET_GEMM_ROWS(1)
     FASTLENET_GEMM_ROWS(2)
@@ -102,16 +109,18 @@ constexpr int64_t kGemmRowOrderBytes = 512 << 10;
 
 inline void gemm_block(int64_t m, int64_t n, int64_t depth, const float* a, int64_t a_row,
                        int64_t a_depth, const float* b, int64_t ldb, float* c, int64_t ldc,
-                       int64_t i, int64_t j) {
+                       int64_t i, int64_t j, bool accumulate) {
   const int rows = static_cast<int>(std::min<int64_t>(kGemmRows, m - i));
   const int64_t cols = std::min<int64_t>(kGemmCols, n - j);
   const int64_t tail = cols > kGemmLanes ? cols - kGemmLanes : cols;
   const auto last = static_cast<__mmask16>((1u << tail) - 1);
   const float* at = a + i * a_row;
   if (cols > kGemmLanes)
-    gemm_rows<kGemmVecs>(rows, depth, at, a_row, a_depth, b + j, ldb, c + i * ldc + j, ldc, last);
+    gemm_rows<kGemmVecs>(rows, depth, at, a_row, a_depth, b + j, ldb, c + i * ldc + j, ldc, last,
+                         accumulate);
   else
-    gemm_rows<1>(rows, depth, at, a_row, a_depth, b + j, ldb, c + i * ldc + j, ldc, last);
+    gemm_rows<1>(rows, depth, at, a_row, a_depth, b + j, ldb, c + i * ldc + j, ldc, last,
+                 accumulate);
 }
 
 // c (m x n, row stride ldc) = a . b on the calling thread: a(i, p) at a[i * a_row + p * a_depth],
@@ -120,17 +129,19 @@ inline void gemm_block(int64_t m, int64_t n, int64_t depth, const float* a, int6
 // tile's rows of a stay in L1 across the column blocks; column-block order measured 2.7x
 // slower at 64x400 . 400x120), else column block by column block (each panel of b read once:
 // grad_weight of 12544 inputs at batch 64, whose b is 3.2 MB, took 1.7x stock's time row
-// block by row block).
+// block by row block). With `accumulate`, c += a . b, each chain going on from c's value (see
+// gemm_tile).
 inline void gemm_f32(int64_t m, int64_t n, int64_t depth, const float* a, int64_t a_row,
-                     int64_t a_depth, const float* b, int64_t ldb, float* c, int64_t ldc) {
+                     int64_t a_depth, const float* b, int64_t ldb, float* c, int64_t ldc,
+                     bool accumulate = false) {
   if (depth * n * static_cast<int64_t>(sizeof(float)) <= kGemmRowOrderBytes) {
     for (int64_t i = 0; i < m; i += kGemmRows)
       for (int64_t j = 0; j < n; j += kGemmCols)
-        gemm_block(m, n, depth, a, a_row, a_depth, b, ldb, c, ldc, i, j);
+        gemm_block(m, n, depth, a, a_row, a_depth, b, ldb, c, ldc, i, j, accumulate);
   } else {
     for (int64_t j = 0; j < n; j += kGemmCols)
       for (int64_t i = 0; i < m; i += kGemmRows)
-        gemm_block(m, n, depth, a, a_row, a_depth, b, ldb, c, ldc, i, j);
+        gemm_block(m, n, depth, a, a_row, a_depth, b, ldb, c, ldc, i, j, accumulate);
   }
 }
 
@@ -148,13 +159,14 @@ inline void gemm_columns(int64_t n, int64_t m, int64_t depth, const F& columns) 
       [&](int64_t v0, int64_t v1) { columns(v0 * kGemmLanes, std::min(n, v1 * kGemmLanes)); });
 }
 
-// dst (cols x rows, row stride ldd >= rows) = src (rows x cols) transposed, by transpose_blocks
-// (16 x 16 blocks in registers, masked at the edges).
-inline void transpose_f32(const float* src, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+// dst (cols x rows, row stride ldd >= rows) = src (rows x cols, row stride lds) transposed, by
+// transpose_blocks (16 x 16 blocks in registers, masked at the edges).
+inline void transpose_f32(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst,
+                          int64_t ldd) {
   transpose_blocks(
       rows, cols,
       [&](int64_t r, int64_t c0, __mmask16 m) {
-        return _mm512_maskz_loadu_ps(m, src + r * cols + c0);
+        return _mm512_maskz_loadu_ps(m, src + r * lds + c0);
       },
       [&](int64_t c, int64_t r0, __mmask16 m, Float16 v) {
         _mm512_mask_storeu_ps(dst + c * ldd + r0, m, v);

@@ -217,10 +217,15 @@ LINEAR = {
     "dot_short": (6, 5, 9),
     # the CPU's float32 hand GEMM (csrc/linear_relu_cpu_gemm.h; lenet_fc1, odd, odd_small and
     # tile_64 take it too, with tails of 8, 1 and 7 lanes and both tile orders): a forward
-    # deeper than kGemmMaxDepth (the BLAS) whose backward products are hand ones; fewer rows
-    # than kPackMinRows (the dot-product forward, hand backward)
+    # deeper than the backward products' kGemmMaxDepth, in one panel of w^T; fewer rows than
+    # kPackMinRows (the dot-product forward, hand backward)
     "deep_k": (6, 4099, 20),
     "few_rows": (3, 40, 50),
+    # the hand GEMM's forward over several panels of w^T (gemm_nt_panels, 512 KiB each), its
+    # sums going on from one panel to the next: split by columns (a thread's 160 columns, or
+    # alone 304: panels of 819 or 431 inputs) and by rows (48 columns: panels of 2730 inputs)
+    "panels": (20, 1000, 300),
+    "rows_split_panels": (19, 3000, 45),
     # the dot-product forward of up to 8 rows where w is large (kDotMinWeights), its tasks a
     # row block by a span of outputs: a block of 4 rows and one of 3, spans of 30 outputs and a
     # last of 11 (5-output blocks plus 1); 2 rows in two spans of 25 and 22

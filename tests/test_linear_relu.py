@@ -208,17 +208,18 @@ def test_all_negative_rows_pass_no_gradient(backend):
     "name",
     [
         *("few_rows", "dot_wide", "dot_spans", "dot_tails", "shares_one_row", "shares_two_rows"),
-        *("rows_split", "rows_split_3v", "lenet_fc1"),
+        *("rows_split", "rows_split_3v", "lenet_fc1", "panels", "rows_split_panels"),
     ],
 )
 def test_cpu_dot_forward_threads(monkeypatch, name, relu):
     """The CPU forward's dot products (few rows, or up to 8 where w is large) split the rows into
     blocks and the outputs into spans, or w's rows into the optimizer's shares (shares_*), the
-    tasks over the threads; the hand GEMM (rows_split*, lenet_fc1) splits the rows or the
-    columns: on one thread and on two, bitwise the same output (each output one chain of
-    multiply-adds in input order), and the reference's. Forced (FASTLENET_CPU_GEMM=hand): where
-    MKL runs AVX-512 code some of these shapes take the BLAS unforced, whose bits, like stock's
-    F.linear, may depend on the thread count."""
+    tasks over the threads; the hand GEMM (rows_split*, lenet_fc1, panels) splits the rows or
+    the columns, and the depth into panels of w^T as wide as a thread's columns allow: on one
+    thread and on two, bitwise the same output (each output one chain of multiply-adds in input
+    order), and the reference's. Forced (FASTLENET_CPU_GEMM=hand): where MKL runs AVX-512 code
+    some of these shapes take the BLAS unforced, whose bits, like stock's F.linear, may depend
+    on the thread count."""
     monkeypatch.setenv("FASTLENET_CPU_GEMM", "hand")
     x, weight, bias = linear_inputs(LINEAR[name], F32, requires_grad=False)
     fwd = backends.ops("linear_relu", "cpu").fwd
