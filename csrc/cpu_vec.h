@@ -182,6 +182,37 @@ inline V load_lanes(const T* p, int lo, int hi) {
   return v;
 }
 
+// Stores lanes [0, n) of v to p[0 .. n), writing nothing past them (0 <= n <= lanes): one
+// masked store on AVX-512.
+template <typename V, typename T>
+inline void store_lanes(T* p, const V& v, int n) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), __m512(v));
+    return;
+  } else if constexpr (sizeof(V) == 64 && std::is_same_v<T, double>) {
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), __m512d(v));
+    return;
+  }
+#endif
+  for (int l = 0; l < n; ++l) p[l] = v[l];
+}
+
+// Bytes [0, n) of b to p[0 .. n) (0 <= n <= N), writing nothing past them: one masked store
+// on AVX-512 BW/VL.
+template <int N>
+inline void store_bytes(uint8_t* p, const typename ByteVec<N>::type& b, int n) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  if constexpr (N <= 16) {
+    __m128i v = _mm_setzero_si128();
+    std::memcpy(&v, &b, N);
+    _mm_mask_storeu_epi8(p, static_cast<__mmask16>((1u << n) - 1), v);
+    return;
+  }
+#endif
+  for (int i = 0; i < n; ++i) p[i] = b[i];
+}
+
 // N bytes: p[0 .. n) and `fill` past them, reading nothing past p + n (one masked load on
 // AVX-512 BW/VL).
 template <int N>
