@@ -170,51 +170,6 @@ void conv_row(const T* xpad, Plane p, const ConvPoolGeometry& g, int64_t oh, int
   }
 }
 
-// What the thread's next task reads and writes, brought into L2 a slice per conv row of the
-// current task (a slice per call of step()): its sample's input where it starts a sample, for
-// reading, and its output and argmax planes, for writing. Without it a task's first rows wait
-// on memory where the data no longer stays in cache (batch 256): the input's loads, and the
-// lane stores, each to a line of another channel's plane. Forward alone (inference), 2
-// threads, one process alternately, Xeon VM, batch 256 / 64: 16 -> 32 3x3 pad 1 32x32 pool 3
-// 1.22x / 1.01x, 16 -> 16 3x3 pad 1 24x24 1.03x / 1.01x, 24 -> 40 5x5 20x20 1.02x / 1.00x,
-// 64 -> 64 3x3 pad 1 16x16 1.03x / 1.00x; 0.99-1.01x at LeNet-5's conv2, the Fashion CNN's,
-// 10 -> 22 5x5 pool 3, 32 -> 64 3x3 16x16, 3 -> 7 5x5 pool 3 and 16 -> 32 3x3 32x32 pool 2.
-class NextTaskPrefetch {
- public:
-  // `bytes` from `p`, read (the input) or written (the outputs).
-  struct Span {
-    const void* p = nullptr;
-    int64_t bytes = 0;
-    bool write = false;
-  };
-  NextTaskPrefetch() = default;
-  // Each span in `slices` slices of whole cache lines.
-  NextTaskPrefetch(std::array<Span, 3> spans, int64_t slices) : spans_(spans) {
-    for (size_t i = 0; i < spans_.size(); ++i)
-      slice_[i] = (spans_[i].bytes / std::max<int64_t>(slices, 1) / kLine + 1) * kLine;
-  }
-  void step() {
-    for (size_t i = 0; i < spans_.size(); ++i) {
-      // Locals: through the members the loop stored its counter and reloaded the span's
-      // fields at every line.
-      const char* p = static_cast<const char*>(spans_[i].p);
-      int64_t at = done_[i];
-      const int64_t end = std::min(spans_[i].bytes, at + slice_[i]);
-      if (spans_[i].write)
-        for (; at < end; at += kLine) __builtin_prefetch(p + at, 1, 2);  // into L2
-      else
-        for (; at < end; at += kLine) __builtin_prefetch(p + at, 0, 2);
-      done_[i] = at;
-    }
-  }
-
- private:
-  static constexpr int64_t kLine = 64;
-  std::array<Span, 3> spans_{};
-  std::array<int64_t, 3> slice_{};
-  std::array<int64_t, 3> done_{};
-};
-
 // Pooled columns whose results forward_channels stores as a run per channel. Its lanes are
 // output channels and the output is NCHW, so each pooled value and code went to its plane by a
 // store of its own (two lane extractions per pooled output, on the one shuffle port: LeNet-5's
