@@ -154,6 +154,7 @@ void copy_padded(const T* xs, int64_t c, int64_t h, int64_t w, int64_t padh, int
 // 1.22x / 1.01x, 16 -> 16 3x3 pad 1 24x24 1.03x / 1.01x, 24 -> 40 5x5 20x20 1.02x / 1.00x,
 // 64 -> 64 3x3 pad 1 16x16 1.03x / 1.00x; 0.99-1.01x at LeNet-5's conv2, the Fashion CNN's,
 // 10 -> 22 5x5 pool 3, 32 -> 64 3x3 16x16, 3 -> 7 5x5 pool 3 and 16 -> 32 3x3 32x32 pool 2.
+// The weight gradient without pooling: see nopool_weight_chunk (conv_relu_pool_cpu_nopool.h).
 class NextTaskPrefetch {
  public:
   // `bytes` from `p`, read (the input) or written (the outputs).
