@@ -106,9 +106,16 @@ inline void gemm_rows(int rows, int64_t depth, const float* a, int64_t a_row, in
 // Bytes of b up to which gemm_f32 goes row block by row block (each block re-reads all of b,
 // from L2 when it fits: 1 MiB per core here, half of it left for a and c).
 constexpr int64_t kGemmRowOrderBytes = 512 << 10;
+// Row stride of b (floats: a 4 KiB page) from which gemm_f32's column-block order copies each
+// panel of b before its row blocks read it (and only where there are two row blocks or more).
+// Backward alone (both products), 2 threads, Zen 5 VM, 4 alternating processes, us: 64 x 12544
+// -> 512 5498-6327 -> 4636-4874; 64 x 9216 -> 128 797-885 -> 783-888; 64 x 784 -> 512 (a 3 KiB
+// stride) packed: 236-239 -> 247-253, hence the bound.
+constexpr int64_t kGemmPackMinStride = 1024;
 
+// The tile of c at row i, column j; bj is b's column j (b itself, or a packed panel of it).
 inline void gemm_block(int64_t m, int64_t n, int64_t depth, const float* a, int64_t a_row,
-                       int64_t a_depth, const float* b, int64_t ldb, float* c, int64_t ldc,
+                       int64_t a_depth, const float* bj, int64_t ldb, float* c, int64_t ldc,
                        int64_t i, int64_t j, bool accumulate) {
   const int rows = static_cast<int>(std::min<int64_t>(kGemmRows, m - i));
   const int64_t cols = std::min<int64_t>(kGemmCols, n - j);
@@ -116,11 +123,10 @@ inline void gemm_block(int64_t m, int64_t n, int64_t depth, const float* a, int6
   const auto last = static_cast<__mmask16>((1u << tail) - 1);
   const float* at = a + i * a_row;
   if (cols > kGemmLanes)
-    gemm_rows<kGemmVecs>(rows, depth, at, a_row, a_depth, b + j, ldb, c + i * ldc + j, ldc, last,
+    gemm_rows<kGemmVecs>(rows, depth, at, a_row, a_depth, bj, ldb, c + i * ldc + j, ldc, last,
                          accumulate);
   else
-    gemm_rows<1>(rows, depth, at, a_row, a_depth, b + j, ldb, c + i * ldc + j, ldc, last,
-                 accumulate);
+    gemm_rows<1>(rows, depth, at, a_row, a_depth, bj, ldb, c + i * ldc + j, ldc, last, accumulate);
 }
 
 // c (m x n, row stride ldc) = a . b on the calling thread: a(i, p) at a[i * a_row + p * a_depth],
@@ -137,11 +143,25 @@ inline void gemm_f32(int64_t m, int64_t n, int64_t depth, const float* a, int64_
   if (depth * n * static_cast<int64_t>(sizeof(float)) <= kGemmRowOrderBytes) {
     for (int64_t i = 0; i < m; i += kGemmRows)
       for (int64_t j = 0; j < n; j += kGemmCols)
-        gemm_block(m, n, depth, a, a_row, a_depth, b, ldb, c, ldc, i, j, accumulate);
+        gemm_block(m, n, depth, a, a_row, a_depth, b + j, ldb, c, ldc, i, j, accumulate);
+  } else if (m > kGemmRows && ldb >= kGemmPackMinStride) {
+    // Each column block's panel of b copied together first (kGemmCols-float rows): the row
+    // blocks then read one contiguous 128-byte row per depth step instead of a line of
+    // another page at every step.
+    thread_local AlignedVector<float> panel;
+    if (panel.size() < static_cast<size_t>(depth * kGemmCols)) panel.resize(depth * kGemmCols);
+    for (int64_t j = 0; j < n; j += kGemmCols) {
+      const int64_t cols = std::min<int64_t>(kGemmCols, n - j);
+      for (int64_t p = 0; p < depth; ++p)
+        copy_row(panel.data() + p * kGemmCols, b + p * ldb + j, cols);
+      for (int64_t i = 0; i < m; i += kGemmRows)
+        gemm_block(m, n, depth, a, a_row, a_depth, panel.data(), kGemmCols, c, ldc, i, j,
+                   accumulate);
+    }
   } else {
     for (int64_t j = 0; j < n; j += kGemmCols)
       for (int64_t i = 0; i < m; i += kGemmRows)
-        gemm_block(m, n, depth, a, a_row, a_depth, b, ldb, c, ldc, i, j, accumulate);
+        gemm_block(m, n, depth, a, a_row, a_depth, b + j, ldb, c, ldc, i, j, accumulate);
   }
 }
 

@@ -226,6 +226,10 @@ LINEAR = {
     # alone 304: panels of 819 or 431 inputs) and by rows (48 columns: panels of 2730 inputs)
     "panels": (20, 1000, 300),
     "rows_split_panels": (19, 3000, 45),
+    # grad_input's product in column-block order (w, 260 deep by 1100 columns, is over 512 KiB)
+    # with b's rows a page apart or more (kGemmPackMinStride): each panel of w copied first;
+    # 1100 = 34 x 32 + 12 columns
+    "packed_panels": (24, 1100, 260),
     # the dot-product forward of up to 8 rows where w is large (kDotMinWeights), its tasks a
     # row block by a span of outputs: a block of 4 rows and one of 3, spans of 30 outputs and a
     # last of 11 (5-output blocks plus 1); 2 rows in two spans of 25 and 22

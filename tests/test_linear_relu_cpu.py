@@ -16,7 +16,7 @@ ENV = "FASTLENET_CPU_GEMM"
 #: tile orders of their own (geometry.LINEAR), and LeNet-5's layers.
 HAND_ROWS = [
     *("lenet_fc1", "lenet_fc2", "lenet_fc3", "odd", "odd_small", "deep_k", "few_rows"),
-    *("rows_split", "rows_split_3v", "panels", "rows_split_panels"),
+    *("rows_split", "rows_split_3v", "panels", "rows_split_panels", "packed_panels"),
 ]
 #: Rows of the forward's dot products (dot_suits), which FASTLENET_CPU_GEMM=hand takes on any
 #: CPU, and unforced only where MKL runs no AVX-512 code or they beat it (dot_beats_mkl).
