@@ -109,41 +109,6 @@ struct CacheLineAllocator {
 template <typename T>
 using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 
-// n values from src to dst. On AVX-512 by whole vectors and a masked last one, inline: the
-// rows the conv kernels copy into padded buffers are short (tens of values), and libc's memcpy
-// of a runtime size cost a call and its size dispatch per row. mid-16-16's forward (batch 256,
-// perf): 8.3% of its samples in __memmove_avx512_unaligned_erms, then 5.7% in copy_padded.
-template <typename T>
-inline void copy_row(T* dst, const T* src, int64_t n) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    constexpr int64_t VW = 64 / sizeof(T);
-    int64_t i = 0;
-    for (; i + VW <= n; i += VW) std::memcpy(dst + i, src + i, 64);
-    if (i == n) return;
-    const auto keep = static_cast<uint32_t>((1u << (n - i)) - 1);
-    if constexpr (std::is_same_v<T, float>)
-      _mm512_mask_storeu_ps(dst + i, keep, _mm512_maskz_loadu_ps(keep, src + i));
-    else
-      _mm512_mask_storeu_pd(dst + i, keep, _mm512_maskz_loadu_pd(keep, src + i));
-    return;
-  }
-#endif
-  std::memcpy(dst, src, n * sizeof(T));
-}
-
-// One input sample's c planes of h x w values (xs, contiguous) into dst's planes of
-// (h + 2 * padh) x wp values at row padh and column padw: the conv kernels' zero-padded copies.
-// dst's padding keeps what it holds (the zeros it was allocated with).
-template <typename T>
-void copy_padded(const T* xs, int64_t c, int64_t h, int64_t w, int64_t padh, int64_t padw,
-                 int64_t wp, T* dst) {
-  const int64_t plane = (h + 2 * padh) * wp;
-  for (int64_t ci = 0; ci < c; ++ci)
-    for (int64_t y = 0; y < h; ++y)
-      copy_row(dst + ci * plane + (y + padh) * wp + padw, xs + (ci * h + y) * w, w);
-}
-
 // What a thread's next task reads and writes, brought into L2 a slice per call of step() while
 // the current task computes: up to three spans, each read or written. Without it a task's
 // first loads (or stores) wait on memory where the data no longer stays in cache (batch 256),
@@ -244,6 +209,38 @@ inline void store_lanes(T* p, const V& v, int n) {
   }
 #endif
   for (int l = 0; l < n; ++l) p[l] = v[l];
+}
+
+// n values from src to dst. On AVX-512 by whole vectors and a masked last one, inline: the
+// rows the conv kernels copy into padded buffers are short (tens of values), and libc's memcpy
+// of a runtime size cost a call and its size dispatch per row. mid-16-16's forward (batch 256,
+// perf): 8.3% of its samples in __memmove_avx512_unaligned_erms, then 5.7% in copy_padded.
+template <typename T>
+inline void copy_row(T* dst, const T* src, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    constexpr int64_t VW = 64 / sizeof(T);
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW) std::memcpy(dst + i, src + i, 64);
+    if (i == n) return;
+    const int rest = static_cast<int>(n - i);
+    store_lanes(dst + i, load_lanes<typename VecOf<T, 64>::type>(src + i, 0, rest), rest);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n * sizeof(T));
+}
+
+// One input sample's c planes of h x w values (xs, contiguous) into dst's planes of
+// (h + 2 * padh) x wp values at row padh and column padw: the conv kernels' zero-padded copies.
+// dst's padding keeps what it holds (the zeros it was allocated with).
+template <typename T>
+void copy_padded(const T* xs, int64_t c, int64_t h, int64_t w, int64_t padh, int64_t padw,
+                 int64_t wp, T* dst) {
+  const int64_t plane = (h + 2 * padh) * wp;
+  for (int64_t ci = 0; ci < c; ++ci)
+    for (int64_t y = 0; y < h; ++y)
+      copy_row(dst + ci * plane + (y + padh) * wp + padw, xs + (ci * h + y) * w, w);
 }
 
 // Bytes [0, n) of b to p[0 .. n) (0 <= n <= N), writing nothing past them: one masked store
