@@ -207,10 +207,16 @@ def _grads_with_graph(layer_spec, grad_out, input, weights, biases, need):
     [input, w0, b0, w1, b1, ...]'s gradients where `need` (in that order) says, else None,
     differentiable again: the forward recomputed layer by layer (whose backward under
     create_graph is the reference's, fastlenet/_autograd.py) and differentiated with a graph,
-    so second derivatives reach every intermediate as the per-layer path's do."""
-    leaves = [input, *(t for pair in zip(weights, biases, strict=True) for t in pair)]
-    wanted = [t for t, n in zip(leaves, need, strict=True) if n]
+    so second derivatives reach every intermediate as the per-layer path's do. Each slot gets
+    the gradient of its own use: a layer twice in the chain (its Parameters in two slots) has
+    each slot differentiated through a view of its own, as chain_bwd gives one per slot, and the
+    engine adds the slots' gradients once (differentiating the shared tensor itself would give
+    each slot the sum, counted twice)."""
     with torch.enable_grad():
+        leaves = [input, *(t for pair in zip(weights, biases, strict=True) for t in pair)]
+        leaves = [t.view_as(t) if t is not None else None for t in leaves]
+        input, weights, biases = leaves[0], leaves[1::2], leaves[2::2]
+        wanted = [t for t, n in zip(leaves, need, strict=True) if n]
         out = layered(layer_spec, input, weights, biases)
         grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
     return [next(grads) if n else None for n in need]

@@ -151,6 +151,36 @@ def test_second_order_gradients_match_layers():
         assert a.abs().sum() > 0
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_a_layer_used_twice_gets_each_use_once(create_graph):
+    """A layer twice in a chain (tied weights): its gradient is the sum of its two uses', with
+    create_graph too (where the chain's backward differentiates a recomputed forward), and so
+    is the second derivative."""
+    torch.manual_seed(5)
+    lin, last = fnn.LinearReLU(8, 8).double(), fnn.Linear(8, 3).double()
+    chained = fnn.Sequential(torch.nn.Flatten(), lin, lin, last)
+    s_lin, s_last = torch.nn.Linear(8, 8).double(), torch.nn.Linear(8, 3).double()
+    s_lin.load_state_dict(lin.state_dict())
+    s_last.load_state_dict(last.state_dict())
+    relu = torch.nn.ReLU()
+    stock = torch.nn.Sequential(torch.nn.Flatten(), s_lin, relu, s_lin, relu, s_last)
+    x = torch.randn(4, 2, 2, 2, dtype=torch.float64)
+    _chained(chained, x)
+    results = []
+    for model in (chained, stock):
+        params = list(model.parameters())
+        grads = torch.autograd.grad(model(x).square().sum(), params, create_graph=create_graph)
+        second = None
+        if create_graph:
+            second = torch.autograd.grad(sum((g**2).sum() for g in grads), params)
+        results.append((grads, second))
+    for a, b in zip(results[0][0], results[1][0], strict=True):
+        assert rel_err(a, b) < 1e-12
+    if create_graph:
+        for a, b in zip(results[0][1], results[1][1], strict=True):
+            assert rel_err(a, b) < 1e-12
+
+
 def test_gradcheck_chain_function():
     torch.manual_seed(4)
     layers = [fnn.ConvReLUPool2d(2, 3, 3, padding=1, backend="cpu"), fnn.LinearReLU(27, 5)]
