@@ -52,7 +52,8 @@ def spec(layers) -> list[int] | None:
     return out or None
 
 
-def _hooked(layer) -> bool:
+def hooked(layer) -> bool:
+    """Whether `layer` has module hooks (forward, forward pre-, backward or backward pre-)."""
     return bool(
         layer._forward_hooks
         or layer._forward_pre_hooks
@@ -105,7 +106,7 @@ def _key(x, layers):
         else:
             return None
         backend = layer.backend
-        if _hooked(layer) or (backend != "cpu" and backends.resolve(backend, _CPU) != "cpu"):
+        if hooked(layer) or (backend != "cpu" and backends.resolve(backend, _CPU) != "cpu"):
             return None
         registered = layer._parameters
         bias = registered.get("bias", _PLAIN)
@@ -157,7 +158,7 @@ def run(layers, x, layered, others=()):
     ):
         return layered(x)
     for m in others:
-        if _hooked(m):
+        if hooked(m):
             return layered(x)
     keyed = _key(x, layers)
     if keyed is None:

@@ -7,21 +7,30 @@ Patterns, in modules (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Linear) or functional
     conv2d -> ReLU                 (the fused op with pool_size=1)
     linear -> ReLU
 A match is fused only when it is exactly the fused op (dilation 1, groups 1, zero padding mode;
-pool without padding or dilation, floor mode, no indices) and its intermediate tensors feed
-nothing else. Everything else is left as it was, with the reason in the report. fuse() also
+pool without padding or dilation, floor mode, no indices, at most 255 window positions), its
+intermediate tensors feed nothing else, and its modules are the stock classes themselves
+without hooks (a subclass's forward -- torch.ao's QAT layers, a parametrized weight -- and hooks
+-- prune's, the old weight_norm's -- would be lost with the module). Everything else is left as
+it was, with the reason in the report. A module called at more than one site is fused by calls
+of fastlenet's functions on its Parameters and stays itself for its other calls; arguments that
+are the training flag (F.dropout(x, training=self.training)) read the fused model's flag at
+each call. fuse() also
 swaps dropout (nn.Dropout, F.dropout) for fastlenet's, which draws the same noise from the same
 generator, faster (fastlenet/dropout.py); the compile backend leaves dropout to Inductor.
 """
 
+import collections
 import copy
 import dataclasses
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from fastlenet import backends, chain
+from fastlenet._checks import MAX_POOL_WINDOW
 from fastlenet.conv_relu_pool import conv_relu_pool2d
 from fastlenet.dropout import dropout
 from fastlenet.linear_relu import linear_relu
@@ -46,6 +55,7 @@ _POOL_ARGS = (
 )
 _LINEAR_ARGS = ("input", "weight", "bias")
 _LINEAR_LAYERS = (LinearReLU, Linear)  # fastlenet layers a chain may hold
+_MODULE_KINDS = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Linear)  # modules a pattern may hold
 
 
 @dataclasses.dataclass
@@ -96,18 +106,36 @@ class _Call:
     problem: str = ""  # why this node cannot be part of a fused op
 
 
+def _module_problem(module) -> str:
+    """Why a conv, ReLU, pool or linear module cannot be replaced (its call fused), or "": a
+    subclass may compute something else (QAT's fake-quantising Conv2d, a parametrized weight's
+    generated class), and hooks (prune's and weight_norm's forward pre-hooks among them) would
+    be dropped with the module."""
+    kind = next(c for c in _MODULE_KINDS if isinstance(module, c))
+    if type(module) is not kind:
+        cls = type(module)
+        return f"{cls.__module__}.{cls.__qualname__} is a subclass of nn.{kind.__name__}"
+    if chain.hooked(module):
+        return "it has hooks"
+    return ""
+
+
 def _classify(node, modules) -> _Call | None:
     if node.op == "call_module":
         module = modules.get(node.target)
+        if not isinstance(module, _MODULE_KINDS):
+            return None
+        problem = _module_problem(module)
         if isinstance(module, nn.Conv2d):
-            return _conv_call(node, _input(node), _module_conv(module), module)
-        if isinstance(module, nn.ReLU):
-            return _Call("relu", node, _input(node), {})
-        if isinstance(module, nn.MaxPool2d):
-            return _pool_call(node, _input(node), _module_pool(module))
-        if isinstance(module, nn.Linear):
-            return _Call("linear", node, _input(node), {}, module)
-        return None
+            call = _conv_call(node, _input(node), _module_conv(module), module)
+        elif isinstance(module, nn.ReLU):
+            call = _Call("relu", node, _input(node), {})
+        elif isinstance(module, nn.MaxPool2d):
+            call = _pool_call(node, _input(node), _module_pool(module))
+        else:
+            call = _Call("linear", node, _input(node), {}, module)
+        call.problem = ", ".join(p for p in (problem, call.problem) if p)
+        return call
     if node.op == "call_function":
         if node.target in _RELU_FUNCTIONS:
             return _Call("relu", node, _input(node), {})
@@ -155,6 +183,9 @@ def _pool_call(node, input, pool) -> _Call:
         problems.append("ceil_mode=True")
     if pool["return_indices"]:
         problems.append("return_indices=True")
+    size = _pair(pool["kernel_size"])
+    if size[0] * size[1] > MAX_POOL_WINDOW:
+        problems.append(f"a window of {size[0] * size[1]} positions (at most {MAX_POOL_WINDOW})")
     return _Call("pool", node, input, pool, problem=", ".join(problems))
 
 
@@ -200,12 +231,16 @@ def rewrite(gm: fx.GraphModule, backend: str = "auto", functional: bool = False)
     backends.check_choice(backend)
     report = FuseReport()
     modules = dict(gm.named_modules())
+    # A module called at more than one site is fused by calls of fastlenet's functions on its
+    # Parameters: replacing the module would change what its other calls compute.
+    sites = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     for node in list(gm.graph.nodes):
         if node.graph is not gm.graph:  # erased by an earlier match
             continue
         call = _classify(node, modules)
         if call is None or call.kind not in ("conv", "linear"):
             continue
+        shared = functional or sites[node.target] > 1
         if call.problem:
             report.left.append(f"{_name(call)}: {call.problem}")
             continue
@@ -215,14 +250,14 @@ def rewrite(gm: fx.GraphModule, backend: str = "auto", functional: bool = False)
                 report.left.append(f"{_name(call)}: {chain}")
                 continue
             pool, last = chain
-            _fuse_conv(gm, call, pool, last, backend, functional)
+            _fuse_conv(gm, call, pool, last, backend, shared)
             what = "conv2d -> ReLU -> max_pool2d" if pool else "conv2d -> ReLU"
         else:
             relu = _follow(call, modules, "relu")
             if relu is None:
                 report.left.append(f"{_name(call)}: not followed by a ReLU that only it feeds")
                 continue
-            _fuse_linear(gm, call, relu, backend, functional)
+            _fuse_linear(gm, call, relu, backend, shared)
             what = "linear -> ReLU"
         report.fused.append(f"{_name(call)}: {what}")
     # No eliminate_dead_code: an unused in-place call (x.relu_()) would count as dead.
@@ -306,6 +341,9 @@ def _fuse_sequentials(model, backend, report):
                 run = layers[i : i + len(types)]
                 if len(run) == len(types) and all(map(isinstance, run, types)):
                     fused = _fused_layer(run, backend)
+                    if isinstance(fused, str):  # a module's problem: no pattern takes it
+                        report.left.append(f"{name}.{i}: {fused}")
+                        break
                     if fused is not None:
                         seq[i] = fused
                         for j in range(i + 1, i + len(types)):
@@ -317,7 +355,7 @@ def _fuse_sequentials(model, backend, report):
         if type(seq) is not nn.Sequential or len(seq) == 0:
             continue
         parts, end = list(seq), len(seq) - 1
-        if type(parts[end]) is nn.Linear:  # a last linear without ReLU may end the chain
+        if type(parts[end]) is nn.Linear and not chain.hooked(parts[end]):  # may end a chain
             parts[end] = _linear_layer(parts[end], backend, Linear)
         if chain.of_modules(parts) is not None:
             seq[end] = parts[end]  # (the same Parameters)
@@ -327,6 +365,11 @@ def _fuse_sequentials(model, backend, report):
 
 
 def _fused_layer(run, backend):
+    """The fused layer for a run of modules matching a pattern, None where its geometry is not
+    the fused op's, or the reason why a module of it cannot be replaced."""
+    problems = [p for p in map(_module_problem, run) if p]
+    if problems:
+        return ", ".join(problems)
     first = run[0]
     if isinstance(first, nn.Linear):
         return _linear_layer(first, backend)
@@ -385,6 +428,77 @@ def _linear_layer(linear, backend, cls=LinearReLU):
     return layer.train(m.training)
 
 
+def _trace(model: nn.Module) -> fx.GraphModule:
+    """torch.fx's trace of `model`. A forward that reads self.training traces to constants
+    fixed at the mode it was traced in, where .train() and .eval() would no longer reach them:
+    the model is traced in both modes, and where the traces differ only by arguments that are
+    the flag in each (F.dropout(x, training=self.training)), those read the graph module's
+    own flag at each call; any other difference raises."""
+    gm = fx.symbolic_trace(model)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(not model.training)
+        other = fx.symbolic_trace(model)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if other.code != gm.code:
+        _read_training_flag(gm, other, model.training)
+    return gm
+
+
+def _same(a, b) -> bool:
+    """Whether two arguments of nodes of two traces are the same (nodes by name)."""
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        return isinstance(a, fx.Node) and isinstance(b, fx.Node) and a.name == b.name
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict):
+        return type(b) is dict and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def _read_training_flag(gm: fx.GraphModule, other: fx.GraphModule, mode: bool) -> None:
+    """gm (traced in `mode`) with each argument that is `mode` there and `not mode` in `other`
+    (traced in the other mode) read from gm.training instead; raises where the traces differ
+    otherwise (control flow on the flag)."""
+    nodes, others = list(gm.graph.nodes), list(other.graph.nodes)
+    differs = RuntimeError("its forward differs between training and eval mode")
+    if len(nodes) != len(others):
+        raise differs
+    flag = None
+    for a, b in zip(nodes, others, strict=True):
+        if (a.op, a.target, a.name, len(a.args)) != (b.op, b.target, b.name, len(b.args)):
+            raise differs
+        if a.kwargs.keys() != b.kwargs.keys():
+            raise differs
+        pairs = [*zip(a.args, b.args, strict=True), *((a.kwargs[k], b.kwargs[k]) for k in a.kwargs)]
+        flips = [x is mode and y is (not mode) for x, y in pairs]
+        if not all(flip or _same(x, y) for flip, (x, y) in zip(flips, pairs, strict=True)):
+            raise differs
+        if not any(flips):
+            continue
+        if flag is None:
+            with gm.graph.inserting_before(a), warnings.catch_warnings():
+                # torch.fx warns of a get_attr of something not a module, parameter or buffer.
+                warnings.simplefilter("ignore", UserWarning)
+                flag = gm.graph.get_attr("training")
+        args = [flag if f else x for f, x in zip(flips, a.args, strict=False)]
+        kw_flips = flips[len(a.args) :]
+        kwargs = {k: flag if f else v for f, (k, v) in zip(kw_flips, a.kwargs.items(), strict=True)}
+        a.args, a.kwargs = tuple(args), kwargs
+    gm.recompile()
+
+
+def _linear_stand_in(linear, backend):
+    """A fastlenet Linear computing what the stock `linear` computes, on its Parameters now and
+    later: the two share one `_parameters` dict, so a Parameter assigned to `linear` since
+    (load_state_dict(assign=True), to_empty from the meta device) is the one it reads."""
+    layer = _linear_layer(linear, backend, Linear)
+    layer._parameters = linear._parameters
+    return layer
+
+
 def fuse(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """A module computing the same function as `model` with fastlenet's fused ops wherever they
     compute exactly the same thing. It shares `model`'s Parameter objects (an optimizer built
@@ -393,7 +507,7 @@ def fuse(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     `fuse_report` (a FuseReport) and logged at INFO level by the "fastlenet.fuse" logger."""
     backends.check_choice(backend)
     try:
-        gm = fx.symbolic_trace(model)
+        gm = _trace(model)
     except Exception as exc:  # data-dependent control flow, untraceable calls, ...
         shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
         fused = copy.deepcopy(model, memo=shared)
@@ -466,8 +580,8 @@ def _chain_runs(gm, report, backend) -> None:
         layer = module if type(module) in (ConvReLUPool2d, *_LINEAR_LAYERS) else None
         part = layer or _flatten_module(node, modules)
         follows = current and _input(node) is current[-1][0] and _sole_user(current[-1][0])
-        if part is None and follows and type(module) is nn.Linear:  # a last linear, no ReLU
-            part = _linear_layer(module, backend, Linear)
+        if part is None and follows and type(module) is nn.Linear and not chain.hooked(module):
+            part = _linear_stand_in(module, backend)  # a last linear, no ReLU
         if part is not None and follows:
             current.append((node, part, module))
             continue
@@ -486,11 +600,17 @@ def _chain_runs(gm, report, backend) -> None:
             continue
         first, last = run[0][0], run[-1][0]
         name = f"fastlenet_chain{k}"
-        # The stock linear's hooks are watched on the module the user sees (gm's).
-        watch = [] if end is None else [run[end][2]]
-        gm.add_submodule(name, Chain([part for _, part, _ in run], watch))
-        with gm.graph.inserting_after(last):
-            call = gm.graph.call_module(name, (_input(first),))
+        # The stock linear stays the module the user sees (gm's): the graph passes it to the
+        # chain at each call, which runs it itself where it was swapped or hooked since.
+        stand_in = [m if i == end else None for i, (_, _, m) in enumerate(run)]
+        gm.add_submodule(name, Chain([part for _, part, _ in run], stand_in))
+        current, at = [], last
+        if end is not None:
+            with gm.graph.inserting_after(last):
+                at = gm.graph.get_attr(run[end][0].target)
+            current.append(at)
+        with gm.graph.inserting_after(at):
+            call = gm.graph.call_module(name, (_input(first), *current))
         last.replace_all_uses_with(call)
         for node, _, _ in reversed(run):
             gm.graph.erase_node(node)

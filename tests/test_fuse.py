@@ -228,6 +228,168 @@ def test_what_must_not_fuse_is_left_alone(case):
     assert rel_err(fused(x), model(x)) < 1e-12
 
 
+class _Untraceable(nn.Module):
+    """`body` behind data-dependent control flow: fuse searches its nn.Sequential only."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: torch.fx cannot trace it
+            x = -x
+        return self.body(x)
+
+
+def _double_input(module, args):
+    return (args[0] * 2,)
+
+
+# Modules whose replacement would change what the model computes: hooks (prune and the old
+# weight_norm are forward pre-hooks) would be dropped, a subclass's forward (a parametrized
+# weight's generated class, torch.ao's QAT layers) would not run.
+CHANGED_MODULES = {
+    "forward hook": (lambda m: m.register_forward_hook(lambda mod, i, o: o * 0.5), "has hooks"),
+    "forward pre-hook": (lambda m: m.register_forward_pre_hook(_double_input), "has hooks"),
+    "parametrized weight": (
+        torch.nn.utils.parametrizations.weight_norm,
+        "is a subclass of nn.",
+    ),
+}
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["traced", "sequential"])
+@pytest.mark.parametrize("case", CHANGED_MODULES)
+def test_modules_with_hooks_or_subclassed_are_left_alone(case, traced):
+    change, reason = CHANGED_MODULES[case]
+    torch.manual_seed(0)
+    body = nn.Sequential(
+        nn.Conv2d(4, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 5), nn.ReLU()
+    ).double()
+    change(body[0])
+    change(body[4])
+    model = body if traced else _Untraceable(body)
+    fused = fastlenet.fuse(model)
+    report = fused.fuse_report
+    assert report.traced is traced
+    assert report.fused == [] and _fused_count(fused) == 0
+    assert len(report.left) == 2 and all(reason in line for line in report.left)
+    x = torch.randn(3, 4, 8, 8, **F64)
+    fused(x)
+    assert rel_err(fused(x), model(x)) < 1e-12
+
+
+def test_a_pool_window_the_op_cannot_hold_stays_a_pool():
+    """More than 255 positions (a global max-pool over 16 x 16): conv + ReLU fuse alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(16), nn.Flatten(), nn.Linear(4, 2)
+    ).double()
+    fused = fastlenet.fuse(model)
+    assert fused.fuse_report.fused == ["0: conv2d -> ReLU"]
+    x = torch.randn(2, 1, 16, 16, **F64)
+    assert rel_err(fused(x), model(x)) < 1e-12
+
+
+class _ConvTwice(nn.Module):
+    """One conv called at two sites with different patterns around it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.max_pool2d(F.relu(self.conv(x)), 2))
+
+
+class _LinearTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return F.relu(self.fc(self.fc(x)))
+
+
+@pytest.mark.parametrize(("make", "shape"), [(_ConvTwice, (2, 3, 8, 8)), (_LinearTwice, (4, 6))])
+def test_a_module_called_at_two_sites_keeps_both(make, shape):
+    """Fused where its pattern is, by fastlenet's functions on its Parameters: the module
+    itself stays, for the other site."""
+    model, fused = _stock_and_fused(make)
+    assert len(fused.fuse_report.fused) == 1 and _fused_count(fused) == 0
+    xa = torch.randn(*shape, **F64, requires_grad=True)
+    xb = xa.detach().clone().requires_grad_()
+    out, want = fused(xa), model(xb)
+    assert out.shape == want.shape and rel_err(out, want) < 1e-12
+    out.square().sum().backward()
+    want.square().sum().backward()
+    assert rel_err(xa.grad, xb.grad) < 1e-12
+
+
+class _ConvHead(nn.Module):
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(36, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.max_pool2d(F.relu(self.conv(x)), 2), 1))
+
+
+def test_a_chained_stock_linear_follows_new_parameters_and_a_new_module():
+    """The last stock linear runs inside the chain on the Parameters the module holds at each
+    call (load_state_dict(assign=True), a meta-device model filled later) and is itself called
+    once replaced (a new head)."""
+    model, fused = _stock_and_fused(_ConvHead)
+    x = torch.randn(3, 1, 8, 8, **F64)
+    fused(x)
+    new = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    fused.load_state_dict(new, assign=True)
+    model.load_state_dict(new)
+    out = fused(x)
+    assert chain.on_chain(out) and rel_err(out, model(x)) < 1e-12
+    out.sum().backward()
+    assert fused.fc.weight.grad is not None and fused.conv.weight.grad is not None
+    with torch.device("meta"):
+        empty = _ConvHead().double()
+    filled = fastlenet.fuse(empty).to_empty(device="cpu")
+    filled.load_state_dict(new)
+    filled(x)
+    assert rel_err(filled(x), model(x)) < 1e-12
+    model.fc = fused.fc = nn.Linear(36, 3).double()
+    assert fused(x).shape == (3, 3) and rel_err(fused(x), model(x)) < 1e-12
+
+
+class _BranchOnMode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return F.relu(self.fc(x)) * (2 if self.training else 1)
+
+
+def test_a_forward_reading_the_training_flag_follows_train_and_eval():
+    """F.dropout(x, training=self.training) reads the fused model's flag at each call; control
+    flow on the flag makes the model untraceable for fuse."""
+    torch.manual_seed(0)
+    model = _FunctionalDropoutNet().double()  # traced in training mode
+    fused = fastlenet.fuse(model).eval()
+    model.eval()
+    x = torch.randn(6, 20, **F64)
+    assert torch.equal(fused(x), fused(x)) and rel_err(fused(x), model(x)) < 1e-12
+    fused.train()
+    model.train()
+    torch.manual_seed(4)
+    want = model(x)
+    torch.manual_seed(4)
+    out = fused(x)
+    assert not torch.equal(out, fused.fc(x)) and rel_err(out, want) < 1e-12
+    branchy = fastlenet.fuse(_BranchOnMode())
+    assert not branchy.fuse_report.traced
+    assert "differs between training and eval" in branchy.fuse_report.note
+
+
 def test_untraceable_model_falls_back_to_sequentials(caplog):
     class Branchy(nn.Module):
         def __init__(self):

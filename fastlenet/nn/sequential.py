@@ -25,27 +25,37 @@ class Sequential(nn.Sequential):
 class Chain(nn.Module):
     """What fastlenet.fuse puts in place of a chain it found in a traced model: `parts` (the
     layers and the nn.Flatten, in order) are held, not registered -- the graph module keeps
-    them registered under their own names, so its state_dict and hooks are unchanged."""
+    them registered under their own names, so its state_dict and hooks are unchanged.
 
-    def __init__(self, parts, watch=()):
+    `stand_in[i]`, where not None, is the stock module the user sees in place of part i (a
+    last nn.Linear, which part i runs on fastlenet's kernels through the same Parameters). The
+    graph passes the modules registered under those names at each call (`current`): one that
+    is no longer the module fused, or that has hooks now, sends the call layer by layer
+    through the modules the user has."""
+
+    def __init__(self, parts, stand_in=None):
         super().__init__()
         # Tuples of modules are not registered by nn.Module.
         self.parts = tuple(parts)
-        # Modules the user sees in place of a part (a stock nn.Linear whose Parameters a part
-        # shares): their hooks send the call through them, layer by layer.
-        self.watch = tuple(watch)
+        self.stand_in = tuple(stand_in) if stand_in is not None else (None,) * len(self.parts)
 
-    def forward(self, input):
+    def forward(self, input, *current):
         from fastlenet import chain
 
+        swapped = any(c is not m for c, m in zip(current, self._stand_ins(), strict=True))
+        if swapped:
+            return self._layered(input, current)
         layers = [m for m in self.parts if type(m) is not nn.Flatten]
-        others = [m for m in self.parts if type(m) is nn.Flatten] + list(self.watch)
-        return chain.run(layers, input, self._layered, others=others)
+        others = [m for m in self.parts if type(m) is nn.Flatten] + list(current)
+        return chain.run(layers, input, lambda x: self._layered(x, current), others=others)
 
-    def _layered(self, x):
-        watched = {id(m.weight): m for m in self.watch}
-        for m in self.parts:
-            x = watched.get(id(getattr(m, "weight", None)), m)(x)
+    def _stand_ins(self):
+        return [m for m in self.stand_in if m is not None]
+
+    def _layered(self, x, current):
+        current = iter(current)
+        for part, stock in zip(self.parts, self.stand_in, strict=True):
+            x = (part if stock is None else next(current))(x)
         return x
 
     def extra_repr(self) -> str:
