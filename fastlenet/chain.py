@@ -13,8 +13,9 @@ layer and pass.
 `layered(x)` (the per-layer path) otherwise: hooks on a layer, torch.compile tracing,
 torch.autocast, a torch.func transform or forward-mode AD, another backend or device, a dtype
 other than float32 and float64, a channels_last or non-contiguous input or weight, unbatched
-input, string padding. The per-layer checks run on the first call of each shape (the layered
-path, which raises what the layers raise); later calls with that shape take the chain.
+input, string padding. The per-layer checks run on the first call of each shape (a layered
+forward under no_grad, which raises what the layers raise); the call then takes the chain, as
+every later call with that shape does.
 """
 
 import torch
@@ -168,10 +169,14 @@ def run(layers, x, layered, others=()):
         layer_spec = _CHECKED.get(key, _PLAIN)
     except TypeError:  # geometry set to something unhashable (a list): the layers' checks
         return layered(x)
-    if layer_spec is _PLAIN:  # a new key: the layers' own checks and errors, once
-        out = layered(x)
-        _CHECKED[key] = spec(layers)
-        return out
+    if layer_spec is _PLAIN:
+        # A new key: the layers' own checks and errors, once, by a forward layer by layer that
+        # records nothing. The call itself then takes the path every later call of the key
+        # takes: a checkpoint's recomputation (torch.utils.checkpoint, non-reentrant) must
+        # save what the first forward saved.
+        with torch.no_grad():
+            layered(x)
+        layer_spec = _CHECKED[key] = spec(layers)
     if layer_spec is None:
         return layered(x)
     return _ext._C.chain(x, params, layer_spec)

@@ -181,6 +181,22 @@ def test_a_layer_used_twice_gets_each_use_once(create_graph):
             assert rel_err(a, b) < 1e-12
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_on_a_first_call(reentrant):
+    """torch.utils.checkpoint around the chain on the first call of a shape: the recomputation
+    in backward must save what the forward saved (the non-reentrant form checks)."""
+    chained, layered, size = _pair("lenet5", torch.float64)
+    x, y = _data(size, batch=13, dtype=torch.float64, seed=11)  # a batch no other test uses
+    grads = []
+    for model, fwd in ((chained, chained), (layered, layered._layered)):
+        xi = x.clone().requires_grad_()
+        out = torch.utils.checkpoint.checkpoint(fwd, xi, use_reentrant=reentrant)
+        F.cross_entropy(out, y).backward()
+        grads.append([xi.grad, *(p.grad for p in model.parameters())])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_gradcheck_chain_function():
     torch.manual_seed(4)
     layers = [fnn.ConvReLUPool2d(2, 3, 3, padding=1, backend="cpu"), fnn.LinearReLU(27, 5)]
