@@ -25,6 +25,7 @@ from torch.nn.modules import module as _module
 from fastlenet import _ext, backends
 from fastlenet._autograd import autocast_any as _autocast_any
 from fastlenet._autograd import transforms_active as _transforms_active
+from fastlenet._checks import pair
 from fastlenet.nn.conv_relu_pool import ConvReLUPool2d
 from fastlenet.nn.linear_relu import Linear, LinearReLU
 
@@ -44,7 +45,9 @@ def spec(layers) -> list[int] | None:
         if type(layer) is ConvReLUPool2d and not seen_linear:
             if isinstance(layer.padding, str):
                 return None
-            out += [CONV, *layer.stride, *layer.padding, *layer.pool_size, *layer.pool_stride]
+            geometry = (layer.stride, layer.padding, layer.pool_size, layer.pool_stride)
+            names = ("stride", "padding", "pool_size", "pool_stride")  # each may be set to an int
+            out += [CONV, *(v for g, n in zip(geometry, names, strict=True) for v in pair(g, n))]
         elif type(layer) in _LINEARS:
             seen_linear = True
             out += [LINEAR, int(layer.relu)] + [0] * (LAYER_INTS - 2)
@@ -109,11 +112,14 @@ def _key(x, layers):
         backend = layer.backend
         if hooked(layer) or (backend != "cpu" and backends.resolve(backend, _CPU) != "cpu"):
             return None
+        # A name not registered is a plain attribute: bias=False leaves `bias = None`, and a
+        # tensor set after `del layer.weight` (a learned optimiser's fast weights) is one.
         registered = layer._parameters
-        bias = registered.get("bias", _PLAIN)
-        if bias is _PLAIN:  # bias=False leaves `bias = None` a plain attribute
-            bias = layer.bias
-        params += (registered["weight"], bias)
+        weight, bias = registered.get("weight", _PLAIN), registered.get("bias", _PLAIN)
+        params += (
+            layer.weight if weight is _PLAIN else weight,
+            layer.bias if bias is _PLAIN else bias,
+        )
     sizes = _ext._C.chain_signature(x, params)
     if sizes is None:
         return None

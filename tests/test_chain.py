@@ -371,6 +371,37 @@ def test_a_changed_geometry_is_checked_again():
         model(x)
 
 
+@pytest.mark.parametrize("name", ["stride", "padding", "pool_size", "pool_stride"])
+def test_geometry_set_to_an_int_after_construction(name):
+    """nn.Conv2d takes `conv.padding = 1`; so do the layer and the chain."""
+    model, layered, _ = _pair("lenet5", torch.float64)
+    value = getattr(model.conv2, name)[0]
+    setattr(model.conv2, name, value)
+    setattr(layered.conv2, name, (value, value))
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    out = _chained(model, x)
+    assert torch.equal(out, layered._layered(x))
+
+
+def test_a_weight_set_as_a_plain_tensor_is_used():
+    """`del layer.weight; layer.weight = w` (fast weights computed from the parameters, as
+    learned optimisers and MAML do): the chain reads the tensor, and gradients reach what it was
+    computed from."""
+    model, layered, _ = _pair("lenet5", torch.float64)
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    outs, grads = [], []
+    for m, fwd in ((model, None), (layered, layered._layered)):
+        base = m.fc1.weight
+        del m.fc1.weight
+        m.fc1.weight = base * 0.5
+        out = _chained(m, x) if fwd is None else fwd(x)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append(base.grad)
+    assert torch.equal(*outs)
+    assert torch.equal(*grads) and grads[0].abs().sum() > 0
+
+
 def test_a_changed_parameter_shape_is_checked_again():
     model, _, _ = _pair("lenet5")
     x = torch.randn(2, 1, 32, 32)
