@@ -2,8 +2,10 @@
 // torch::autograd::Function whose forward calls the chain_fwd op and whose backward calls
 // chain_bwd (csrc/chain_cpu.cpp), so a training step's backward runs no Python for the chain.
 // Math: fastlenet/reference.py (conv_relu_pool, linear_relu), layer by layer.
-// Saves for backward: input, out, every parameter, and what chain_fwd returns for chain_bwd
-// (each layer's input but the first's, each conv's argmax).
+// Saves for backward: input, every parameter, and what chain_fwd returns for chain_bwd (each
+// layer's input but the first's, each conv's argmax); out only where the last layer's ReLU
+// reads it (a chain ending in a plain linear leaves its logits free to change in place, as
+// stock's addmm does).
 //
 // Why C++: a Python autograd.Function's node cost ~16 us per backward on the 2-core VM (GIL,
 // Python objects for its arguments and saved tensors; a Function with ten parameters and a
@@ -33,6 +35,15 @@ struct Params {
   c10::List<std::optional<at::Tensor>> biases;
 };
 
+// Whether the chain's last layer is a linear with ReLU, whose backward reads `out` as its mask
+// (a conv's reads its argmax, a plain linear's nothing of it). spec: kChainInts per layer, the
+// kind first, a linear's relu flag next (fastlenet/chain.py).
+bool last_reads_out(const std::vector<int64_t>& spec) {
+  if (spec.size() < kChainInts) return false;
+  const size_t last = spec.size() - kChainInts;
+  return spec[last] == kChainLinear && spec[last + 1] != 0;
+}
+
 Params split(at::TensorList vars, at::IntArrayRef has_bias) {
   Params p;
   size_t v = 0;
@@ -55,7 +66,7 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
     const at::AutoDispatchBelowADInplaceOrView below;  // already past autograd
     const Params p = split(vars, has_bias);
     auto [out, activations, argmax] = fwd.call(input, p.weights, p.biases, spec);
-    variable_list saved{input, out};
+    variable_list saved{input, last_reads_out(spec) ? out : at::Tensor()};
     saved.insert(saved.end(), vars.begin(), vars.end());
     saved.insert(saved.end(), activations.begin(), activations.end());
     saved.insert(saved.end(), argmax.begin(), argmax.end());
@@ -73,7 +84,9 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
     const std::vector<int64_t> has_bias = ctx->saved_data["has_bias"].toIntVector();
     const int64_t n_act = ctx->saved_data["activations"].toInt();
     const at::Tensor& input = saved[0];
-    const at::Tensor& out = saved[1];
+    const at::Tensor grad_out = grad_outputs[0].contiguous();
+    // Without a ReLU last, chain_bwd does not read `out`: the gradient stands in (its shape).
+    const at::Tensor& out = saved[1].defined() ? saved[1] : grad_out;
     const size_t vars_n = has_bias.size() + std::count(has_bias.begin(), has_bias.end(), 1);
     const at::TensorList vars(saved.data() + 2, vars_n);
     const at::TensorList activations(saved.data() + 2 + vars_n, n_act);
@@ -87,8 +100,8 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
     } else {
       static const auto bwd = op<ChainBwd>("fastlenet::chain_bwd");
       const at::AutoDispatchBelowADInplaceOrView below;
-      grads = bwd.call(grad_outputs[0].contiguous(), input, out, activations, argmax, p.weights,
-                       spec, ctx->needs_input_grad(0));
+      grads = bwd.call(grad_out, input, out, activations, argmax, p.weights, spec,
+                       ctx->needs_input_grad(0));
     }
     variable_list result(1 + vars_n + 2);
     if (ctx->needs_input_grad(0)) result[0] = grads[0];

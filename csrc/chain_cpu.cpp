@@ -3,8 +3,8 @@
 // through the dispatcher, so that the chain computes exactly what the layers compute one by
 // one (bitwise: the same kernels on the same tensors). What it saves: every layer's input
 // and its argmax (conv) or its out (linear: the ReLU mask), what the per-op backward reads.
-// Math: fastlenet/reference.py (conv_relu_pool, linear_relu); spec layout: kChainInts below,
-// written by fastlenet/chain.py.
+// Math: fastlenet/reference.py (conv_relu_pool, linear_relu); spec layout: kChainInts in
+// chain_ops.h, written by fastlenet/chain.py.
 //
 // What the chain removes is per-layer overhead outside the kernels: one autograd node and one
 // Python-to-C++ call each way instead of one per layer.
@@ -22,11 +22,6 @@
 namespace fastlenet {
 namespace {
 
-// Ints per layer in `spec`: kind, then conv: stride (2), padding (2), pool_size (2),
-// pool_stride (2); linear: relu, then unused zeros.
-constexpr int64_t kChainInts = 9;
-constexpr int64_t kConv = 0, kLinear = 1;
-
 struct Layer {
   int64_t kind;
   at::IntArrayRef stride, padding, pool_size, pool_stride;
@@ -40,11 +35,11 @@ std::vector<Layer> parse(at::IntArrayRef spec, size_t layers) {
   bool seen_linear = false;
   for (size_t i = 0; i < layers; ++i) {
     const at::IntArrayRef s = spec.slice(i * kChainInts, kChainInts);
-    TORCH_CHECK(s[0] == kConv || s[0] == kLinear, "spec: layer ", i, " kind must be ", kConv,
-                " (conv) or ", kLinear, " (linear), got ", s[0]);
-    TORCH_CHECK(!(seen_linear && s[0] == kConv), "spec: layer ", i,
+    TORCH_CHECK(s[0] == kChainConv || s[0] == kChainLinear, "spec: layer ", i, " kind must be ",
+                kChainConv, " (conv) or ", kChainLinear, " (linear), got ", s[0]);
+    TORCH_CHECK(!(seen_linear && s[0] == kChainConv), "spec: layer ", i,
                 " is a conv after a linear layer");
-    seen_linear = seen_linear || s[0] == kLinear;
+    seen_linear = seen_linear || s[0] == kChainLinear;
     out.push_back({s[0], s.slice(1, 2), s.slice(3, 2), s.slice(5, 2), s.slice(7, 2), s[1] != 0});
   }
   return out;
@@ -73,7 +68,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_f
   for (size_t i = 0; i < layers.size(); ++i) {
     const Layer& l = layers[i];
     if (i > 0) activations.push_back(x);
-    if (l.kind == kConv) {
+    if (l.kind == kChainConv) {
       auto [out, argmax] =
           conv.call(x, weights[i], biases.get(i), l.stride, l.padding, l.pool_size, l.pool_stride);
       argmaxes.push_back(argmax);
@@ -93,8 +88,8 @@ std::vector<at::Tensor> chain_bwd_cpu(const at::Tensor& grad_out, const at::Tens
   static const auto linear = op<LinearBwd>("fastlenet::linear_relu_bwd");
   const std::vector<Layer> layers = parse(spec, weights.size());
   const at::AutoDispatchBelowADInplaceOrView below;  // see the note above chain_fwd_cpu
-  const auto convs =
-      std::count_if(layers.begin(), layers.end(), [](const Layer& l) { return l.kind == kConv; });
+  const auto convs = std::count_if(layers.begin(), layers.end(),
+                                   [](const Layer& l) { return l.kind == kChainConv; });
   TORCH_CHECK(activations.size() + 1 == layers.size(), "activations must hold ", layers.size() - 1,
               " tensors (one per layer but the last), got ", activations.size());
   TORCH_CHECK(argmaxes.size() == static_cast<size_t>(convs), "argmax must hold ", convs,
@@ -107,7 +102,7 @@ std::vector<at::Tensor> chain_bwd_cpu(const at::Tensor& grad_out, const at::Tens
     const at::Tensor& x = i > 0 ? activations[i - 1] : input;
     const bool want_input = i > 0 || input_grad;
     at::Tensor gi;
-    if (l.kind == kConv) {
+    if (l.kind == kChainConv) {
       std::tie(gi, grads[1 + 2 * i], grads[2 + 2 * i]) =
           conv.call(g.contiguous(), argmaxes[--conv_index], x, weights[i], l.stride, l.padding,
                     l.pool_size, l.pool_stride, want_input, true);

@@ -1,5 +1,6 @@
 // What the chain's kernels (chain_cpu.cpp) and its autograd node (chain_autograd_cpu.cpp) share:
-// typed handles of fastlenet ops, found through the dispatcher (the per-layer autograd nodes,
+// the spec's layout, typed handles of fastlenet ops, found through the dispatcher (the per-layer
+// autograd nodes,
 // *_autograd_cpu.cpp, call the ops through them too), the C++ signatures of the per-layer ops,
 // and those of the chain_fwd and chain_bwd schemas (csrc/fastlenet.cpp), which chain_cpu.cpp's
 // kernels have.
@@ -13,6 +14,11 @@
 #include <vector>
 
 namespace fastlenet {
+
+// Ints per layer in a chain's `spec` (fastlenet/chain.py's LAYER_INTS): kind, then conv: stride
+// (2), padding (2), pool_size (2), pool_stride (2); linear: relu, then unused zeros.
+constexpr int64_t kChainInts = 9;
+constexpr int64_t kChainConv = 0, kChainLinear = 1;
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {

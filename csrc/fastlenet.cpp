@@ -29,7 +29,7 @@ TORCH_LIBRARY(fastlenet, m) {
       "linear_relu_bwd(Tensor grad_out, Tensor out, Tensor input, Tensor weight, bool relu) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // A straight chain of the ops above as one call each way (fastlenet/chain.py): `spec` holds
-  // kChainInts ints per layer (csrc/chain_cpu.cpp), a conv_relu_pool or a linear_relu, with a
+  // kChainInts ints per layer (csrc/chain_ops.h), a conv_relu_pool or a linear_relu, with a
   // flatten before the first linear. What the per-op backward reads: `activations`, the output
   // of every layer but the last (the next one's input), and each conv's `argmax`. chain_bwd
   // returns grad_input (no elements unless `input_grad`), then each layer's grad_weight and

@@ -3,8 +3,9 @@
 // LinearReLUFunction serves every other backend and torch.compile; where autograd records
 // nothing, the fast path's forward op alone (linear_relu_autograd). Forward: the
 // linear_relu_fwd op; backward: linear_relu_bwd, or under create_graph the reference's.
-// Math: fastlenet/reference.py (linear_relu). Saves for backward: input, weight, out (the ReLU
-// mask), as the Python Function.
+// Math: fastlenet/reference.py (linear_relu). Saves for backward: input, weight, and out (the
+// ReLU mask) with a ReLU only, as the Python Function: a plain linear's output may change in
+// place before backward, as stock's addmm output may.
 //
 // Why C++: the Python Function costs ~7 us per forward (Function.apply, a ctx, saving from
 // Python) and holds the GIL in the engine. Forward + backward against F.linear (+ relu), stock
@@ -37,7 +38,7 @@ struct LinearReLUNode : torch::autograd::Function<LinearReLUNode> {
                             const std::optional<at::Tensor>& bias, bool relu) {
     const at::AutoDispatchBelowADInplaceOrView below;  // already past autograd
     at::Tensor out = linear_fwd().call(input, weight, bias, relu);
-    ctx->save_for_backward({input, weight, out});
+    ctx->save_for_backward({input, weight, relu ? out : at::Tensor()});
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["has_bias"] = bias.has_value();
     return out;
@@ -48,13 +49,14 @@ struct LinearReLUNode : torch::autograd::Function<LinearReLUNode> {
     const variable_list saved = ctx->get_saved_variables();
     const bool relu = ctx->saved_data["relu"].toBool();
     const at::Tensor grad_out = grad_outputs[0].contiguous();
+    const at::Tensor& out = relu ? saved[2] : grad_out;  // unread without ReLU: its shape
     std::vector<at::Tensor> grads;
     if (at::GradMode::is_enabled()) {
-      grads = reference_bwd("linear_relu_bwd", grad_out, saved[2], saved[0], saved[1], relu);
+      grads = reference_bwd("linear_relu_bwd", grad_out, out, saved[0], saved[1], relu);
     } else {
       static const auto bwd = op<LinearBwd>("fastlenet::linear_relu_bwd");
       const at::AutoDispatchBelowADInplaceOrView below;
-      auto [gi, gw, gb] = bwd.call(grad_out, saved[2], saved[0], saved[1], relu);
+      auto [gi, gw, gb] = bwd.call(grad_out, out, saved[0], saved[1], relu);
       grads = {gi, gw, gb};
     }
     return param_grads(ctx, grads);

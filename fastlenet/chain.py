@@ -29,7 +29,7 @@ from fastlenet._checks import pair
 from fastlenet.nn.conv_relu_pool import ConvReLUPool2d
 from fastlenet.nn.linear_relu import Linear, LinearReLU
 
-#: Ints per layer in the spec (kChainInts in csrc/chain_cpu.cpp): kind, then conv: stride,
+#: Ints per layer in the spec (kChainInts in csrc/chain_ops.h): kind, then conv: stride,
 #: padding, pool_size, pool_stride (two each); linear: relu, then zeros.
 LAYER_INTS = 9
 CONV, LINEAR = 0, 1

@@ -1,8 +1,9 @@
 """linear -> ReLU (and plain linear): public functions, autograd Function and fake kernels.
 
 Math and saved state: fastlenet/reference.py (linear_relu).
-The Function runs the backend's fwd, saves input, weight and out (the ReLU mask), and asks the
-backend's bwd for all three gradients in one call. On the CPU backend, in eager mode, the same
+The Function runs the backend's fwd, saves input, weight and, with a ReLU, out (its mask: a plain
+linear's output may change in place before backward, as stock's may), and asks the backend's bwd
+for all three gradients in one call. On the CPU backend, in eager mode, the same
 is recorded by a C++ node instead (csrc/linear_relu_autograd_cpu.cpp).
 """
 
@@ -26,7 +27,7 @@ class LinearReLUFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, relu, backend):
         ops = backends.ops("linear_relu", backend)
         out = ops.fwd(input, weight, bias, relu)
-        ctx.save_for_backward(input, weight, out)
+        ctx.save_for_backward(input, weight, out if relu else None)
         ctx.relu = relu
         ctx.backend = backend
         ctx.has_bias = bias is not None
@@ -35,9 +36,10 @@ class LinearReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         input, weight, out = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
         grad_input, grad_weight, grad_bias = backends.ops("linear_relu", backward_backend(ctx)).bwd(
-            grad_out.contiguous(), out, input, weight, ctx.relu
-        )
+            grad_out, out if ctx.relu else grad_out, input, weight, ctx.relu
+        )  # without ReLU the bwd reads nothing of `out`: the gradient stands in (its shape)
         needs = ctx.needs_input_grad
         return (
             grad_input if needs[0] else None,

@@ -60,6 +60,61 @@ def test_linear_gradgradcheck(backend, relu):
     assert torch.autograd.gradgradcheck(lambda *a: fn(*a, backend=backend), (x, weight, bias))
 
 
+@pytest.mark.parametrize(
+    ("backend", "relu"), geometry.backend_cases(geometry.BACKENDS, (True, False))
+)
+def test_an_output_changed_in_place_before_backward_is_stock(backend, relu):
+    """Stock's plain linear saves no output, so its output may change in place before backward
+    (logits / temperature); its ReLU saves its output, so there it raises. The same here."""
+    x, weight, bias = geometry.linear_inputs((5, 7, 6), torch.float64, geometry.device(backend))
+    fn = linear_relu if relu else linear
+
+    def stock(*args):
+        return F.relu(F.linear(*args)) if relu else F.linear(*args)
+
+    grads = []
+    for f in (stock, lambda *args: fn(*args, backend=backend)):
+        out = f(x, weight, bias).mul_(2)
+        if relu:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                out.sum().backward()
+            continue
+        grads.append(torch.autograd.grad(out.square().sum(), (x, weight, bias)))
+    for a, b in zip(*grads, strict=True):
+        assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("relu_last", [False, True])
+def test_chain_logits_changed_in_place_before_backward_are_stock(relu_last):
+    """The chain saves its output only where a ReLU last reads it, as stock's layers do."""
+    torch.manual_seed(0)
+    last = fastlenet.nn.LinearReLU(400, 10) if relu_last else fastlenet.nn.Linear(400, 10)
+    model = fastlenet.nn.Sequential(
+        fastlenet.nn.ConvReLUPool2d(1, 4, 5), torch.nn.Flatten(), last
+    ).double()
+    stock = nn.Sequential(nn.Conv2d(1, 4, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    stock.append(nn.Linear(400, 10))
+    if relu_last:
+        stock.append(nn.ReLU())
+    stock = stock.double()
+    stock.load_state_dict(model.state_dict(), strict=False)
+    stock[4].load_state_dict(last.state_dict())
+    x = torch.randn(3, 1, 24, 24, **F64)
+    model(x)  # a shape's first call checks layer by layer; the next takes the chain
+    grads = []
+    for m in (model, stock):
+        out = m(x)
+        out.div_(2)
+        if relu_last:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                out.sum().backward()
+            continue
+        out.square().sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert rel_err(a, b) < 1e-12
+
+
 def _grads_with_penalty(model, x, y):
     """Cross-entropy plus the squared norm of its gradient with respect to the input (the
     input-gradient regulariser): every parameter's gradient goes through a second backward."""
