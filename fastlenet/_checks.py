@@ -7,6 +7,7 @@ error that is also a RuntimeError, so that `except RuntimeError` written for sto
 ArgumentError (a ValueError) and ArgumentTypeError (a TypeError).
 """
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -26,21 +27,40 @@ NO_GRAD = 255
 MAX_POOL_WINDOW = 255
 
 
+def _index(value):
+    """An integer-like value (int, NumPy integer, integer tensor of one element) as an int, as
+    stock's layers take them; None for anything else, bool included."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def pair(value, name: str) -> tuple[int, int]:
     """An int or a pair of ints as a tuple of two ints."""
     if type(value) is tuple and len(value) == 2 and type(value[0]) is type(value[1]) is int:
         return value  # already normalised (the layers pass their own tuples every call)
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got a bool")
-    if isinstance(value, int):
-        return (value, value)
-    if (
-        isinstance(value, Sequence)
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        return (int(value[0]), int(value[1]))
+    single = _index(value)
+    if single is not None:
+        return (single, single)
+    if isinstance(value, Sequence) and len(value) == 2:
+        both = tuple(map(_index, value))
+        if None not in both:
+            return both
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def positive_int(value, name: str) -> int:
+    """A layer's size argument (channels, features) as an int: ValueError where it is not a
+    positive integer."""
+    size = _index(value)
+    if size is None or size < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return size
 
 
 def check_geometry(stride, padding, pool_size, pool_stride) -> None:

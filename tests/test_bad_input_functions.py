@@ -143,7 +143,7 @@ CONV_CASES = [
      r"padding='same' is not supported for strided convolutions"),
     ("pool_size_float_pair", conv(pool_size=(2.0, 2.0)), TypeError,
      r"pool_size must be an int or a pair of ints"),
-    ("pool_stride_tensor", conv(pool_stride=torch.tensor(2)), TypeError,
+    ("pool_stride_tensor", conv(pool_stride=torch.tensor(2.0)), TypeError,
      r"pool_stride must be an int or a pair of ints"),
     ("input_list", conv(input=lambda x: x.tolist()), TypeError,
      r"input must be a torch.Tensor, got list"),

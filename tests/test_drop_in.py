@@ -5,6 +5,7 @@ torch.autocast and torch.func's transforms."""
 import warnings
 
 import geometry
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -328,6 +329,20 @@ def test_string_padding_matches_stock(kernel, padding, backend):
 def test_stock_defaults_are_accepted():
     layer = fastlenet.ConvReLUPool2d(3, 4, 3, dilation=1, groups=1, padding_mode="zeros")
     assert layer(torch.randn(1, 3, 8, 8)).shape == (1, 4, 3, 3)
+
+
+def test_integers_of_other_types_are_taken_as_stock_takes_them():
+    """Sizes computed with NumPy (np.prod(shape), np.int64) or given as integer tensors."""
+    three, four = np.int64(3), torch.tensor(4)
+    conv = fastlenet.ConvReLUPool2d(three, four, three, stride=np.int64(1), padding=[1, three])
+    stock = nn.Conv2d(three, four, three, stride=np.int64(1), padding=(1, 3))
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (3, 4, (3, 3))
+    assert conv.padding == (1, 3) and conv.weight.shape == stock.weight.shape
+    linear_layer = fastlenet.Linear(np.int64(6), four)
+    assert linear_layer.weight.shape == nn.Linear(np.int64(6), four).weight.shape == (4, 6)
+    stock.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    assert rel_err(conv(x), F.max_pool2d(F.relu(stock(x)), 2)) < 1e-5
 
 
 HALF = [torch.bfloat16, torch.float16]

@@ -44,11 +44,8 @@ class ConvReLUPool2d(nn.Module):
                 f"padding_mode must be 'zeros' (the fused conv pads with zeros), "
                 f"got {padding_mode!r}"
             )
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        self.in_channels = _checks.positive_int(in_channels, "in_channels")
+        self.out_channels = _checks.positive_int(out_channels, "out_channels")
         self.kernel_size = _checks.pair(kernel_size, "kernel_size")
         if min(self.kernel_size) < 1:
             raise ValueError(f"kernel_size must be >= 1, got {self.kernel_size}")
@@ -67,9 +64,9 @@ class ConvReLUPool2d(nn.Module):
         self.backend = backends.check_choice(backend)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels, *self.kernel_size, **factory)
+            torch.empty(self.out_channels, self.in_channels, *self.kernel_size, **factory)
         )
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.bias = nn.Parameter(torch.empty(self.out_channels, **factory)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

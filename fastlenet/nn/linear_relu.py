@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from fastlenet import backends
+from fastlenet import _checks, backends
 from fastlenet.linear_relu import linear, linear_relu
 
 
@@ -18,9 +18,8 @@ class _FusedLinear(nn.Module):
         self, in_features, out_features, bias=True, *, backend="auto", device=None, dtype=None
     ):
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        in_features = _checks.positive_int(in_features, "in_features")
+        out_features = _checks.positive_int(out_features, "out_features")
         self.in_features = in_features
         self.out_features = out_features
         self.backend = backends.check_choice(backend)
