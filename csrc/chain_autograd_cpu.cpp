@@ -12,8 +12,9 @@
 // backward returning None, then cross-entropy: 30.0 us, cross-entropy alone 13.5 us). LeNet-5
 // step, default SGD, 2 threads, the Python Function -> this, alternating in one process:
 // batch 1 252 -> 226 us, 8 327 -> 301 us, 64 703 -> 688 us.
-// A backward with create_graph (second derivatives) calls fastlenet.chain._grads_with_graph,
-// which recomputes the chain layer by layer with a graph, as the per-layer path does.
+// A backward with create_graph (second derivatives) or under vmap (a batched gradient) calls
+// fastlenet.chain._grads_with_graph, which recomputes the chain layer by layer with a graph, as
+// the per-layer path does.
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/extension.h>
 
@@ -95,7 +96,13 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
     const Params p = split(vars, has_bias);
     std::vector<at::Tensor> grads;  // [input, w0, b0, w1, b1, ...], as chain_bwd's
 
-    if (at::GradMode::is_enabled()) {
+    // Under create_graph, and under vmap (a batched gradient: autograd.grad's is_grads_batched
+    // and jacobian's vectorize use the legacy Batched key, torch.func the functorch one;
+    // chain_bwd's Tensor[] arguments give neither a fallback), the layers' own backward,
+    // differentiable and batchable.
+    const bool batched = grad_out.key_set().has_any(
+        c10::DispatchKeySet({c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched}));
+    if (at::GradMode::is_enabled() || batched) {
       grads = grads_with_graph(ctx, spec, grad_outputs[0], input, p, vars_n);
     } else {
       static const auto bwd = op<ChainBwd>("fastlenet::chain_bwd");

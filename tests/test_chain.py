@@ -197,6 +197,23 @@ def test_checkpoint_on_a_first_call(reentrant):
         assert torch.equal(a, b)
 
 
+def test_batched_gradients_through_the_chain():
+    """autograd.grad(is_grads_batched=True) (as jacobian(vectorize=True) calls it) runs the
+    chain's backward under vmap, on a batch of gradients."""
+    chained, layered, size = _pair("lenet5", torch.float64)
+    x, _ = _data(size, batch=2, dtype=torch.float64)
+    _chained(chained, x)
+    v = torch.randn(3, 2, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for model, fwd in ((chained, chained), (layered, layered._layered)):
+        xi = x.clone().requires_grad_()
+        out = fwd(xi)
+        assert chain.on_chain(out) is (model is chained)
+        grads.append(torch.autograd.grad(out, [xi, model.conv1.weight], v, is_grads_batched=True))
+    for a, b in zip(*grads, strict=True):
+        assert a.shape[0] == 3 and rel_err(a, b) < 1e-12
+
+
 def test_gradcheck_chain_function():
     torch.manual_seed(4)
     layers = [fnn.ConvReLUPool2d(2, 3, 3, padding=1, backend="cpu"), fnn.LinearReLU(27, 5)]
