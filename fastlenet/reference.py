@@ -168,6 +168,8 @@ def linear_relu_fwd(input, weight, bias, relu):
 
 
 def linear_relu_bwd(grad_out, out, input, weight, relu):
-    # stock ReLU's backward zeroes only where out <= 0: a NaN output passes its gradient
-    g = torch.where(out <= 0, 0, grad_out) if relu else grad_out
+    # stock ReLU's backward itself: zero only where out <= 0 (a NaN output passes its gradient),
+    # and differentiable in `out` (a zero derivative), so that under create_graph the gradient
+    # keeps stock's graph through the forward even where every weight is frozen.
+    g = torch.ops.aten.threshold_backward(grad_out, out, 0) if relu else grad_out
     return g @ weight, g.t() @ input, g.sum(0)

@@ -116,6 +116,29 @@ def test_chain_logits_changed_in_place_before_backward_are_stock(relu_last):
         assert rel_err(a, b) < 1e-12
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("model", ["linear_relu", "lenet5"])
+def test_input_gradient_of_a_frozen_network_keeps_its_graph(model, backend):
+    """Every weight frozen, create_graph: stock's input gradient still has a graph (through
+    ReLU's backward, which reads its output), whose derivative is zero; so here."""
+    torch.manual_seed(0)
+    if model == "lenet5":
+        fused, x = LeNet5(fused=True, backend=backend).double(), torch.randn(2, 1, 32, 32, **F64)
+        stock = LeNet5(fused=False).double()
+        fused(x)  # a shape's first call checks layer by layer; the next takes the chain
+    else:
+        fused, x = fastlenet.LinearReLU(6, 4, backend=backend).double(), torch.randn(3, 6, **F64)
+        stock = nn.Sequential(nn.Linear(6, 4), nn.ReLU()).double()
+    (stock if model == "lenet5" else stock[0]).load_state_dict(fused.state_dict())
+    for m in (fused, stock):
+        m.requires_grad_(False)
+        xi = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(m(xi).sum(), xi, create_graph=True)
+        assert g.requires_grad
+        g.square().sum().backward()
+        assert torch.equal(xi.grad, torch.zeros_like(x))
+
+
 def _grads_with_penalty(model, x, y):
     """Cross-entropy plus the squared norm of its gradient with respect to the input (the
     input-gradient regulariser): every parameter's gradient goes through a second backward."""
