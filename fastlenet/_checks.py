@@ -54,12 +54,13 @@ def pair(value, name: str) -> tuple[int, int]:
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
-def positive_int(value, name: str) -> int:
-    """A layer's size argument (channels, features) as an int: ValueError where it is not a
-    positive integer."""
+def size_int(value, name: str, minimum: int = 1) -> int:
+    """A layer's size argument (channels, features) as an int: ValueError where it is not an
+    integer of at least `minimum` (1: "a positive int", 0: "a non-negative int")."""
     size = _index(value)
-    if size is None or size < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if size is None or size < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     return size
 
 

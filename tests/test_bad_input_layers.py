@@ -98,13 +98,14 @@ CONV_FORWARD_CASES = [
 ]
 
 LINEAR_INIT_CASES = [
-    ("in_features_0", {"in_features": 0}, ValueError, r"in_features must be a positive int, got 0"),
+    ("in_features_negative", {"in_features": -1}, ValueError,
+     r"in_features must be an int >= 0, got -1"),
     ("in_features_float", {"in_features": 6.0}, ValueError,
-     r"in_features must be a positive int, got 6.0"),
+     r"in_features must be an int >= 0, got 6.0"),
     ("out_features_negative", {"out_features": -1}, ValueError,
-     r"out_features must be a positive int"),
+     r"out_features must be an int >= 0"),
     ("out_features_bool", {"out_features": True}, ValueError,
-     r"out_features must be a positive int"),
+     r"out_features must be an int >= 0"),
     ("backend_unknown", {"backend": "gpu"}, ValueError, r"backend must be one of"),
 ]
 

@@ -368,6 +368,27 @@ def test_integers_of_other_types_are_taken_as_stock_takes_them():
     assert rel_err(conv(x), F.max_pool2d(F.relu(stock(x)), 2)) < 1e-5
 
 
+@pytest.mark.parametrize("layer", [fastlenet.Linear, fastlenet.LinearReLU])
+@pytest.mark.parametrize(("in_features", "out_features"), [(0, 3), (4, 0)])
+def test_linear_layers_without_features_are_stock(layer, in_features, out_features):
+    """nn.Linear(0, n) and nn.Linear(n, 0): an empty weight; out = bias, or an empty output."""
+    torch.manual_seed(0)
+    fused = layer(in_features, out_features).double()
+    stock = nn.Linear(in_features, out_features).double()
+    stock.load_state_dict(fused.state_dict())
+    xa = torch.randn(5, in_features, **F64, requires_grad=True)
+    xb = xa.detach().clone().requires_grad_()
+    out = fused(xa)
+    want = stock(xb).relu() if layer is fastlenet.LinearReLU else stock(xb)
+    assert out.shape == want.shape and torch.equal(out, want)
+    g = torch.randn_like(out)
+    out.backward(g)
+    want.backward(g)
+    assert torch.equal(xa.grad, xb.grad)
+    for p, q in zip(fused.parameters(), stock.parameters(), strict=True):
+        assert p.grad.shape == q.grad.shape and rel_err(p.grad, q.grad) < 1e-12
+
+
 HALF = [torch.bfloat16, torch.float16]
 
 

@@ -44,8 +44,8 @@ class ConvReLUPool2d(nn.Module):
                 f"padding_mode must be 'zeros' (the fused conv pads with zeros), "
                 f"got {padding_mode!r}"
             )
-        self.in_channels = _checks.positive_int(in_channels, "in_channels")
-        self.out_channels = _checks.positive_int(out_channels, "out_channels")
+        self.in_channels = _checks.size_int(in_channels, "in_channels")
+        self.out_channels = _checks.size_int(out_channels, "out_channels")
         self.kernel_size = _checks.pair(kernel_size, "kernel_size")
         if min(self.kernel_size) < 1:
             raise ValueError(f"kernel_size must be >= 1, got {self.kernel_size}")

@@ -18,8 +18,10 @@ class _FusedLinear(nn.Module):
         self, in_features, out_features, bias=True, *, backend="auto", device=None, dtype=None
     ):
         super().__init__()
-        in_features = _checks.positive_int(in_features, "in_features")
-        out_features = _checks.positive_int(out_features, "out_features")
+        # Zero features are a layer as nn.Linear's: an empty weight, out = bias (no input
+        # features) or an empty output; the ops take them.
+        in_features = _checks.size_int(in_features, "in_features", 0)
+        out_features = _checks.size_int(out_features, "out_features", 0)
         self.in_features = in_features
         self.out_features = out_features
         self.backend = backends.check_choice(backend)
@@ -32,7 +34,7 @@ class _FusedLinear(nn.Module):
         # The same calls, in the same order, as nn.Linear.reset_parameters.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features)
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input):
