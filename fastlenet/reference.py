@@ -129,6 +129,17 @@ def _dense_grad(grad_out, argmax, conv_hw, pool_size, pool_stride):
     return dense.view(n, o, *conv_hw)
 
 
+def _mask_link(dense, input, weight):
+    """`dense`, the same values, depending on input and weight with a zero derivative, as
+    stock's gradient does under create_graph: its mask is the ReLU's output, a function of
+    both (ReLU's backward reads it), where ours is the saved argmax, a function of neither. So
+    with every weight frozen the input gradient still has a graph, as stock's. ReLU's own
+    backward does the linking: at a threshold of -inf it passes every value, the anchor being
+    0, or NaN where input or weight hold Inf/NaN (NaN <= -inf is false too)."""
+    anchor = (input * 0).sum() + (weight * 0).sum()
+    return torch.ops.aten.threshold_backward(dense, anchor, float("-inf"))
+
+
 def _conv_hw(input, weight, stride, padding):
     return tuple(
         (input.shape[2 + d] + 2 * padding[d] - weight.shape[2 + d]) // stride[d] + 1
@@ -152,6 +163,8 @@ def conv_relu_pool_bwd(
     dense = _dense_grad(
         grad_out, argmax, _conv_hw(input, weight, stride, padding), pool_size, pool_stride
     )
+    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad):
+        dense = _mask_link(dense, input, weight)
     grad_input = (
         torch.nn.grad.conv2d_input(input.shape, weight, dense, stride, padding)
         if input_grad

@@ -117,7 +117,7 @@ def test_chain_logits_changed_in_place_before_backward_are_stock(relu_last):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("model", ["linear_relu", "lenet5"])
+@pytest.mark.parametrize("model", ["linear_relu", "conv_relu_pool", "lenet5"])
 def test_input_gradient_of_a_frozen_network_keeps_its_graph(model, backend):
     """Every weight frozen, create_graph: stock's input gradient still has a graph (through
     ReLU's backward, which reads its output), whose derivative is zero; so here."""
@@ -126,6 +126,10 @@ def test_input_gradient_of_a_frozen_network_keeps_its_graph(model, backend):
         fused, x = LeNet5(fused=True, backend=backend).double(), torch.randn(2, 1, 32, 32, **F64)
         stock = LeNet5(fused=False).double()
         fused(x)  # a shape's first call checks layer by layer; the next takes the chain
+    elif model == "conv_relu_pool":
+        fused = fastlenet.ConvReLUPool2d(2, 3, 3, backend=backend).double()
+        x = torch.randn(2, 2, 8, 8, **F64)
+        stock = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.MaxPool2d(2)).double()
     else:
         fused, x = fastlenet.LinearReLU(6, 4, backend=backend).double(), torch.randn(3, 6, **F64)
         stock = nn.Sequential(nn.Linear(6, 4), nn.ReLU()).double()
