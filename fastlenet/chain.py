@@ -225,11 +225,14 @@ def _grads_with_graph(layer_spec, grad_out, input, weights, biases, need):
     engine adds the slots' gradients once (differentiating the shared tensor itself would give
     each slot the sum, counted twice)."""
     with torch.enable_grad():
-        leaves = [input, *(t for pair in zip(weights, biases, strict=True) for t in pair)]
-        leaves = [t.view_as(t) if t is not None else None for t in leaves]
-        input, weights, biases = leaves[0], leaves[1::2], leaves[2::2]
-        wanted = [t for t, n in zip(leaves, need, strict=True) if n]
-        out = layered(layer_spec, input, weights, biases)
+        # Autocast off for the recomputation: the chain's forward ran without it (run()
+        # declines it); a backward called under autocast differentiates under it, as stock's.
+        with torch.autocast(input.device.type, enabled=False):
+            leaves = [input, *(t for pair in zip(weights, biases, strict=True) for t in pair)]
+            leaves = [t.view_as(t) if t is not None else None for t in leaves]
+            input, weights, biases = leaves[0], leaves[1::2], leaves[2::2]
+            wanted = [t for t, n in zip(leaves, need, strict=True) if n]
+            out = layered(layer_spec, input, weights, biases)
         grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
     return [next(grads) if n else None for n in need]
 

@@ -214,6 +214,24 @@ def test_batched_gradients_through_the_chain():
         assert a.shape[0] == 3 and rel_err(a, b) < 1e-12
 
 
+def test_create_graph_backward_under_autocast():
+    """A create_graph backward called under torch.autocast, the forward outside it: the chain
+    recomputes its forward as it ran (float32) and differentiates under autocast, as the
+    per-layer path does."""
+    chained, layered, size = _pair("lenet5")
+    x, _ = _data(size)
+    _chained(chained, x)
+    grads = []
+    for model, fwd in ((chained, chained), (layered, layered._layered)):
+        out = fwd(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            params = list(model.parameters())
+            got = torch.autograd.grad(out.square().sum(), params, create_graph=True)
+        grads.append(got)
+    for a, b in zip(*grads, strict=True):
+        assert a.dtype == torch.float32 and rel_err(a, b) < 1e-6
+
+
 def test_gradcheck_chain_function():
     torch.manual_seed(4)
     layers = [fnn.ConvReLUPool2d(2, 3, 3, padding=1, backend="cpu"), fnn.LinearReLU(27, 5)]
