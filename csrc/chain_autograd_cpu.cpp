@@ -2,10 +2,10 @@
 // torch::autograd::Function whose forward calls the chain_fwd op and whose backward calls
 // chain_bwd (csrc/chain_cpu.cpp), so a training step's backward runs no Python for the chain.
 // Math: fastlenet/reference.py (conv_relu_pool, linear_relu), layer by layer.
-// Saves for backward: input, every parameter, and what chain_fwd returns for chain_bwd (each
+// Saves for backward: input, every weight, and what chain_fwd returns for chain_bwd (each
 // layer's input but the first's, each conv's argmax); out only where the last layer's ReLU
 // reads it (a chain ending in a plain linear leaves its logits free to change in place, as
-// stock's addmm does).
+// stock's addmm does). The biases are kept beside, unsaved (see forward).
 //
 // Why C++: a Python autograd.Function's node cost ~16 us per backward on the 2-core VM (GIL,
 // Python objects for its arguments and saved tensors; a Function with ten parameters and a
@@ -68,10 +68,23 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
     const Params p = split(vars, has_bias);
     auto [out, activations, argmax] = fwd.call(input, p.weights, p.biases, spec);
     variable_list saved{input, last_reads_out(spec) ? out : at::Tensor()};
-    saved.insert(saved.end(), vars.begin(), vars.end());
+    saved.insert(saved.end(), p.weights.begin(), p.weights.end());
     saved.insert(saved.end(), activations.begin(), activations.end());
     saved.insert(saved.end(), argmax.begin(), argmax.end());
     ctx->save_for_backward(saved);
+    // The biases are not saved for backward: stock's conv and linear backward read none, so a
+    // bias may change in place before backward (an optimizer stepped between forward and
+    // backward). Only the recomputation under create_graph reads them: they are kept with
+    // their versions, which it checks.
+    std::vector<at::Tensor> biases;
+    std::vector<int64_t> versions;
+    for (const std::optional<at::Tensor>& b : p.biases) {
+      if (!b.has_value()) continue;
+      biases.push_back(*b);
+      versions.push_back(static_cast<int64_t>(b->_version()));
+    }
+    ctx->saved_data["biases"] = biases;
+    ctx->saved_data["bias_versions"] = versions;
     ctx->saved_data["spec"] = spec;
     ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["activations"] = static_cast<int64_t>(activations.size());
@@ -89,11 +102,11 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
     // Without a ReLU last, chain_bwd does not read `out`: the gradient stands in (its shape).
     const at::Tensor& out = saved[1].defined() ? saved[1] : grad_out;
     const size_t vars_n = has_bias.size() + std::count(has_bias.begin(), has_bias.end(), 1);
-    const at::TensorList vars(saved.data() + 2, vars_n);
-    const at::TensorList activations(saved.data() + 2 + vars_n, n_act);
-    const at::TensorList argmax(saved.data() + 2 + vars_n + n_act,
-                                saved.size() - 2 - vars_n - n_act);
-    const Params p = split(vars, has_bias);
+    const size_t layers = has_bias.size();
+    const at::TensorList weights(saved.data() + 2, layers);
+    const at::TensorList activations(saved.data() + 2 + layers, n_act);
+    const at::TensorList argmax(saved.data() + 2 + layers + n_act,
+                                saved.size() - 2 - layers - n_act);
     std::vector<at::Tensor> grads;  // [input, w0, b0, w1, b1, ...], as chain_bwd's
 
     // Under create_graph, and under vmap (a batched gradient: autograd.grad's is_grads_batched
@@ -103,11 +116,12 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
     const bool batched = grad_out.key_set().has_any(
         c10::DispatchKeySet({c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched}));
     if (at::GradMode::is_enabled() || batched) {
-      grads = grads_with_graph(ctx, spec, grad_outputs[0], input, p, vars_n);
+      grads =
+          grads_with_graph(ctx, spec, grad_outputs[0], input, saved_params(ctx, weights), vars_n);
     } else {
       static const auto bwd = op<ChainBwd>("fastlenet::chain_bwd");
       const at::AutoDispatchBelowADInplaceOrView below;
-      grads = bwd.call(grad_out, input, out, activations, argmax, p.weights, spec,
+      grads = bwd.call(grad_out, input, out, activations, argmax, weights, spec,
                        ctx->needs_input_grad(0));
     }
     variable_list result(1 + vars_n + 2);
@@ -121,6 +135,33 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
       ++v;
     }
     return result;
+  }
+
+  // The weights and the biases the forward ran with, for a recomputation of it: a bias changed
+  // in place since raises, as a saved tensor would.
+  static Params saved_params(AutogradContext* ctx, at::TensorList weights) {
+    const std::vector<at::Tensor> biases = ctx->saved_data["biases"].toTensorVector();
+    const std::vector<int64_t> versions = ctx->saved_data["bias_versions"].toIntVector();
+    const std::vector<int64_t> has_bias = ctx->saved_data["has_bias"].toIntVector();
+    Params p;
+    size_t b = 0;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      p.weights.push_back(weights[i]);
+      if (has_bias[i] == 0) {
+        p.biases.push_back(std::nullopt);
+        continue;
+      }
+      const auto version = static_cast<int64_t>(biases[b]._version());
+      TORCH_CHECK(version == versions[b],
+                  "one of the variables needed for gradient computation has been modified by an "
+                  "inplace operation: the bias of layer ",
+                  i,
+                  " of the chain, which a backward with create_graph recomputes its forward "
+                  "with, is at version ",
+                  version, "; expected version ", versions[b], " instead");
+      p.biases.push_back(biases[b++]);
+    }
+    return p;
   }
 
   // [input, w0, b0, w1, b1, ...] with a graph (create_graph), from Python.

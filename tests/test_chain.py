@@ -232,6 +232,29 @@ def test_create_graph_backward_under_autocast():
         assert a.dtype == torch.float32 and rel_err(a, b) < 1e-6
 
 
+def test_a_bias_changed_in_place_before_backward():
+    """Stock's backward reads no bias, so a bias may change in place between forward and
+    backward; so here. Only a create_graph backward, which recomputes the forward, needs the
+    bias as it was: it raises as autograd does for a changed saved tensor."""
+    chained, layered, size = _pair("lenet5", torch.float64)
+    x, y = _data(size, dtype=torch.float64)
+    _chained(chained, x)
+    grads = []
+    for model, fwd in ((chained, chained), (layered, layered._layered)):
+        loss = F.cross_entropy(fwd(x), y)
+        with torch.no_grad():
+            model.fc1.bias.add_(1.0)
+            model.conv2.bias.mul_(0.5)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+    loss = F.cross_entropy(chained(x), y)
+    with torch.no_grad():
+        chained.fc1.bias.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, list(chained.parameters()), create_graph=True)
+
+
 def test_gradcheck_chain_function():
     torch.manual_seed(4)
     layers = [fnn.ConvReLUPool2d(2, 3, 3, padding=1, backend="cpu"), fnn.LinearReLU(27, 5)]
