@@ -23,10 +23,11 @@ using torch::autograd::variable_list;
 
 // The node's name (grad_fn.name()): fastlenet::ConvReLUPoolNode.
 struct ConvReLUPoolNode : torch::autograd::Function<ConvReLUPoolNode> {
-  // geometry: stride, padding, pool_size, pool_stride, two ints each.
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias,
-                            const std::vector<int64_t>& geometry) {
+  // geometry: stride, padding, pool_size, pool_stride, two ints each. Returns the op's out and
+  // argmax (not differentiable).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const std::vector<int64_t>& geometry) {
     static const auto fwd = op<ConvFwd>("fastlenet::conv_relu_pool_fwd");
     TORCH_CHECK(geometry.size() == 8, "geometry must hold 8 ints, got ", geometry.size());
     const at::IntArrayRef g(geometry);
@@ -36,7 +37,8 @@ struct ConvReLUPoolNode : torch::autograd::Function<ConvReLUPoolNode> {
     ctx->save_for_backward({input, weight, argmax});
     ctx->saved_data["geometry"] = geometry;
     ctx->saved_data["has_bias"] = bias.has_value();
-    return out;
+    ctx->mark_non_differentiable({argmax});
+    return {out, argmax};
   }
 
   // Gradients of input, weight, bias (undefined without one), none for the geometry.
@@ -84,7 +86,31 @@ std::optional<at::Tensor> conv_relu_pool_autograd(const at::Tensor& input, const
     return infer.call(input, weight, bias, g.slice(0, 2), g.slice(2, 2), g.slice(4, 2),
                       g.slice(6, 2));
   }
-  return ConvReLUPoolNode::apply(input, weight, bias, geometry);
+  return ConvReLUPoolNode::apply(input, weight, bias, geometry)[0];
+}
+
+// The forward op's autograd kernel: the node where autograd records, else the op below
+// autograd. The fast path and the Python Function call the op below autograd themselves; this
+// serves a graph that holds the op (a torch.jit.trace, an exported program), so that it trains.
+std::tuple<at::Tensor, at::Tensor> conv_relu_pool_fwd_autograd(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
+    at::IntArrayRef pool_stride) {
+  if (at::GradMode::is_enabled() &&
+      (input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))) {
+    std::vector<int64_t> geometry;
+    for (const at::IntArrayRef pair : {stride, padding, pool_size, pool_stride})
+      geometry.insert(geometry.end(), pair.begin(), pair.end());
+    const variable_list outs = ConvReLUPoolNode::apply(input, weight, bias, geometry);
+    return {outs[0], outs[1]};
+  }
+  static const auto fwd = op<ConvFwd>("fastlenet::conv_relu_pool_fwd");
+  const at::AutoDispatchBelowADInplaceOrView below;
+  return fwd.call(input, weight, bias, stride, padding, pool_size, pool_stride);
+}
+
+TORCH_LIBRARY_IMPL(fastlenet, Autograd, m) {
+  m.impl("conv_relu_pool_fwd", &conv_relu_pool_fwd_autograd);
 }
 
 }  // namespace fastlenet

@@ -8,6 +8,7 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/extension.h>
 
 #include <optional>
@@ -21,8 +22,10 @@ namespace fastlenet {
 // (fastlenet/_autograd.py, autocast_inputs); and no torch.func transform active (the keys
 // torch._C._are_functorch_transforms_active reads) nor a forward-mode tangent on an argument,
 // which a C++ autograd Function without a jvp rule would drop (the full path runs stock's
-// composition: transforms_active there). In Python the checks cost ~0.2 us a call, 9% of
-// linear_relu's 84 -> 10 at batch 4 without grad.
+// composition: transforms_active there); and no torch.jit.trace recording (the full path
+// records the forward op itself, whose registered autograd formula makes the trace
+// differentiable). In Python the checks cost ~0.2 us a call, 9% of linear_relu's 84 -> 10 at
+// batch 4 without grad.
 inline bool fast_path_takes(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias) {
   const at::ScalarType t = input.scalar_type();
@@ -31,7 +34,7 @@ inline bool fast_path_takes(const at::Tensor& input, const at::Tensor& weight,
   return (t == at::kFloat || t == at::kDouble) && !at::autocast::is_autocast_enabled(at::kCPU) &&
          !included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
          !included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode) && !dual(input) &&
-         !dual(weight) && !(bias && dual(*bias));
+         !dual(weight) && !(bias && dual(*bias)) && !torch::jit::tracer::isTracing();
 }
 
 // The forward's arguments start with input, weight and an optional bias; forward records

@@ -72,9 +72,24 @@ std::optional<at::Tensor> linear_relu_autograd(const at::Tensor& input, const at
   if (!fast_path_takes(input, weight, bias)) return std::nullopt;
   if (!at::GradMode::is_enabled() ||
       !(input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))) {
+    const at::AutoDispatchBelowADInplaceOrView below;  // nothing to record
     return linear_fwd().call(input, weight, bias, relu);
   }
   return LinearReLUNode::apply(input, weight, bias, relu);
 }
+
+// The forward op's autograd kernel: the node where autograd records, else the op below
+// autograd. The fast path and the Python Function call the op below autograd themselves; this
+// serves a graph that holds the op (a torch.jit.trace, an exported program), so that it trains.
+at::Tensor linear_relu_fwd_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, bool relu) {
+  if (at::GradMode::is_enabled() &&
+      (input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad())))
+    return LinearReLUNode::apply(input, weight, bias, relu);
+  const at::AutoDispatchBelowADInplaceOrView below;
+  return linear_fwd().call(input, weight, bias, relu);
+}
+
+TORCH_LIBRARY_IMPL(fastlenet, Autograd, m) { m.impl("linear_relu_fwd", &linear_relu_fwd_autograd); }
 
 }  // namespace fastlenet

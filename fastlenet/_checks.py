@@ -7,7 +7,9 @@ error that is also a RuntimeError, so that `except RuntimeError` written for sto
 ArgumentError (a ValueError) and ArgumentTypeError (a TypeError).
 """
 
+import contextlib
 import operator
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +27,16 @@ class ArgumentTypeError(TypeError, RuntimeError):
 #: so a pooling window holds at most 255 positions.
 NO_GRAD = 255
 MAX_POOL_WINDOW = 255
+
+
+@contextlib.contextmanager
+def quiet_tracer():
+    """While torch.jit.trace records: no warnings of the checks' Python comparisons of sizes.
+    They only refuse bad input, and the traced graph computes its shapes itself (the layout a
+    conv picks from its input's strides is fixed at trace time, as stock's is)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
 
 
 def _index(value):

@@ -10,7 +10,7 @@ autograd.Function, an engine node, the Python argument checks and a Python-to-C+
 layer and pass.
 
 `run(layers, x, layered)` takes the chain when nothing a user could observe differs, and calls
-`layered(x)` (the per-layer path) otherwise: hooks on a layer, torch.compile tracing,
+`layered(x)` (the per-layer path) otherwise: hooks on a layer, torch.compile or jit tracing,
 torch.autocast, a torch.func transform or forward-mode AD, another backend or device, a dtype
 other than float32 and float64, a channels_last or non-contiguous input or weight, unbatched
 input, string padding. The per-layer checks run on the first call of each shape (a layered
@@ -159,6 +159,7 @@ def run(layers, x, layered, others=()):
     if (
         not _ext.LOADED
         or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()  # the layers record their ops, which the trace can hold
         or _autocast_any()  # the layers cast as stock's conv and linear do
         or _transforms_active()  # torch.func, forward AD: the layers run stock's composition
         or _global_hooks()

@@ -135,6 +135,14 @@ def conv_relu_pool2d(
             _checks.check_geometry(stride, padding, pool_size, pool_stride)
             _checks.check_conv_input(input, weight, stride, padding, pool_size, pool_stride)
             raise error
+    if torch.jit.is_tracing():
+        with _checks.quiet_tracer():
+            return _full(input, weight, bias, stride, padding, pool_size, pool_stride, backend)
+    return _full(input, weight, bias, stride, padding, pool_size, pool_stride, backend)
+
+
+def _full(input, weight, bias, stride, padding, pool_size, pool_stride, backend):
+    """conv_relu_pool2d's full path: every input form, backend and mode."""
     stride = _checks.pair(stride, "stride")
     pool_size = _checks.pair(pool_size, "pool_size")
     pool_stride = pool_size if pool_stride is None else _checks.pair(pool_stride, "pool_stride")
@@ -155,7 +163,14 @@ def conv_relu_pool2d(
         )
         return out.squeeze(0) if unbatched else out
     name = backends.resolve(backend, input.device, input.dtype)
-    if records_graph(input, weight, bias):
+    if torch.jit.is_tracing():
+        # torch.jit.trace records ops, not autograd Functions: the forward op itself (not the
+        # inference op), whose autograd kernel (csrc/*_autograd_cpu.cpp) records its node,
+        # with or without grad mode, so that a trace is one graph, differentiable where it
+        # runs. Backends without such an op (Triton) trace as the reference, stock's ops.
+        traced = name if name in ("cpu", "cuda") else "reference"
+        out = _fwd(input, weight, bias, (stride, padding, pool_size, pool_stride), traced)[0]
+    elif records_graph(input, weight, bias):
         out = ConvReLUPoolFunction.apply(
             input, weight, bias, stride, padding, pool_size, pool_stride, name
         )

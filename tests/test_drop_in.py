@@ -393,6 +393,58 @@ def test_linear_layers_without_features_are_stock(layer, in_features, out_featur
         assert p.grad.shape == q.grad.shape and rel_err(p.grad, q.grad) < 1e-12
 
 
+TRACED = {
+    "conv_relu_pool": (lambda: fastlenet.ConvReLUPool2d(2, 4, 3), (2, 10, 10)),
+    "linear_relu": (lambda: fastlenet.LinearReLU(8, 4), (8,)),
+    "linear": (lambda: fastlenet.Linear(8, 4), (8,)),
+    "lenet5": (LeNet5, (1, 32, 32)),
+}
+
+
+def _outputs_and_grads(model, x):
+    x = x.clone().requires_grad_()
+    out = model(x)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(out.square().sum(), [x, *params.values()])
+    return out, dict(zip(["input", *params], grads, strict=True))
+
+
+@pytest.mark.parametrize("name", TRACED)
+def test_a_jit_trace_trains_as_eager(name):
+    """torch.jit.trace of a layer, or of LeNet-5 (whose chain steps aside while tracing): the
+    trace holds the forward ops, whose autograd kernel records their node, so the traced module
+    gives eager's outputs and gradients, at another batch size too, and its check passes; the
+    layers' checks raise no TracerWarning."""
+    make, size = TRACED[name]
+    torch.manual_seed(0)
+    model = make().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated
+        traced = torch.jit.trace(model, torch.randn(2, *size, **F64))
+    assert not any(n.kind().startswith("prim::PythonOp") for n in traced.graph.nodes())
+    x = torch.randn(5, *size, **F64)
+    out, grads = _outputs_and_grads(traced, x)
+    want, want_grads = _outputs_and_grads(model, x)
+    assert torch.equal(out, want)
+    for key, g in want_grads.items():
+        assert rel_err(grads[key], g) < 1e-12, key
+
+
+def test_an_exported_lenet5_trains_as_eager():
+    """torch.export.export(LeNet5).module(): its graph holds the forward ops, which train."""
+    torch.manual_seed(0)
+    model = LeNet5().double()
+    x = torch.randn(3, 1, 32, 32, **F64)
+    exported = torch.export.export(model, (x,)).module()
+    out, grads = _outputs_and_grads(exported, x)
+    want, want_grads = _outputs_and_grads(model, x)
+    assert rel_err(out, want) < 1e-12
+    assert grads.keys() == want_grads.keys()
+    for key, g in want_grads.items():
+        assert rel_err(grads[key], g) < 1e-12, key
+
+
 HALF = [torch.bfloat16, torch.float16]
 
 
