@@ -428,17 +428,34 @@ def _linear_layer(linear, backend, cls=LinearReLU):
     return layer.train(m.training)
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping fastlenet's layers whole as it keeps torch.nn's: in a model
+    that already holds some, their calls stay module calls (their hooks, and the chains
+    _chain_runs makes of them)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        leaf = type(m) in (ConvReLUPool2d, *_LINEAR_LAYERS, Dropout)
+        return leaf or super().is_leaf_module(m, module_qualified_name)
+
+
+def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    """fx.symbolic_trace(model) with _Tracer."""
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
     """torch.fx's trace of `model`. A forward that reads self.training traces to constants
     fixed at the mode it was traced in, where .train() and .eval() would no longer reach them:
     the model is traced in both modes, and where the traces differ only by arguments that are
     the flag in each (F.dropout(x, training=self.training)), those read the graph module's
     own flag at each call; any other difference raises."""
-    gm = fx.symbolic_trace(model)
+    gm = _symbolic_trace(model)
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.train(not model.training)
-        other = fx.symbolic_trace(model)
+        other = _symbolic_trace(model)
     finally:
         for m, mode in modes:
             m.training = mode

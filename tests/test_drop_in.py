@@ -431,6 +431,26 @@ def test_a_jit_trace_trains_as_eager(name):
         assert rel_err(grads[key], g) < 1e-12, key
 
 
+@pytest.mark.parametrize("name", [*TRACED, "fused stock lenet5"])
+def test_fx_symbolic_trace_runs_as_eager(name):
+    """torch.fx.symbolic_trace through fastlenet's layers (fx keeps only torch.nn's whole)
+    records their functions as nodes; the graph module computes eager's outputs and
+    gradients. A fused model's chain traces through its layers too."""
+    if name == "fused stock lenet5":
+        make, size = (lambda: fastlenet.fuse(LeNet5(fused=False))), (1, 32, 32)
+    else:
+        make, size = TRACED[name]
+    torch.manual_seed(0)
+    model = make().double()
+    graph_module = torch.fx.symbolic_trace(model)
+    x = torch.randn(3, *size, **F64)
+    out, grads = _outputs_and_grads(graph_module, x)
+    want, want_grads = _outputs_and_grads(model, x)
+    assert rel_err(out, want) < 1e-12
+    for key, g in want_grads.items():
+        assert rel_err(grads[key], g) < 1e-12, key
+
+
 def test_an_exported_lenet5_trains_as_eager():
     """torch.export.export(LeNet5).module(): its graph holds the forward ops, which train."""
     torch.manual_seed(0)

@@ -360,6 +360,35 @@ def test_a_chained_stock_linear_follows_new_parameters_and_a_new_module():
     assert fused(x).shape == (3, 3) and rel_err(fused(x), model(x)) < 1e-12
 
 
+class _Mixed(nn.Module):
+    """A fastlenet layer already, stock layers after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = ConvReLUPool2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 3 * 3, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(F.relu(self.fc(torch.flatten(self.conv(x), 1))))
+
+
+def test_a_model_holding_fastlenet_layers_keeps_them_whole():
+    """fuse traces fastlenet's layers as module calls, as fx keeps torch.nn's: a hook on one
+    still fires, and the run of layers becomes one chain."""
+    model, fused = _stock_and_fused(_Mixed)
+    chained = "conv, flatten, fc, out -> one autograd node (fastlenet_chain0)"
+    assert fused.fuse_report.chains == [chained]
+    x = torch.randn(2, 1, 8, 8, **F64)
+    fused(x)
+    assert chain.on_chain(fused(x)) and rel_err(fused(x), model(x)) < 1e-12
+    seen = []
+    model.conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    hooked = fastlenet.fuse(model)
+    assert rel_err(hooked(x), model(x)) < 1e-12
+    assert seen == [(2, 4, 3, 3)] * 2
+
+
 class _BranchOnMode(nn.Module):
     def __init__(self):
         super().__init__()

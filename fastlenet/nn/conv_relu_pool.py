@@ -8,6 +8,10 @@ from torch import nn
 from fastlenet import _checks, backends
 from fastlenet.conv_relu_pool import conv_relu_pool2d
 
+# torch.fx.symbolic_trace through the layer (fx keeps only torch.nn's layers whole) records the
+# call as a node instead of running it on a Proxy, which its checks refuse.
+torch.fx.wrap("conv_relu_pool2d")
+
 
 class ConvReLUPool2d(nn.Module):
     """max_pool2d(relu(conv2d(x))) with parameters named, shaped and initialised as nn.Conv2d's,

@@ -8,6 +8,11 @@ from torch import nn
 from fastlenet import _checks, backends
 from fastlenet.linear_relu import linear, linear_relu
 
+# torch.fx.symbolic_trace through the layers (fx keeps only torch.nn's layers whole) records
+# the calls as nodes instead of running them on a Proxy, which their checks refuse.
+torch.fx.wrap("linear")
+torch.fx.wrap("linear_relu")
+
 
 class _FusedLinear(nn.Module):
     """Parameters named, shaped and initialised as nn.Linear's (interchangeable state_dicts)."""

@@ -1,6 +1,7 @@
 """Sequential and Chain: a chain of fastlenet layers run as one autograd node."""
 
-from torch import nn
+import torch
+from torch import fx, nn
 
 
 class Sequential(nn.Sequential):
@@ -54,7 +55,11 @@ class Chain(nn.Module):
 
     def _layered(self, x, current):
         current = iter(current)
+        traced = isinstance(x, fx.Proxy)
         for part, stock in zip(self.parts, self.stand_in, strict=True):
+            if traced and type(part) is nn.Flatten:  # a part fx may not find registered
+                x = torch.flatten(x, part.start_dim, part.end_dim)
+                continue
             x = (part if stock is None else next(current))(x)
         return x
 
