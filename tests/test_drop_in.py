@@ -358,6 +358,15 @@ def test_stock_defaults_are_accepted():
     assert layer(torch.randn(1, 3, 8, 8)).shape == (1, 4, 3, 3)
 
 
+def test_conv_attributes_tools_read_are_stock():
+    """nn.Conv2d's attributes that model summaries and FLOP counters read."""
+    layer = fastlenet.ConvReLUPool2d(3, 4, 5, stride=2, padding=1)
+    stock = nn.Conv2d(3, 4, 5, stride=2, padding=1)
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                 "groups", "padding_mode", "transposed", "output_padding"):  # fmt: skip
+        assert getattr(layer, name) == getattr(stock, name), name
+
+
 def test_integers_of_other_types_are_taken_as_stock_takes_them():
     """Sizes computed with NumPy (np.prod(shape), np.int64) or given as integer tensors."""
     three, four = np.int64(3), torch.tensor(4)

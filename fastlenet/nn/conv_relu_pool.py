@@ -48,6 +48,10 @@ class ConvReLUPool2d(nn.Module):
                 f"padding_mode must be 'zeros' (the fused conv pads with zeros), "
                 f"got {padding_mode!r}"
             )
+        # nn.Conv2d's attributes that summaries and FLOP counters read, at the only values the
+        # fused conv has.
+        self.dilation, self.groups, self.padding_mode = (1, 1), 1, "zeros"
+        self.transposed, self.output_padding = False, (0, 0)
         self.in_channels = _checks.size_int(in_channels, "in_channels")
         self.out_channels = _checks.size_int(out_channels, "out_channels")
         self.kernel_size = _checks.pair(kernel_size, "kernel_size")
