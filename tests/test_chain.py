@@ -36,6 +36,15 @@ def _data(size, batch=8, dtype=torch.float32, seed=3):
     return x, torch.randint(0, 10, (batch,), generator=gen)
 
 
+def _warm_pair(name="lenet5", dtype=torch.float64, **data):
+    """_pair's two models and _data's batch, the chained model's first call done: its next call
+    of the batch's shape takes the chain."""
+    chained, layered, size = _pair(name, dtype)
+    x, y = _data(size, dtype=dtype, **data)
+    _chained(chained, x)
+    return chained, layered, x, y
+
+
 def _chained(model, x):
     """model(x) on the chain: a first call of each shape runs layer by layer (its checks)."""
     with torch.no_grad():
@@ -137,9 +146,7 @@ def test_parameter_hooks_and_grad_accumulation():
 def test_second_order_gradients_match_layers():
     """A gradient penalty through the chain: create_graph recomputes layer by layer, so the
     second derivative reaches every layer's weights."""
-    chained, layered, size = _pair("lenet5", torch.float64)
-    x, y = _data(size, dtype=torch.float64)
-    _chained(chained, x)
+    chained, layered, x, y = _warm_pair()
     results = []
     for model, fwd in ((chained, chained), (layered, layered._layered)):
         loss = F.cross_entropy(fwd(x), y)
@@ -236,9 +243,7 @@ def test_a_bias_changed_in_place_before_backward():
     """Stock's backward reads no bias, so a bias may change in place between forward and
     backward; so here. Only a create_graph backward, which recomputes the forward, needs the
     bias as it was: it raises as autograd does for a changed saved tensor."""
-    chained, layered, size = _pair("lenet5", torch.float64)
-    x, y = _data(size, dtype=torch.float64)
-    _chained(chained, x)
+    chained, layered, x, y = _warm_pair()
     grads = []
     for model, fwd in ((chained, chained), (layered, layered._layered)):
         loss = F.cross_entropy(fwd(x), y)
