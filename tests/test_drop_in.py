@@ -474,6 +474,36 @@ def test_an_exported_lenet5_trains_as_eager():
         assert rel_err(grads[key], g) < 1e-12, key
 
 
+def _counted_flops(fn):
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("model", ["lenet5", "conv_relu_pool", "linear_relu"])
+def test_flop_counter_counts_what_stock_counts(model):
+    """FlopCounterMode on a fused model counts its stock twin's FLOPs: forward (with and
+    without autograd recording) and forward + backward, through the chain too."""
+    torch.manual_seed(0)
+    if model == "lenet5":
+        fused, stock, x = LeNet5(), LeNet5(fused=False), torch.randn(4, 1, 32, 32)
+        fused(x)  # a shape's first call checks layer by layer; the next takes the chain
+    elif model == "conv_relu_pool":
+        fused, x = fastlenet.ConvReLUPool2d(6, 16, 5), torch.randn(4, 6, 14, 14)
+        stock = nn.Sequential(nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2))
+    else:
+        fused, x = fastlenet.LinearReLU(400, 120), torch.randn(4, 400)
+        stock = nn.Sequential(nn.Linear(400, 120), nn.ReLU())
+    x.requires_grad_()
+    counts = []
+    for m in (fused, stock):
+        counts.append([_counted_flops(lambda m=m: m(x).sum().backward())])
+        counts[-1].append(_counted_flops(lambda m=m: m(x)))
+        with torch.no_grad():
+            counts[-1].append(_counted_flops(lambda m=m: m(x)))
+    assert counts[0] == counts[1] and min(counts[1]) > 0
+
+
 HALF = [torch.bfloat16, torch.float16]
 
 
