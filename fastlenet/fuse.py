@@ -22,6 +22,7 @@ generator, faster (fastlenet/dropout.py); the compile backend leaves dropout to 
 import collections
 import copy
 import dataclasses
+import inspect
 import logging
 import warnings
 
@@ -34,7 +35,8 @@ from fastlenet._checks import MAX_POOL_WINDOW
 from fastlenet.conv_relu_pool import conv_relu_pool2d
 from fastlenet.dropout import dropout
 from fastlenet.linear_relu import linear_relu
-from fastlenet.nn import Chain, ConvReLUPool2d, Dropout, Linear, LinearReLU, Sequential
+from fastlenet.nn import Chain, ConvReLUPool2d, Dropout, Linear, LinearReLU
+from fastlenet.nn.sequential import FusedSequential
 
 log = logging.getLogger(__name__)
 
@@ -329,39 +331,39 @@ _SEQUENTIAL_PATTERNS = (
 
 
 def _fuse_sequentials(model, backend, report):
-    """Module-level fallback: runs of layers inside nn.Sequential containers. The first layer of
-    a run becomes the fused layer (same Parameters, same key), the others nn.Identity."""
-    for name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
+    """Module-level fallback: runs of layers inside nn.Sequential containers (exactly: a
+    subclass may override forward). The container keeps its stock children (indexing and
+    iteration give them, as the model's code may run them one by one; its state_dict keys),
+    and becomes a FusedSequential whose forward runs the fused layers on their Parameters."""
+    for name, seq in list(model.named_modules()):
+        if type(seq) is not nn.Sequential:
             continue
-        layers = list(seq)
-        i = 0
+        layers, parts, i = list(seq), [], 0
         while i < len(layers):
+            fused, size = None, 1
             for types, what in _SEQUENTIAL_PATTERNS:
                 run = layers[i : i + len(types)]
                 if len(run) == len(types) and all(map(isinstance, run, types)):
                     fused = _fused_layer(run, backend)
                     if isinstance(fused, str):  # a module's problem: no pattern takes it
                         report.left.append(f"{name}.{i}: {fused}")
+                        fused = None
                         break
                     if fused is not None:
-                        seq[i] = fused
-                        for j in range(i + 1, i + len(types)):
-                            seq[j] = nn.Identity()
                         report.fused.append(f"{name}.{i}: {what}")
-                        i += len(types) - 1
+                        size = len(types)
                         break
-            i += 1
-        if type(seq) is not nn.Sequential or len(seq) == 0:
+            parts.append(fused if fused is not None else layers[i])
+            i += size
+        if len(parts) == len(layers):  # nothing fused here
             continue
-        parts, end = list(seq), len(seq) - 1
+        end = len(parts) - 1
         if type(parts[end]) is nn.Linear and not chain.hooked(parts[end]):  # may end a chain
-            parts[end] = _linear_layer(parts[end], backend, Linear)
+            parts[end] = _linear_stand_in(parts[end], backend)
+        seq.__class__ = FusedSequential
+        seq.fuse(parts)
         if chain.of_modules(parts) is not None:
-            seq[end] = parts[end]  # (the same Parameters)
-            seq.__class__ = Sequential  # the same container, its chain as one autograd node
-            what = "one autograd node (fastlenet.nn.Sequential)"
-            report.chains.append(f"{name or 'model'} -> {what}")
+            report.chains.append(f"{name or 'model'} -> one autograd node (FusedSequential)")
 
 
 def _fused_layer(run, backend):
@@ -398,7 +400,10 @@ def _pool_window(kernel_size, stride):
     """(pool_size, pool_stride) as pairs; a stride of None or () is the window's size, as in
     max_pool2d."""
     size = _pair(kernel_size)
-    return size, size if stride in (None, ()) else _pair(stride)
+    # torch.max_pool2d's own default stride is [] (F.max_pool2d's None).
+    return size, size if stride is None or (
+        isinstance(stride, (tuple, list)) and not stride
+    ) else _pair(stride)
 
 
 def _conv_layer(conv, pool_size, pool_stride, backend):
@@ -451,6 +456,11 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     the model is traced in both modes, and where the traces differ only by arguments that are
     the flag in each (F.dropout(x, training=self.training)), those read the graph module's
     own flag at each call; any other difference raises."""
+    defaults = [
+        name for name, p in inspect.signature(model.forward).parameters.items() if p.default is None
+    ]
+    if defaults:  # fx would take `arg is not None` as true for every call
+        raise RuntimeError(f"forward's argument {defaults[0]!r} defaults to None")
     gm = _symbolic_trace(model)
     modes = [(m, m.training) for m in model.modules()]
     try:
@@ -523,21 +533,27 @@ def fuse(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     What was fused and what was left alone, and why, is in the returned module's
     `fuse_report` (a FuseReport) and logged at INFO level by the "fastlenet.fuse" logger."""
     backends.check_choice(backend)
+    # The fused model's modules are copies of the model's, sharing its Parameters and buffers:
+    # each keeps its own training flag (a frozen BatchNorm in eval, MC dropout in training) and
+    # its own hooks, and neither model's .train() / .eval() or new hooks reach the other.
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    copied = copy.deepcopy(model, memo=shared)
     try:
-        gm = _trace(model)
+        gm = _trace(copied)
     except Exception as exc:  # data-dependent control flow, untraceable calls, ...
-        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-        fused = copy.deepcopy(model, memo=shared)
+        fused = copied
         note = f"torch.fx could not trace the model ({exc}); only nn.Sequential was searched"
         report = FuseReport(traced=False, note=note)
-        _fuse_sequentials(fused, backend, report)
+        # Dropouts first: a FusedSequential's parts must be the modules registered (whose
+        # training flag .eval() reaches).
         _swap_dropout_modules(fused, report)
+        _fuse_sequentials(fused, backend, report)
     else:
         report = rewrite(gm, backend)
         _chain_runs(gm, report, backend)
         _swap_dropout_calls(gm, report)
         fused = gm
-        fused.train(model.training)
+        fused.training = model.training  # the graph module's own flag; its children keep theirs
     fused.fuse_report = report
     log.info("%s", report)
     return fused

@@ -389,6 +389,88 @@ def test_a_model_holding_fastlenet_layers_keeps_them_whole():
     assert seen == [(2, 4, 3, 3)] * 2
 
 
+def _conv_bn_net():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.5), nn.Linear(36, 3),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["frozen batchnorm", "mc dropout"])
+def test_each_module_keeps_its_mode_and_the_model_stays_as_it_was(mode):
+    """fuse copies the model's modules (sharing Parameters and buffers): a module in another
+    mode than the model (a frozen BatchNorm in training, dropout on at evaluation) stays so,
+    and neither model's .train() / .eval() reaches the other."""
+    torch.manual_seed(0)
+    model = _conv_bn_net().double()
+    odd = model[1] if mode == "frozen batchnorm" else model[7]
+    model.train(mode == "frozen batchnorm")
+    odd.train(mode == "mc dropout")
+    fused = fastlenet.fuse(model)
+    assert odd.training == (mode == "mc dropout")  # the user's module as it was
+    x = torch.randn(4, 1, 10, 10, **F64)
+    for _ in range(2):
+        assert rel_err(_forward(fused, x, 3), _forward(model, x, 3)) < 1e-12
+    fused.train(not fused.training)
+    assert odd.training == (mode == "mc dropout")
+    assert model.training == (mode == "frozen batchnorm")
+
+
+class _RunsItsSequential(nn.Module):
+    """Untraceable (data-dependent control flow); runs its Sequential item by item and keeps
+    the intermediates."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        outs, y = [], x
+        for layer in self.body:
+            y = layer(y)
+            outs.append(y)
+        return outs[0].sum() + outs[-1].sum() + self.body(x).square().sum()
+
+
+def test_an_untraceable_models_sequential_still_runs_item_by_item():
+    model, fused = _stock_and_fused(_RunsItsSequential)
+    assert not fused.fuse_report.traced and fused.fuse_report.fused
+    x = torch.randn(2, 1, 10, 10, **F64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, want = fused(xa), model(xb)
+    assert rel_err(out, want) < 1e-12
+    out.backward()
+    want.backward()
+    assert rel_err(xa.grad, xb.grad) < 1e-12
+
+
+class _OptionalScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x, scale=None):  # fx would trace `scale is not None` as true
+        y = torch.max_pool2d(torch.relu(self.conv(x)), 2, [])  # torch.max_pool2d's own default
+        return y if scale is None else y * scale
+
+
+def test_an_argument_defaulting_to_none_and_torch_max_pool2d_defaults():
+    model, fused = _stock_and_fused(_OptionalScale)
+    assert not fused.fuse_report.traced and "defaults to None" in fused.fuse_report.note
+    x = torch.randn(2, 1, 8, 8, **F64)
+    assert rel_err(fused(x), model(x)) < 1e-12
+    assert rel_err(fused(x, 2.0), model(x, 2.0)) < 1e-12
+    traced = fastlenet.fuse(nn.Sequential(model.conv, nn.ReLU(), _MaxPoolDefaultStride()))
+    assert traced.fuse_report.fused == ["0: conv2d -> ReLU -> max_pool2d"]
+
+
+class _MaxPoolDefaultStride(nn.Module):
+    def forward(self, x):
+        return torch.max_pool2d(x, 2, [])
+
+
 class _BranchOnMode(nn.Module):
     def __init__(self):
         super().__init__()
@@ -440,11 +522,12 @@ def test_untraceable_model_falls_back_to_sequentials(caplog):
     assert not report.traced and "could not trace" in report.note
     assert report.fused == ["body.0: conv2d -> ReLU -> max_pool2d"]
     assert "1 fused" in caplog.text
-    assert isinstance(fused.body[0], ConvReLUPool2d) and isinstance(model.body[0], nn.Conv2d)
+    # The Sequential keeps its stock children (the model's code may run them one by one) and
+    # runs its fused layers, a chain: one autograd node (from a shape's second call).
+    assert type(fused.body[0]) is type(model.body[0]) is nn.Conv2d
     assert fused.body[0].weight is model.body[0].weight
     assert list(fused.state_dict()) == list(model.state_dict())
-    # The Sequential's layers are a chain: one autograd node (from a shape's second call).
-    assert report.chains == ["body -> one autograd node (fastlenet.nn.Sequential)"]
+    assert report.chains == ["body -> one autograd node (FusedSequential)"]
     assert type(model.body) is nn.Sequential
     x = torch.randn(2, 1, 10, 10, **F64)
     fused(x)
@@ -558,7 +641,8 @@ def test_fuse_leaves_the_users_modules_as_they_are():
     fused = fastlenet.fuse(model)
     assert fused.fuse_report.dropouts == ["drop"]
     assert type(fused.drop) is fastlenet.nn.Dropout and type(model.drop) is nn.Dropout
-    assert fused.layer is model.layer and type(model.layer.dropout1) is nn.Dropout
+    assert type(model.layer.dropout1) is type(fused.layer.dropout1) is nn.Dropout
+    assert fused.layer.linear1.weight is model.layer.linear1.weight
     x = torch.randn(3, 5, 16)
     torch.manual_seed(1)
     want = model(x)

@@ -65,3 +65,18 @@ class Chain(nn.Module):
 
     def extra_repr(self) -> str:
         return "parts=" + ", ".join(type(m).__name__ for m in self.parts)
+
+
+class FusedSequential(nn.Sequential):
+    """What fastlenet.fuse makes of an nn.Sequential in a model torch.fx cannot trace: its
+    children stay the stock modules (indexing, iteration and the state_dict give them, as the
+    model's own code may run them one by one), and its forward runs `fused` instead: a Chain of
+    the fused layers (the same Parameters) and the children no pattern took, one autograd node
+    where they form a chain."""
+
+    def fuse(self, parts):
+        # Not registered (object.__setattr__): the Sequential's children stay its own.
+        object.__setattr__(self, "fused", Chain(parts))
+
+    def forward(self, input):
+        return self.fused(input)
