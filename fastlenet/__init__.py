@@ -7,7 +7,6 @@ y = fastlenet.functional.conv_relu_pool2d(x, w, b)  # the same op as a function
 fastlenet.available_backends()                      # which kernels run here, and why not
 """
 
-from fastlenet import flops as _flops  # noqa: F401  (registers the ops' FLOP formulas)
 from fastlenet import functional, nn
 from fastlenet._checks import ArgumentError, ArgumentTypeError
 from fastlenet.backends import available_backends

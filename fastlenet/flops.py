@@ -4,6 +4,10 @@ matmul, forward (the conv before pooling: the pool and ReLU are free) and backwa
 count per gradient of an input or a weight that the op computes). The fused backward skips
 windows that pass no gradient; like the benchmarks' (benchmarks/harness.py), this counts the
 dense work, the same gradients' cost in stock's ops.
+
+`import fastlenet.flops` registers them (before FlopCounterMode is entered). fastlenet does not
+import this module itself: torch.utils.flop_counter imports triton, which `import fastlenet`
+must not (it costs seconds, and TRITON_INTERPRET must be set before it).
 """
 
 import math

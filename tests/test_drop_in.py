@@ -475,6 +475,8 @@ def test_an_exported_lenet5_trains_as_eager():
 
 
 def _counted_flops(fn):
+    import fastlenet.flops  # noqa: F401  (registers the FLOP formulas)
+
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
