@@ -528,8 +528,9 @@ def _linear_stand_in(linear, backend):
 
 def fuse(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """A module computing the same function as `model` with fastlenet's fused ops wherever they
-    compute exactly the same thing. It shares `model`'s Parameter objects (an optimizer built
-    on `model` keeps working) and has its state_dict keys; `model` itself is not changed.
+    compute exactly the same thing. Its modules are copies of `model`'s sharing its Parameter
+    and buffer objects (an optimizer built on `model` keeps working; each module keeps its own
+    mode and hooks) and it has `model`'s state_dict keys; `model` itself is not changed.
     What was fused and what was left alone, and why, is in the returned module's
     `fuse_report` (a FuseReport) and logged at INFO level by the "fastlenet.fuse" logger."""
     backends.check_choice(backend)
