@@ -90,8 +90,9 @@ std::optional<at::Tensor> conv_relu_pool_autograd(const at::Tensor& input, const
 }
 
 // The forward op's autograd kernel: the node where autograd records, else the op below
-// autograd. The fast path and the Python Function call the op below autograd themselves; this
-// serves a graph that holds the op (a torch.jit.trace, an exported program), so that it trains.
+// autograd. The fast path calls the op below autograd itself, the Python Function with grad
+// mode off (this kernel then only passes the call on); it serves a graph that holds the op (a
+// torch.jit.trace, an exported program), so that it trains.
 std::tuple<at::Tensor, at::Tensor> conv_relu_pool_fwd_autograd(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,

@@ -79,8 +79,9 @@ std::optional<at::Tensor> linear_relu_autograd(const at::Tensor& input, const at
 }
 
 // The forward op's autograd kernel: the node where autograd records, else the op below
-// autograd. The fast path and the Python Function call the op below autograd themselves; this
-// serves a graph that holds the op (a torch.jit.trace, an exported program), so that it trains.
+// autograd. The fast path calls the op below autograd itself, the Python Function with grad
+// mode off (this kernel then only passes the call on); it serves a graph that holds the op (a
+// torch.jit.trace, an exported program), so that it trains.
 at::Tensor linear_relu_fwd_autograd(const at::Tensor& input, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias, bool relu) {
   if (at::GradMode::is_enabled() &&
