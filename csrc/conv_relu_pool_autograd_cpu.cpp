@@ -78,8 +78,7 @@ std::optional<at::Tensor> conv_relu_pool_autograd(const at::Tensor& input, const
   if (!fast_path_takes(input, weight, bias) || suggests_channels_last(input) ||
       suggests_channels_last(weight))
     return std::nullopt;
-  if (!at::GradMode::is_enabled() ||
-      !(input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))) {
+  if (!records_graph(input, weight, bias)) {
     static const auto infer = op<ConvInfer>("fastlenet::conv_relu_pool_infer");
     TORCH_CHECK(geometry.size() == 8, "geometry must hold 8 ints, got ", geometry.size());
     const at::IntArrayRef g(geometry);
@@ -97,8 +96,7 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_fwd_autograd(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
     at::IntArrayRef pool_stride) {
-  if (at::GradMode::is_enabled() &&
-      (input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))) {
+  if (records_graph(input, weight, bias)) {
     std::vector<int64_t> geometry;
     for (const at::IntArrayRef pair : {stride, padding, pool_size, pool_stride})
       geometry.insert(geometry.end(), pair.begin(), pair.end());

@@ -37,6 +37,14 @@ inline bool fast_path_takes(const at::Tensor& input, const at::Tensor& weight,
          !dual(weight) && !(bias && dual(*bias)) && !torch::jit::tracer::isTracing();
 }
 
+// Whether autograd records a call of these arguments: grad mode on and a tensor that requires
+// grad (fastlenet/_autograd.py's records_graph). Else the op runs alone.
+inline bool records_graph(const at::Tensor& input, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias) {
+  return at::GradMode::is_enabled() &&
+         (input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()));
+}
+
 // The forward's arguments start with input, weight and an optional bias; forward records
 // saved_data["has_bias"]. Their gradient edges: input, weight, and the bias where there is one.
 inline size_t param_edges(torch::autograd::AutogradContext* ctx) {

@@ -63,32 +63,25 @@ struct LinearReLUNode : torch::autograd::Function<LinearReLUNode> {
   }
 };
 
-// The node where autograd records (grad mode on and a tensor that requires grad), else the op
-// alone, as the Python path's inference branch calls it, through the dispatcher. The op from
-// here rather than as torch.ops' overload from Python: that call's Python half costs ~0.9 us
-// (84 -> 10 at batch 64 under no_grad, 2-core Xeon VM: the overload 4.21 us, F.linear 4.52).
+// The forward op's autograd kernel: the node where autograd records, else the op below
+// autograd. The Python Function reaches it with grad mode off (it then only passes the call
+// on); it serves a graph that holds the op (a torch.jit.trace, an exported program), so that it
+// trains.
+at::Tensor linear_relu_fwd_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, bool relu) {
+  if (records_graph(input, weight, bias)) return LinearReLUNode::apply(input, weight, bias, relu);
+  const at::AutoDispatchBelowADInplaceOrView below;
+  return linear_fwd().call(input, weight, bias, relu);
+}
+
+// The fast path's entry: the op's autograd kernel (the node, or the op alone as the Python
+// path's inference branch calls it) where fast_path_takes, else None. The op from here rather
+// than as torch.ops' overload from Python: that call's Python half costs ~0.9 us (84 -> 10 at
+// batch 64 under no_grad, 2-core Xeon VM: the overload 4.21 us, F.linear 4.52).
 std::optional<at::Tensor> linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
                                                const std::optional<at::Tensor>& bias, bool relu) {
   if (!fast_path_takes(input, weight, bias)) return std::nullopt;
-  if (!at::GradMode::is_enabled() ||
-      !(input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))) {
-    const at::AutoDispatchBelowADInplaceOrView below;  // nothing to record
-    return linear_fwd().call(input, weight, bias, relu);
-  }
-  return LinearReLUNode::apply(input, weight, bias, relu);
-}
-
-// The forward op's autograd kernel: the node where autograd records, else the op below
-// autograd. The fast path calls the op below autograd itself, the Python Function with grad
-// mode off (this kernel then only passes the call on); it serves a graph that holds the op (a
-// torch.jit.trace, an exported program), so that it trains.
-at::Tensor linear_relu_fwd_autograd(const at::Tensor& input, const at::Tensor& weight,
-                                    const std::optional<at::Tensor>& bias, bool relu) {
-  if (at::GradMode::is_enabled() &&
-      (input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad())))
-    return LinearReLUNode::apply(input, weight, bias, relu);
-  const at::AutoDispatchBelowADInplaceOrView below;
-  return linear_fwd().call(input, weight, bias, relu);
+  return linear_relu_fwd_autograd(input, weight, bias, relu);
 }
 
 TORCH_LIBRARY_IMPL(fastlenet, Autograd, m) { m.impl("linear_relu_fwd", &linear_relu_fwd_autograd); }
