@@ -39,19 +39,19 @@ class Chain(nn.Module):
         # Tuples of modules are not registered by nn.Module.
         self.parts = tuple(parts)
         self.stand_in = tuple(stand_in) if stand_in is not None else (None,) * len(self.parts)
+        # What every call reads, from the two above: the layers chain.run gets, the flattens
+        # whose hooks count, the stock modules the graph passes.
+        self._layers = [m for m in self.parts if type(m) is not nn.Flatten]
+        self._flattens = [m for m in self.parts if type(m) is nn.Flatten]
+        self._stand_ins = tuple(m for m in self.stand_in if m is not None)
 
     def forward(self, input, *current):
         from fastlenet import chain
 
-        swapped = any(c is not m for c, m in zip(current, self._stand_ins(), strict=True))
-        if swapped:
+        if any(c is not m for c, m in zip(current, self._stand_ins, strict=True)):
             return self._layered(input, current)
-        layers = [m for m in self.parts if type(m) is not nn.Flatten]
-        others = [m for m in self.parts if type(m) is nn.Flatten] + list(current)
-        return chain.run(layers, input, lambda x: self._layered(x, current), others=others)
-
-    def _stand_ins(self):
-        return [m for m in self.stand_in if m is not None]
+        others = self._flattens + list(current)
+        return chain.run(self._layers, input, lambda x: self._layered(x, current), others=others)
 
     def _layered(self, x, current):
         current = iter(current)
