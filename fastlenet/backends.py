@@ -206,6 +206,15 @@ _OPS: dict[tuple[str, str], Ops] = {
 }
 
 
+def traced(backend: str) -> str:
+    """The backend whose forward op a torch.jit.trace records for `backend`: torch.jit.trace
+    records ops, not autograd Functions, so the C++ forward op itself (cpu, cuda), whose
+    autograd kernel (csrc/*_autograd_cpu.cpp) records its node with or without grad mode -- one
+    graph, differentiable where it runs; the reference (stock's ops) for backends without such
+    an op (Triton)."""
+    return backend if backend in ("cpu", "cuda") else "reference"
+
+
 def ops(op: str, backend: str) -> Ops:
     """`fwd` and `bwd` of `op` (one of OPS) on a concrete backend (see resolve())."""
     table = _OPS.get((op, backend))

@@ -163,13 +163,9 @@ def _full(input, weight, bias, stride, padding, pool_size, pool_stride, backend)
         )
         return out.squeeze(0) if unbatched else out
     name = backends.resolve(backend, input.device, input.dtype)
-    if torch.jit.is_tracing():
-        # torch.jit.trace records ops, not autograd Functions: the forward op itself (not the
-        # inference op), whose autograd kernel (csrc/*_autograd_cpu.cpp) records its node,
-        # with or without grad mode, so that a trace is one graph, differentiable where it
-        # runs. Backends without such an op (Triton) trace as the reference, stock's ops.
-        traced = name if name in ("cpu", "cuda") else "reference"
-        out = _fwd(input, weight, bias, (stride, padding, pool_size, pool_stride), traced)[0]
+    if torch.jit.is_tracing():  # the forward op (not the inference op): backends.traced
+        geometry = (stride, padding, pool_size, pool_stride)
+        out = _fwd(input, weight, bias, geometry, backends.traced(name))[0]
     elif records_graph(input, weight, bias):
         out = ConvReLUPoolFunction.apply(
             input, weight, bias, stride, padding, pool_size, pool_stride, name

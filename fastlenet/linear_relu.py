@@ -127,13 +127,8 @@ def _full(input, weight, bias, relu, backend):
 
 
 def _call(input, weight, bias, relu, name):
-    if torch.jit.is_tracing():
-        # torch.jit.trace records ops, not autograd Functions: the forward op itself, whose
-        # autograd kernel (csrc/*_autograd_cpu.cpp) records the Function's node, with or without
-        # grad mode, so that a trace is one graph, differentiable where it runs. Backends
-        # without such an op (Triton) trace as the reference, stock's ops.
-        traced = name if name in ("cpu", "cuda") else "reference"
-        return backends.ops("linear_relu", traced).fwd(input, weight, bias, relu)
+    if torch.jit.is_tracing():  # the forward op: backends.traced
+        return backends.ops("linear_relu", backends.traced(name)).fwd(input, weight, bias, relu)
     if records_graph(input, weight, bias):
         if name == "cpu" and not _is_compiling():
             out = _CPU_NODE(input, weight, bias, relu)  # None: the op below names the dtype
