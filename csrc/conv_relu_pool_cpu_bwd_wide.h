@@ -54,6 +54,15 @@ constexpr int64_t kWideXTileBytes = 32 << 10;
 // Weight elements per parallel task of the per-call repacks and sums of the weight (below a few
 // such tasks a parallel region costs more than it saves).
 constexpr int64_t kRepackGrain = 1 << 14;
+// Sample bytes one band of grad_w's windows reads (whole pooled rows: psh * sh input rows
+// each): every output channel's tile goes over a band's windows, then the next band's, so the
+// rows it reads stay in L1 from one channel to the next; a channel over the whole plane
+// evicted them where the sample's copy is larger than L1. Each accumulator adds the same
+// products in the same order: the same bits. grad_w alone, batch 64, 2 threads, 4 rounds of
+// alternating processes, median us: examples-conv2 (32 -> 64 3x3 26x26, 86 KiB a sample)
+// whole plane ~1430, 24 KiB bands ~1310, 32 KiB ~1240 (12 KiB: the whole backward slower than
+// with no bands); planes within a band (vgg-64-128 8x8, LeNet-5's conv2) as before.
+constexpr int64_t kWideBandBytes = 32 << 10;
 
 // Where each tap (kh, kw) of one output channel's weight rows starts, rows of `rowsize`
 // elements per kh and `pix` per kw (the offsets rows_at and from_rows_at take).
@@ -88,19 +97,19 @@ int64_t wide_twin_shift(int64_t at, int64_t twin) {
 }
 
 // grad_w of RB patch rows (from kh0) x TV vectors (from column c0 of the row) for every output
-// channel of one sample: gw is [O][KH][rowsize], gb [O] (summed in the pass with kh0 = c0 = 0);
-// `twin`: wide_twin_shift.
+// channel of one sample, `band` windows at a time (kWideBandBytes): gw is [O][KH][rowsize], gb
+// [O] (summed in the pass with kh0 = c0 = 0); `twin`: wide_twin_shift.
 // A window with no gradient is visited with g = 0 (branch-free; x is finite here).
 template <typename T, int RB, int TV>
 void wide_weight_tile(const T* xcl, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
                       const int64_t* woff, const int64_t* qoff, int64_t wpc, int64_t twin,
-                      int64_t rowsize, T* gw, T* gb, int64_t kh0, int64_t c0) {
+                      int64_t rowsize, T* gw, T* gb, int64_t kh0, int64_t c0, int64_t band) {
   using V = typename WideVec<T>::V;
   constexpr int VW = WideVec<T>::VW;
   const int64_t plane = g.ph * g.pw;
   if (plane == 0) return;
   xcl += kh0 * wpc + c0;
-  const auto channels = [&](auto has_twin) {
+  const auto channels = [&](auto has_twin, int64_t k0, int64_t k1) {
     for (int64_t o = 0; o < g.o; ++o) {
       V acc[RB][TV];
       T* gwo = gw + (o * g.kh + kh0) * rowsize + c0;
@@ -126,14 +135,14 @@ void wide_weight_tile(const T* xcl, const T* go, const uint8_t* am, const ConvPo
       };
       const T *row1, *row2;
       T g1, g2;
-      window(0, row1, g1);
-      window(std::min<int64_t>(1, plane - 1), row2, g2);
-      for (int64_t k = 0; k < plane; ++k) {
+      window(k0, row1, g1);
+      window(std::min(k0 + 1, k1 - 1), row2, g2);
+      for (int64_t k = k0; k < k1; ++k) {
         const T* row = row1;
         const T gv = g1;
         row1 = row2;
         g1 = g2;
-        window(std::min(k + 2, plane - 1), row2, g2);
+        window(std::min(k + 2, k1 - 1), row2, g2);
         bsum += gv;
         for (int r = 0; r < RB; ++r, row += wpc)
           for (int v = 0; v < TV; ++v) acc[r][v] += gv * load<V>(row + v * VW);
@@ -147,16 +156,19 @@ void wide_weight_tile(const T* xcl, const T* go, const uint8_t* am, const ConvPo
   // an add fewer per window. grad_w alone, 2 threads, in one process, batch 64 / 256: LeNet-5's
   // conv2 1.03x / 1.02x, fashion-conv2 1.04x / 1.04x, vgg-32-64 1.02x / 1.04x, mid-24-40-k5
   // 1.04x / 1.03x, odd-10-22 1.03x / 1.03x, 6 -> 120 5x5 1.04x / 1.04x, pool3-16-32 1.06x / 1.05x.
-  if (twin != 0)
-    channels(std::true_type{});
-  else
-    channels(std::false_type{});
+  for (int64_t k0 = 0; k0 < plane; k0 += band) {
+    const int64_t k1 = std::min(plane, k0 + band);
+    if (twin != 0)
+      channels(std::true_type{}, k0, k1);
+    else
+      channels(std::false_type{}, k0, k1);
+  }
 }
 
 template <typename T>
 using WideWeightFn = void (*)(const T*, const T*, const uint8_t*, const ConvPoolGeometry&,
                               const int64_t*, const int64_t*, int64_t, int64_t, int64_t, T*, T*,
-                              int64_t, int64_t);
+                              int64_t, int64_t, int64_t);
 
 template <typename T, int RB, int TV>
 constexpr WideWeightFn<T> wide_weight_fn() {
@@ -203,12 +215,15 @@ void wide_weight_sample(const T* xcl, const T* go, const uint8_t* am, const Conv
   static const WideWeightTable<T> table;
   constexpr int VW = WideVec<T>::VW;
   const int64_t rowsize = p.nv * VW;
+  const int64_t row_bytes = std::max<int64_t>(1, g.psh * g.sh * wpc * int64_t{sizeof(T)});
+  const int64_t band =
+      std::clamp<int64_t>(kWideBandBytes / row_bytes, 1, std::max<int64_t>(g.ph, 1)) * g.pw;
   for (int64_t kh0 = 0; kh0 < g.kh; kh0 += p.rb) {
     const int64_t rb = std::min(p.rb, g.kh - kh0);
     for (int64_t v0 = 0; v0 < p.nv; v0 += p.tv) {
       const int64_t tv = std::min(p.tv, p.nv - v0);
-      table.fn[rb - 1][tv - 1](xcl, go, am, g, woff, qoff, wpc, twin, rowsize, gw, gb, kh0,
-                               v0 * VW);
+      table.fn[rb - 1][tv - 1](xcl, go, am, g, woff, qoff, wpc, twin, rowsize, gw, gb, kh0, v0 * VW,
+                               band);
     }
   }
 }
