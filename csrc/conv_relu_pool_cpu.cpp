@@ -31,6 +31,7 @@
 #include "conv_relu_pool_cpu_nopool_cl.h"
 #include "conv_relu_pool_cpu_nopool_fwd.h"
 #include "conv_relu_pool_cpu_pool.h"
+#include "cpu_reuse.h"
 
 namespace fastlenet {
 namespace {
@@ -175,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& input_, const at
   const bool aten_conv = no_pool && !flat;
   at::Tensor argmax;
   if (codes || !(aten_conv || flat)) {
-    argmax = at::empty({g.n, g.o, g.ph, g.pw}, input.options().dtype(at::kByte));
+    argmax = cpu::empty_reused({g.n, g.o, g.ph, g.pw}, input.options().dtype(at::kByte));
     maybe_poison(argmax);
   }
   if (aten_conv) {
@@ -187,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& input_, const at
     });
     return {out, argmax};
   }
-  at::Tensor out = at::empty({g.n, g.o, g.ph, g.pw}, input.options());
+  at::Tensor out = cpu::empty_reused({g.n, g.o, g.ph, g.pw}, input.options());
   maybe_poison(out);
   if (g.n == 0) return {out, argmax};
   if (flat) {
@@ -252,7 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
     // from the masking pass (masked_grad says why).
     // grad_weight is allocated here only for the own kernel; ATen's backward returns its own.
     const bool own_weight = weight_grad && nopool_weight_suits(g);
-    at::Tensor grad_weight = at::empty(shape(own_weight, {g.o, g.c, g.kh, g.kw}), weight.options());
+    at::Tensor grad_weight =
+        cpu::empty_reused(shape(own_weight, {g.o, g.c, g.kh, g.kw}), weight.options());
     at::Tensor grad_bias = at::empty(shape(weight_grad, {g.o}), weight.options());
     maybe_poison(grad_weight);
     maybe_poison(grad_bias);
@@ -276,8 +278,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
                                  {1, 1}, false, {0, 0}, 1, {input_grad, aten_weight, false});
     return {input_grad ? gi : none(input), aten_weight ? gw : grad_weight, grad_bias};
   }
-  at::Tensor grad_input = at::empty(shape(input_grad, {g.n, g.c, g.h, g.w}), input.options());
-  at::Tensor grad_weight = at::empty(shape(weight_grad, {g.o, g.c, g.kh, g.kw}), weight.options());
+  at::Tensor grad_input =
+      cpu::empty_reused(shape(input_grad, {g.n, g.c, g.h, g.w}), input.options());
+  at::Tensor grad_weight =
+      cpu::empty_reused(shape(weight_grad, {g.o, g.c, g.kh, g.kw}), weight.options());
   at::Tensor grad_bias = at::empty(shape(weight_grad, {g.o}), weight.options());
   maybe_poison(grad_input);
   maybe_poison(grad_weight);

@@ -40,6 +40,7 @@
 #include "conv_relu_pool_cpu_bwd_tile.h"
 #include "conv_relu_pool_cpu_bwd_wide.h"
 #include "cpu_parallel.h"
+#include "cpu_reuse.h"
 #include "cpu_vec.h"
 
 namespace fastlenet::cpu {
@@ -494,7 +495,7 @@ void masked_planes(const T* go, const uint8_t* am, T* o, int64_t planes, int64_t
 // 1633 us, 13 -> 29 3x3 11x11 346 -> 418 us).
 inline at::Tensor masked_grad(const at::Tensor& grad_out, const at::Tensor& argmax,
                               at::Tensor* grad_bias) {
-  at::Tensor out = at::empty_like(grad_out, at::MemoryFormat::Contiguous);
+  at::Tensor out = empty_reused(grad_out.sizes(), grad_out.options());
   const int64_t n = grad_out.size(0), channels = grad_out.size(1);
   const int64_t plane = grad_out.size(2) * grad_out.size(3);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "masked_grad", [&] {
@@ -524,7 +525,7 @@ inline at::Tensor dense_grad(const at::Tensor& grad_out, const at::Tensor& argma
   const at::Tensor base =
       at::arange(g.ph, lopt).view({-1, 1}) * (g.psh * g.ow) + at::arange(g.pw, lopt) * g.psw;
   const at::Tensor flat = base + at::div(pos, g.poolw, "floor") * g.ow + pos.remainder(g.poolw);
-  at::Tensor dense = at::zeros({g.n, g.o, g.oh * g.ow}, grad_out.options());
+  at::Tensor dense = empty_reused({g.n, g.o, g.oh * g.ow}, grad_out.options()).zero_();
   dense.scatter_add_(2, flat.reshape({g.n, g.o, g.ph * g.pw}),
                      at::where(valid, grad_out, 0).reshape({g.n, g.o, g.ph * g.pw}));
   return dense.view({g.n, g.o, g.oh, g.ow});

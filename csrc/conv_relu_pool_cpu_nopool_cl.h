@@ -24,6 +24,7 @@
 
 #include "checks.h"
 #include "cpu_parallel.h"
+#include "cpu_reuse.h"
 #include "cpu_vec.h"
 
 namespace fastlenet::cpu {
@@ -77,7 +78,7 @@ inline void transpose_plane(const float* src, int64_t rows, int64_t cols, float*
 // in transpose_plane and each sample's channel sums into sums ([N][C]).
 inline at::Tensor to_channels_last(const at::Tensor& t, const uint8_t* codes = nullptr,
                                    float* sums = nullptr) {
-  at::Tensor d = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor d = empty_reused(t.sizes(), t.options(), at::MemoryFormat::ChannelsLast);
   const int64_t c = t.size(1), p = t.size(2) * t.size(3);
   const float* src = t.const_data_ptr<float>();
   float* dst = d.data_ptr<float>();
@@ -94,7 +95,7 @@ inline at::Tensor to_channels_last(const at::Tensor& t, const uint8_t* codes = n
 // off, its own); were a backend to return another layout, ATen copies it.
 inline at::Tensor from_channels_last(const at::Tensor& t) {
   if (!t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t.contiguous();
-  at::Tensor d = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor d = empty_reused(t.sizes(), t.options());
   const int64_t c = t.size(1), p = t.size(2) * t.size(3);
   const float* src = t.const_data_ptr<float>();
   float* dst = d.data_ptr<float>();

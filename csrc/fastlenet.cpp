@@ -5,6 +5,8 @@
 // The math and semantics of each op: fastlenet/reference.py.
 #include <torch/extension.h>
 
+#include "cpu_reuse.h"
+
 TORCH_LIBRARY(fastlenet, m) {
   // conv2d -> ReLU -> max_pool2d. `argmax` (uint8, shaped like the output): the
   // window position of each max, or 255 where no gradient flows (fastlenet/reference.py).
@@ -61,6 +63,14 @@ std::optional<at::Tensor> linear_relu_autograd(const at::Tensor& input, const at
 }  // namespace fastlenet
 
 namespace {
+py::dict reuse_stats() {
+  const auto [kept, live] = fastlenet::cpu::reuse_stats();
+  py::dict d;
+  d["kept"] = kept;
+  d["live"] = live;
+  return d;
+}
+
 bool cuda_built() {
 #ifdef FASTLENET_WITH_CUDA
   return true;
@@ -72,6 +82,12 @@ bool cuda_built() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_built", &cuda_built, "True when the CUDA kernels were compiled into this build");
+  m.def("release_reused", &fastlenet::cpu::release_reused,
+        "Frees the memory kept for reuse by the CPU ops' large tensors (csrc/cpu_reuse.h); "
+        "the bytes freed");
+  m.def("reuse_stats", &reuse_stats,
+        "Bytes the CPU ops' reuse allocator keeps unused ('kept') and has handed out to tensors "
+        "not yet freed ('live')");
   m.def("chain", &fastlenet::chain_autograd, py::arg("input"), py::arg("params"), py::arg("spec"),
         "A chain of fastlenet layers as one autograd node (fastlenet/chain.py)");
   m.def("chain_signature", &fastlenet::chain_signature, py::arg("input"), py::arg("params"),

@@ -33,6 +33,7 @@
 
 #include "checks.h"
 #include "cpu_parallel.h"
+#include "cpu_reuse.h"
 #include "cpu_vec.h"
 #include "linear_relu_cpu_gemm.h"
 
@@ -576,7 +577,7 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
   if (dot_suits(rows, cols, k) && hand_allowed(choice, dot_beats_mkl(rows, cols, k))) {
     const at::Tensor w = weight.contiguous();
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-    at::Tensor out = at::empty({rows, cols}, input.options());
+    at::Tensor out = cpu::empty_reused({rows, cols}, input.options());
     maybe_poison(out);
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "linear_relu_fwd_cpu",
                                [&] { linear_dot<scalar_t>(input, w, b, out, relu); });
@@ -584,7 +585,7 @@ at::Tensor linear_relu_fwd_cpu(const at::Tensor& input_, const at::Tensor& weigh
   }
   const cpu::SerialBelow serial((rows + kPackCostRows) * cols * k);
   const at::Tensor w = weight.contiguous();
-  at::Tensor out = at::empty({rows, cols}, input.options());
+  at::Tensor out = cpu::empty_reused({rows, cols}, input.options());
   maybe_poison(out);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "linear_relu_fwd_cpu", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
@@ -677,8 +678,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
   const at::Tensor out = relu ? out_.contiguous() : at::Tensor();
   const at::Tensor input = input_.contiguous();
   const at::Tensor w = weight.contiguous();
-  at::Tensor grad_input = at::empty({rows, in_f}, grad_out.options());
-  at::Tensor grad_weight = at::empty({cols, in_f}, grad_out.options());
+  at::Tensor grad_input = cpu::empty_reused({rows, in_f}, grad_out.options());
+  at::Tensor grad_weight = cpu::empty_reused({cols, in_f}, grad_out.options());
   at::Tensor grad_bias = at::empty({cols}, grad_out.options());
   maybe_poison(grad_input);
   maybe_poison(grad_weight);
@@ -695,7 +696,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_bwd_cpu(const at::Ten
     return {grad_input, grad_weight, grad_bias};
   }
   const cpu::SerialBelow serial(macs);
-  at::Tensor g = relu ? at::empty_like(grad_out) : grad_out;
+  at::Tensor g = relu ? cpu::empty_reused(grad_out.sizes(), grad_out.options()) : grad_out;
   if (relu) maybe_poison(g);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "linear_relu_bwd_cpu", [&] {
     const scalar_t* go = grad_out.const_data_ptr<scalar_t>();

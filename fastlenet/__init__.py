@@ -11,6 +11,7 @@ from fastlenet import functional, nn
 from fastlenet._checks import ArgumentError, ArgumentTypeError
 from fastlenet.backends import available_backends
 from fastlenet.fuse import fuse
+from fastlenet.memory import cached_buffers, release_cached_buffers
 from fastlenet.models import FashionCNN, LeNet5
 from fastlenet.nn import ConvReLUPool2d, Linear, LinearReLU
 
@@ -25,7 +26,9 @@ __all__ = [
     "Linear",
     "LinearReLU",
     "available_backends",
+    "cached_buffers",
     "functional",
     "fuse",
     "nn",
+    "release_cached_buffers",
 ]

@@ -1,0 +1,130 @@
+"""The CPU ops' reuse of their large tensors' memory (csrc/cpu_reuse.h, fastlenet/memory.py):
+a freed block serves the next tensor of its size, the tensors behave as at::empty's (resize,
+shared memory), what is kept is bounded and can be released."""
+
+import threading
+
+import pytest
+import torch
+from conftest import rel_err
+
+import fastlenet
+from fastlenet import _ext, reference
+from fastlenet.functional import conv_relu_pool2d
+
+pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+
+MIB = 2**20
+# A conv output of 1.2 MB (above csrc/cpu_reuse.h's kReuseMinBytes of 1 MiB) and its argmax.
+SHAPE = (32, 32, 26, 26)
+CAP = 512 * MIB  # kReuseMaxCached
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g)
+    w = torch.randn(64, 32, 3, 3, generator=g) * 0.1
+    b = torch.randn(64, generator=g) * 0.1
+    return x, w, b
+
+
+@pytest.fixture(autouse=True)
+def _empty_pool():
+    fastlenet.release_cached_buffers()
+    yield
+    fastlenet.release_cached_buffers()
+
+
+def test_freed_output_memory_serves_the_next_call():
+    x, w, b = _inputs()
+    with torch.no_grad():
+        y = conv_relu_pool2d(x, w, b, backend="cpu")
+        assert y.nbytes >= MIB
+        live = fastlenet.cached_buffers()["live"]
+        assert live >= y.nbytes
+        ptr = y.data_ptr()
+        y.fill_(float("nan"))  # what the next call finds there
+        del y
+        assert fastlenet.cached_buffers() == {"kept": live, "live": 0}
+        y = conv_relu_pool2d(x, w, b, backend="cpu")
+    assert y.data_ptr() == ptr
+    assert fastlenet.cached_buffers() == {"kept": 0, "live": live}
+    expected = reference.conv_relu_pool2d(x.double(), w.double(), b.double(), 1, 0, 2, 2)
+    assert rel_err(y, expected) < 1e-5
+
+
+def test_small_tensors_take_the_default_allocator():
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        y = fastlenet.ConvReLUPool2d(1, 6, 5)(x)
+    assert y.nbytes < MIB
+    assert fastlenet.cached_buffers() == {"kept": 0, "live": 0}
+
+
+def test_release_frees_what_is_kept():
+    x, w, b = _inputs()
+    with torch.no_grad():
+        y = conv_relu_pool2d(x, w, b, backend="cpu")
+    del y
+    kept = fastlenet.cached_buffers()["kept"]
+    assert kept >= MIB
+    assert fastlenet.release_cached_buffers() == kept
+    assert fastlenet.cached_buffers() == {"kept": 0, "live": 0}
+    assert fastlenet.release_cached_buffers() == 0
+
+
+def test_reused_tensors_resize_and_share_as_stock_tensors_do():
+    x, w, b = _inputs()
+    with torch.no_grad():
+        y = conv_relu_pool2d(x, w, b, backend="cpu")
+    values = y.clone()
+    n = y.numel()
+    y.resize_(4 * n)  # a larger block through the same allocator, the values kept
+    assert torch.equal(y[:n].view_as(values), values)
+    assert fastlenet.cached_buffers()["live"] >= 4 * n * 4
+    y.resize_(n)
+    y.share_memory_()  # copied into shared memory, as any CPU tensor is
+    assert y.is_shared()
+    assert torch.equal(y.view_as(values), values)
+
+
+def test_kept_memory_stays_under_its_bound():
+    x, w, b = _inputs()
+    with torch.no_grad():  # six blocks of ~100 MB, every size different, then freed
+        blocks = [
+            conv_relu_pool2d(x, w, b, backend="cpu").resize_(25 * MIB + i * 4096) for i in range(6)
+        ]
+    del blocks
+    kept = fastlenet.cached_buffers()["kept"]
+    assert 4 * 100 * MIB < kept <= CAP
+    # A size the pool does not hold: kept blocks of other sizes go until it fits the bound.
+    with torch.no_grad():
+        big = conv_relu_pool2d(x, w, b, backend="cpu").resize_(50 * MIB)  # 200 MB
+    assert fastlenet.cached_buffers()["kept"] + big.nbytes <= CAP
+
+
+def test_threads_allocate_and_free_concurrently():
+    x, w, b = _inputs()
+    with torch.no_grad():
+        expected = conv_relu_pool2d(x, w, b, backend="cpu")
+    live = fastlenet.cached_buffers()["live"]  # expected's block
+    outs, errors = [], []
+
+    def work():
+        try:
+            for _ in range(20):
+                with torch.no_grad():
+                    y = conv_relu_pool2d(x, w, b, backend="cpu")
+                outs.append(torch.equal(y, expected))
+                del y
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(outs) == 60 and all(outs)
+    assert fastlenet.cached_buffers()["live"] == live  # every thread's tensors given back
