@@ -147,6 +147,15 @@ inline at::Tensor empty_reused(at::IntArrayRef size, const at::TensorOptions& op
                                               c10::typeMetaToScalarType(options.dtype()), format));
 }
 
+// at::empty_strided(size, stride, options) for a CPU tensor, its memory from ReuseAllocator.
+inline at::Tensor empty_strided_reused(at::IntArrayRef size, at::IntArrayRef stride,
+                                       const at::TensorOptions& options) {
+  TORCH_INTERNAL_ASSERT(options.device().is_cpu());
+  return at::Tensor(at::detail::empty_strided_generic(size, stride, reuse_allocator(),
+                                                      c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                      c10::typeMetaToScalarType(options.dtype())));
+}
+
 // Frees every kept block; the bytes freed.
 inline size_t release_reused() {
   ReusePool& p = reuse_pool();

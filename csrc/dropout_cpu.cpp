@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <mutex>
 
+#include "cpu_reuse.h"
+
 namespace fastlenet {
 namespace {
 
@@ -103,7 +105,11 @@ at::Tensor dropout_noise(const at::Tensor& like, double p) {
               "input must be float32 or float64, got ", like.scalar_type());
   TORCH_CHECK(p > 0.0 && p < 1.0,
               "p must be in (0, 1) (stock's dropout draws no noise at 0 or 1), got ", p);
-  at::Tensor noise = at::empty_like(like);
+  // empty_like's strides for a dense `like` (its own), with memory kept for reuse
+  // (csrc/cpu_reuse.h).
+  at::Tensor noise = like.is_non_overlapping_and_dense()
+                         ? cpu::empty_strided_reused(like.sizes(), like.strides(), like.options())
+                         : at::empty_like(like);
   TORCH_INTERNAL_ASSERT(noise.is_non_overlapping_and_dense());
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
       std::nullopt, at::detail::getDefaultCPUGenerator());

@@ -128,3 +128,17 @@ def test_threads_allocate_and_free_concurrently():
     assert not errors
     assert len(outs) == 60 and all(outs)
     assert fastlenet.cached_buffers()["live"] == live  # every thread's tensors given back
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_dropout_noise_is_kept_for_reuse(layout):
+    x = torch.randn(8, 16, 64, 64, requires_grad=True)  # 2 MiB
+    if layout == "channels_last":
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    y = fastlenet.functional.dropout(x, 0.5)  # the noise, saved for backward
+    assert fastlenet.cached_buffers()["live"] >= x.nbytes
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)  # stock's layout: the noise is x's
+    del y
+    stats = fastlenet.cached_buffers()
+    assert stats["live"] == 0 and stats["kept"] >= x.nbytes
