@@ -454,8 +454,9 @@ struct WideLists {
 // Sum over the entries [e, end) of g * (tile of their channel: RB rows of TV vectors, `step`
 // elements per channel in wt), added to the RB rows (wpc apart) of TV vectors at dst.
 template <typename T, int RB, int TV>
-void wide_input_group(const T* wt, int64_t step, const int32_t* chan, const T* grad, int64_t e,
-                      int64_t end, T* dst, int64_t wpc) {
+[[gnu::always_inline]] inline void wide_input_group(const T* wt, int64_t step, const int32_t* chan,
+                                                    const T* grad, int64_t e, int64_t end, T* dst,
+                                                    int64_t wpc) {
   using V = typename WideVec<T>::V;
   constexpr int VW = WideVec<T>::VW;
   // Every loop over the tile unrolled: where one was not (the odd entry's, the final sums'),
@@ -494,14 +495,31 @@ void wide_input_group(const T* wt, int64_t step, const int32_t* chan, const T* g
     }
 }
 
+// wide_input_group over every window's buckets of one tile (dx at the tile's first element):
+// one call per tile, the buckets' loops inline.
+template <typename T, int RB, int TV>
+void wide_input_windows(const T* wtile, int64_t step, const int32_t* chan, const T* grad,
+                        const int32_t* count, int64_t o, int64_t nq, int64_t plane,
+                        const int64_t* woff, const int64_t* qoff, T* dx, int64_t wpc) {
+  for (int64_t k = 0; k < plane; ++k) {
+    T* base = dx + woff[k];
+    for (int64_t q = 0; q < nq; ++q) {
+      const int64_t bucket = k * (nq + 1) + q;
+      if (count[bucket] > 0)
+        wide_input_group<T, RB, TV>(wtile, step, chan, grad, bucket * o, bucket * o + count[bucket],
+                                    base + qoff[q], wpc);
+    }
+  }
+}
+
 template <typename T>
-using WideGroupFn = void (*)(const T*, int64_t, const int32_t*, const T*, int64_t, int64_t, T*,
-                             int64_t);
+using WideGroupFn = void (*)(const T*, int64_t, const int32_t*, const T*, const int32_t*, int64_t,
+                             int64_t, int64_t, const int64_t*, const int64_t*, T*, int64_t);
 
 template <typename T, int RB, int TV>
 constexpr WideGroupFn<T> wide_group_fn() {
   if constexpr (RB * TV <= kWideXVecs)
-    return &wide_input_group<T, RB, TV>;
+    return &wide_input_windows<T, RB, TV>;
   else
     return nullptr;
 }
@@ -569,16 +587,8 @@ void wide_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeom
     for (int64_t t = 0; t < p.ct; ++t) {
       const T* wtile = wt + (r * p.ct + t) * g.o * p.rb * tw;
       const int64_t tv = std::min(p.tv, p.nv - t * p.tv);
-      const WideGroupFn<T> group = table.fn[rows - 1][tv - 1];
-      for (int64_t k = 0; k < plane; ++k) {
-        T* base = dx + woff[k] + r * p.rb * wpc + t * tw;
-        for (int64_t q = 0; q < nq; ++q) {
-          const int64_t bucket = k * (nq + 1) + q;
-          if (count[bucket] > 0)
-            group(wtile, step, chan, grad, bucket * g.o, bucket * g.o + count[bucket],
-                  base + qoff[q], wpc);
-        }
-      }
+      table.fn[rows - 1][tv - 1](wtile, step, chan, grad, count, g.o, nq, plane, woff, qoff,
+                                 dx + r * p.rb * wpc + t * tw, wpc);
     }
   }
 }
