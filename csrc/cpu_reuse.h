@@ -24,6 +24,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <pthread.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <map>
@@ -81,7 +82,8 @@ inline void reuse_give_back(void* ctx) {
   bool keep = false;
   {
     const std::lock_guard<std::mutex> lock(p.mu);
-    p.live_bytes -= block->size;
+    // (In a fork()ed child a block of the parent's is not counted in its pool.)
+    p.live_bytes -= std::min(p.live_bytes, block->size);
     keep = p.kept_bytes + block->size <= kReuseMaxCached;
     if (keep) {
       p.kept.emplace(block->size, block->ptr);

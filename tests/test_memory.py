@@ -2,6 +2,7 @@
 a freed block serves the next tensor of its size, the tensors behave as at::empty's (resize,
 shared memory), what is kept is bounded and can be released."""
 
+import os
 import threading
 
 import pytest
@@ -142,3 +143,24 @@ def test_dropout_noise_is_kept_for_reuse(layout):
     del y
     stats = fastlenet.cached_buffers()
     assert stats["live"] == 0 and stats["kept"] >= x.nbytes
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_starts_a_pool_of_its_own():
+    """A child of fork() (a DataLoader worker) gets a fresh pool: the parent's lock may have
+    been held at the fork. A block of the parent's freed in the child is kept there, counted in
+    neither pool's live bytes."""
+    x, w, b = _inputs()
+    with torch.no_grad():
+        y, kept = (conv_relu_pool2d(x, w, b, backend="cpu") for _ in range(2))
+    del kept  # the parent's pool holds one block, y another
+    parent = fastlenet.cached_buffers()
+    assert parent["kept"] == parent["live"] > 0
+    pid = os.fork()
+    if pid == 0:  # the child: no OpenMP, no pytest; the verdict in the exit code
+        del y
+        stats = fastlenet.cached_buffers()  # the parent's pool would say 2 blocks kept
+        os._exit(0 if stats == {"kept": parent["live"], "live": 0} else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert fastlenet.cached_buffers() == parent
