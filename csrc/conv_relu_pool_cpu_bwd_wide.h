@@ -513,11 +513,11 @@ void wide_input_windows(const T* wtile, int64_t step, const int32_t* chan, const
 }
 
 template <typename T>
-using WideGroupFn = void (*)(const T*, int64_t, const int32_t*, const T*, const int32_t*, int64_t,
-                             int64_t, int64_t, const int64_t*, const int64_t*, T*, int64_t);
+using WideWindowsFn = void (*)(const T*, int64_t, const int32_t*, const T*, const int32_t*, int64_t,
+                               int64_t, int64_t, const int64_t*, const int64_t*, T*, int64_t);
 
 template <typename T, int RB, int TV>
-constexpr WideGroupFn<T> wide_group_fn() {
+constexpr WideWindowsFn<T> wide_windows_fn() {
   if constexpr (RB * TV <= kWideXVecs)
     return &wide_input_windows<T, RB, TV>;
   else
@@ -525,19 +525,19 @@ constexpr WideGroupFn<T> wide_group_fn() {
 }
 
 template <typename T, int RB, int... TVs>
-constexpr std::array<WideGroupFn<T>, kWideXVecs> wide_group_row(
+constexpr std::array<WideWindowsFn<T>, kWideXVecs> wide_windows_row(
     std::integer_sequence<int, TVs...>) {
-  return {wide_group_fn<T, RB, TVs + 1>()...};
+  return {wide_windows_fn<T, RB, TVs + 1>()...};
 }
 
-// wide_input_group<RB, TV> by [RB - 1][TV - 1], for RB * TV <= kWideXVecs (nullptr elsewhere).
+// wide_input_windows<RB, TV> by [RB - 1][TV - 1], for RB * TV <= kWideXVecs (nullptr elsewhere).
 template <typename T>
-struct WideGroupTable {
-  std::array<std::array<WideGroupFn<T>, kWideXVecs>, kWideXVecs> fn{};
-  WideGroupTable() { fill(std::make_integer_sequence<int, kWideXVecs>{}); }
+struct WideWindowsTable {
+  std::array<std::array<WideWindowsFn<T>, kWideXVecs>, kWideXVecs> fn{};
+  WideWindowsTable() { fill(std::make_integer_sequence<int, kWideXVecs>{}); }
   template <int... RBs>
   void fill(std::integer_sequence<int, RBs...>) {
-    ((fn[RBs] = wide_group_row<T, RBs + 1>(std::make_integer_sequence<int, kWideXVecs>{})), ...);
+    ((fn[RBs] = wide_windows_row<T, RBs + 1>(std::make_integer_sequence<int, kWideXVecs>{})), ...);
   }
 };
 
@@ -547,7 +547,7 @@ template <typename T>
 void wide_input_sample(T* dx, const T* go, const uint8_t* am, const ConvPoolGeometry& g,
                        const int64_t* woff, const int64_t* qoff, int64_t wpc,
                        const WideInputPlan& p, const T* wt, WideLists<T>& lists) {
-  static const WideGroupTable<T> table;
+  static const WideWindowsTable<T> table;
   constexpr int VW = WideVec<T>::VW;
   const int64_t plane = g.ph * g.pw, nq = g.poolh * g.poolw, tw = p.tv * VW;
   // Each window's output channels bucketed by argmax position in one pass over argmax (in its
