@@ -1,9 +1,8 @@
 // What the chain's kernels (chain_cpu.cpp) and its autograd node (chain_autograd_cpu.cpp) share:
 // the spec's layout, typed handles of fastlenet ops, found through the dispatcher (the per-layer
-// autograd nodes,
-// *_autograd_cpu.cpp, call the ops through them too), the C++ signatures of the per-layer ops,
-// and those of the chain_fwd and chain_bwd schemas (csrc/fastlenet.cpp), which chain_cpu.cpp's
-// kernels have.
+// autograd nodes, *_autograd_cpu.cpp, call the ops through them too), the C++ signatures of the
+// per-layer ops, and those of the chain_fwd and chain_bwd schemas (csrc/fastlenet.cpp), which
+// chain_cpu.cpp's kernels have.
 #pragma once
 
 #include <ATen/ATen.h>
