@@ -84,6 +84,13 @@ class FuseReport:
         return "\n".join(lines)
 
 
+#: torch.fx.graph_module's key for the attributes a GraphModule's deepcopy sets again
+#: (torch.ao.quantization's preserved_attributes use it).
+_PRESERVED_ATTRIBUTES = getattr(
+    torch.fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes"
+)
+
+
 def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
@@ -555,6 +562,9 @@ def fuse(model: nn.Module, *, backend: str = "auto") -> nn.Module:
         _swap_dropout_calls(gm, report)
         fused = gm
         fused.training = model.training  # the graph module's own flag; its children keep theirs
+        # A GraphModule's deepcopy (swa_utils.AveragedModel's, an EMA copy's) rebuilds it from
+        # its graph and keeps of its own attributes only those listed in this meta entry.
+        fused.meta.setdefault(_PRESERVED_ATTRIBUTES, {})["fuse_report"] = report
     fused.fuse_report = report
     log.info("%s", report)
     return fused

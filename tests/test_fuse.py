@@ -1,5 +1,6 @@
 """fastlenet.fuse and torch.compile(backend="fastlenet") on models written with stock layers."""
 
+import copy
 import logging
 
 import pytest
@@ -648,3 +649,15 @@ def test_fuse_leaves_the_users_modules_as_they_are():
     want = model(x)
     torch.manual_seed(1)
     assert torch.equal(fused(x), want)
+
+
+@pytest.mark.parametrize("make", [ExamplesNet, _RunsItsSequential], ids=["traced", "untraced"])
+def test_a_deepcopy_keeps_the_report_and_computes_the_same(make):
+    torch.manual_seed(0)
+    fused = fastlenet.fuse(make())
+    twin = copy.deepcopy(fused)
+    assert twin.fuse_report == fused.fuse_report and twin.fuse_report.fused
+    x = torch.randn(2, *((1, 28, 28) if make is ExamplesNet else (1, 10, 10)))
+    fused.eval()
+    twin.eval()
+    assert torch.equal(twin(x), fused(x))
