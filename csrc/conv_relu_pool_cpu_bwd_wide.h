@@ -373,17 +373,22 @@ std::vector<T, CacheLineAllocator<T>> wide_input_weight(const T* w, const ConvPo
 constexpr int kWideListMaxPositions = 9;
 
 // Per-window lists of output channels for the grad_x kernels that gather them (the region
-// kernel's TileLists, wide_input_sample's WideLists), 16 windows at a time. Channel o's window k
-// with argmax position q (not kNoGrad) goes to bucket k * W + which[q] (which[q] < B) as entry
-// (bucket * stride + count[bucket]++): value[q] + o * scale, and its gradient. The lanes are 16
-// windows, so no two lanes share a bucket; the counts stay in registers across the channels,
-// and a channel's entries go out by two masked scatters. The same entries in the same order as
-// the scalar loops, which spent ~20 instructions per channel and window (table loads, the
-// count's read-modify-write): ~45% of the region kernel's samples at LeNet-5's conv2. Windows
+// kernel's TileLists, wide_input_sample's WideLists), 16 windows by 16 channels at a time. Channel
+// o's window k with argmax position q (not kNoGrad) goes to bucket k * W + which[q] (which[q] < B)
+// as entry (bucket * stride + count[bucket]++): value[q] + o * scale, and its gradient; the
+// entries of a bucket in channel order, as the scalar loops write them. The block's argmax codes
+// and gradients are transposed in registers (a vector per window, lanes over channels); each
+// bucket's entries of a window are then one compress and one masked store of its lanes. Windows
 // with no gradient are not listed (the scalar loops wrote them past their bucket's count). Writes
 // count[k * W + b] for b < B. float32 on AVX-512 (BW, VL), pools of fewer than 15 positions
 // (`which` and `value` are one vector; kNoGrad's low 4 bits a zero entry), int32 entries; false,
 // nothing written, elsewhere.
+// The lists grad_x alone spent most time on after its FMAs at LeNet-5's conv2 (~17% of it, perf;
+// one thread). Against the form before (lanes over 16 windows per channel, a channel's entries
+// out by two masked scatters, ~20 cycles each here), the same entries, ns per sample, Zen 5 VM,
+// one thread: 6 -> 16's lists (25 windows, 2 buckets) 326 -> 99, 16 -> 32 at 7x7 (2 buckets)
+// 1242 -> 400; wide_input_sample's (4 buckets): 64 channels of 144 windows 5712 -> 4124, 32 of 49
+// 1333 -> 708, 128 of 16 1258 -> 870.
 template <typename T, int B>
 bool window_lists_vec(const T* go, const uint8_t* am, int64_t plane, int64_t positions, int64_t W,
                       int64_t o0, int64_t o1, int64_t stride, const int64_t* which,
@@ -402,40 +407,46 @@ bool window_lists_vec(const T* go, const uint8_t* am, int64_t plane, int64_t pos
     const __m512i which16 = _mm512_load_si512(wh), value16 = _mm512_load_si512(va);
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i nograd = _mm512_set1_epi32(kNoGrad), low = _mm512_set1_epi32(kWindowBlock - 1);
-    const __m512i one = _mm512_set1_epi32(1), width = _mm512_set1_epi32(static_cast<int32_t>(W));
-    const __m512i per_bucket = _mm512_set1_epi32(static_cast<int32_t>(stride));
+    const __m512i per_channel = _mm512_set1_epi32(static_cast<int32_t>(scale));
     for (int64_t k0 = 0; k0 < plane; k0 += kWindowBlock) {
       const int n = static_cast<int>(std::min<int64_t>(kWindowBlock, plane - k0));
       const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
-      // Lane l's first bucket: (k0 + l) * W.
-      const __m512i first = _mm512_mullo_epi32(
-          _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(k0)), iota), width);
-      __m512i cnt[B];
-      for (int b = 0; b < B; ++b) cnt[b] = _mm512_setzero_si512();
-      for (int64_t o = o0; o < o1; ++o) {
-        const int64_t at = o * plane + k0;
-        const __m512i q = _mm512_maskz_cvtepu8_epi32(0xffff, _mm_maskz_loadu_epi8(lanes, am + at));
-        const __m512 gv = _mm512_maskz_loadu_ps(lanes, go + at);
-        const __mmask16 keep = _mm512_mask_cmpneq_epi32_mask(lanes, q, nograd);
-        const __m512i qi = _mm512_and_si512(q, low);
-        const __m512i b = _mm512_maskz_permutexvar_epi32(0xffff, qi, which16);
-        __mmask16 in[B];
-        __m512i c = _mm512_setzero_si512();
-        for (int s = 0; s < B; ++s) {
-          in[s] = keep & _mm512_cmpeq_epi32_mask(b, _mm512_set1_epi32(s));
-          c = _mm512_mask_mov_epi32(c, in[s], cnt[s]);
+      int32_t cnt[kWindowBlock][B] = {};
+      for (int64_t c0 = o0; c0 < o1; c0 += kWindowBlock) {
+        const int nc = static_cast<int>(std::min<int64_t>(kWindowBlock, o1 - c0));
+        // Row i: channel c0 + i's codes and gradients of the block's windows (rows past the
+        // channels repeat the last one; their lanes are masked out below).
+        Float16 codes[kWindowBlock], grads[kWindowBlock];
+        for (int i = 0; i < kWindowBlock; ++i) {
+          const int64_t at = (c0 + std::min(i, nc - 1)) * plane + k0;
+          codes[i] = Float16(_mm512_castsi512_ps(
+              _mm512_maskz_cvtepu8_epi32(0xffff, _mm_maskz_loadu_epi8(lanes, am + at))));
+          grads[i] = Float16(_mm512_maskz_loadu_ps(lanes, go + at));
         }
-        const __m512i entry =
-            _mm512_add_epi32(_mm512_mullo_epi32(_mm512_add_epi32(first, b), per_bucket), c);
-        const __m512i v = _mm512_add_epi32(_mm512_maskz_permutexvar_epi32(0xffff, qi, value16),
-                                           _mm512_set1_epi32(static_cast<int32_t>(o * scale)));
-        _mm512_mask_i32scatter_epi32(entries, keep, entry, v, 4);
-        _mm512_mask_i32scatter_ps(grad, keep, entry, gv, 4);
-        for (int s = 0; s < B; ++s) cnt[s] = _mm512_mask_add_epi32(cnt[s], in[s], cnt[s], one);
+        transpose16(codes);  // a vector per window: lanes over channels
+        transpose16(grads);
+        const __mmask16 channels = static_cast<__mmask16>((1u << nc) - 1);
+        const __m512i first =
+            _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(c0), iota), per_channel);
+        for (int l = 0; l < n; ++l) {
+          const __m512i q = _mm512_castps_si512(__m512(codes[l]));
+          const __mmask16 keep = _mm512_mask_cmpneq_epi32_mask(channels, q, nograd);
+          const __m512i qi = _mm512_and_si512(q, low);
+          const __m512i b = _mm512_permutexvar_epi32(qi, which16);
+          const __m512i v = _mm512_add_epi32(_mm512_permutexvar_epi32(qi, value16), first);
+          for (int s = 0; s < B; ++s) {
+            const __mmask16 in = keep & _mm512_cmpeq_epi32_mask(b, _mm512_set1_epi32(s));
+            const int64_t at = ((k0 + l) * W + s) * stride + cnt[l][s];
+            const int listed = __builtin_popcount(in);
+            const auto head = static_cast<__mmask16>((1u << listed) - 1);
+            _mm512_mask_storeu_epi32(entries + at, head, _mm512_maskz_compress_epi32(in, v));
+            _mm512_mask_storeu_ps(grad + at, head, _mm512_maskz_compress_ps(in, __m512(grads[l])));
+            cnt[l][s] += listed;
+          }
+        }
       }
-      for (int s = 0; s < B; ++s)
-        _mm512_mask_i32scatter_epi32(count, lanes, _mm512_add_epi32(first, _mm512_set1_epi32(s)),
-                                     cnt[s], 4);
+      for (int l = 0; l < n; ++l)
+        for (int s = 0; s < B; ++s) count[(k0 + l) * W + s] = cnt[l][s];
     }
     return true;
   }
