@@ -170,7 +170,7 @@ struct BwdLayout {
   // Per pooled output k = ph * PW + pw: the offset of its window's first tap. One flat loop
   // over k with this table beats nested ph/pw loops with runtime strides (measured on AVX2,
   // conv2's grad_w).
-  std::vector<int64_t> woff;
+  AlignedVector<int64_t> woff;
   // Elements from the buffer's start to a second copy of it, placed half a cache line further
   // along (twin_offset), or 0: none.
   int64_t twin = 0;
@@ -499,7 +499,7 @@ inline at::Tensor masked_grad(const at::Tensor& grad_out, const at::Tensor& argm
   const int64_t n = grad_out.size(0), channels = grad_out.size(1);
   const int64_t plane = grad_out.size(2) * grad_out.size(3);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "masked_grad", [&] {
-    std::vector<scalar_t> sums(grad_bias != nullptr ? n * channels : 0);
+    AlignedVector<scalar_t> sums(grad_bias != nullptr ? n * channels : 0);
     masked_planes<scalar_t>(grad_out.const_data_ptr<scalar_t>(), argmax.const_data_ptr<uint8_t>(),
                             out.data_ptr<scalar_t>(), n * channels, plane,
                             grad_bias != nullptr ? sums.data() : nullptr);
@@ -587,7 +587,7 @@ template <typename T>
 void repack_weight_grad(const T* sums, const ConvPoolGeometry& g, int64_t rowsize, int64_t pix,
                         int64_t o0, int64_t o1, T* gw) {
   const int64_t taps = g.kh * g.kw;
-  const std::vector<int64_t> off = tap_rows(g, rowsize, pix);
+  const auto off = tap_rows(g, rowsize, pix);
   for (int64_t o = o0; o < o1; ++o)
     from_rows_at(sums + o * g.kh * rowsize, off.data(), g.c, taps, gw + o * g.c * taps, taps);
 }
@@ -673,10 +673,10 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   want_input = want_input && !fallback.input;
   // The weight as [O][KH][KW][pix], zero past C and past each row (wide: wide_input_weight).
   const bool narrow_x = want_input && !wide_x && !tplan.ok();
-  std::vector<T> wcl(narrow_x ? g.o * g.kh * rowsize_x : 0, T(0));
+  AlignedVector<T> wcl(narrow_x ? g.o * g.kh * rowsize_x : 0, T(0));
   if (narrow_x) {
     const int64_t taps = g.kh * g.kw;
-    const std::vector<int64_t> off = tap_rows(g, rowsize_x, LX.pix);
+    const auto off = tap_rows(g, rowsize_x, LX.pix);
     for (int64_t o = 0; o < g.o; ++o)
       rows_at(w + o * g.c * taps, taps, g.c, taps, off.data(), wcl.data() + o * g.kh * rowsize_x);
   }
@@ -709,7 +709,7 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   struct alignas(kCacheLineElems<char>) Cursor {  // a line each: no line written by two threads
     std::atomic<int64_t> next;
   };
-  std::vector<Cursor> cursor(std::max<int64_t>(parts, 0));
+  AlignedVector<Cursor> cursor(std::max<int64_t>(parts, 0));
   for (int64_t p = 0; p < parts; ++p) cursor[p].next = p * g.n / parts;
   cpu::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     AlignedVector<T> xcl(want_weight && !stacks ? L.size + L.twin : 0, T(0));

@@ -152,7 +152,7 @@ TileInputPlan tile_input_choice(const ConvPoolGeometry& g, int64_t pix, int64_t 
 // Elements of the grad_x buffer the region kernel reaches: the last window's region, whose last
 // vectors may run past the padded row (adding zeros).
 template <typename T>
-int64_t tile_input_extent(const TileInputPlan& p, const std::vector<int64_t>& woff, int64_t wpc) {
+int64_t tile_input_extent(const TileInputPlan& p, const AlignedVector<int64_t>& woff, int64_t wpc) {
   if (woff.empty()) return 0;
   return woff.back() + (p.rh - 1) * wpc + p.groups * p.nz * WideVec<T>::VW;
 }
@@ -168,8 +168,8 @@ AlignedVector<T> tile_input_weight(const T* w, const ConvPoolGeometry& g, int64_
   // where each column shift and group reads them: no division per element (this runs on every
   // call; at batch 1 it is a visible part of the op).
   const int64_t rowlen = g.kw * pix, taps = g.kh * g.kw;
-  const std::vector<int64_t> off = tap_rows(g, rowlen, pix);
-  std::vector<T> rows(g.kh * rowlen, T(0));
+  const auto off = tap_rows(g, rowlen, pix);
+  AlignedVector<T> rows(g.kh * rowlen, T(0));
   for (int64_t o = 0; o < g.o; ++o) {
     rows_at(w + o * g.c * taps, taps, g.c, taps, off.data(), rows.data());
     for (int64_t kh = 0; kh < g.kh; ++kh) {
@@ -195,8 +195,8 @@ AlignedVector<T> tile_input_weight(const T* w, const ConvPoolGeometry& g, int64_
 // as their gradient and the offset of the weight rows their argmax reads.
 template <typename T>
 struct TileLists {
-  std::vector<int32_t> count, off;  // int32: window_lists_vec's lanes (tile_input_choice)
-  std::vector<T> grad;
+  AlignedVector<int32_t> count, off;  // int32: window_lists_vec's lanes (tile_input_choice)
+  AlignedVector<T> grad;
 };
 
 // grad_x of one sample into dx (channels-last, padded, wpc elements per row); woff[k] is the

@@ -66,8 +66,8 @@ constexpr int64_t kWideBandBytes = 32 << 10;
 
 // Where each tap (kh, kw) of one output channel's weight rows starts, rows of `rowsize`
 // elements per kh and `pix` per kw (the offsets rows_at and from_rows_at take).
-inline std::vector<int64_t> tap_rows(const ConvPoolGeometry& g, int64_t rowsize, int64_t pix) {
-  std::vector<int64_t> off(g.kh * g.kw);
+inline AlignedVector<int64_t> tap_rows(const ConvPoolGeometry& g, int64_t rowsize, int64_t pix) {
+  AlignedVector<int64_t> off(g.kh * g.kw);
   for (int64_t kh = 0; kh < g.kh; ++kh)
     for (int64_t kw = 0; kw < g.kw; ++kw) off[kh * g.kw + kw] = kh * rowsize + kw * pix;
   return off;
@@ -245,7 +245,7 @@ struct PackedRows {
   int64_t size;  // elements of the buffer: every padded input row's OW rows
   // Per pooled output k = ph * PW + pw: its window's first patch row; per window position q:
   // the offset of its conv output's first patch row from the window's (q = 255 maps to 0).
-  std::vector<int64_t> woff;
+  AlignedVector<int64_t> woff;
   std::array<int64_t, 256> qoff{};
 
   PackedRows(const ConvPoolGeometry& g, int64_t nv) : rl(nv * WideVec<T>::VW), step(g.ow * rl) {
@@ -457,9 +457,9 @@ bool window_lists_vec(const T* go, const uint8_t* am, int64_t plane, int64_t pos
 // Scratch of wide_input_sample: per window, its output channels ordered by argmax position.
 template <typename T>
 struct WideLists {
-  std::vector<int32_t> chan;   // [plane][NQ + 1][O]: output channels, bucketed by q
-  std::vector<T> grad;         // their grad_out values
-  std::vector<int32_t> count;  // [plane][NQ + 1]: entries in each bucket
+  AlignedVector<int32_t> chan;   // [plane][NQ + 1][O]: output channels, bucketed by q
+  AlignedVector<T> grad;         // their grad_out values
+  AlignedVector<int32_t> count;  // [plane][NQ + 1]: entries in each bucket
 };
 
 // Sum over the entries [e, end) of g * (tile of their channel: RB rows of TV vectors, `step`

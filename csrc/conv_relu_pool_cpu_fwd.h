@@ -261,8 +261,8 @@ void forward_channels(const at::Tensor& input, const at::Tensor& weight, const a
   if (o_hi < 0) o_hi = g.o;
   const int64_t oblocks = (o_hi - o_lo + BW - 1) / BW;
   // Weight repacked to [O/BW][C][KH][KW][BW] and bias to [O/BW][BW], zero-padded lanes.
-  std::vector<T> wt(oblocks * g.c * g.kh * g.kw * BW, T(0));
-  std::vector<T> bt(oblocks * BW, T(0));
+  AlignedVector<T> wt(oblocks * g.c * g.kh * g.kw * BW, T(0));
+  AlignedVector<T> bt(oblocks * BW, T(0));
   const T* w = weight.const_data_ptr<T>();
   for (int64_t o = o_lo; o < o_hi; ++o) {
     const int64_t ob = (o - o_lo) / BW, lane = (o - o_lo) % BW;
@@ -282,8 +282,8 @@ void forward_channels(const at::Tensor& input, const at::Tensor& weight, const a
   const bool unit = g.sw == 1;
 
   cpu::parallel_for(0, g.n * oblocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> pad_buf(padded ? g.c * hp * wp : 0, T(0));
-    std::vector<T> tile(g.poolh * width * BW);
+    AlignedVector<T> pad_buf(padded ? g.c * hp * wp : 0, T(0));
+    AlignedVector<T> tile(g.poolh * width * BW);
     // Locals for the pooling epilogue: its byte stores may alias anything reached through the
     // lambda's references, which would be reloaded after each of them.
     T* __restrict out_l = outp;
@@ -608,7 +608,7 @@ void forward_columns(const at::Tensor& input, const at::Tensor& weight, const at
   const int64_t M = col_blocks * VW + (g.poolw * g.sw + g.kw) / S + 1;
   const int64_t row = S * M, chan = hp * row;
   // xoff[q][kw] relative to (pooled row's first input row, block's first pooled column).
-  std::vector<int64_t> xoff(nq * g.kw);
+  AlignedVector<int64_t> xoff(nq * g.kw);
   for (int64_t q = 0; q < nq; ++q)
     for (int64_t kw = 0; kw < g.kw; ++kw) {
       const int64_t i = q / g.poolw, j = q % g.poolw, col = j * g.sw + kw;
@@ -616,7 +616,7 @@ void forward_columns(const at::Tensor& input, const at::Tensor& weight, const at
     }
   // Weight as [O-block][C][KH][KW][ob] for each block of ob_max output channels.
   const int64_t ckk = g.c * g.kh * g.kw;
-  std::vector<T> wt(g.o * ckk);
+  AlignedVector<T> wt(g.o * ckk);
   const T* w = weight.const_data_ptr<T>();
   for (int64_t o0 = 0; o0 < g.o; o0 += ob_max) {
     const int64_t ob = std::min(ob_max, g.o - o0);
@@ -624,19 +624,19 @@ void forward_columns(const at::Tensor& input, const at::Tensor& weight, const at
       for (int64_t o = 0; o < ob; ++o) wt[o0 * ckk + k * ob + o] = w[(o0 + o) * ckk + k];
   }
   // Where input column xx lands in a phase-split row (no division in the per-sample copy).
-  std::vector<int64_t> split(g.w);
+  AlignedVector<int64_t> split(g.w);
   for (int64_t xx = 0; xx < g.w; ++xx) {
     const int64_t col = xx + g.padw;
     split[xx] = (col % S) * M + col / S;
   }
-  std::vector<T> bvec(g.o, T(0));
+  AlignedVector<T> bvec(g.o, T(0));
   if (bias.defined()) std::copy_n(bias.const_data_ptr<T>(), g.o, bvec.begin());
   const T* x = input.const_data_ptr<T>();
   T* outp = out.data_ptr<T>();
   uint8_t* amp = argmax.data_ptr<uint8_t>();
   const int64_t plane = g.ph * g.pw;
   cpu::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<T> xs(g.c * chan + VW, T(0));
+    AlignedVector<T> xs(g.c * chan + VW, T(0));
     for (int64_t n = n0; n < n1; ++n) {
       const T* src = x + n * g.c * g.h * g.w;
       for (int64_t c = 0; c < g.c; ++c)

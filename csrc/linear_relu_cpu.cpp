@@ -634,7 +634,7 @@ template <typename T>
 void owner_backward(const OwnerSplit& owner, const T* go, const T* out, const T* x, const T* w,
                     int64_t rows, T* gi, T* gw, T* gb) {
   const int64_t k = owner.k, cols = owner.cols;
-  std::vector<T> partial(owner.parts * rows * k, T(0));
+  cpu::AlignedVector<T> partial(owner.parts * rows * k, T(0));
   at::parallel_for(0, owner.parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       T* __restrict part = partial.data() + p * rows * k;
