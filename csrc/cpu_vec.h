@@ -102,11 +102,11 @@ constexpr int64_t kCacheLineElems = kCacheLineBytes / int64_t{sizeof(T)};
 // each buffer's bounds and lifetime.
 class ScratchCache {
  public:
-  static constexpr int kMinShift = 6;  // 64 bytes: a cache line
-  static constexpr int kClasses = 17;  // up to 4 MiB
+  static constexpr int kMinShift = std::countr_zero(uint64_t{kCacheLineBytes});  // a line
+  static constexpr int kClasses = 17;                                            // up to 4 MiB
   static constexpr int kPerClass = 4;  // blocks kept a class: an op's buffers span a few classes
   static constexpr size_t kMaxKeptBytes = size_t{16} << 20;
-  static constexpr std::align_val_t kAlign{64};
+  static constexpr std::align_val_t kAlign{kCacheLineBytes};
 
   // The class of a request of `bytes`, or -1 where it bypasses the cache.
   static int size_class(size_t bytes) {
