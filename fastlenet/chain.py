@@ -13,9 +13,10 @@ layer and pass.
 `layered(x)` (the per-layer path) otherwise: hooks on a layer, torch.compile or jit tracing,
 torch.autocast, a torch.func transform or forward-mode AD, another backend or device, a dtype
 other than float32 and float64, a channels_last or non-contiguous input or weight, unbatched
-input, string padding. The per-layer checks run on the first call of each shape (a layered
-forward under no_grad, which raises what the layers raise); the call then takes the chain, as
-every later call with that shape does.
+input, padding="same" with an even kernel ("valid", and "same" with an odd one, are numbers on
+the chain). The per-layer checks run on the first call of each shape (a layered forward under
+no_grad, which raises what the layers raise); the call then takes the chain, as every later
+call with that shape does.
 """
 
 import torch
@@ -37,15 +38,32 @@ _DTYPES = (torch.float32, torch.float64)
 _LINEARS = (LinearReLU, Linear)
 
 
+def _padding(layer):
+    """A conv layer's padding as the chain's ints, or None where it has none: padding="same"
+    with an even kernel, which the layer pads by one more row and column at the bottom and
+    right (fastlenet/conv_relu_pool.py, _string_padding). "valid" is 0; "same" with an odd
+    kernel (stride 1, the layer checks) k // 2 on each side, as the layer computes it."""
+    padding = layer.padding
+    if not isinstance(padding, str):
+        return padding
+    if padding == "valid":
+        return 0
+    shape = getattr(layer.weight, "shape", ())
+    if padding != "same" or len(shape) != 4 or shape[-2] % 2 == 0 or shape[-1] % 2 == 0:
+        return None
+    return (shape[-2] // 2, shape[-1] // 2)
+
+
 def spec(layers) -> list[int] | None:
     """The chain_fwd spec of `layers`, or None when they are not a chain it runs."""
     out: list[int] = []
     seen_linear = False
     for layer in layers:
         if type(layer) is ConvReLUPool2d and not seen_linear:
-            if isinstance(layer.padding, str):
+            padding = _padding(layer)
+            if padding is None:
                 return None
-            geometry = (layer.stride, layer.padding, layer.pool_size, layer.pool_stride)
+            geometry = (layer.stride, padding, layer.pool_size, layer.pool_stride)
             names = ("stride", "padding", "pool_size", "pool_stride")  # each may be set to an int
             out += [CONV, *(v for g, n in zip(geometry, names, strict=True) for v in pair(g, n))]
         elif type(layer) in _LINEARS:

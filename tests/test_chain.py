@@ -284,6 +284,13 @@ def _stock_fc2(model):
     model.fc2 = fc2
 
 
+def _even_same_conv1(model):
+    """conv1 with a 4x4 kernel and padding="same": the layer pads one more row and column at the
+    bottom and right, which the chain's spec cannot say (28x28 inputs keep fc1's 400)."""
+    torch.manual_seed(7)
+    model.conv1 = fnn.ConvReLUPool2d(1, 6, 4, padding="same", backend="cpu")
+
+
 def _fallbacks():
     x = torch.randn(2, 1, 32, 32)
     return {
@@ -291,7 +298,7 @@ def _fallbacks():
         "channels_last_weight": (_channels_last_weight, x),
         "non_contiguous_input": (lambda m: None, x.transpose(2, 3)),
         "global_hook": ("global", x),
-        "string_padding": (lambda m: setattr(m.conv1, "padding", "valid"), x),
+        "even_same_padding": (_even_same_conv1, torch.randn(2, 1, 28, 28)),
         # geometry the chain's key cannot hash: the layers take it as they take a tuple
         "list_stride": (lambda m: setattr(m.conv1, "stride", [1, 1]), x),
     }
@@ -390,6 +397,32 @@ def _sequential(cls):
         fnn.LinearReLU(7 * 1 * 1, 11),
         fnn.Linear(11, 10),
     )
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_string_padding_takes_the_chain(padding):
+    """padding="valid" and "same" with odd kernels are numbers on the chain: the chain and the
+    layers, each with the string, compute the same bits."""
+
+    def make(cls):
+        torch.manual_seed(8)
+        return cls(
+            fnn.ConvReLUPool2d(1, 5, 3, padding=padding),
+            fnn.ConvReLUPool2d(5, 7, (5, 3), padding=padding, pool_size=1),
+            torch.nn.Flatten(),
+            fnn.Linear(7 * 6 * 6 if padding == "same" else 7 * 1 * 3, 10),  # 12x12 in
+        )
+
+    chained, stock = make(fnn.Sequential), make(torch.nn.Sequential)
+    x, y = _data((1, 12, 12), dtype=torch.float64)
+    chained.double(), stock.double()
+    out = _chained(chained, x)
+    want = stock(x)
+    assert torch.equal(out, want)
+    F.cross_entropy(out, y).backward()
+    F.cross_entropy(want, y).backward()
+    for pa, pb in zip(chained.parameters(), stock.parameters(), strict=True):
+        assert torch.equal(pa.grad, pb.grad)
 
 
 def test_sequential_is_one_node_and_equals_nn_sequential():

@@ -566,6 +566,7 @@ CHAINS = {
     "tutorial": "conv1, conv2, flatten, fc1, fc2, fc3",
     "fashion_blocks": "layer1.0, layer2.0, flatten, fc",
     "mlp": "0, 1, 3, 5",
+    "no_pool": "0, 2, 4, 5",  # padding="same" (a 3x3 kernel: one on each side)
     "cifar_tutorial": "conv1, conv2, flatten, fc1, fc2, fc3",
 }
 
