@@ -200,8 +200,11 @@ def run(layers, x, layered, others=()):
         # takes: a checkpoint's recomputation (torch.utils.checkpoint, non-reentrant) must
         # save what the first forward saved.
         with torch.no_grad():
-            layered(x)
-        layer_spec = _CHECKED[key] = spec(layers)
+            out = layered(x)
+        # A chain keeps the batch: a forward that does not (a model's x.view(-1, K) where a
+        # sample has another number of values than K, fastlenet.fuse's Chain) is no chain.
+        keeps = isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] == x.shape[0]
+        layer_spec = _CHECKED[key] = spec(layers) if keeps else None
     if layer_spec is None:
         return layered(x)
     return _ext._C.chain(x, params, layer_spec)

@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import inspect
 import logging
+import operator
 import warnings
 
 import torch
@@ -613,17 +614,78 @@ def _flatten_module(node, modules):
     return nn.Flatten() if (is_call or is_method) and dims == (1, -1) else None
 
 
+def _batch_size(node, x):
+    """The nodes of `x.size(0)`, `x.shape[0]` or `x.size()[0]` ending in `node` (each read
+    only there), else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method" and node.target == "size" and node.args == (x, 0):
+        return [node]
+    if node.op != "call_function" or node.target is not operator.getitem or node.args[1:] != (0,):
+        return None
+    src = node.args[0]
+    if not isinstance(src, fx.Node):
+        return None
+    size = src.op == "call_method" and src.target == "size" and src.args == (x,)
+    shape = src.op == "call_function" and src.target is getattr and src.args == (x, "shape")
+    return [src, node] if (size or shape) and not src.kwargs and len(src.users) == 1 else None
+
+
+def _reads_batch_size(node, x) -> bool:
+    """Whether `node` is one of _batch_size's nodes for x (x.size() and x.shape come first)."""
+    users = list(node.users)
+    return _batch_size(node, x) is not None or (
+        len(users) == 1 and _batch_size(users[0], x) is not None
+    )
+
+
+def _reshape_flatten(node, x):
+    """(how, probes) when `node` reshapes x to its flattened samples -- x.view / x.reshape /
+    torch.reshape to (x.size(0), -1) (probes: the nodes reading the batch size), or to (-1, K)
+    -- where how = (method, K or None) is what Chain runs in the layer path; else None. (-1, K)
+    flattens only where a sample has K values: chain.run checks that the batch is kept."""
+    if node.op == "call_method" and node.target in ("view", "reshape") and not node.kwargs:
+        method, dims = node.target, node.args[1:]
+    elif node.op == "call_function" and node.target is torch.reshape and not node.kwargs:
+        method, dims = "reshape", node.args[1:]
+    else:
+        return None
+    if len(dims) == 1 and isinstance(dims[0], tuple | list):
+        dims = tuple(dims[0])
+    if _input(node) is not x or len(dims) != 2:
+        return None
+    first, second = dims
+    if second == -1:
+        probes = _batch_size(first, x)
+        ok = probes is not None and len(probes[-1].users) == 1
+        return ((method, None), probes) if ok else None
+    if first == -1 and type(second) is int and second > 0:
+        return (method, second), []
+    return None
+
+
 def _chain_runs(gm, report, backend) -> None:
-    """Each straight run of fused layers and a flatten (every output feeding only the next)
-    that fastlenet.chain can run becomes one Chain module call: one autograd node for the run
-    (its layers stay registered where they were: state_dict and hooks are unchanged)."""
+    """Each straight run of fused layers and a flatten (every output feeding only the next;
+    the flatten in any spelling _flatten_module or _reshape_flatten knows) that fastlenet.chain
+    can run becomes one Chain module call: one autograd node for the run (its layers stay
+    registered where they were: state_dict and hooks are unchanged)."""
     modules = dict(gm.named_modules())
     runs, current = [], []
+    # x.view(x.size(0), -1) and its like: the nodes reading the batch size, by the reshape
+    # they feed; `reshapes`: per reshape node, what Chain runs for it in the layer path.
+    probes, reshapes = {}, {}
     for node in gm.graph.nodes:
+        prev = current[-1][0] if current else None
+        if prev is not None and _reads_batch_size(node, prev):
+            continue  # read by the reshape after it, or the run ends there
         module = modules.get(node.target) if node.op == "call_module" else None
         layer = module if type(module) in (ConvReLUPool2d, *_LINEAR_LAYERS) else None
         part = layer or _flatten_module(node, modules)
-        follows = current and _input(node) is current[-1][0] and _sole_user(current[-1][0])
+        reshape = _reshape_flatten(node, prev) if part is None and prev is not None else None
+        if reshape is not None:
+            part, (reshapes[node], probes[node]) = nn.Flatten(), reshape
+        users = set(prev.users) - set(probes.get(node, ())) if prev is not None else set()
+        follows = prev is not None and _input(node) is prev and users == {node}
         if part is None and follows and type(module) is nn.Linear and not chain.hooked(module):
             part = _linear_stand_in(module, backend)  # a last linear, no ReLU
         if part is not None and follows:
@@ -631,6 +693,7 @@ def _chain_runs(gm, report, backend) -> None:
             continue
         runs.append(current)
         starts = layer is not None or type(part) is nn.Flatten  # (an MLP on images)
+        starts = starts and node not in reshapes  # (its input's size: no chain part)
         current = [(node, part, module)] if starts else []
     runs.append(current)
     for k, run in enumerate(r for r in runs if r):
@@ -647,7 +710,8 @@ def _chain_runs(gm, report, backend) -> None:
         # The stock linear stays the module the user sees (gm's): the graph passes it to the
         # chain at each call, which runs it itself where it was swapped or hooked since.
         stand_in = [m if i == end else None for i, (_, _, m) in enumerate(run)]
-        gm.add_submodule(name, Chain([part for _, part, _ in run], stand_in))
+        how = [reshapes.get(node) for node, _, _ in run]
+        gm.add_submodule(name, Chain([part for _, part, _ in run], stand_in, how))
         current, at = [], last
         if end is not None:
             with gm.graph.inserting_after(last):
@@ -658,6 +722,8 @@ def _chain_runs(gm, report, backend) -> None:
         last.replace_all_uses_with(call)
         for node, _, _ in reversed(run):
             gm.graph.erase_node(node)
+            for probe in reversed(probes.get(node, ())):
+                gm.graph.erase_node(probe)
         names = [n.target if n.op == "call_module" else n.name for n, _, _ in run]
         report.chains.append(f"{', '.join(names)} -> one autograd node ({name})")
         if end is not None:  # the stock linear runs in the chain now (its line says so)

@@ -67,6 +67,35 @@ def _mlp():
     )
 
 
+class Flattened(nn.Module):
+    """A LeNet-like network flattening its conv output by `form`, as older tutorials and many
+    repositories write it; `features` is the K of x.view(-1, K)."""
+
+    def __init__(self, form, features=16 * 2 * 2, channels=1):
+        super().__init__()
+        self.form, self.features = form, features
+        self.conv1 = nn.Conv2d(channels, 6, 3)
+        self.conv2 = nn.Conv2d(6, 16, 3)
+        self.fc1 = nn.Linear(features, 24)
+        self.fc2 = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        if self.form == "view_size":
+            x = x.view(x.size(0), -1)
+        elif self.form == "view_features":
+            x = x.view(-1, self.features)
+        elif self.form == "reshape_shape":
+            x = x.reshape(x.shape[0], -1)
+        else:  # "torch_reshape"
+            x = torch.reshape(x, (x.size()[0], -1))
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+FLATTEN_FORMS = ("view_size", "view_features", "reshape_shape", "torch_reshape")
+
+
 # name: (model factory, input size, number of fused layers)
 NETWORKS = {
     # the PyTorch tutorial's LeNet: layers as modules, ReLU and pooling functional
@@ -78,6 +107,8 @@ NETWORKS = {
     "relu_forms": (ReLUForms, (1, 14, 14), 3),
     # PyTorch's CIFAR-10 tutorial: three input channels, one pooling module called twice
     "cifar_tutorial": (CifarTutorialNet, (3, 32, 32), 4),
+    # flattened by x.view(x.size(0), -1) and its like instead of torch.flatten
+    **{form: (lambda form=form: Flattened(form), (1, 14, 14), 3) for form in FLATTEN_FORMS},
 }
 
 
@@ -567,6 +598,10 @@ CHAINS = {
     "fashion_blocks": "layer1.0, layer2.0, flatten, fc",
     "mlp": "0, 1, 3, 5",
     "no_pool": "0, 2, 4, 5",  # padding="same" (a 3x3 kernel: one on each side)
+    "view_size": "conv1, conv2, view, fc1, fc2",
+    "view_features": "conv1, conv2, view, fc1, fc2",
+    "reshape_shape": "conv1, conv2, reshape, fc1, fc2",
+    "torch_reshape": "conv1, conv2, reshape, fc1, fc2",
     "cifar_tutorial": "conv1, conv2, flatten, fc1, fc2, fc3",
 }
 
@@ -581,6 +616,44 @@ def test_straight_runs_become_one_autograd_node(name):
     out = fused(x)
     assert chain.on_chain(out)
     assert rel_err(out, model(x)) < 1e-12
+
+
+def test_a_view_that_folds_the_batch_stays_the_models():
+    """x.view(-1, K) where a sample has 2K values: stock's result has twice the rows; the fused
+    model computes it, layer by layer, on every call."""
+    model, fused = _stock_and_fused(lambda: Flattened("view_features", features=32))
+    x = torch.randn(3, 1, 14, 14, **F64)
+    for _ in range(3):
+        out = fused(x)
+        assert out.shape == (6, 10) and not chain.on_chain(out)
+        assert rel_err(out, model(x)) < 1e-12
+
+
+def test_a_batch_size_read_twice_keeps_its_reshape_out_of_the_chain():
+    class Reused(Flattened):
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self.conv2(F.max_pool2d(F.relu(self.conv1(x)), 2))), 2)
+            n = x.size(0)
+            return self.fc2(F.relu(self.fc1(x.view(n, -1)))).view(n, 10)
+
+    model, fused = _stock_and_fused(lambda: Reused("view_size"))
+    assert fused.fuse_report.chains == ["conv1, conv2 -> one autograd node (fastlenet_chain0)"]
+    x = torch.randn(3, 1, 14, 14, **F64)
+    assert rel_err(fused(x), model(x)) < 1e-12
+
+
+def test_a_view_the_layout_refuses_raises_as_stock_raises():
+    """The layer path runs the model's own view: a channels-last input keeps its layout
+    through every layer, and view(N, -1) of a channels-last conv output raises, in both."""
+    model, fused = _stock_and_fused(lambda: Flattened("view_size", channels=3))
+    x = torch.randn(3, 3, 14, 14, **F64).contiguous(memory_format=torch.channels_last)
+    for m in (model, fused):
+        with pytest.raises(RuntimeError, match="view size is not compatible"):
+            m(x)
+    contiguous = x.contiguous()
+    fused(contiguous)
+    out = fused(contiguous)
+    assert chain.on_chain(out) and rel_err(out, model(contiguous)) < 1e-12
 
 
 def test_a_hook_on_a_chained_stock_linear_still_fires():

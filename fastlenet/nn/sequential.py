@@ -32,13 +32,20 @@ class Chain(nn.Module):
     last nn.Linear, which part i runs on fastlenet's kernels through the same Parameters). The
     graph passes the modules registered under those names at each call (`current`): one that
     is no longer the module fused, or that has hooks now, sends the call layer by layer
-    through the modules the user has."""
+    through the modules the user has.
 
-    def __init__(self, parts, stand_in=None):
+    `reshapes[i]`, where not None, is how the model flattened where part i (an nn.Flatten)
+    stands: (method, K) for x.view / x.reshape ("view", "reshape") to (x.size(0), -1) where K
+    is None, else to (-1, K). The layer path runs that call itself (a view of a non-contiguous
+    tensor raises as the model's did); the chain flattens, where chain.run found that the call
+    keeps the batch."""
+
+    def __init__(self, parts, stand_in=None, reshapes=None):
         super().__init__()
         # Tuples of modules are not registered by nn.Module.
         self.parts = tuple(parts)
         self.stand_in = tuple(stand_in) if stand_in is not None else (None,) * len(self.parts)
+        self.reshapes = tuple(reshapes) if reshapes is not None else (None,) * len(self.parts)
         # What every call reads, from the two above: the layers chain.run gets, the flattens
         # whose hooks count, the stock modules the graph passes.
         self._layers = [m for m in self.parts if type(m) is not nn.Flatten]
@@ -56,7 +63,12 @@ class Chain(nn.Module):
     def _layered(self, x, current):
         current = iter(current)
         traced = isinstance(x, fx.Proxy)
-        for part, stock in zip(self.parts, self.stand_in, strict=True):
+        for part, stock, how in zip(self.parts, self.stand_in, self.reshapes, strict=True):
+            if how is not None:
+                method, features = how
+                shape = (x.size(0), -1) if features is None else (-1, features)
+                x = x.reshape(shape) if method == "reshape" else x.view(shape)
+                continue
             if traced and type(part) is nn.Flatten:  # a part fx may not find registered
                 x = torch.flatten(x, part.start_dim, part.end_dim)
                 continue
