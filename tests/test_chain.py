@@ -413,9 +413,13 @@ def test_string_padding_takes_the_chain(padding):
             fnn.Linear(7 * 6 * 6 if padding == "same" else 7 * 1 * 3, 10),  # 12x12 in
         )
 
-    chained, stock = make(fnn.Sequential), make(torch.nn.Sequential)
-    x, y = _data((1, 12, 12), dtype=torch.float64)
-    chained.double(), stock.double()
+    chained, stock = make(fnn.Sequential).double(), make(torch.nn.Sequential).double()
+    _assert_chain_equals(chained, stock, *_data((1, 12, 12), dtype=torch.float64))
+
+
+def _assert_chain_equals(chained, stock, x, y):
+    """chained(x) runs on the chain and equals stock(x) (the same layers one by one), bit for
+    bit, forward and every parameter's gradient of a cross-entropy with labels y."""
     out = _chained(chained, x)
     want = stock(x)
     assert torch.equal(out, want)
@@ -428,14 +432,7 @@ def test_string_padding_takes_the_chain(padding):
 def test_sequential_is_one_node_and_equals_nn_sequential():
     chained, stock = _sequential(fnn.Sequential), _sequential(torch.nn.Sequential)
     assert list(chained.state_dict()) == list(stock.state_dict())
-    x, y = _data((1, 12, 12))
-    out = _chained(chained, x)
-    want = stock(x)
-    assert torch.equal(out, want)
-    F.cross_entropy(out, y).backward()
-    F.cross_entropy(want, y).backward()
-    for pa, pb in zip(chained.parameters(), stock.parameters(), strict=True):
-        assert torch.equal(pa.grad, pb.grad)
+    _assert_chain_equals(chained, stock, *_data((1, 12, 12)))
 
 
 @pytest.mark.parametrize(
