@@ -681,11 +681,12 @@ def _chain_runs(gm, report, backend) -> None:
         module = modules.get(node.target) if node.op == "call_module" else None
         layer = module if type(module) in (ConvReLUPool2d, *_LINEAR_LAYERS) else None
         part = layer or _flatten_module(node, modules)
-        reshape = _reshape_flatten(node, prev) if part is None and prev is not None else None
+        source = _input(node)
+        reshape = _reshape_flatten(node, source) if part is None and source is not None else None
         if reshape is not None:
             part, (reshapes[node], probes[node]) = nn.Flatten(), reshape
         users = set(prev.users) - set(probes.get(node, ())) if prev is not None else set()
-        follows = prev is not None and _input(node) is prev and users == {node}
+        follows = prev is not None and source is prev and users == {node}
         if part is None and follows and type(module) is nn.Linear and not chain.hooked(module):
             part = _linear_stand_in(module, backend)  # a last linear, no ReLU
         if part is not None and follows:
@@ -693,7 +694,6 @@ def _chain_runs(gm, report, backend) -> None:
             continue
         runs.append(current)
         starts = layer is not None or type(part) is nn.Flatten  # (an MLP on images)
-        starts = starts and node not in reshapes  # (its input's size: no chain part)
         current = [(node, part, module)] if starts else []
     runs.append(current)
     for k, run in enumerate(r for r in runs if r):

@@ -96,6 +96,20 @@ class Flattened(nn.Module):
 FLATTEN_FORMS = ("view_size", "view_features", "reshape_shape", "torch_reshape")
 
 
+class FlatMLP(nn.Module):
+    """An MLP on images that flattens them first by x.view(-1, 144) or x.view(x.size(0), -1)."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.fc1 = nn.Linear(144, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = x.view(-1, 144) if self.form == "view_features" else x.view(x.size(0), -1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
 # name: (model factory, input size, number of fused layers)
 NETWORKS = {
     # the PyTorch tutorial's LeNet: layers as modules, ReLU and pooling functional
@@ -109,6 +123,7 @@ NETWORKS = {
     "cifar_tutorial": (CifarTutorialNet, (3, 32, 32), 4),
     # flattened by x.view(x.size(0), -1) and its like instead of torch.flatten
     **{form: (lambda form=form: Flattened(form), (1, 14, 14), 3) for form in FLATTEN_FORMS},
+    **{f"mlp_{f}": (lambda f=f: FlatMLP(f), (1, 12, 12), 1) for f in FLATTEN_FORMS[:2]},
 }
 
 
@@ -602,6 +617,8 @@ CHAINS = {
     "view_features": "conv1, conv2, view, fc1, fc2",
     "reshape_shape": "conv1, conv2, reshape, fc1, fc2",
     "torch_reshape": "conv1, conv2, reshape, fc1, fc2",
+    "mlp_view_size": "view, fc1, fc2",
+    "mlp_view_features": "view, fc1, fc2",
     "cifar_tutorial": "conv1, conv2, flatten, fc1, fc2, fc3",
 }
 
