@@ -683,8 +683,8 @@ BwdFallback backward_kernel(const at::Tensor& grad_out, const at::Tensor& argmax
   const auto wtile =
       want_input && tplan.ok() ? tile_input_weight(w, g, LX.pix, tplan) : AlignedVector<T>();
   const TileInputFn<T> tfn = tplan.ok() ? tile_input_fn<T>(tplan) : nullptr;
-  const auto wwide = want_input && wide_x ? wide_input_weight(w, g, LX.pix, xplan)
-                                          : std::vector<T, CacheLineAllocator<T>>();
+  const auto wwide =
+      want_input && wide_x ? wide_input_weight(w, g, LX.pix, xplan) : AlignedVector<T>();
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = want_weight ? weight_chunks(g.n) : 0;
   // Each chunk's sums start on a cache line of their own, so that no line is written by two

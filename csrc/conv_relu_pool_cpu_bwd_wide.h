@@ -343,11 +343,11 @@ inline WideInputPlan wide_input_plan(const ConvPoolGeometry& g, int64_t rowlen, 
 // (128 -> 128 3x3, grad_x alone at batch 1: 723-761 -> 227-237 us; whole backward at batch
 // 64: 5435-5691 -> 4817-5264 us).
 template <typename T>
-std::vector<T, CacheLineAllocator<T>> wide_input_weight(const T* w, const ConvPoolGeometry& g,
-                                                        int64_t pix, const WideInputPlan& p) {
+AlignedVector<T> wide_input_weight(const T* w, const ConvPoolGeometry& g, int64_t pix,
+                                   const WideInputPlan& p) {
   constexpr int VW = WideVec<T>::VW;
   const int64_t tw = p.tv * VW, tile = g.o * p.rb * tw, taps = g.kh * g.kw;
-  std::vector<T, CacheLineAllocator<T>> wt(p.rt * p.ct * tile, T(0));
+  AlignedVector<T> wt(p.rt * p.ct * tile, T(0));
   T* wtp = wt.data();
   const int64_t grain = std::max<int64_t>(1, kRepackGrain / (g.c * taps));
   cpu::parallel_for(0, g.o, grain, [=](int64_t o0, int64_t o1) {
