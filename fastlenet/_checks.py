@@ -107,6 +107,16 @@ def check_padding_string(padding: str, stride) -> None:
         )
 
 
+def same_padding(kernel_hw) -> tuple[tuple[int, int], tuple[int, int]]:
+    """padding="same" (stride 1) as stock's conv2d pads: per dimension, the k - 1 zeros split
+    into `before` (k - 1) // 2 on each side and `extra`, the one more at the bottom / right
+    that an even kernel needs."""
+    total = [k - 1 for k in kernel_hw]
+    before = tuple(t // 2 for t in total)
+    extra = tuple(t - b - b for t, b in zip(total, before, strict=True))
+    return before, extra
+
+
 def conv_pool_shapes(in_hw, kernel_hw, stride, padding, pool_size, pool_stride):
     """(conv output H, W), (pooled output H, W) for floor-mode conv and pooling."""
     oh = (in_hw[0] + 2 * padding[0] - kernel_hw[0]) // stride[0] + 1

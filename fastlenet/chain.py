@@ -26,7 +26,7 @@ from torch.nn.modules import module as _module
 from fastlenet import _ext, backends
 from fastlenet._autograd import autocast_any as _autocast_any
 from fastlenet._autograd import transforms_active as _transforms_active
-from fastlenet._checks import pair
+from fastlenet._checks import pair, same_padding
 from fastlenet.nn.conv_relu_pool import ConvReLUPool2d
 from fastlenet.nn.linear_relu import Linear, LinearReLU
 
@@ -41,17 +41,18 @@ _LINEARS = (LinearReLU, Linear)
 def _padding(layer):
     """A conv layer's padding as the chain's ints, or None where it has none: padding="same"
     with an even kernel, which the layer pads by one more row and column at the bottom and
-    right (fastlenet/conv_relu_pool.py, _string_padding). "valid" is 0; "same" with an odd
-    kernel (stride 1, the layer checks) k // 2 on each side, as the layer computes it."""
+    right (_checks.same_padding's `extra`). "valid" is 0; "same" (stride 1, the layer checks)
+    otherwise the `before` the layer pads on each side."""
     padding = layer.padding
     if not isinstance(padding, str):
         return padding
     if padding == "valid":
         return 0
     shape = getattr(layer.weight, "shape", ())
-    if padding != "same" or len(shape) != 4 or shape[-2] % 2 == 0 or shape[-1] % 2 == 0:
+    if padding != "same" or len(shape) != 4:
         return None
-    return (shape[-2] // 2, shape[-1] // 2)
+    before, extra = same_padding(shape[-2:])
+    return None if any(extra) else before
 
 
 def spec(layers) -> list[int] | None:

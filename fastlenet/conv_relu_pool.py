@@ -180,9 +180,7 @@ def _string_padding(input, weight, stride, padding: str):
     _checks.check_padding_string(padding, stride)
     if padding == "valid":
         return input, (0, 0)
-    total = [k - 1 for k in weight.shape[-2:]]
-    before = tuple(t // 2 for t in total)
-    extra = [t - b - b for t, b in zip(total, before, strict=True)]  # 1 for an even kernel
+    before, extra = _checks.same_padding(weight.shape[-2:])
     if any(extra):
         input = F.pad(input, (0, extra[1], 0, extra[0]))
     return input, before
