@@ -3,9 +3,10 @@
 // chain_bwd (csrc/chain_cpu.cpp), so a training step's backward runs no Python for the chain.
 // Math: fastlenet/reference.py (conv_relu_pool, linear_relu), layer by layer.
 // Saves for backward: input, every weight, and what chain_fwd returns for chain_bwd (each
-// layer's input but the first's, each conv's argmax); out only where the last layer's ReLU
-// reads it (a chain ending in a plain linear leaves its logits free to change in place, as
-// stock's addmm does). The biases are kept beside, unsaved (see forward).
+// layer's input but the first's, each conv's argmax, each dropout's noise and the output before
+// it of a linear with ReLU); out only where the last layer's ReLU reads it (a chain ending in a
+// plain linear leaves its logits free to change in place, as stock's addmm does). The biases are
+// kept beside, unsaved (see forward).
 //
 // Why C++: a Python autograd.Function's node cost ~16 us per backward on the 2-core VM (GIL,
 // Python objects for its arguments and saved tensors; a Function with ten parameters and a
@@ -60,17 +61,19 @@ Params split(at::TensorList vars, at::IntArrayRef has_bias) {
 // The node's name (grad_fn.name()): fastlenet::ChainFunction.
 struct ChainFunction : torch::autograd::Function<ChainFunction> {
   // vars: the layers' weights and biases in order, without the missing biases (has_bias).
+  // dropout: per layer the p of a dropout on its output, or empty (chain_fwd's).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, at::TensorList vars,
-                            const std::vector<int64_t>& has_bias,
-                            const std::vector<int64_t>& spec) {
+                            const std::vector<int64_t>& has_bias, const std::vector<int64_t>& spec,
+                            const std::vector<double>& dropout) {
     static const auto fwd = op<ChainFwd>("fastlenet::chain_fwd");
     const at::AutoDispatchBelowADInplaceOrView below;  // already past autograd
     const Params p = split(vars, has_bias);
-    auto [out, activations, argmax] = fwd.call(input, p.weights, p.biases, spec);
+    auto [out, activations, argmax, dropped] = fwd.call(input, p.weights, p.biases, spec, dropout);
     variable_list saved{input, last_reads_out(spec) ? out : at::Tensor()};
     saved.insert(saved.end(), p.weights.begin(), p.weights.end());
     saved.insert(saved.end(), activations.begin(), activations.end());
     saved.insert(saved.end(), argmax.begin(), argmax.end());
+    saved.insert(saved.end(), dropped.begin(), dropped.end());
     ctx->save_for_backward(saved);
     // The biases are not saved for backward: stock's conv and linear backward read none, so a
     // bias may change in place before backward (an optimizer stepped between forward and
@@ -88,15 +91,21 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
     ctx->saved_data["spec"] = spec;
     ctx->saved_data["has_bias"] = has_bias;
     ctx->saved_data["activations"] = static_cast<int64_t>(activations.size());
+    ctx->saved_data["dropped"] = static_cast<int64_t>(dropped.size());
+    if (!dropped.empty()) ctx->saved_data["dropout"] = dropout;  // else: no dropout, p = 0 each
     return out;
   }
 
-  // One gradient per forward argument: input, each of vars, then none for has_bias and spec.
+  // One gradient per forward argument: input, each of vars, then none for has_bias, spec and
+  // dropout.
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<int64_t> spec = ctx->saved_data["spec"].toIntVector();
     const std::vector<int64_t> has_bias = ctx->saved_data["has_bias"].toIntVector();
     const int64_t n_act = ctx->saved_data["activations"].toInt();
+    const int64_t n_dropped = ctx->saved_data["dropped"].toInt();
+    const std::vector<double> dropout =
+        n_dropped > 0 ? ctx->saved_data["dropout"].toDoubleVector() : std::vector<double>{};
     const at::Tensor& input = saved[0];
     const at::Tensor grad_out = grad_outputs[0].contiguous();
     // Without a ReLU last, chain_bwd does not read `out`: the gradient stands in (its shape).
@@ -106,7 +115,8 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
     const at::TensorList weights(saved.data() + 2, layers);
     const at::TensorList activations(saved.data() + 2 + layers, n_act);
     const at::TensorList argmax(saved.data() + 2 + layers + n_act,
-                                saved.size() - 2 - layers - n_act);
+                                saved.size() - 2 - layers - n_act - n_dropped);
+    const at::TensorList dropped(saved.data() + saved.size() - n_dropped, n_dropped);
     std::vector<at::Tensor> grads;  // [input, w0, b0, w1, b1, ...], as chain_bwd's
 
     // Under create_graph, and under vmap (a batched gradient: autograd.grad's is_grads_batched
@@ -116,15 +126,15 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
     const bool batched = grad_out.key_set().has_any(
         c10::DispatchKeySet({c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched}));
     if (at::GradMode::is_enabled() || batched) {
-      grads =
-          grads_with_graph(ctx, spec, grad_outputs[0], input, saved_params(ctx, weights), vars_n);
+      grads = grads_with_graph(ctx, spec, dropout, dropped, grad_outputs[0], input,
+                               saved_params(ctx, weights), vars_n);
     } else {
       static const auto bwd = op<ChainBwd>("fastlenet::chain_bwd");
       const at::AutoDispatchBelowADInplaceOrView below;
-      grads = bwd.call(grad_out, input, out, activations, argmax, weights, spec,
+      grads = bwd.call(grad_out, input, out, activations, argmax, dropped, weights, spec, dropout,
                        ctx->needs_input_grad(0));
     }
-    variable_list result(1 + vars_n + 2);
+    variable_list result(1 + vars_n + 3);
     if (ctx->needs_input_grad(0)) result[0] = grads[0];
     size_t v = 1;
     for (size_t i = 0; i < has_bias.size(); ++i) {
@@ -165,11 +175,10 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
   }
 
   // [input, w0, b0, w1, b1, ...] with a graph (create_graph), from Python.
-  static std::vector<at::Tensor> grads_with_graph(AutogradContext* ctx,
-                                                  const std::vector<int64_t>& spec,
-                                                  const at::Tensor& grad_out,
-                                                  const at::Tensor& input, const Params& p,
-                                                  size_t vars_n) {
+  static std::vector<at::Tensor> grads_with_graph(
+      AutogradContext* ctx, const std::vector<int64_t>& spec, const std::vector<double>& dropout,
+      at::TensorList dropped, const at::Tensor& grad_out, const at::Tensor& input, const Params& p,
+      size_t vars_n) {
     std::vector<bool> need{ctx->needs_input_grad(0)};
     std::vector<std::optional<at::Tensor>> biases;
     size_t v = 1;
@@ -181,7 +190,7 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
     TORCH_INTERNAL_ASSERT(v == 1 + vars_n);
     py::gil_scoped_acquire gil;
     const py::object fn = py::module_::import("fastlenet.chain").attr("_grads_with_graph");
-    const auto got = fn(spec, grad_out, input, p.weights, biases, need)
+    const auto got = fn(spec, grad_out, input, p.weights, biases, need, dropout, dropped.vec())
                          .cast<std::vector<std::optional<at::Tensor>>>();
     std::vector<at::Tensor> grads;
     for (const auto& g : got) grads.push_back(g.value_or(at::Tensor()));
@@ -189,10 +198,10 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
   }
 };
 
-// params: per layer its weight and bias (None without one); spec: fastlenet/chain.py's.
+// params: per layer its weight and bias (None without one); spec and dropout: fastlenet/chain.py's.
 at::Tensor chain_autograd(const at::Tensor& input,
                           const std::vector<std::optional<at::Tensor>>& params,
-                          const std::vector<int64_t>& spec) {
+                          const std::vector<int64_t>& spec, const std::vector<double>& dropout) {
   TORCH_CHECK(params.size() % 2 == 0, "params must hold a weight and a bias per layer, got ",
               params.size(), " values");
   std::vector<at::Tensor> vars;
@@ -203,7 +212,7 @@ at::Tensor chain_autograd(const at::Tensor& input,
     has_bias.push_back(params[i + 1].has_value());
     if (params[i + 1].has_value()) vars.push_back(*params[i + 1]);
   }
-  return ChainFunction::apply(input, at::TensorList(vars), has_bias, spec);
+  return ChainFunction::apply(input, at::TensorList(vars), has_bias, spec, dropout);
 }
 
 }  // namespace fastlenet

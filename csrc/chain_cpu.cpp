@@ -1,10 +1,13 @@
 // A straight chain of fastlenet layers on the CPU, one call forward and one call backward:
 // conv_relu_pool layers, then (flattened) linear_relu layers, each run by its own CPU op
 // through the dispatcher, so that the chain computes exactly what the layers compute one by
-// one (bitwise: the same kernels on the same tensors). What it saves: every layer's input
-// and its argmax (conv) or its out (linear: the ReLU mask), what the per-op backward reads.
-// Math: fastlenet/reference.py (conv_relu_pool, linear_relu); spec layout: kChainInts in
-// chain_ops.h, written by fastlenet/chain.py.
+// one (bitwise: the same kernels on the same tensors). A layer's output may pass a dropout in
+// training: stock's F.dropout, noise drawn by csrc/dropout_cpu.cpp and multiplied by stock's
+// mul, forward and backward (the same bits, and the generator left where stock's leaves it).
+// What it saves: every layer's input and its argmax (conv) or its out (linear: the ReLU mask),
+// what the per-op backward reads, and each dropout's noise (what stock's mul saves).
+// Math: fastlenet/reference.py (conv_relu_pool, linear_relu) and torch.nn.functional.dropout;
+// spec layout: kChainInts in chain_ops.h, written by fastlenet/chain.py.
 //
 // What the chain removes is per-layer overhead outside the kernels: one autograd node and one
 // Python-to-C++ call each way instead of one per layer.
@@ -18,6 +21,7 @@
 #include <vector>
 
 #include "chain_ops.h"
+#include "dropout_cpu.h"
 
 namespace fastlenet {
 namespace {
@@ -45,6 +49,33 @@ std::vector<Layer> parse(at::IntArrayRef spec, size_t layers) {
   return out;
 }
 
+// Checks chain_fwd's and chain_bwd's `dropout`: empty, or per layer the p of the dropout on its
+// output, in [0, 1) (0: none), 0 for the last layer.
+void check_dropout(at::ArrayRef<double> dropout, size_t layers) {
+  if (dropout.empty()) return;
+  TORCH_CHECK(dropout.size() == layers, "dropout must be empty or hold one p per layer (", layers,
+              " layers), got ", dropout.size());
+  for (size_t i = 0; i < layers; ++i) {
+    const double p = dropout[i];
+    TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout: layer ", i, "'s p must be in [0, 1), got ", p);
+    TORCH_CHECK(p == 0.0 || i + 1 < layers, "dropout: the last layer's p must be 0, got ", p);
+  }
+}
+
+// The p of the dropout on layer i's output, 0 for none (no allocation: a chain without dropouts
+// pays two branches a layer).
+double dropout_p(at::ArrayRef<double> dropout, size_t i) {
+  return dropout.empty() ? 0.0 : dropout[i];
+}
+
+// Whether layer l's dropout saves its output before the dropout: a linear with ReLU, whose
+// backward reads it as its ReLU mask (the next layer's input is the output dropped out).
+bool saves_output(const Layer& l) { return l.kind == kChainLinear && l.relu; }
+
+// Tensors a layer with a dropout puts in `dropped`: its noise, then its output where
+// saves_output.
+size_t dropped_count(const Layer& l) { return saves_output(l) ? 2 : 1; }
+
 // The per-layer ops are called below the Autograd and ADInplaceOrView keys.
 // chain_fwd and chain_bwd already passed those keys (the chain's autograd node,
 // csrc/chain_autograd_cpu.cpp, runs them below autograd), so for each nested call they only
@@ -52,17 +83,19 @@ std::vector<Layer> parse(at::IntArrayRef spec, size_t layers) {
 // step, torch.optim.SGD momentum, 2 threads, one process alternating with and without the
 // guard, median time ratio): batch 1 4.5%, batch 64 1.6%, batch 256 2.0% faster.
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_fwd_cpu(
-    const at::Tensor& input, at::TensorList weights,
-    const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef spec) {
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+chain_fwd_cpu(const at::Tensor& input, at::TensorList weights,
+              const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef spec,
+              at::ArrayRef<double> dropout) {
   static const auto conv = op<ConvFwd>("fastlenet::conv_relu_pool_fwd");
   static const auto linear = op<LinearFwd>("fastlenet::linear_relu_fwd");
   TORCH_CHECK(!weights.empty() && biases.size() == weights.size(),
               "weights and biases must be non-empty lists of the same length, got ", weights.size(),
               " and ", biases.size());
   const std::vector<Layer> layers = parse(spec, weights.size());
+  check_dropout(dropout, layers.size());
   const at::AutoDispatchBelowADInplaceOrView below;  // see the note above chain_fwd_cpu
-  std::vector<at::Tensor> activations, argmaxes;
+  std::vector<at::Tensor> activations, argmaxes, dropped;
   activations.reserve(layers.size() - 1);
   at::Tensor x = input;
   for (size_t i = 0; i < layers.size(); ++i) {
@@ -76,17 +109,32 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_f
     } else {
       x = linear.call(x.dim() == 2 ? x : x.flatten(1), weights[i], biases.get(i), l.relu);
     }
+    if (const double p = dropout_p(dropout, i); p > 0.0) {  // F.dropout: input * noise
+      at::Tensor noise = dropout_noise(x, p);
+      dropped.push_back(noise);
+      if (saves_output(l)) dropped.push_back(x);
+      x = at::mul(x, noise);
+    }
   }
-  return {x, activations, argmaxes};
+  return {x, activations, argmaxes, dropped};
 }
 
 std::vector<at::Tensor> chain_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& input,
                                       const at::Tensor& out, at::TensorList activations,
-                                      at::TensorList argmaxes, at::TensorList weights,
-                                      at::IntArrayRef spec, bool input_grad) {
+                                      at::TensorList argmaxes, at::TensorList dropped,
+                                      at::TensorList weights, at::IntArrayRef spec,
+                                      at::ArrayRef<double> dropout, bool input_grad) {
   static const auto conv = op<ConvBwd>("fastlenet::conv_relu_pool_bwd");
   static const auto linear = op<LinearBwd>("fastlenet::linear_relu_bwd");
   const std::vector<Layer> layers = parse(spec, weights.size());
+  check_dropout(dropout, layers.size());
+  size_t dropped_n = 0;
+  for (size_t i = 0; i < layers.size(); ++i)
+    if (dropout_p(dropout, i) > 0.0) dropped_n += dropped_count(layers[i]);
+  TORCH_CHECK(dropped.size() == dropped_n, "dropped must hold ", dropped_n,
+              " tensors (a noise per dropout, and the output of a linear with ReLU before it), "
+              "got ",
+              dropped.size());
   const at::AutoDispatchBelowADInplaceOrView below;  // see the note above chain_fwd_cpu
   const auto convs = std::count_if(layers.begin(), layers.end(),
                                    [](const Layer& l) { return l.kind == kChainConv; });
@@ -101,13 +149,23 @@ std::vector<at::Tensor> chain_bwd_cpu(const at::Tensor& grad_out, const at::Tens
     const Layer& l = layers[i];
     const at::Tensor& x = i > 0 ? activations[i - 1] : input;
     const bool want_input = i > 0 || input_grad;
+    // The layer's output before its dropout, where it has one and saves it (its ReLU mask).
+    const at::Tensor* before = nullptr;
+    if (dropout_p(dropout, i) > 0.0) {
+      dropped_n -= dropped_count(l);       // the layer's tensors in `dropped` start here
+      g = at::mul(g, dropped[dropped_n]);  // stock's MulBackward0: grad * noise
+      if (saves_output(l)) before = &dropped[dropped_n + 1];
+    }
     at::Tensor gi;
     if (l.kind == kChainConv) {
       std::tie(gi, grads[1 + 2 * i], grads[2 + 2 * i]) =
           conv.call(g.contiguous(), argmaxes[--conv_index], x, weights[i], l.stride, l.padding,
                     l.pool_size, l.pool_stride, want_input, true);
     } else {
-      const at::Tensor& y = i + 1 < layers.size() ? activations[i] : out;  // the ReLU mask
+      // The ReLU mask: the layer's output (read only with a ReLU).
+      const at::Tensor& y = before != nullptr       ? *before
+                            : i + 1 < layers.size() ? activations[i]
+                                                    : out;
       std::tie(gi, grads[1 + 2 * i], grads[2 + 2 * i]) =
           linear.call(g.contiguous(), y, x.dim() == 2 ? x : x.flatten(1), weights[i], l.relu);
       if (x.dim() != 2) gi = gi.view(x.sizes());  // the flatten undone

@@ -44,11 +44,13 @@ using LinearBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tenso
                                                                  const at::Tensor&,
                                                                  const at::Tensor&, bool);
 
-using ChainFwd = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
-    const at::Tensor&, at::TensorList, const c10::List<std::optional<at::Tensor>>&,
-    at::IntArrayRef);
+using ChainFwd = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                            std::vector<at::Tensor>>(const at::Tensor&, at::TensorList,
+                                                     const c10::List<std::optional<at::Tensor>>&,
+                                                     at::IntArrayRef, at::ArrayRef<double>);
 using ChainBwd = std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          at::TensorList, at::TensorList, at::TensorList,
-                                         at::IntArrayRef, bool);
+                                         at::TensorList, at::IntArrayRef, at::ArrayRef<double>,
+                                         bool);
 
 }  // namespace fastlenet

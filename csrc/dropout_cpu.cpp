@@ -12,6 +12,8 @@
 // same draws: per element, two 32-bit outputs of the generator's MT19937 (random64: the first
 // as the high half), the low 53 bits as a double in [0, 1), kept where below 1 - p. The engine's
 // state is advanced 624 words at a time by vectorised loops and tempered in bulk.
+#include "dropout_cpu.h"
+
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/MT19937RNGEngine.h>
 #include <torch/extension.h>

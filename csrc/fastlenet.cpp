@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include "cpu_reuse.h"
+#include "dropout_cpu.h"
 
 TORCH_LIBRARY(fastlenet, m) {
   // conv2d -> ReLU -> max_pool2d. `argmax` (uint8, shaped like the output): the
@@ -32,31 +33,32 @@ TORCH_LIBRARY(fastlenet, m) {
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // A straight chain of the ops above as one call each way (fastlenet/chain.py): `spec` holds
   // kChainInts ints per layer (csrc/chain_ops.h), a conv_relu_pool or a linear_relu, with a
-  // flatten before the first linear. What the per-op backward reads: `activations`, the output
-  // of every layer but the last (the next one's input), and each conv's `argmax`. chain_bwd
-  // returns grad_input (no elements unless `input_grad`), then each layer's grad_weight and
-  // grad_bias.
+  // flatten before the first linear. `dropout`: empty, or per layer the p of a dropout (in
+  // training) on its output, 0 for none and for the last layer. What the per-op backward reads:
+  // `activations`, every layer's input but the first's (the previous output, dropped out), each
+  // conv's `argmax`, and `dropped`: per layer with a dropout its noise, then for a linear with
+  // ReLU its output before the dropout (its ReLU mask). chain_bwd returns grad_input (no
+  // elements unless `input_grad`), then each layer's grad_weight and grad_bias.
   m.def(
-      "chain_fwd(Tensor input, Tensor[] weights, Tensor?[] biases, int[] spec) "
-      "-> (Tensor out, Tensor[] activations, Tensor[] argmax)");
+      "chain_fwd(Tensor input, Tensor[] weights, Tensor?[] biases, int[] spec, float[] dropout) "
+      "-> (Tensor out, Tensor[] activations, Tensor[] argmax, Tensor[] dropped)");
   m.def(
       "chain_bwd(Tensor grad_out, Tensor input, Tensor out, Tensor[] activations, "
-      "Tensor[] argmax, Tensor[] weights, int[] spec, bool input_grad) -> Tensor[]");
+      "Tensor[] argmax, Tensor[] dropped, Tensor[] weights, int[] spec, float[] dropout, "
+      "bool input_grad) -> Tensor[]");
 }
 
 namespace fastlenet {
 // csrc/chain_autograd_cpu.cpp
 at::Tensor chain_autograd(const at::Tensor& input,
                           const std::vector<std::optional<at::Tensor>>& params,
-                          const std::vector<int64_t>& spec);
+                          const std::vector<int64_t>& spec, const std::vector<double>& dropout);
 // csrc/chain_key_cpu.cpp
 py::object chain_signature(const at::Tensor& input, const py::sequence& params);
 // csrc/conv_relu_pool_autograd_cpu.cpp
 std::optional<at::Tensor> conv_relu_pool_autograd(const at::Tensor& input, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias,
                                                   const std::vector<int64_t>& geometry);
-// csrc/dropout_cpu.cpp
-at::Tensor dropout_noise(const at::Tensor& like, double p);
 // csrc/linear_relu_autograd_cpu.cpp
 std::optional<at::Tensor> linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
                                                const std::optional<at::Tensor>& bias, bool relu);
@@ -89,6 +91,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Bytes the CPU ops' reuse allocator keeps unused ('kept') and has handed out to tensors "
         "not yet freed ('live')");
   m.def("chain", &fastlenet::chain_autograd, py::arg("input"), py::arg("params"), py::arg("spec"),
+        py::arg("dropout") = std::vector<double>{},
         "A chain of fastlenet layers as one autograd node (fastlenet/chain.py)");
   m.def("chain_signature", &fastlenet::chain_signature, py::arg("input"), py::arg("params"),
         "The sizes of a chain's parameters as bytes, or None where one cannot take the chain "

@@ -66,11 +66,23 @@ def _register():
         return 2 * linear_flops(input, weight)  # grad_input and grad_weight, always both
 
     @register_flop_formula(ops.chain_fwd)
-    def chain_fwd(input, weights, biases, spec, **kwargs):
+    def chain_fwd(input, weights, biases, spec, dropout, **kwargs):
         return sum(_chain_layers(input, weights, spec))
 
     @register_flop_formula(ops.chain_bwd)
-    def chain_bwd(grad_out, input, out, activations, argmax, weights, spec, input_grad, **kwargs):
+    def chain_bwd(
+        grad_out,
+        input,
+        out,
+        activations,
+        argmax,
+        dropped,
+        weights,
+        spec,
+        dropout,
+        input_grad,
+        **kwargs,
+    ):
         layers = _chain_layers(input, weights, spec)
         # grad_weight of every layer; grad_input of every layer but the first unless asked.
         return sum(f * (2 if i > 0 or input_grad else 1) for i, f in enumerate(layers))

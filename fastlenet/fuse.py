@@ -16,7 +16,8 @@ of fastlenet's functions on its Parameters and stays itself for its other calls;
 are the training flag (F.dropout(x, training=self.training)) read the fused model's flag at
 each call. fuse() also
 swaps dropout (nn.Dropout, F.dropout) for fastlenet's, which draws the same noise from the same
-generator, faster (fastlenet/dropout.py); the compile backend leaves dropout to Inductor.
+generator, faster (fastlenet/dropout.py); a dropout module between two layers of a chain runs in
+the chain (fastlenet/chain.py). The compile backend leaves dropout to Inductor.
 """
 
 import collections
@@ -559,8 +560,8 @@ def fuse(model: nn.Module, *, backend: str = "auto") -> nn.Module:
         _fuse_sequentials(fused, backend, report)
     else:
         report = rewrite(gm, backend)
+        _swap_dropout_calls(gm, report)  # first: a chain holds the dropout modules registered
         _chain_runs(gm, report, backend)
-        _swap_dropout_calls(gm, report)
         fused = gm
         fused.training = model.training  # the graph module's own flag; its children keep theirs
         # A GraphModule's deepcopy (swa_utils.AveragedModel's, an EMA copy's) rebuilds it from
@@ -665,10 +666,10 @@ def _reshape_flatten(node, x):
 
 
 def _chain_runs(gm, report, backend) -> None:
-    """Each straight run of fused layers and a flatten (every output feeding only the next;
-    the flatten in any spelling _flatten_module or _reshape_flatten knows) that fastlenet.chain
-    can run becomes one Chain module call: one autograd node for the run (its layers stay
-    registered where they were: state_dict and hooks are unchanged)."""
+    """Each straight run of fused layers, a flatten and dropout modules (every output feeding
+    only the next; the flatten in any spelling _flatten_module or _reshape_flatten knows) that
+    fastlenet.chain can run becomes one Chain module call: one autograd node for the run (its
+    layers stay registered where they were: state_dict and hooks are unchanged)."""
     modules = dict(gm.named_modules())
     runs, current = [], []
     # x.view(x.size(0), -1) and its like: the nodes reading the batch size, by the reshape
@@ -680,7 +681,9 @@ def _chain_runs(gm, report, backend) -> None:
             continue  # read by the reshape after it, or the run ends there
         module = modules.get(node.target) if node.op == "call_module" else None
         layer = module if type(module) in (ConvReLUPool2d, *_LINEAR_LAYERS) else None
-        part = layer or _flatten_module(node, modules)
+        # A dropout module inside a run (not first: it cannot start one; not last: see below).
+        drop = module if type(module) is Dropout and current else None
+        part = layer or drop or _flatten_module(node, modules)
         source = _input(node)
         reshape = _reshape_flatten(node, source) if part is None and source is not None else None
         if reshape is not None:
@@ -697,8 +700,8 @@ def _chain_runs(gm, report, backend) -> None:
         current = [(node, part, module)] if starts else []
     runs.append(current)
     for k, run in enumerate(r for r in runs if r):
-        # A trailing flatten stays as it was; a stock linear only ends a chain.
-        while run and type(run[-1][1]) is nn.Flatten:
+        # A trailing flatten or dropout stays as it was; a stock linear only ends a chain.
+        while run and type(run[-1][1]) in (nn.Flatten, Dropout):
             run.pop()
         end = next((i for i, (_, _, m) in enumerate(run) if type(m) is nn.Linear), None)
         if end is not None:

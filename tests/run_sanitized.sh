@@ -97,4 +97,4 @@ run -m pytest -q -p no:cacheprovider -k "not triton" \
   tests/test_linear_relu_cpu.py tests/test_ops.py tests/test_bad_input_functions.py \
   tests/test_bad_input_layers.py \
   tests/test_bad_input_ops.py tests/test_edge_cases.py tests/test_chain.py tests/test_autograd_nodes.py \
-  tests/test_dropout.py "$@"
+  tests/test_dropout.py tests/test_chain_dropout.py "$@"

@@ -355,13 +355,16 @@ def _op_args(dtype=torch.float32):
     return x, weights, biases, spec
 
 
-def test_opcheck_chain_ops():
+@pytest.mark.parametrize("drop", [[], [0.25, 0.5, 0.0]], ids=["no-dropout", "dropouts"])
+def test_opcheck_chain_ops(drop):
     x, weights, biases, spec = _op_args()
-    torch.library.opcheck(torch.ops.fastlenet.chain_fwd.default, (x, weights, biases, spec))
-    out, activations, argmax = torch.ops.fastlenet.chain_fwd(x, weights, biases, spec)
+    fwd_args = (x, weights, biases, spec, drop)
+    torch.library.opcheck(torch.ops.fastlenet.chain_fwd.default, fwd_args)
+    out, activations, argmax, dropped = torch.ops.fastlenet.chain_fwd(*fwd_args)
+    assert len(dropped) == (3 if drop else 0)  # a noise each, the ReLU-linear's output too
     grad = torch.randn_like(out)
     for input_grad in (True, False):
-        args = (grad, x, out, activations, argmax, weights, spec, input_grad)
+        args = (grad, x, out, activations, argmax, dropped, weights, spec, drop, input_grad)
         torch.library.opcheck(torch.ops.fastlenet.chain_bwd.default, args)
 
 
@@ -376,16 +379,39 @@ def test_opcheck_chain_ops():
 def test_chain_ops_reject_a_bad_spec(change, match):
     x, weights, biases, spec = _op_args()
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.fastlenet.chain_fwd(x, weights, biases, change(spec))
-    out, activations, argmax = torch.ops.fastlenet.chain_fwd(x, weights, biases, spec)
+        torch.ops.fastlenet.chain_fwd(x, weights, biases, change(spec), [])
+    out, activations, argmax, dropped = torch.ops.fastlenet.chain_fwd(x, weights, biases, spec, [])
     grad = torch.randn_like(out)
+    bwd = torch.ops.fastlenet.chain_bwd
     with pytest.raises(RuntimeError, match=match):
-        bad = change(spec)
-        torch.ops.fastlenet.chain_bwd(grad, x, out, activations, argmax, weights, bad, True)
+        bwd(grad, x, out, activations, argmax, dropped, weights, change(spec), [], True)
     with pytest.raises(RuntimeError, match="activations must hold 2 tensors"):
-        torch.ops.fastlenet.chain_bwd(grad, x, out, activations[:-1], argmax, weights, spec, True)
+        bwd(grad, x, out, activations[:-1], argmax, dropped, weights, spec, [], True)
     with pytest.raises(RuntimeError, match="argmax must hold 1 tensors"):
-        torch.ops.fastlenet.chain_bwd(grad, x, out, activations, [], weights, spec, True)
+        bwd(grad, x, out, activations, [], dropped, weights, spec, [], True)
+
+
+@pytest.mark.parametrize(
+    ("drop", "match"),
+    [
+        ([0.5, 0.5], "dropout must be empty or hold one p per layer"),
+        ([1.0, 0.0, 0.0], "layer 0's p must be in \\[0, 1\\)"),
+        ([-0.1, 0.0, 0.0], "layer 0's p must be in \\[0, 1\\)"),
+        ([0.0, 0.0, 0.5], "the last layer's p must be 0"),
+    ],
+)
+def test_chain_ops_reject_a_bad_dropout(drop, match):
+    x, weights, biases, spec = _op_args()
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fastlenet.chain_fwd(x, weights, biases, spec, drop)
+    out, activations, argmax, _ = torch.ops.fastlenet.chain_fwd(x, weights, biases, spec, [])
+    bwd = torch.ops.fastlenet.chain_bwd
+    with pytest.raises(RuntimeError, match=match):
+        bwd(torch.randn_like(out), x, out, activations, argmax, [], weights, spec, drop, True)
+    # the right p but not its noise (and the ReLU-linear's output)
+    with pytest.raises(RuntimeError, match="dropped must hold 2 tensors"):
+        args = (out, activations, argmax, [], weights, spec, [0.0, 0.5, 0.0], True)
+        bwd(torch.randn_like(out), x, *args)
 
 
 def _sequential(cls):
