@@ -139,6 +139,26 @@ def test_second_order_gradients_with_dropouts():
         assert a.abs().sum() > 0
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_recomputes_the_same_noise(reentrant):
+    """torch.utils.checkpoint restores the generator before it recomputes the forward in
+    backward, on a shape's first call too: the chain draws the forward's noise again."""
+    chained, layered = _models()
+    x, y = _data()
+    x = x[:5]  # a shape no call has had
+    got = []
+    for model in (chained, layered):
+        torch.manual_seed(9)
+        xi = x.clone().requires_grad_()
+        out = torch.utils.checkpoint.checkpoint(model, xi, use_reentrant=reentrant)
+        F.cross_entropy(out, y[:5]).backward()
+        got.append([out, xi.grad, *(p.grad for p in model.parameters())])
+        for p in model.parameters():
+            p.grad = None
+    for a, b in zip(*got, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_twenty_sgd_steps_with_dropouts_equal_the_modules():
     chained, _ = _models()
     _, layered = _models()  # the same initial weights, other Parameters
