@@ -583,6 +583,32 @@ def test_untraceable_model_falls_back_to_sequentials(caplog):
     assert rel_err(out, model(x)) < 1e-12
 
 
+def test_an_untraceable_models_sequential_runs_its_dropouts_in_the_chain():
+    torch.manual_seed(0)
+    body = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.3), nn.Flatten(),
+        nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 5),
+    )  # fmt: skip
+    model = _Untraceable(body).double()
+    fused = fastlenet.fuse(model)
+    report = fused.fuse_report
+    assert report.chains == ["body -> one autograd node (FusedSequential)"]
+    assert report.dropouts == ["body.3", "body.7"]
+    x = torch.randn(3, 1, 10, 10, **F64, requires_grad=True)
+    fused(x)  # the shape's first call: its checks
+    results = []
+    for m in (fused, model):
+        out = _forward(m, x, 2)
+        grads = torch.autograd.grad(out.sum(), [x, *model.parameters()])
+        results.append((out, grads, torch.get_rng_state()))
+    (out, grads, rng), (want, want_grads, want_rng) = results
+    assert chain.on_chain(out)
+    assert rel_err(out, want) < 1e-12  # the same masks: dropped values would differ by O(1)
+    for g, w in zip(grads, want_grads, strict=True):
+        assert rel_err(g, w) < 1e-12
+    assert torch.equal(rng, want_rng)
+
+
 @pytest.mark.parametrize("backend", ["fastlenet", compile_backend], ids=["by-name", "function"])
 def test_compile_backend_trains_like_eager(backend, caplog):
     torch._dynamo.reset()
