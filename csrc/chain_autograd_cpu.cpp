@@ -93,15 +93,18 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
     ctx->saved_data["activations"] = static_cast<int64_t>(activations.size());
     ctx->saved_data["dropped"] = static_cast<int64_t>(dropped.size());
     if (!dropped.empty()) ctx->saved_data["dropout"] = dropout;  // else: no dropout, p = 0 each
+    ctx->set_materialize_grads(false);  // none reached out: none for the inputs, as stock's
     return out;
   }
 
   // One gradient per forward argument: input, each of vars, then none for has_bias, spec and
   // dropout.
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const std::vector<int64_t> has_bias = ctx->saved_data["has_bias"].toIntVector();
+    const size_t vars_n = has_bias.size() + std::count(has_bias.begin(), has_bias.end(), 1);
+    if (!grad_outputs[0].defined()) return variable_list(1 + vars_n + 3);
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<int64_t> spec = ctx->saved_data["spec"].toIntVector();
-    const std::vector<int64_t> has_bias = ctx->saved_data["has_bias"].toIntVector();
     const int64_t n_act = ctx->saved_data["activations"].toInt();
     const int64_t n_dropped = ctx->saved_data["dropped"].toInt();
     const std::vector<double> dropout =
@@ -110,7 +113,6 @@ struct ChainFunction : torch::autograd::Function<ChainFunction> {
     const at::Tensor grad_out = grad_outputs[0].contiguous();
     // Without a ReLU last, chain_bwd does not read `out`: the gradient stands in (its shape).
     const at::Tensor& out = saved[1].defined() ? saved[1] : grad_out;
-    const size_t vars_n = has_bias.size() + std::count(has_bias.begin(), has_bias.end(), 1);
     const size_t layers = has_bias.size();
     const at::TensorList weights(saved.data() + 2, layers);
     const at::TensorList activations(saved.data() + 2 + layers, n_act);

@@ -41,11 +41,13 @@ struct LinearReLUNode : torch::autograd::Function<LinearReLUNode> {
     ctx->save_for_backward({input, weight, relu ? out : at::Tensor()});
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->set_materialize_grads(false);  // none reached out: none for the inputs, as stock's
     return out;
   }
 
   // Gradients of input, weight, bias (undefined without one), none for relu.
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    if (!grad_outputs[0].defined()) return variable_list(4);
     const variable_list saved = ctx->get_saved_variables();
     const bool relu = ctx->saved_data["relu"].toBool();
     const at::Tensor grad_out = grad_outputs[0].contiguous();

@@ -32,10 +32,13 @@ class ConvReLUPoolFunction(torch.autograd.Function):
         ctx.geometry = geometry
         ctx.backend = backend
         ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)  # none reached out: none for the inputs, as stock's
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        if grad_out is None:
+            return (None,) * 8
         input, weight, argmax = ctx.saved_tensors
         need = ctx.needs_input_grad
         bwd = backends.ops("conv_relu_pool", backward_backend(ctx)).bwd

@@ -85,6 +85,65 @@ def test_an_output_changed_in_place_before_backward_is_stock(backend, relu):
         assert rel_err(a, b) < 1e-12
 
 
+class _GivesNoGradient(torch.autograd.Function):
+    """Passes its input on; its backward gives it no gradient (None)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def _no_gradient_fns(backend):
+    """(stock, fastlenet) pairs of functions of (x, weight, bias)."""
+    return {
+        "conv_relu_pool": (
+            lambda *a: F.max_pool2d(F.relu(F.conv2d(*a)), 2),
+            lambda *a: conv_relu_pool2d(*a, backend=backend),
+        ),
+        "conv_relu": (
+            lambda *a: F.relu(F.conv2d(*a)),
+            lambda *a: conv_relu_pool2d(*a, pool_size=1, backend=backend),
+        ),
+        "linear_relu": (
+            lambda *a: F.relu(F.linear(*a)),
+            lambda *a: linear_relu(*a, backend=backend),
+        ),
+        "linear": (F.linear, lambda *a: linear(*a, backend=backend)),
+    }
+
+
+@pytest.mark.parametrize(
+    ("backend", "fn"), geometry.backend_cases(geometry.BACKENDS, list(_no_gradient_fns("cpu")))
+)
+def test_no_gradient_from_after_leaves_none_as_stock(backend, fn):
+    """Where a Function after the op gives it no gradient, stock's nodes give none on: input,
+    weight and bias keep .grad None (a zero-filled gradient would read as a gradient of 0).
+    Twice: the first call of a backend takes the Python Function, later ones the C++ node."""
+    stock, ours = _no_gradient_fns(backend)[fn]
+    conv = fn.startswith("conv")
+    make = geometry.conv_inputs if conv else geometry.linear_inputs
+    shape = (2, 3, 8, 8, 4, 3, 3) if conv else (5, 7, 6)
+    for f in (stock, ours, ours):
+        x, weight, bias = make(shape, torch.float64, geometry.device(backend))[:3]
+        _GivesNoGradient.apply(f(x, weight, bias)).sum().backward()
+        assert (x.grad, weight.grad, bias.grad) == (None, None, None)
+
+
+def test_no_gradient_from_after_the_chain_leaves_none_as_stock():
+    torch.manual_seed(0)
+    model = LeNet5(fused=True, backend="cpu")
+    x = torch.randn(2, 1, 32, 32, requires_grad=True)
+    for _ in range(2):  # the second call on the chain
+        out = model(x)
+        _GivesNoGradient.apply(out).sum().backward()
+        assert x.grad is None and all(p.grad is None for p in model.parameters())
+    assert out.grad_fn.name().endswith("ChainFunction>")
+
+
 @pytest.mark.parametrize("relu_last", [False, True])
 def test_chain_logits_changed_in_place_before_backward_are_stock(relu_last):
     """The chain saves its output only where a ReLU last reads it, as stock's layers do."""
