@@ -152,8 +152,12 @@ std::vector<at::Tensor> chain_bwd_cpu(const at::Tensor& grad_out, const at::Tens
     // The layer's output before its dropout, where it has one and saves it (its ReLU mask).
     const at::Tensor* before = nullptr;
     if (dropout_p(dropout, i) > 0.0) {
-      dropped_n -= dropped_count(l);       // the layer's tensors in `dropped` start here
-      g = at::mul(g, dropped[dropped_n]);  // stock's MulBackward0: grad * noise
+      dropped_n -= dropped_count(l);  // the layer's tensors in `dropped` start here
+      const at::Tensor& noise = dropped[dropped_n];
+      TORCH_CHECK(noise.sizes() == g.sizes(), "dropped: layer ", i,
+                  "'s noise must have the shape of its output, ", g.sizes(), ", got ",
+                  noise.sizes());  // a mul would broadcast it
+      g = at::mul(g, noise);       // stock's MulBackward0: grad * noise
       if (saves_output(l)) before = &dropped[dropped_n + 1];
     }
     at::Tensor gi;

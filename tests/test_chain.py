@@ -412,6 +412,11 @@ def test_chain_ops_reject_a_bad_dropout(drop, match):
     with pytest.raises(RuntimeError, match="dropped must hold 2 tensors"):
         args = (out, activations, argmax, [], weights, spec, [0.0, 0.5, 0.0], True)
         bwd(torch.randn_like(out), x, *args)
+    # a noise that a product would broadcast: rejected, not broadcast
+    noise, before = torch.ones(out.shape[0], 1), torch.randn(out.shape[0], 7)
+    with pytest.raises(RuntimeError, match="layer 1's noise must have the shape of its output"):
+        args = (out, activations, argmax, [noise, before], weights, spec, [0.0, 0.5, 0.0], True)
+        bwd(torch.randn_like(out), x, *args)
 
 
 def _sequential(cls):
