@@ -13,7 +13,7 @@
 // + kw. The K - 1 positions past each conv row's end are computed and dropped. A register block
 // holds OB output channels by XB vectors of positions; per tap it loads XB input vectors and
 // broadcasts OB weights (repacked [O/OB][C*KH*KW][OB], zero past O). A block's outputs go to
-// a per-thread stage, from which ReLU and the codes (relu_codes_span) write the conv rows out.
+// a per-thread stage, from which ReLU and the codes (relu_codes_rows) write the conv rows out.
 #pragma once
 
 #include <ATen/ATen.h>
