@@ -87,7 +87,9 @@ void flat_blocks(const T* xp, const T* wk, const T* bias, const int64_t* off, in
 // The same values and codes (bit for bit). The op's forward (with codes), 2 threads, Zen 5 VM,
 // processes alternating with the row-by-row version, us, batch 64 / 256: 1 -> 32 3x3 28x28
 // ~200 -> 162-174 / 812-828 -> 585-616, 1 -> 16 3x3 pad 1 14x14 39-43 -> 27-32 / 151-153 ->
-// 100-104, 3 -> 6 5x5 32x32 134-148 -> 128-135 / 540-544 -> 503-506.
+// 100-104, 3 -> 6 5x5 32x32 134-148 -> 128-135 / 540-544 -> 503-506. Its own copy of
+// relu_codes_span's vector loop: a relu_codes_span call per row for the whole vectors measured
+// slower (batch 64, three process pairs: 1 -> 32 152-161 -> 159-171 us, 1 -> 16 28-33 -> 33-34).
 template <typename T>
 void relu_codes_rows(const T* st, int64_t pitch, int64_t oh, int64_t ow, T* out, uint8_t* am) {
   using Vec = VecOf<T, kVecBytes>;
