@@ -7,17 +7,17 @@
 //
 // float32 and float64, contiguous NCHW (inputs are made contiguous); the conv output is stored
 // only where ATen's convolution computes it: layers without pooling (pool_size 1, forward and
-// backward; see forward_op) but for the tap GEMM's and those of few input channels, few outputs
+// backward; see forward_op) but for the tap GEMM's and flat_forward's (flat_suits), few outputs
 // from deep input (kAtenConvMinChannels), deep float32 patches over few conv outputs
 // (cl_conv_suits: channels-last operands), and one sample's at a time by the tap GEMM
 // (tap_gemm_suits). Kernels: conv_relu_pool_cpu_fwd.h (forward), conv_relu_pool_cpu_pool.h
 // (ReLU/pool pass after ATen's conv, tap GEMM), conv_relu_pool_cpu_bwd.h and
 // conv_relu_pool_cpu_bwd_wide.h (backward), conv_relu_pool_cpu_nopool_fwd.h (forward without
-// pooling, few input channels), conv_relu_pool_cpu_nopool.h (weight gradient without pooling, few
-// input channels), conv_relu_pool_cpu_nopool_cl.h (gradients without pooling from oneDNN's
-// channels-last backward: cl_backward_suits); a gradient that Inf/NaN reach through the zeros the
-// sparse backward skips is recomputed here with dense_backward, as stock's dense backward computes
-// it.
+// pooling where oneDNN runs far from the peak), conv_relu_pool_cpu_nopool.h (weight gradient
+// without pooling, few input channels), conv_relu_pool_cpu_nopool_cl.h (gradients without pooling
+// from oneDNN's channels-last backward: cl_backward_suits); a gradient that Inf/NaN reach through
+// the zeros the sparse backward skips is recomputed here with dense_backward, as stock's dense
+// backward computes it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -166,7 +166,8 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& input_, const at
   // faster than the pooling kernels at every such layer of the sweep (benchmarks/results/
   // sweep_cpu.md: 0.27-1.03x of stock's conv + ReLU before, forward alone). Its output becomes
   // ours after ReLU in place; stock's composition writes a second tensor for the ReLU. The
-  // tap GEMM beats it where it suits (forward below), flat_forward with few input channels.
+  // tap GEMM beats it where it suits (forward below), flat_forward with few input channels or
+  // channel counts off oneDNN's blocks (flat_suits).
   const bool no_pool = windows_are_outputs(g) && g.n > 0 && !tap_gemm_suits(g);
   bool flat = false;
   if (no_pool && flat_suits(g))

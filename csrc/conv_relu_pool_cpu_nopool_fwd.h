@@ -1,5 +1,6 @@
-// Forward of conv2d -> ReLU without pooling (pool_size 1) on the CPU, for layers with few input
-// channels (flat_suits), where oneDNN's convolution runs far from the FMA peak.
+// Forward of conv2d -> ReLU without pooling (pool_size 1) on the CPU, for the layers where
+// oneDNN's convolution runs far from the FMA peak (flat_suits): few input channels, or channel
+// counts off oneDNN's blocks of 16.
 // Math and saved state: fastlenet/reference.py (conv_relu_pool).
 // Computes: out (N, O, OH, OW) = ReLU(conv(x, w) + b), and the ReLU codes (argmax: 0, or kNoGrad
 // where ReLU passes no gradient) unless inference. Stride 1, any kernel size and padding.
@@ -172,21 +173,38 @@ void flat_forward_ob(const at::Tensor& input, const at::Tensor& weight, const at
 }
 
 // Layers that take flat_forward rather than ATen's convolution: stride 1, at most
-// kFlatMaxChannels input channels and kFlatMaxTaps taps per channel: the first layers of
-// networks on grayscale or RGB images, where oneDNN's kernels run far from the FMA peak. The
-// caller also requires a finite weight: a padded zero times Inf would be NaN where oneDNN, which
-// skips the padding, has none. Measured (forward alone under no_grad, 2 threads, AVX-512, glibc
-// keeping freed buffers (no page faults), ATen's time over this one's, one process alternately,
-// median of paired rounds, batch 64 / 256): 1 -> 32 3x3 28x28 1.58 / 1.39x, 3 -> 16 3x3 pad 1
-// 32x32 1.63 / 1.47x, 4 -> 16 1.35 / 1.35x, 5 -> 16 1.31 / 1.34x, 3 -> 6 5x5 32x32 2.41 /
-// 2.09x, 3 -> 32 5x5 pad 2 32x32 1.12 / 1.77x; not taken: 6 -> 16 3x3 30x30 0.99 / 0.87x,
-// 8 -> 16 3x3 pad 1 28x28 0.98 / 0.85x, 1 -> 16 7x7 pad 3 28x28 0.99 / 0.94x (10 -> 20 3x3
-// pad 1 16x16 1.42 / 1.20x, 13 -> 29 3x3 11x11 0.9 / 0.9x, 16 -> 32 5x5 pad 2 14x14 0.7-0.8x).
-constexpr int64_t kFlatMaxChannels = 5;
+// kFlatMaxChannels input channels and kFlatMaxTaps taps per channel, except where oneDNN's NCHW
+// kernels run near the FMA peak: both channel counts multiples of its blocks of kDnnBlock, with
+// a patch of at least kDnnDeepPatch values or at most kFlatMinPixels conv outputs per plane
+// (flat_forward computes the K - 1 positions past each conv row and rounds the plane up to whole
+// vectors: 64 of 80 at 8x8 with padding 1). The caller also requires a finite weight: a padded
+// zero times Inf would be NaN where oneDNN, which skips the padding, has none. Measured (forward
+// alone under no_grad, 2 threads, Zen 5 VM (AVX-512), glibc keeping freed buffers, processes
+// alternating with the previous rule (flat at most 5 input channels), us, batch 64 / 256):
+// taken: 6 -> 16 3x3 30x30 292-301 -> 242-246 / 1119-1569 -> 1012-1087, 8 -> 16 3x3 pad 1 28x28
+// 349-353 -> 309-313 / 1366-1798 -> 1279-1431, 10 -> 20 3x3 pad 1 16x16 288-302 -> 165-170 /
+// 1041-1132 -> 655-672, 13 -> 29 3x3 11x11 151-173 -> 123-125 / 497-538 -> 481-492, 16 -> 32
+// 3x3 pad 1 16x16 394-403 -> 336-347 / 1550-1822 -> 1380-1437, 16 -> 16 3x3 pad 1 24x24 461-465
+// -> 430-437 / 2035-2401 -> 1839-1950, 24 -> 40 5x5 20x20 2921-2955 -> 1624-1696 / 12239-12821
+// -> 7042-7143, 37 -> 77 5x5 12x12 1953-1962 -> 1808-1857 / 8280-8461 -> 7513-7676, 72 -> 72 3x3
+// pad 1 8x8 1090-1221 -> 1013-1039 / 4504-4813 -> 4138-4209, 100 -> 100 3x3 pad 1 8x8 2063-2124
+// -> 2132-2185 / 8555-9054 -> 8747-8945 (a tie); left to oneDNN: 16 -> 32 5x5 pad 2 14x14
+// 671-689 -> 749-778 (depth 400), 16 -> 32 3x3 pad 1 8x8 (64 outputs) 135-136 -> 122-125 /
+// 408-427 -> 466-476, 32 -> 64 3x3 pad 1 12x12 800-809 -> 911-913, 64 -> 128 3x3 pad 1 8x8
+// 1294-1306 -> 1575-1610, 128 -> 128 3x3 pad 1 8x8 2518-2521 -> 3049-3187, 128 -> 16 3x3 pad 1
+// 8x8 376-377 -> 415-422 (32 -> 64 and 128 -> 128 at 16x16 and 48 -> 16 3x3 pad 1 16x16 would
+// gain 4-12%). The flat kernel runs at 300-480 GFLOP/s at these shapes, oneDNN's at 190-350
+// with channel counts off its blocks and 420-480 on them.
+constexpr int64_t kFlatMaxChannels = 128;
 constexpr int64_t kFlatMaxTaps = 25;
+constexpr int64_t kDnnBlock = 16;
+constexpr int64_t kDnnDeepPatch = 288;  // 32 channels of 3x3
+constexpr int64_t kFlatMinPixels = 64;
 
 inline bool flat_suits(const ConvPoolGeometry& g) {
-  return g.sh == 1 && g.sw == 1 && g.c <= kFlatMaxChannels && g.kh * g.kw <= kFlatMaxTaps;
+  if (g.sh != 1 || g.sw != 1 || g.c > kFlatMaxChannels || g.kh * g.kw > kFlatMaxTaps) return false;
+  const bool dnn_blocks = g.c % kDnnBlock == 0 && g.o % kDnnBlock == 0;
+  return !dnn_blocks || (g.c * g.kh * g.kw < kDnnDeepPatch && g.oh * g.ow > kFlatMinPixels);
 }
 
 // out, and the ReLU codes into *argmax unless null (inference).

@@ -41,26 +41,35 @@ CONV = {
     "odd": (2, 3, 11, 9, 20, 3, 2, (2, 1), (1, 0), 3, 2),  # odd sizes, overlapping pools
     # the same with 5 = 4 + 1 channels: small integer data hold windows with max <= 0 too
     "odd_small": (3, 3, 11, 9, 5, 3, 2, (2, 1), (1, 0), 3, 2),
-    # pool_size=1: conv + ReLU alone (the C++ CPU op: flat_forward below; no_pool_deep ATen's
-    # conv and its ReLU/argmax pass over 26 vectors and a tail of 4; ATen's dense backward;
-    # tap_gemm_no_pool below: the tap GEMM)
+    # pool_size=1: conv + ReLU alone (the C++ CPU op: flat_forward below, no_pool_deep's 16
+    # input channels too; ATen's dense backward; tap_gemm_no_pool below: the tap GEMM)
     "no_pool": (1, 2, 7, 8, 5, 3, 3, 1, 1, 1, 1),
     "no_pool_deep": (2, 16, 7, 6, 5, 3, 3, 1, 1, 1, 1),  # patches of depth 16 * 3 * 3 = 144
     # pool_size=1, the CPU backward's float32 gradients: from oneDNN's backward of channels-last
     # copies (csrc/conv_relu_pool_cpu_nopool_cl.h, cl_backward_suits) for channel counts that are
     # not multiples of 16 (no_pool_deep, no_pool_strided, tap_gemm_no_pool; here 17 = 16 + 1 and
     # 19 = 16 + 3 channels over planes of 90 = 5 x 16 + 10 outputs) or planes of at most 64
-    # outputs; from ATen's NCHW backward otherwise (no_pool_nchw).
+    # outputs; from ATen's NCHW backward otherwise (no_pool_nchw, no_pool_dnn_deep).
     "no_pool_cl": (2, 17, 9, 10, 19, 3, 3, 1, 1, 1, 1),
     "no_pool_cl_planes": (2, 32, 8, 8, 16, 3, 3, 1, 1, 1, 1),
     "no_pool_nchw": (2, 16, 9, 10, 32, 3, 3, 1, 1, 1, 1),
+    # pool_size=1, the CPU forward's choice between flat_forward and ATen's convolution
+    # (flat_suits): channel counts on oneDNN's blocks of 16 take ATen's with a patch of depth 288
+    # or more (no_pool_dnn_deep: 16 * 5 * 5; no_pool_cl_planes: 32 * 3 * 3) or at most 64 conv
+    # outputs a plane (no_pool_cl_planes: 8x8; the ReLU/argmax pass of no_pool_strided below
+    # after it), flat_forward otherwise (no_pool_nchw: depth 144 over 90 outputs); other channel
+    # counts take flat_forward up to 128 input channels (flat_wide: 37 -> 22, 5x5 with padding,
+    # output channels in blocks of 8, the last one of 6).
+    "no_pool_dnn_deep": (2, 16, 10, 9, 16, 5, 5, 1, 2, 1, 1),
+    "flat_wide": (2, 37, 9, 10, 22, 5, 5, 1, 2, 1, 1),
     # pool_size=1, few input channels: the CPU backward's own weight gradient
     # (csrc/conv_relu_pool_cpu_nopool.h): conv rows of 33 = 16 + 16 + 1 lanes, 7 output channels
     # (blocks of 2 and one of 1); 5x5 with padding, 18 = 16 + 2 lanes.
     "no_pool_wide": (2, 1, 19, 35, 7, 3, 3, 1, 0, 1, 1),
     "no_pool_5x5": (2, 1, 13, 18, 5, 5, 5, 1, 2, 1, 1),
-    # pool_size=1, at most 5 input channels and 25 taps: the CPU forward's flat_forward (no_pool,
-    # no_pool_wide, no_pool_5x5, slices and conv_1x1 too; csrc/conv_relu_pool_cpu_nopool_fwd.h).
+    # pool_size=1, few input channels and at most 25 taps: the CPU forward's flat_forward
+    # (no_pool, no_pool_wide, no_pool_5x5, slices and conv_1x1 too; flat_wide above for wide
+    # layers; csrc/conv_relu_pool_cpu_nopool_fwd.h).
     # Vectors per conv row (16 wide conv rows of 20 padded), 12 outputs in blocks of 6, 15 vectors
     # in blocks of 4 and a last one of 3 (float32; float64 30, 7 blocks and one of 2); flattened
     # rows, 29 outputs in blocks of 6 (the last with 5), a block of 4 vectors and one of 1.

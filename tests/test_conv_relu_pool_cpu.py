@@ -160,16 +160,51 @@ def test_serial_ops_match_parallel(geometry):
     assert rel_err(gw, sum_gw) < TOL[torch.float32] and rel_err(gb, sum_gb) < TOL[torch.float32]
 
 
+#: Channel counts for the forward without pooling: any, and oneDNN's blocks of 16, which decide
+#: between flat_forward and ATen's convolution (flat_suits in csrc/conv_relu_pool_cpu_nopool_fwd.h).
+_NO_POOL_CHANNELS = st.one_of(st.integers(1, 40), st.sampled_from([16, 32]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    c=_NO_POOL_CHANNELS,
+    o=_NO_POOL_CHANNELS,
+    k=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    size=st.tuples(st.integers(0, 12), st.integers(0, 12)),
+    half_padding=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_random_no_pool_channels(n, c, o, k, size, half_padding, dtype):
+    """conv + ReLU without pooling over channel counts on and off oneDNN's blocks, kernels up to
+    5x5 and padding 0 or k // 2: the forward (flat_forward or ATen's convolution, whichever
+    flat_suits picks) is the reference's, and under no_grad bitwise the forward op's output."""
+    if not _ext.LOADED:
+        pytest.fail(_ext.LOAD_ERROR)
+    padding = (k[0] // 2, k[1] // 2) if half_padding else (0, 0)
+    x = torch.randn(n, c, k[0] + size[0], k[1] + size[1], dtype=dtype)
+    weight = torch.randn(o, c, *k, dtype=dtype)
+    bias = torch.randn(o, dtype=dtype)
+    conv = [[1, 1], list(padding), [1, 1], [1, 1]]
+    out, codes = torch.ops.fastlenet.conv_relu_pool_fwd.default(x, weight, bias, *conv)
+    ref = reference.conv_relu_pool2d(x.double(), weight.double(), bias.double(), *conv)
+    assert rel_err(out, ref) < TOL[dtype]
+    assert torch.equal(codes == 0, out > 0)  # the ReLU codes: 0 where the gradient passes
+    got = torch.ops.fastlenet.conv_relu_pool_infer.default(x, weight, bias, *conv)
+    assert torch.equal(got, out)
+
+
 @pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "name", ["no_pool", "flat_rows", "no_pool_deep", "tap_gemm_no_pool", "odd", "cl_conv"]
+    "name",
+    ["no_pool", "flat_rows", "flat_wide", "no_pool_dnn_deep", "tap_gemm_no_pool", "odd", "cl_conv"],
 )
 def test_infer_op_is_forward_output(name, dtype):
     """conv_relu_pool_infer, the CPU path under no_grad: bitwise the forward op's output, a NaN
-    and an Inf in the input included, without pooling (flat_forward with no argmax; ATen's conv
-    and the ReLU in place with none; the tap GEMM's layers through the forward) and pooled (the
-    forward's kernels)."""
+    and an Inf in the input included, without pooling (flat_forward with no argmax, few and many
+    input channels; ATen's conv and the ReLU in place with none; the tap GEMM's layers through
+    the forward) and pooled (the forward's kernels)."""
     x, weight, bias, conv = conv_inputs(CONV[name], dtype, requires_grad=False)
     x.view(-1)[x.numel() // 3] = float("nan")
     x.view(-1)[-1] = float("inf")
@@ -189,12 +224,14 @@ def test_infer_op_is_forward_output(name, dtype):
         (16, 3, 20, 20, 12, 3, 3, 1, 1, 1, 1),  # tasks of samples
         (1, 3, 32, 32, 29, 3, 3, 1, 1, 1, 1),  # one sample: tasks of 5 channel blocks
         (3, 2, 9, 31, 14, 5, 5, 1, 2, 1, 1),  # 3 samples of 2 channel blocks
+        (3, 37, 9, 10, 22, 5, 5, 1, 2, 1, 1),  # 37 input channels: 3 samples of 3 blocks
     ],
 )
 def test_flat_forward_threads(geometry, dtype):
-    """The forward without pooling of few input channels (flat_forward) splits (sample, channel
-    block) tasks over the threads: on one thread and on two, bitwise the same output and ReLU
-    codes (each output one chain of multiply-adds in tap order), and the reference's."""
+    """The forward without pooling (flat_forward: few input channels, or counts off oneDNN's
+    blocks) splits (sample, channel block) tasks over the threads: on one thread and on two,
+    bitwise the same output and ReLU codes (each output one chain of multiply-adds in tap
+    order), and the reference's."""
     x, weight, bias, conv = conv_inputs(geometry, dtype, requires_grad=False)
     fwd = torch.ops.fastlenet.conv_relu_pool_fwd.default
     conv = [list(v) for v in conv]

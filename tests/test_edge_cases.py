@@ -159,8 +159,9 @@ NONFINITE_CONV = [
 
 
 #: (input, output) channels: few; the C++ CPU forward's tap GEMM (32 -> 5); its ATen conv
-#: (32 -> 12); its wide backward kernels (16 -> 24); its channels-last ATen conv (64 -> 20,
-#: without padding: 7x6 conv outputs).
+#: (32 -> 12; without pooling flat_forward, and ATen's conv for a non-finite weight); its wide
+#: backward kernels (16 -> 24); its channels-last ATen conv (64 -> 20, without padding: 7x6
+#: conv outputs).
 CONV_CHANNELS = [(3, 5), (32, 5), (32, 12), (16, 24), (64, 20)]
 
 
