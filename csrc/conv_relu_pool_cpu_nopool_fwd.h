@@ -179,10 +179,11 @@ void flat_forward_ob(const at::Tensor& input, const at::Tensor& weight, const at
 // (flat_forward computes the K - 1 positions past each conv row and rounds the plane up to whole
 // vectors: 64 of 80 at 8x8 with padding 1). The caller also requires a finite weight: a padded
 // zero times Inf would be NaN where oneDNN, which skips the padding, has none. Measured (forward
-// alone under no_grad, 2 threads, Zen 5 VM (AVX-512), glibc keeping freed buffers, processes
-// alternating with the previous rule (flat at most 5 input channels), us, batch 64 / 256):
+// alone under no_grad, 2 threads, Zen 5 VM (AVX-512), after a freed 16 MB block (glibc then
+// keeps freed buffers of that size), processes alternating with the previous rule (flat at most
+// 5 input channels), us, batch 64 / 256):
 // taken: 6 -> 16 3x3 30x30 292-301 -> 242-246 / 1119-1569 -> 1012-1087, 8 -> 16 3x3 pad 1 28x28
-// 349-353 -> 309-313 / 1366-1798 -> 1279-1431, 10 -> 20 3x3 pad 1 16x16 288-302 -> 165-170 /
+// 349-353 -> 309-313 / 1366-1798 -> 1248-1431, 10 -> 20 3x3 pad 1 16x16 288-302 -> 165-170 /
 // 1041-1132 -> 655-672, 13 -> 29 3x3 11x11 151-173 -> 123-125 / 497-538 -> 481-492, 16 -> 32
 // 3x3 pad 1 16x16 394-403 -> 336-347 / 1550-1822 -> 1380-1437, 16 -> 16 3x3 pad 1 24x24 461-465
 // -> 430-437 / 2035-2401 -> 1839-1950, 24 -> 40 5x5 20x20 2921-2955 -> 1624-1696 / 12239-12821
@@ -193,10 +194,10 @@ void flat_forward_ob(const at::Tensor& input, const at::Tensor& weight, const at
 // 408-427 -> 466-476, 32 -> 64 3x3 pad 1 12x12 800-809 -> 911-913, 64 -> 128 3x3 pad 1 8x8
 // 1294-1306 -> 1575-1610, 128 -> 128 3x3 pad 1 8x8 2518-2521 -> 3049-3187, 128 -> 16 3x3 pad 1
 // 8x8 376-377 -> 415-422 (32 -> 64 and 128 -> 128 at 16x16 and 48 -> 16 3x3 pad 1 16x16 would
-// gain 4-12%). The flat kernel runs at 300-480 GFLOP/s at these shapes, oneDNN's at 190-350
+// gain 3-13%). The flat kernel runs at 300-480 GFLOP/s at these shapes, oneDNN's at 190-350
 // with channel counts off its blocks and 420-480 on them.
-constexpr int64_t kFlatMaxChannels = 128;
-constexpr int64_t kFlatMaxTaps = 25;
+constexpr int64_t kFlatMaxChannels = 128;  // issue 16's envelope: wider layers were not measured
+constexpr int64_t kFlatMaxTaps = 25;  // 5x5 (1 -> 16 7x7 pad 3 28x28: 0.94-0.99x before 1f97f73)
 constexpr int64_t kDnnBlock = 16;
 constexpr int64_t kDnnDeepPatch = 288;  // 32 channels of 3x3
 constexpr int64_t kFlatMinPixels = 64;
