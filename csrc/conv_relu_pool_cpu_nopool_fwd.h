@@ -175,17 +175,18 @@ void flat_forward_ob(const at::Tensor& input, const at::Tensor& weight, const at
 // Layers that take flat_forward rather than ATen's convolution: stride 1, at most
 // kFlatMaxChannels input channels and kFlatMaxTaps taps per channel, except where oneDNN's NCHW
 // kernels run near the FMA peak: both channel counts multiples of its blocks of kDnnBlock, with
-// a patch of at least kDnnDeepPatch values or at most kFlatMinPixels conv outputs per plane
-// (flat_forward computes the K - 1 positions past each conv row and rounds the plane up to whole
-// vectors: 64 of 80 at 8x8 with padding 1). The caller also requires a finite weight: a padded
-// zero times Inf would be NaN where oneDNN, which skips the padding, has none. Measured (forward
-// alone under no_grad, 2 threads, Zen 5 VM (AVX-512), after a freed 16 MB block (glibc then
-// keeps freed buffers of that size), processes alternating with the previous rule (flat at most
-// 5 input channels), us, batch 64 / 256):
-// taken: 6 -> 16 3x3 30x30 292-301 -> 242-246 / 1119-1569 -> 1012-1087, 8 -> 16 3x3 pad 1 28x28
-// 349-353 -> 309-313 / 1366-1798 -> 1248-1431, 10 -> 20 3x3 pad 1 16x16 288-302 -> 165-170 /
-// 1041-1132 -> 655-672, 13 -> 29 3x3 11x11 151-173 -> 123-125 / 497-538 -> 481-492, 16 -> 32
-// 3x3 pad 1 16x16 394-403 -> 336-347 / 1550-1822 -> 1380-1437, 16 -> 16 3x3 pad 1 24x24 461-465
+// at most kFlatMinPixels conv outputs per plane (flat_forward computes the K - 1 positions past
+// each conv row and rounds the plane up to whole vectors: 64 of 80 at 8x8 with padding 1), or a
+// patch of at least kDnnDeepPatch values over fewer than kFlatLargePlane outputs (from 30x30 on,
+// oneDNN's rate on blocked counts falls to 320-440 GFLOP/s, the flat kernel's stays 416-490). The
+// caller also requires a finite weight: a padded zero times Inf would be NaN where oneDNN, which
+// skips the padding, has none. Measured (forward alone under no_grad, 2 threads, Zen 5 VM
+// (AVX-512), after a freed 16 MB block (glibc then keeps freed buffers of that size), processes
+// alternating with the previous rule (flat at most 5 input channels), us, batch 64 / 256): taken: 6
+// -> 16 3x3 30x30 292-301 -> 242-246 / 1119-1569 -> 1012-1087, 8 -> 16 3x3 pad 1 28x28 349-353 ->
+// 309-313 / 1366-1798 -> 1248-1431, 10 -> 20 3x3 pad 1 16x16 288-302 -> 165-170 / 1041-1132 ->
+// 655-672, 13 -> 29 3x3 11x11 151-173 -> 123-125 / 497-538 -> 481-492, 16 -> 32 3x3 pad 1 16x16
+// 394-403 -> 336-347 / 1550-1822 -> 1380-1437, 16 -> 16 3x3 pad 1 24x24 461-465
 // -> 430-437 / 2035-2401 -> 1839-1950, 24 -> 40 5x5 20x20 2921-2955 -> 1624-1696 / 12239-12821
 // -> 7042-7143, 37 -> 77 5x5 12x12 1953-1962 -> 1808-1857 / 8280-8461 -> 7513-7676, 72 -> 72 3x3
 // pad 1 8x8 1090-1221 -> 1013-1039 / 4504-4813 -> 4138-4209, 100 -> 100 3x3 pad 1 8x8 2063-2124
@@ -194,18 +195,27 @@ void flat_forward_ob(const at::Tensor& input, const at::Tensor& weight, const at
 // 408-427 -> 466-476, 32 -> 64 3x3 pad 1 12x12 800-809 -> 911-913, 64 -> 128 3x3 pad 1 8x8
 // 1294-1306 -> 1575-1610, 128 -> 128 3x3 pad 1 8x8 2518-2521 -> 3049-3187, 128 -> 16 3x3 pad 1
 // 8x8 376-377 -> 415-422 (32 -> 64 and 128 -> 128 at 16x16 and 48 -> 16 3x3 pad 1 16x16 would
-// gain 3-13%). The flat kernel runs at 300-480 GFLOP/s at these shapes, oneDNN's at 190-350
-// with channel counts off its blocks and 420-480 on them.
+// gain 3-13%; 24x24 and 28x28 planes were ties, 48 -> 48 3x3 pad 1 20x20 0.92-0.94x). Blocked
+// counts over large planes, batch 64 (/ 256), oneDNN -> flat: 32 -> 32 3x3 pad 1 30x30
+// 2839-2856 -> 2403-2408 (12250-13198 -> 9939-10215), 16 -> 32 5x5 pad 2 30x30 3344-3502 ->
+// 3164-3223 (14745-15466 -> 13085-13205), 32 -> 48 3x3 pad 1 30x30 3926-3941 -> 3481-3665, 64
+// -> 64 3x3 pad 1 30x30 9753-9963 -> 9258-9338, 32 -> 32 3x3 pad 1 32x32 3248-3249 ->
+// 2475-2523, 64 -> 64 3x3 pad 1 32x32 11665-11885 -> 10045-10102, 32 -> 32 3x3 pad 1 40x40
+// 4897-5200 -> 4108-4136. The flat kernel runs at 300-490 GFLOP/s at these shapes, oneDNN's at
+// 190-350 with channel counts off its blocks and 420-480 on them over smaller planes.
 constexpr int64_t kFlatMaxChannels = 128;  // issue 16's envelope: wider layers were not measured
 constexpr int64_t kFlatMaxTaps = 25;  // 5x5 (1 -> 16 7x7 pad 3 28x28: 0.94-0.99x before 1f97f73)
 constexpr int64_t kDnnBlock = 16;
 constexpr int64_t kDnnDeepPatch = 288;  // 32 channels of 3x3
 constexpr int64_t kFlatMinPixels = 64;
+constexpr int64_t kFlatLargePlane = 900;  // 30x30 conv outputs
 
 inline bool flat_suits(const ConvPoolGeometry& g) {
   if (g.sh != 1 || g.sw != 1 || g.c > kFlatMaxChannels || g.kh * g.kw > kFlatMaxTaps) return false;
   const bool dnn_blocks = g.c % kDnnBlock == 0 && g.o % kDnnBlock == 0;
-  return !dnn_blocks || (g.c * g.kh * g.kw < kDnnDeepPatch && g.oh * g.ow > kFlatMinPixels);
+  const int64_t pixels = g.oh * g.ow;
+  return !dnn_blocks || pixels >= kFlatLargePlane ||
+         (g.c * g.kh * g.kw < kDnnDeepPatch && pixels > kFlatMinPixels);
 }
 
 // out, and the ReLU codes into *argmax unless null (inference).

@@ -54,13 +54,15 @@ CONV = {
     "no_pool_cl_planes": (2, 32, 8, 8, 16, 3, 3, 1, 1, 1, 1),
     "no_pool_nchw": (2, 16, 9, 10, 32, 3, 3, 1, 1, 1, 1),
     # pool_size=1, the CPU forward's choice between flat_forward and ATen's convolution
-    # (flat_suits): channel counts on oneDNN's blocks of 16 take ATen's with a patch of depth 288
-    # or more (no_pool_dnn_deep: 16 * 5 * 5; no_pool_cl_planes: 32 * 3 * 3) or at most 64 conv
+    # (flat_suits): channel counts on oneDNN's blocks of 16 take ATen's with at most 64 conv
     # outputs a plane (no_pool_cl_planes: 8x8; the ReLU/argmax pass of no_pool_strided below
-    # after it), flat_forward otherwise (no_pool_nchw: depth 144 over 90 outputs); other channel
-    # counts take flat_forward up to 128 input channels (flat_wide: 37 -> 22, 5x5 with padding,
-    # output channels in blocks of 8, the last one of 6).
+    # after it) or a patch of depth 288 or more over fewer than 900 (no_pool_dnn_deep: 16 * 5 * 5
+    # over 90; no_pool_cl_planes: 32 * 3 * 3), flat_forward otherwise (no_pool_nchw: depth 144
+    # over 90 outputs; no_pool_dnn_large: depth 400 over 30x30); other channel counts take
+    # flat_forward up to 128 input channels (flat_wide: 37 -> 22, 5x5 with padding, output
+    # channels in blocks of 8, the last one of 6).
     "no_pool_dnn_deep": (2, 16, 10, 9, 16, 5, 5, 1, 2, 1, 1),
+    "no_pool_dnn_large": (1, 16, 30, 30, 16, 5, 5, 1, 2, 1, 1),
     "flat_wide": (2, 37, 9, 10, 22, 5, 5, 1, 2, 1, 1),
     # pool_size=1, few input channels: the CPU backward's own weight gradient
     # (csrc/conv_relu_pool_cpu_nopool.h): conv rows of 33 = 16 + 16 + 1 lanes, 7 output channels

@@ -198,7 +198,16 @@ def test_random_no_pool_channels(n, c, o, k, size, half_padding, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "name",
-    ["no_pool", "flat_rows", "flat_wide", "no_pool_dnn_deep", "tap_gemm_no_pool", "odd", "cl_conv"],
+    [
+        "no_pool",
+        "flat_rows",
+        "flat_wide",
+        "no_pool_dnn_large",
+        "no_pool_dnn_deep",
+        "tap_gemm_no_pool",
+        "odd",
+        "cl_conv",
+    ],
 )
 def test_infer_op_is_forward_output(name, dtype):
     """conv_relu_pool_infer, the CPU path under no_grad: bitwise the forward op's output, a NaN
