@@ -229,6 +229,8 @@ SWEEP = {
     "vgg-64-128": ConvShape(64, 128, 8, 3, input_grad=True, padding=1),
     "vgg-128-128": ConvShape(128, 128, 8, 3, input_grad=True, padding=1),
     "vgg-128-128-nopool": ConvShape(128, 128, 8, 3, input_grad=True, padding=1, **NO_POOL),
+    # a VGG block's first conv on CIFAR-sized input: channels on oneDNN's blocks, a large plane
+    "vgg-32-32-nopool": ConvShape(32, 32, 32, 3, input_grad=True, padding=1, **NO_POOL),
     "nopool-6-16": ConvShape(6, 16, 30, 3, input_grad=True, **NO_POOL),
     "nopool-3-16": ConvShape(3, 16, 32, 3, input_grad=False, padding=1, **NO_POOL),  # RGB input
     # the corners of the envelope, odd channel counts and sizes
