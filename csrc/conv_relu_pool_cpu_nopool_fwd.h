@@ -1,6 +1,6 @@
 // Forward of conv2d -> ReLU without pooling (pool_size 1) on the CPU, for the layers where
-// oneDNN's convolution runs far from the FMA peak (flat_suits): few input channels, or channel
-// counts off oneDNN's blocks of 16.
+// oneDNN's convolution runs far from the FMA peak (flat_suits): channel counts off oneDNN's
+// blocks of 16 (few input channels among them), shallow patches, planes of 30x30 and more.
 // Math and saved state: fastlenet/reference.py (conv_relu_pool).
 // Computes: out (N, O, OH, OW) = ReLU(conv(x, w) + b), and the ReLU codes (argmax: 0, or kNoGrad
 // where ReLU passes no gradient) unless inference. Stride 1, any kernel size and padding.
