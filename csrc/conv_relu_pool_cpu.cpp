@@ -82,10 +82,11 @@ bool cl_conv_suits(const ConvPoolGeometry& g) {
 
 // Layers without pooling whose float32 gradients come from oneDNN's backward of channels-last
 // operands (conv_relu_pool_cpu_nopool_cl.h) where ATen computes the weight gradient: channel
-// counts that are not multiples of 16 (oneDNN's NCHW path pads them to its blocks of 16) or
-// planes of at most kClBackwardMaxPixels conv outputs. Measured (backward alone, batch 64 / 256,
-// 2 threads, AVX-512 Xeon VM, ms, NCHW -> channels-last, in alternating processes): 6 -> 16 5x5
-// pad 2 16x16 1.20 / 4.69 -> 1.01 / 3.74, 13 -> 29 3x3 11x11 0.63 / 2.39 -> 0.58 / 2.03, 10 ->
+// counts that are not multiples of 16 (oneDNN's NCHW path pads them to its blocks of 16:
+// on_dnn_blocks, conv_relu_pool_cpu_nopool_fwd.h) or planes of at most kClBackwardMaxPixels conv
+// outputs. Measured (backward alone, batch 64 / 256, 2 threads, AVX-512 Xeon VM, ms, NCHW ->
+// channels-last, in alternating processes): 6 -> 16 5x5 pad 2 16x16 1.20 / 4.69 -> 1.01 / 3.74,
+// 13 -> 29 3x3 11x11 0.63 / 2.39 -> 0.58 / 2.03, 10 ->
 // 22 3x3 pad 1 20x20 2.03 / 8.03 -> 1.52 / 5.55, 24 -> 40 5x5 20x20 6.85 / 27.2 -> 6.17 / 23.9,
 // 128 -> 128 3x3 pad 1 8x8 6.44 / 24.6 -> 6.26 / 24.2; not taken: 16 -> 16 3x3 pad 1 24x24
 // 1.45 / 5.42 -> 1.55 / 5.75, 64 -> 64 16x16 6.56 / 25.9 -> 6.63 / 26.9, 32 -> 64 16x16 3.74 /
@@ -93,12 +94,10 @@ bool cl_conv_suits(const ConvPoolGeometry& g) {
 // is conv_relu_pool_cpu_nopool.h's keep NCHW: their input gradient alone measured slower
 // channels-last (6 -> 16 3x3 30x30 1.94 / 7.16 -> 2.21 / 8.84 ms).
 #if defined(__AVX512F__)
-constexpr int64_t kClBackwardChannels = 16;
 constexpr int64_t kClBackwardMaxPixels = 64;
 
 bool cl_backward_suits(const ConvPoolGeometry& g) {
-  return g.c % kClBackwardChannels != 0 || g.o % kClBackwardChannels != 0 ||
-         g.oh * g.ow <= kClBackwardMaxPixels;
+  return !on_dnn_blocks(g) || g.oh * g.ow <= kClBackwardMaxPixels;
 }
 #endif
 

@@ -204,17 +204,22 @@ void flat_forward_ob(const at::Tensor& input, const at::Tensor& weight, const at
 // 4897-5200 -> 4108-4136. The flat kernel runs at 300-490 GFLOP/s at these shapes, oneDNN's at
 // 190-350 with channel counts off its blocks and 420-480 on them over smaller planes.
 constexpr int64_t kFlatMaxChannels = 128;  // issue 16's envelope: wider layers were not measured
-constexpr int64_t kFlatMaxTaps = 25;  // 5x5 (1 -> 16 7x7 pad 3 28x28: 0.94-0.99x before 1f97f73)
-constexpr int64_t kDnnBlock = 16;
+constexpr int64_t kFlatMaxTaps = 25;    // 5x5 (1 -> 16 7x7 pad 3 28x28: 0.94-0.99x before 1f97f73)
+constexpr int64_t kDnnBlock = 16;       // oneDNN's blocks of channels: its NCHW path pads to them
 constexpr int64_t kDnnDeepPatch = 288;  // 32 channels of 3x3
 constexpr int64_t kFlatMinPixels = 64;
 constexpr int64_t kFlatLargePlane = 900;  // 30x30 conv outputs
 
+// Both channel counts whole blocks of oneDNN's (flat_suits here, cl_backward_suits for the
+// backward in conv_relu_pool_cpu.cpp).
+inline bool on_dnn_blocks(const ConvPoolGeometry& g) {
+  return g.c % kDnnBlock == 0 && g.o % kDnnBlock == 0;
+}
+
 inline bool flat_suits(const ConvPoolGeometry& g) {
   if (g.sh != 1 || g.sw != 1 || g.c > kFlatMaxChannels || g.kh * g.kw > kFlatMaxTaps) return false;
-  const bool dnn_blocks = g.c % kDnnBlock == 0 && g.o % kDnnBlock == 0;
   const int64_t pixels = g.oh * g.ow;
-  return !dnn_blocks || pixels >= kFlatLargePlane ||
+  return !on_dnn_blocks(g) || pixels >= kFlatLargePlane ||
          (g.c * g.kh * g.kw < kDnnDeepPatch && pixels > kFlatMinPixels);
 }
 
