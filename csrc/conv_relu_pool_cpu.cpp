@@ -14,10 +14,11 @@
 // (ReLU/pool pass after ATen's conv, tap GEMM), conv_relu_pool_cpu_bwd.h and
 // conv_relu_pool_cpu_bwd_wide.h (backward), conv_relu_pool_cpu_nopool_fwd.h (forward without
 // pooling where oneDNN runs far from the peak), conv_relu_pool_cpu_nopool.h (weight gradient
-// without pooling, few input channels), conv_relu_pool_cpu_nopool_cl.h (gradients without pooling
-// from oneDNN's channels-last backward: cl_backward_suits); a gradient that Inf/NaN reach through
-// the zeros the sparse backward skips is recomputed here with dense_backward, as stock's dense
-// backward computes it.
+// without pooling, few input channels), conv_relu_pool_cpu_nopool_gi.h (input gradient without
+// pooling, few input channels: the flat kernel's transposed conv), conv_relu_pool_cpu_nopool_cl.h
+// (gradients without pooling from oneDNN's channels-last backward: cl_backward_suits); a gradient
+// that Inf/NaN reach through the zeros the sparse backward skips is recomputed here with
+// dense_backward, as stock's dense backward computes it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -30,6 +31,7 @@
 #include "conv_relu_pool_cpu_nopool.h"
 #include "conv_relu_pool_cpu_nopool_cl.h"
 #include "conv_relu_pool_cpu_nopool_fwd.h"
+#include "conv_relu_pool_cpu_nopool_gi.h"
 #include "conv_relu_pool_cpu_pool.h"
 #include "cpu_reuse.h"
 
@@ -248,9 +250,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
   if (windows_are_outputs(g)) {
     // No pooling: every conv output passes gradient unless ReLU stops it, so the sparse
     // kernels save no work. The weight gradient of layers with few input channels comes from
-    // conv_relu_pool_cpu_nopool.h, which reads grad_out and the ReLU codes as they are; the
-    // rest from ATen's dense backward (oneDNN) of the masked gradient, the bias gradient then
-    // from the masking pass (masked_grad says why).
+    // conv_relu_pool_cpu_nopool.h and their input gradient from conv_relu_pool_cpu_nopool_gi.h,
+    // which read grad_out and the ReLU codes as they are; the rest from ATen's dense backward
+    // (oneDNN) of the masked gradient, the bias gradient then from the masking pass
+    // (masked_grad says why).
     // grad_weight is allocated here only for the own kernel; ATen's backward returns its own.
     const bool own_weight = weight_grad && nopool_weight_suits(g);
     at::Tensor grad_weight =
@@ -265,18 +268,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
       });
     const bool aten_weight = weight_grad && !weight_done;
     const auto none = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
-    if (!input_grad && !aten_weight) return {none(input), grad_weight, grad_bias};
+    at::Tensor grad_input = none(input);
+    bool flat_input = false;
+    if (input_grad && flat_grad_input_suits(g))
+      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_nopool_bwd_cpu", [&] {
+        if (!span_finite(w.const_data_ptr<scalar_t>(), w.numel())) return;  // see flat_suits
+        grad_input = flat_grad_input<scalar_t>(go, am, w, g);
+        flat_input = true;
+      });
+    const bool aten_input = input_grad && !flat_input;
+    if (!aten_input && !aten_weight) return {grad_input, grad_weight, grad_bias};
 #if defined(__AVX512F__)
     if (aten_weight && input.scalar_type() == at::kFloat && cl_backward_suits(g)) {
-      auto [gi, gw] = nopool_backward_cl(go, am, x, w, g, input_grad, grad_bias);
-      return {input_grad ? gi : none(input), gw, grad_bias};
+      auto [gi, gw] = nopool_backward_cl(go, am, x, w, g, aten_input, grad_bias);
+      return {aten_input ? gi : grad_input, gw, grad_bias};
     }
 #endif
     const at::Tensor masked = masked_grad(go, am, aten_weight ? &grad_bias : nullptr);
     auto [gi, gw, unused] =
         at::convolution_backward(masked, x, w, at::IntArrayRef{g.o}, {g.sh, g.sw}, {g.padh, g.padw},
-                                 {1, 1}, false, {0, 0}, 1, {input_grad, aten_weight, false});
-    return {input_grad ? gi : none(input), aten_weight ? gw : grad_weight, grad_bias};
+                                 {1, 1}, false, {0, 0}, 1, {aten_input, aten_weight, false});
+    return {aten_input ? gi : grad_input, aten_weight ? gw : grad_weight, grad_bias};
   }
   at::Tensor grad_input =
       cpu::empty_reused(shape(input_grad, {g.n, g.c, g.h, g.w}), input.options());

@@ -111,9 +111,13 @@ void relu_codes_rows(const T* st, int64_t pitch, int64_t oh, int64_t ow, T* out,
   for (; r < oh; ++r) relu_codes_span(st + r * pitch, ow, out + r * ow, am ? am + r * ow : nullptr);
 }
 
-template <typename T, int OB>
-void flat_forward_ob(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                     const ConvPoolGeometry& g, at::Tensor& out, at::Tensor* argmax) {
+// The flat conv (stride 1) of geometry g: w its weight ([O][C * KH * KW]), bias O values or
+// null (zeros); pad(n, xp) writes sample n's C planes into the zero-padded buffer xp (rows of W +
+// 2 * padw, rows padh .. padh + H - 1; the rest stays zero); write(n, o, st, pitch) takes
+// output plane (n, o) from its stage rows (`pitch` apart, OW values each). flat_forward's
+// conv -> ReLU and flat_grad_input's transposed conv (conv_relu_pool_cpu_nopool_gi.h).
+template <typename T, int OB, typename Pad, typename Write>
+void flat_conv_ob(const ConvPoolGeometry& g, const T* w, const T* bias, Pad pad, Write write) {
   constexpr int VW = VecOf<T, kVecBytes>::kLanes;
   const int64_t hp = g.h + 2 * g.padh, wp = g.w + 2 * g.padw, plane = hp * wp;
   const int64_t taps = g.c * g.kh * g.kw;
@@ -142,15 +146,10 @@ void flat_forward_ob(const at::Tensor& input, const at::Tensor& weight, const at
       for (int64_t kw = 0; kw < g.kw; ++kw)
         off[(c * g.kh + kh) * g.kw + kw] = c * plane + kh * wp + kw;
   AlignedVector<T> wk(blocks * taps * OB, T(0)), bk(blocks * OB, T(0));
-  const T* w = weight.const_data_ptr<T>();
   for (int64_t o = 0; o < g.o; ++o) {
     for (int64_t t = 0; t < taps; ++t) wk[((o / OB) * taps + t) * OB + o % OB] = w[o * taps + t];
-    if (bias.defined()) bk[o] = bias.const_data_ptr<T>()[o];
+    if (bias != nullptr) bk[o] = bias[o];
   }
-  const T* x = input.const_data_ptr<T>();
-  T* y = out.data_ptr<T>();
-  uint8_t* am = argmax ? argmax->data_ptr<uint8_t>() : nullptr;
-  const int64_t outplane = g.oh * g.ow;
   // Tasks of (sample, block): a thread's tasks are consecutive, so it pads each sample once.
   cpu::parallel_for(0, g.n * blocks, 1, [&](int64_t begin, int64_t end) {
     AlignedVector<T> xp(xsize, T(0)), stage(OB * splane);
@@ -158,18 +157,27 @@ void flat_forward_ob(const at::Tensor& input, const at::Tensor& weight, const at
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, b = task % blocks;
       if (n != padded) {
-        copy_padded(x + n * g.c * g.h * g.w, g.c, g.h, g.w, g.padh, g.padw, wp, xp.data());
+        pad(n, xp.data());
         padded = n;
       }
       flat_blocks<T, OB>(xp.data(), wk.data() + b * taps * OB, bk.data() + b * OB, off.data(), taps,
                          src.data(), dst.data(), nv, stage.data(), splane);
-      for (int j = 0; j < OB && b * OB + j < g.o; ++j) {
-        const int64_t at = (n * g.o + b * OB + j) * outplane;
-        relu_codes_rows(stage.data() + j * splane, pitch, g.oh, g.ow, y + at,
-                        am ? am + at : nullptr);
-      }
+      for (int j = 0; j < OB && b * OB + j < g.o; ++j)
+        write(n, b * OB + j, stage.data() + j * splane, pitch);
     }
   });
+}
+
+// flat_conv_ob with the block of output channels that pads the fewest; of equal ones the widest.
+template <typename T, typename Pad, typename Write>
+void flat_conv(const ConvPoolGeometry& g, const T* w, const T* bias, Pad pad, Write write) {
+  const auto padded = [&](int64_t ob) { return (g.o + ob - 1) / ob * ob - g.o; };
+  if (g.o <= 4)
+    flat_conv_ob<T, 4>(g, w, bias, pad, write);
+  else if (padded(6) < padded(8))
+    flat_conv_ob<T, 6>(g, w, bias, pad, write);
+  else
+    flat_conv_ob<T, 8>(g, w, bias, pad, write);
 }
 
 // Layers that take flat_forward rather than ATen's convolution: stride 1, at most
@@ -227,14 +235,20 @@ inline bool flat_suits(const ConvPoolGeometry& g) {
 template <typename T>
 void flat_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                   const ConvPoolGeometry& g, at::Tensor& out, at::Tensor* argmax) {
-  // The block with the fewest padded channels; of equal ones the widest.
-  const auto pad = [&](int64_t ob) { return (g.o + ob - 1) / ob * ob - g.o; };
-  if (g.o <= 4)
-    flat_forward_ob<T, 4>(input, weight, bias, g, out, argmax);
-  else if (pad(6) < pad(8))
-    flat_forward_ob<T, 6>(input, weight, bias, g, out, argmax);
-  else
-    flat_forward_ob<T, 8>(input, weight, bias, g, out, argmax);
+  const T* x = input.const_data_ptr<T>();
+  T* y = out.data_ptr<T>();
+  uint8_t* am = argmax ? argmax->data_ptr<uint8_t>() : nullptr;
+  const int64_t inplane = g.c * g.h * g.w, outplane = g.oh * g.ow;
+  const int64_t wp = g.w + 2 * g.padw;
+  flat_conv<T>(
+      g, weight.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr,
+      [&](int64_t n, T* xp) {
+        copy_padded(x + n * inplane, g.c, g.h, g.w, g.padh, g.padw, wp, xp);
+      },
+      [&](int64_t n, int64_t o, const T* st, int64_t pitch) {
+        const int64_t at = (n * g.o + o) * outplane;
+        relu_codes_rows(st, pitch, g.oh, g.ow, y + at, am ? am + at : nullptr);
+      });
 }
 
 }  // namespace fastlenet::cpu

@@ -71,7 +71,11 @@ CONV = {
     "no_pool_5x5": (2, 1, 13, 18, 5, 5, 5, 1, 2, 1, 1),
     # pool_size=1, few input channels and at most 25 taps: the CPU forward's flat_forward
     # (no_pool, no_pool_wide, no_pool_5x5, slices and conv_1x1 too; flat_wide above for wide
-    # layers; csrc/conv_relu_pool_cpu_nopool_fwd.h).
+    # layers; csrc/conv_relu_pool_cpu_nopool_fwd.h). Their input gradient (at most 8 input
+    # channels, padding below the kernel, a padded plane at most twice the conv outputs) is the
+    # flat kernel's transposed conv (csrc/conv_relu_pool_cpu_nopool_gi.h): no_pool, flat_rows
+    # (beside oneDNN's channels-last weight gradient), flat_blocks, no_pool_wide, no_pool_5x5,
+    # slices; conv_1x1 (a 5x5 plane for one conv output) and no_pool_strided take ATen's.
     # Vectors per conv row (16 wide conv rows of 20 padded), 12 outputs in blocks of 6, 15 vectors
     # in blocks of 4 and a last one of 3 (float32; float64 30, 7 blocks and one of 2); flattened
     # rows, 29 outputs in blocks of 6 (the last with 5), a block of 4 vectors and one of 1.

@@ -194,6 +194,69 @@ def test_random_no_pool_channels(n, c, o, k, size, half_padding, dtype):
     assert torch.equal(got, out)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 12),
+    o=_NO_POOL_CHANNELS,
+    k=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    size=st.tuples(st.integers(0, 10), st.integers(0, 10)),
+    padding=st.tuples(st.integers(0, 5), st.integers(0, 5)),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_random_no_pool_input_grad(n, c, o, k, size, padding, dtype):
+    """The backward without pooling over input channel counts on both sides of the flat input
+    gradient's bound (8: flat_grad_input_suits in csrc/conv_relu_pool_cpu_nopool_gi.h), padding
+    from 0 to the kernel size (the transposed conv's padding K - 1 - pad, negative past it:
+    ATen's backward), planes whose padding is more or less than the conv outputs: every gradient
+    the reference's, with the weight's asked for or not (its own kernel, oneDNN's of NCHW or
+    channels-last operands, or none)."""
+    if not _ext.LOADED:
+        pytest.fail(_ext.LOAD_ERROR)
+    padding = (min(padding[0], k[0]), min(padding[1], k[1]))
+    x = torch.randn(n, c, k[0] + size[0], k[1] + size[1], dtype=dtype)
+    weight = torch.randn(o, c, *k, dtype=dtype)
+    bias = torch.randn(o, dtype=dtype)
+    conv = [[1, 1], list(padding), [1, 1], [1, 1]]
+    out, codes = torch.ops.fastlenet.conv_relu_pool_fwd.default(x, weight, bias, *conv)
+    grad = torch.randn_like(out)
+    args = (grad, codes, x, weight, *conv)
+    want = reference.conv_relu_pool_bwd(*[t.double() for t in args[:4]], *conv, True, True)
+    got = torch.ops.fastlenet.conv_relu_pool_bwd.default(*args, True, True)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype and rel_err(g, w) < TOL[dtype]
+    alone = torch.ops.fastlenet.conv_relu_pool_bwd.default(*args, True, False)[0]
+    assert rel_err(alone, want[0]) < TOL[dtype]
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        (16, 3, 20, 20, 12, 3, 3, 1, 1, 1, 1),  # tasks of samples
+        (4, 8, 16, 16, 29, 3, 3, 1, 0, 1, 1),  # a block of 8 channels (no lane of it empty)
+        (3, 2, 9, 31, 14, 5, 5, 1, 2, 1, 1),  # odd samples over two threads
+    ],
+)
+def test_flat_grad_input_threads(geometry, dtype):
+    """The input gradient without pooling of few input channels (flat_grad_input: one block of
+    channels, tasks of samples over the threads): on one thread and on two, bitwise the same,
+    with the weight's gradient asked for or not, and the reference's."""
+    x, weight, bias, conv = conv_inputs(geometry, dtype, requires_grad=False)
+    conv = [list(v) for v in conv]
+    out, codes = torch.ops.fastlenet.conv_relu_pool_fwd.default(x, weight, bias, *conv)
+    args = (torch.randn_like(out), codes, x, weight, *conv)
+    bwd = torch.ops.fastlenet.conv_relu_pool_bwd.default
+    torch.set_num_threads(1)  # conftest's _seed_and_threads restores the count
+    alone = bwd(*args, True, True)[0]
+    torch.set_num_threads(2)
+    assert torch.equal(bwd(*args, True, True)[0], alone)
+    assert torch.equal(bwd(*args, True, False)[0], alone)
+    want = reference.conv_relu_pool_bwd(*[t.double() for t in args[:4]], *conv, True, False)[0]
+    assert rel_err(alone, want) < TOL[dtype]
+
+
 @pytest.mark.skipif(not _ext.LOADED, reason="needs the C++ extension")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(

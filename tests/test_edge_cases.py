@@ -202,12 +202,13 @@ def test_conv_nonfinite_one_channel(index, value, padding, backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_conv_nonfinite_grad_out(backend):
+@pytest.mark.parametrize("pool_size", [2, 1], ids=["pool2", "no_pool"])  # no_pool: flat grad_x
+def test_conv_nonfinite_grad_out(backend, pool_size):
     tensors = _conv_tensors()
-    out_shape = _stock_conv(*tensors, **GEOM).shape
+    out_shape = _stock_conv(*tensors, **{**GEOM, "pool_size": pool_size}).shape
     grad_out = torch.randn(out_shape)
     grad_out[0, 1, 1, 1], grad_out[1, 3, 0, 2], grad_out[1, 0, 3, 3] = NAN, INF, -INF
-    _compare(*_conv(backend), tensors, grad_out=grad_out)
+    _compare(*_conv(backend, pool_size=pool_size), tensors, grad_out=grad_out)
 
 
 NONFINITE_LINEAR = [
