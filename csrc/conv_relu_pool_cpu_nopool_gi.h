@@ -42,30 +42,41 @@ inline ConvPoolGeometry transposed_conv(const ConvPoolGeometry& g) {
 
 // Layers whose input gradient flat_grad_input computes (the caller also requires a finite
 // weight, as flat_forward's): stride 1 without pooling, padding below the kernel size (the
-// transposed conv's padding is then not negative), within flat_suits' channels and taps, at most
-// kFlatGradInputMaxChannels input channels, and a padded plane of at most kFlatGradInputMaxWaste
-// times the conv's outputs (the kernel multiplies the K - 1 - pad rows and columns of zeros
-// around gm; oneDNN skips them). Measured (the op's backward, the gradients each layer asks
-// for: input, and weight and bias where nopool_weight_suits does not take them; 2 threads, Zen
-// 5 VM (AVX-512), processes alternating with ATen's input gradient, us, ATen's -> flat): batch
-// 64: 6 -> 16 3x3 30x30 1208-1287 -> 731-769, 6 -> 16 5x5 pad 2 16x16 725-742 -> 436-453, 8 ->
-// 16 3x3 pad 1 28x28 1224-1298 -> 886-907, 3 -> 16 3x3 pad 1 32x32 1265-1361 -> 493-506, 1 -> 6
-// 5x5 pad 2 28x28 1859-1916 -> 299-359, 6 -> 16 5x5 16x16 (waste 1.78) 701-1244 -> 443-475;
-// batch 256: 6 -> 16 3x3 30x30 6329-6629 -> 3744-4099, 3 -> 16 16695-16762 -> 3650-3858, 1 -> 32
-// 3x3 28x28 8528-8680 -> 3761-4724; batch 1: 1 -> 6 5x5 pad 2 28x28 72-79 -> 14-15. Not taken:
+// transposed conv's padding is then not negative), within flat_suits' channels and taps, a
+// padded plane of at most kFlatGradInputMaxWaste times the conv's outputs (the kernel multiplies
+// the K - 1 - pad rows and columns of zeros around gm; oneDNN skips them), and either at most
+// kFlatGradInputMaxChannels input channels, or channel counts on oneDNN's blocks over input
+// planes of at least kFlatLargePlane values: there the weight gradient comes from oneDNN's NCHW
+// backward (cl_backward_suits in conv_relu_pool_cpu.cpp), whose call for both gradients took
+// 1.1-2x as long as its weight gradient alone and flat's input gradient (the spread of the
+// "before" figures below is that call's: its time moves with the allocator's state). Measured (the
+// op's backward, the gradients each layer asks for: input, and weight and bias where
+// nopool_weight_suits does not take them; 2 threads, Zen 5 VM (AVX-512), processes alternating with
+// ATen's input gradient, us, ATen's -> flat): batch 64: 6 -> 16 3x3 30x30 1208-1287 -> 731-769, 6
+// -> 16 5x5 pad 2 16x16 725-742 -> 436-453, 8 -> 16 3x3 pad 1 28x28 1224-1298 -> 886-907, 3 -> 16
+// 3x3 pad 1 32x32 1265-1361 -> 493-506, 1 -> 6 5x5 pad 2 28x28 1859-1916 -> 299-359, 6 -> 16 5x5
+// 16x16 (waste 1.78) 701-1244 -> 443-475; batch 256: 6 -> 16 3x3 30x30 6329-6629 -> 3744-4099, 3 ->
+// 16 16695-16762 -> 3650-3858, 1 -> 32 3x3 28x28 8528-8680 -> 3761-4724; batch 1: 1 -> 6 5x5 pad 2
+// 28x28 72-79 -> 14-15. On the blocks over large planes, batch 64 (/ 256): 32 -> 32 3x3 pad 1 32x32
+// 18847-19604 -> 8428-9061 (80311-92746 -> 49554-52645), 32 -> 32 3x3 pad 1 30x30 7376-8924 ->
+// 7328-7974, 16 -> 32 5x5 pad 2 30x30 9114-9894 -> 8391-8946 (36456-57808 -> 33624-34102), 32 -> 48
+// 3x3 pad 1 30x30 12258-14145 -> 10402-10816 (84945-95425 -> 55417-55620), 64 -> 64 3x3 pad 1 32x32
+// 41809-50259 -> 35779-37120, 16 -> 16 3x3 pad 1 30x30 1880-2489 -> 1967-2110. Not taken:
 // 8 -> 40 5x5 12x12 (waste 2.25) 5078-5312 -> 5482-5514 at batch 256; with more input channels
 // oneDNN's channels-last backward (cl_backward_suits) computes the input gradient at 300-400
 // GFLOP/s: flat's input gradient and its weight gradient alone against both from it, one
 // process, 10 -> 20 3x3 pad 1 16x16 0.98x, 12 -> 24 3x3 pad 1 24x24 1.04x, 13 -> 29 3x3 11x11
 // 1.08x, 16 -> 16 3x3 pad 1 24x24 1.21x, 24 -> 40 5x5 20x20 1.13x, 37 -> 77 5x5 pad 2 12x12
-// 1.19x (the forward's rule, flat_suits of the transposed conv, would take these).
+// 1.19x; on the blocks over smaller planes (oneDNN's NCHW backward) 16 -> 16 3x3 pad 1 24x24
+// 1.13x (the forward's rule, flat_suits of the transposed conv, would take these).
 constexpr int64_t kFlatGradInputMaxChannels = 8;  // one register block of flat_conv's outputs
 constexpr int64_t kFlatGradInputMaxWaste = 2;
 
 inline bool flat_grad_input_suits(const ConvPoolGeometry& g) {
+  const bool large = on_dnn_blocks(g) && g.h * g.w >= kFlatLargePlane;
   return g.sh == 1 && g.sw == 1 && g.padh < g.kh && g.padw < g.kw &&
-         g.c <= kFlatGradInputMaxChannels && g.h * g.w <= kFlatGradInputMaxWaste * g.oh * g.ow &&
-         flat_suits(transposed_conv(g));
+         (g.c <= kFlatGradInputMaxChannels || large) &&
+         g.h * g.w <= kFlatGradInputMaxWaste * g.oh * g.ow && flat_suits(transposed_conv(g));
 }
 
 // src where codes pass gradient, else 0 (NaN and Inf too, as masked_grad), into dst: n values.

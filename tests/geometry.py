@@ -75,7 +75,9 @@ CONV = {
     # channels, padding below the kernel, a padded plane at most twice the conv outputs) is the
     # flat kernel's transposed conv (csrc/conv_relu_pool_cpu_nopool_gi.h): no_pool, flat_rows
     # (beside oneDNN's channels-last weight gradient), flat_blocks, no_pool_wide, no_pool_5x5,
-    # slices; conv_1x1 (a 5x5 plane for one conv output) and no_pool_strided take ATen's.
+    # slices; and of channel counts on oneDNN's blocks over planes of 30x30 and more
+    # (no_pool_dnn_large); conv_1x1 (a 5x5 plane for one conv output), no_pool_strided and the
+    # other layers of more channels take ATen's.
     # Vectors per conv row (16 wide conv rows of 20 padded), 12 outputs in blocks of 6, 15 vectors
     # in blocks of 4 and a last one of 3 (float32; float64 30, 7 blocks and one of 2); flattened
     # rows, 29 outputs in blocks of 6 (the last with 5), a block of 4 vectors and one of 1.
