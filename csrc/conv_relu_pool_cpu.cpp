@@ -15,10 +15,10 @@
 // conv_relu_pool_cpu_bwd_wide.h (backward), conv_relu_pool_cpu_nopool_fwd.h (forward without
 // pooling where oneDNN runs far from the peak), conv_relu_pool_cpu_nopool.h (weight gradient
 // without pooling, few input channels), conv_relu_pool_cpu_nopool_gi.h (input gradient without
-// pooling, few input channels: the flat kernel's transposed conv), conv_relu_pool_cpu_nopool_cl.h
-// (gradients without pooling from oneDNN's channels-last backward: cl_backward_suits); a gradient
-// that Inf/NaN reach through the zeros the sparse backward skips is recomputed here with
-// dense_backward, as stock's dense backward computes it.
+// pooling where oneDNN's is slow: the flat kernel's transposed conv),
+// conv_relu_pool_cpu_nopool_cl.h (gradients without pooling from oneDNN's channels-last backward:
+// cl_backward_suits); a gradient that Inf/NaN reach through the zeros the sparse backward skips is
+// recomputed here with dense_backward, as stock's dense backward computes it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -250,10 +250,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
   if (windows_are_outputs(g)) {
     // No pooling: every conv output passes gradient unless ReLU stops it, so the sparse
     // kernels save no work. The weight gradient of layers with few input channels comes from
-    // conv_relu_pool_cpu_nopool.h and their input gradient from conv_relu_pool_cpu_nopool_gi.h,
-    // which read grad_out and the ReLU codes as they are; the rest from ATen's dense backward
-    // (oneDNN) of the masked gradient, the bias gradient then from the masking pass
-    // (masked_grad says why).
+    // conv_relu_pool_cpu_nopool.h, the input gradient where flat_grad_input_suits from
+    // conv_relu_pool_cpu_nopool_gi.h: both read grad_out and the ReLU codes as they are; the
+    // rest from ATen's dense backward (oneDNN) of the masked gradient, the bias gradient then
+    // from the masking pass (masked_grad says why).
     // grad_weight is allocated here only for the own kernel; ATen's backward returns its own.
     const bool own_weight = weight_grad && nopool_weight_suits(g);
     at::Tensor grad_weight =

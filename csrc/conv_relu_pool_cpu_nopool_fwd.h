@@ -15,6 +15,8 @@
 // holds OB output channels by XB vectors of positions; per tap it loads XB input vectors and
 // broadcasts OB weights (repacked [O/OB][C*KH*KW][OB], zero past O). A block's outputs go to
 // a per-thread stage, from which ReLU and the codes (relu_codes_rows) write the conv rows out.
+// The loop (flat_conv) also computes the input gradient without pooling, as a transposed conv
+// (conv_relu_pool_cpu_nopool_gi.h).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -11,10 +11,10 @@
 //
 // Why: oneDNN's backward of the input (stock's, and what these layers took before) pads the
 // input channels to its blocks of 16: with few of them it ran at 120-170 GFLOP/s (6 -> 16 3x3
-// 30x30 and 5x5 pad 2 16x16, batch 64), this kernel at 310-450 (flat_grad_input_suits has the
-// shapes). gm is masked as each sample is
-// copied into the kernel's padded buffer: no tensor the size of the conv output is written for
-// it.
+// 30x30 and 5x5 pad 2 16x16, batch 64), this kernel at 310-450; and on its blocks over large
+// planes its one call for both gradients took longer than its weight gradient alone and this
+// kernel (flat_grad_input_suits has the shapes). gm is masked as each sample is copied into the
+// kernel's padded buffer: no tensor the size of the conv output is written for it.
 #pragma once
 
 #include <ATen/ATen.h>
