@@ -208,9 +208,9 @@ def test_random_no_pool_input_grad(n, c, o, k, size, padding, dtype):
     """The backward without pooling over input channel counts on both sides of the flat input
     gradient's bound (8: flat_grad_input_suits in csrc/conv_relu_pool_cpu_nopool_gi.h), padding
     from 0 to the kernel size (the transposed conv's padding K - 1 - pad, negative past it:
-    ATen's backward), planes whose padding is more or less than the conv outputs: every gradient
-    the reference's, with the weight's asked for or not (its own kernel, oneDNN's of NCHW or
-    channels-last operands, or none)."""
+    ATen's backward), padded planes under and over twice the conv outputs (its other bound):
+    every gradient the reference's, with the weight's asked for or not (its own kernel, oneDNN's
+    of NCHW or channels-last operands, or none)."""
     if not _ext.LOADED:
         pytest.fail(_ext.LOAD_ERROR)
     padding = (min(padding[0], k[0]), min(padding[1], k[1]))
