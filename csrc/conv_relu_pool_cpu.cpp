@@ -101,6 +101,23 @@ constexpr int64_t kClBackwardMaxPixels = 64;
 bool cl_backward_suits(const ConvPoolGeometry& g) {
   return !on_dnn_blocks(g) || g.oh * g.ow <= kClBackwardMaxPixels;
 }
+
+// Float32 layers on oneDNN's blocks whose input gradient is flat_grad_input's (planes of 30x30
+// and more) take oneDNN's channels-last backward for the weight gradient alone where each input
+// plane is a whole number of kClWeightPlaneBytes (32x32 floats): there its NCHW weight gradient
+// ran 1.1-1.45x slower (the forward's NCHW kernels also read 4 KB planes lowest). Measured (the
+// op's backward, both gradients, 2 threads, Zen 5 VM, processes alternating, us, NCHW ->
+// channels-last weight gradient, batch 64 / 256): 16 -> 16 3x3 pad 1 32x32 1745-1770 ->
+// 1662-1664 / 12536-12564 -> 9370-9500, 64 -> 64 3x3 pad 1 32x32 31380-32308 -> 24880-25018 /
+// 131278-132734 -> 100149-100678, 16 -> 32 5x5 pad 2 32x32 7917-8207 -> 7400-8057 / 43650-44247
+// -> 33799-34603, 32 -> 32 3x3 pad 1 32x32 6129-7249 -> 5626-6925 / 42075-46639 -> 30738-31142
+// (batch 128: 21507-21898 -> 14648-14959); not kept at 30x30 (3600-byte planes), batch 128: 32
+// -> 32 3x3 pad 1 12490-12871 -> 13164-13235, 32 -> 48 18312-18518 -> 19867-20067.
+constexpr int64_t kClWeightPlaneBytes = 4096;
+
+bool cl_weight_suits(const ConvPoolGeometry& g) {
+  return g.h * g.w * int64_t{sizeof(float)} % kClWeightPlaneBytes == 0;
+}
 #endif
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -279,7 +296,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
     const bool aten_input = input_grad && !flat_input;
     if (!aten_input && !aten_weight) return {grad_input, grad_weight, grad_bias};
 #if defined(__AVX512F__)
-    if (aten_weight && input.scalar_type() == at::kFloat && cl_backward_suits(g)) {
+    if (aten_weight && input.scalar_type() == at::kFloat &&
+        (cl_backward_suits(g) || (flat_input && cl_weight_suits(g)))) {
       auto [gi, gw] = nopool_backward_cl(go, am, x, w, g, aten_input, grad_bias);
       return {aten_input ? gi : grad_input, gw, grad_bias};
     }

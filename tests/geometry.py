@@ -63,6 +63,9 @@ CONV = {
     # channels in blocks of 8, the last one of 6).
     "no_pool_dnn_deep": (2, 16, 10, 9, 16, 5, 5, 1, 2, 1, 1),
     "no_pool_dnn_large": (1, 16, 30, 30, 16, 5, 5, 1, 2, 1, 1),
+    # the same over 32x32 planes (4 KB of float32): the weight gradient from oneDNN's
+    # channels-last backward (cl_weight_suits), the input gradient flat_grad_input's
+    "no_pool_dnn_4k": (1, 16, 32, 32, 16, 3, 3, 1, 1, 1, 1),
     "flat_wide": (2, 37, 9, 10, 22, 5, 5, 1, 2, 1, 1),
     # pool_size=1, few input channels: the CPU backward's own weight gradient
     # (csrc/conv_relu_pool_cpu_nopool.h): conv rows of 33 = 16 + 16 + 1 lanes, 7 output channels
