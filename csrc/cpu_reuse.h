@@ -9,9 +9,11 @@
 // against 9.7-9.8 with glibc told to keep freed memory). Tensors of at least kReuseMinBytes
 // made by empty_reused take their memory from ReuseAllocator, which keeps a freed block for
 // the next request of the same rounded size: a step of the same shapes as the last one maps
-// no new memory. Smaller tensors, and any size once kReuseMaxCached bytes are kept, go to the
-// default CPU allocator as before. release_reused() frees the kept blocks
-// (fastlenet.release_cached_buffers()).
+// no new memory. Smaller tensors go to the default CPU allocator as before. At most
+// kReuseMaxCached bytes are kept: past it the blocks kept longest go back to the system first,
+// when a block is freed as when a request finds none of its size, so that the sizes in use stay
+// and those of an earlier model, shape or batch size go (reuse_evict_oldest).
+// release_reused() frees the kept blocks (fastlenet.release_cached_buffers()).
 //
 // The storage is resizable, as at::empty's (a resize allocates through ReuseAllocator); the
 // profiler sees each block's allocation and free, as the default allocator reports them.
@@ -27,6 +29,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstddef>
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -39,14 +42,24 @@ namespace fastlenet::cpu {
 constexpr size_t kReuseMinBytes = size_t{1} << 20;
 // Block sizes are rounded up to this, so that the same shapes ask for the same sizes.
 constexpr size_t kReuseGranule = size_t{1} << 16;
-// Most bytes kept unused; past it a freed block goes back to the system (and a request that
-// finds no block of its size first frees kept ones of other sizes until it would fit).
-// pytorch/examples' Net at batch 256 frees ~100 MB of such tensors a step.
+// Most bytes kept unused; pytorch/examples' Net at batch 256 frees ~100 MB of such tensors a
+// step. With this much of other sizes kept (in `make bench`, the conv benchmarks' before the
+// linear ones, in one process), the pool used to give a freed block that did not fit back to the
+// system while blocks no call asked for again stayed, and the next call mapped it fresh: the
+// linear backward 12544 -> 10 at batch 64 read 0.74x-0.75x stock's there (1.23x alone); with the
+// oldest blocks going instead, 1.26x (Xeon VM, 2026-12-07).
 constexpr size_t kReuseMaxCached = size_t{512} << 20;
+
+// A kept block and when it was freed (ReusePool::freed's count then): the lowest go first.
+struct KeptBlock {
+  void* ptr;
+  uint64_t freed;
+};
 
 struct ReusePool {
   std::mutex mu;
-  std::multimap<size_t, void*> kept;  // size -> blocks
+  std::multimap<size_t, KeptBlock> kept;  // size -> blocks
+  uint64_t freed = 0;                     // blocks freed into the pool so far
   size_t kept_bytes = 0;
   size_t live_bytes = 0;  // handed out, not yet freed (the profiler's total_allocated)
 };
@@ -75,22 +88,39 @@ inline void reuse_report(void* ptr, int64_t bytes, const ReusePool& p) {
                                      c10::Device(c10::DeviceType::CPU));
 }
 
-// The DataPtr's deleter: the block back to the pool, or to the system past kReuseMaxCached.
+// With p.mu held: the blocks kept longest out of the pool, into `evicted` (to be freed once the
+// lock is released), until `size` more bytes fit under kReuseMaxCached. A linear search: the
+// pool holds tens of blocks.
+inline void reuse_evict_oldest(ReusePool& p, size_t size, std::vector<void*>& evicted) {
+  while (!p.kept.empty() && p.kept_bytes + size > kReuseMaxCached) {
+    auto oldest = p.kept.begin();
+    for (auto it = p.kept.begin(); it != p.kept.end(); ++it)
+      if (it->second.freed < oldest->second.freed) oldest = it;
+    evicted.push_back(oldest->second.ptr);
+    p.kept_bytes -= oldest->first;
+    p.kept.erase(oldest);
+  }
+}
+
+// The DataPtr's deleter: the block back to the pool (the oldest kept ones to the system where
+// it would not fit), or to the system where it alone is larger than kReuseMaxCached.
 inline void reuse_give_back(void* ctx) {
   auto* block = static_cast<ReuseBlock*>(ctx);
   ReusePool& p = reuse_pool();
-  bool keep = false;
+  const bool keep = block->size <= kReuseMaxCached;
+  std::vector<void*> evicted;
   {
     const std::lock_guard<std::mutex> lock(p.mu);
     // (In a fork()ed child a block of the parent's is not counted in its pool.)
     p.live_bytes -= std::min(p.live_bytes, block->size);
-    keep = p.kept_bytes + block->size <= kReuseMaxCached;
     if (keep) {
-      p.kept.emplace(block->size, block->ptr);
+      reuse_evict_oldest(p, block->size, evicted);
+      p.kept.emplace(block->size, KeptBlock{block->ptr, p.freed++});
       p.kept_bytes += block->size;
     }
     reuse_report(block->ptr, -static_cast<int64_t>(block->size), p);
   }
+  for (void* e : evicted) c10::free_cpu(e);
   if (!keep) c10::free_cpu(block->ptr);
   delete block;
 }
@@ -107,16 +137,11 @@ class ReuseAllocator final : public c10::Allocator {
       const std::lock_guard<std::mutex> lock(p.mu);
       const auto it = p.kept.find(size);
       if (it != p.kept.end()) {
-        ptr = it->second;
+        ptr = it->second.ptr;
         p.kept.erase(it);
         p.kept_bytes -= size;
       } else {
-        while (!p.kept.empty() && p.kept_bytes + size > kReuseMaxCached) {
-          const auto largest = std::prev(p.kept.end());
-          evicted.push_back(largest->second);
-          p.kept_bytes -= largest->first;
-          p.kept.erase(largest);
-        }
+        reuse_evict_oldest(p, size, evicted);
       }
     }
     for (void* e : evicted) c10::free_cpu(e);
@@ -161,15 +186,15 @@ inline at::Tensor empty_strided_reused(at::IntArrayRef size, at::IntArrayRef str
 // Frees every kept block; the bytes freed.
 inline size_t release_reused() {
   ReusePool& p = reuse_pool();
-  std::multimap<size_t, void*> kept;
+  std::multimap<size_t, KeptBlock> kept;
   {
     const std::lock_guard<std::mutex> lock(p.mu);
     kept.swap(p.kept);
     p.kept_bytes = 0;
   }
   size_t bytes = 0;
-  for (const auto& [size, ptr] : kept) {
-    c10::free_cpu(ptr);
+  for (const auto& [size, block] : kept) {
+    c10::free_cpu(block.ptr);
     bytes += size;
   }
   return bytes;

@@ -104,6 +104,33 @@ def test_kept_memory_stays_under_its_bound():
     assert fastlenet.cached_buffers()["kept"] + big.nbytes <= CAP
 
 
+def test_a_full_pool_keeps_the_sizes_in_use():
+    """With the pool full of blocks of other sizes (an earlier model, shape or batch size), two
+    outputs freed together are both kept, the blocks kept longest going instead: the next call
+    of the same sizes takes both from the pool. (It used to give back the one that did not fit,
+    and map it fresh on every call.)"""
+    x, w, b = _inputs()
+    with torch.no_grad():  # five blocks of ~100 MB kept, ~500 MB
+        blocks = [
+            conv_relu_pool2d(x, w, b, backend="cpu").resize_(25 * MIB + i * 4096) for i in range(6)
+        ]
+    del blocks
+    sizes = (2 * MIB, 2 * MIB + 16384)  # 8 MiB and 8 MiB + 64 KiB: whole 64 KiB granules
+
+    def outputs():
+        with torch.no_grad():
+            return [conv_relu_pool2d(x, w, b, backend="cpu").resize_(n) for n in sizes]
+
+    first = outputs()
+    assert fastlenet.cached_buffers()["kept"] + sum(t.nbytes for t in first) > CAP
+    del first
+    kept = fastlenet.cached_buffers()["kept"]
+    assert kept <= CAP
+    second = outputs()
+    # Both taken from the pool: nothing else left it (a miss would have evicted ~100 MB).
+    assert kept - fastlenet.cached_buffers()["kept"] == sum(t.nbytes for t in second)
+
+
 def test_threads_allocate_and_free_concurrently():
     x, w, b = _inputs()
     with torch.no_grad():
