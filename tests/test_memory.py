@@ -107,8 +107,8 @@ def test_kept_memory_stays_under_its_bound():
 def test_a_full_pool_keeps_the_sizes_in_use():
     """With the pool full of blocks of other sizes (an earlier model, shape or batch size), two
     outputs freed together are both kept, the blocks kept longest going instead: the next call
-    of the same sizes takes both from the pool. (It used to give back the one that did not fit,
-    and map it fresh on every call.)"""
+    of the same sizes takes both from the pool. (It used to give back the one that did not fit
+    and keep the stale blocks; the next call missed it and mapped it fresh.)"""
     x, w, b = _inputs()
     with torch.no_grad():  # five blocks of ~100 MB kept, ~500 MB
         blocks = [
