@@ -47,7 +47,7 @@ constexpr size_t kReuseGranule = size_t{1} << 16;
 // linear ones, in one process), the pool used to give a freed block that did not fit back to the
 // system while blocks no call asked for again stayed, and the next call mapped it fresh: the
 // linear backward 12544 -> 10 at batch 64 read 0.74x-0.75x stock's there (1.23x alone); with the
-// oldest blocks going instead, 1.26x (Xeon VM, 2026-12-07).
+// oldest blocks going instead, 1.15x-1.26x (Xeon VM, 2026-12-07).
 constexpr size_t kReuseMaxCached = size_t{512} << 20;
 
 // A kept block and when it was freed (ReusePool::freed's count then): the lowest go first.
