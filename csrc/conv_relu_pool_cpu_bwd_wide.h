@@ -63,6 +63,17 @@ constexpr int64_t kRepackGrain = 1 << 14;
 // whole plane ~1430, 24 KiB bands ~1310, 32 KiB ~1240 (12 KiB: the whole backward slower than
 // with no bands); planes within a band (vgg-64-128 8x8, LeNet-5's conv2) as before.
 constexpr int64_t kWideBandBytes = 32 << 10;
+// Up to this many bytes of rows (every pooled row's), the plane is one band: each channel's
+// tile then loads and stores its accumulators once per sample instead of once per band
+// (vgg-128-128: bands of 3 and 1 pooled rows at 32 KiB, 2 and 2 at 20 KiB, both ~2.2 ms on the
+// twenty-ninth session's Xeon VM; one band of 4 below). grad_w alone, 2 threads, Xeon VM,
+// alternating in one process, the same bits; plane (KiB of rows) and speedup over 32 KiB bands
+// at batch 64, 3x3 pad 1 pool 2 unless noted: 128 -> 128 8x8 (41) 1.19-1.21x (batch 256 1.20x;
+// the whole backward 1.11x), 128 -> 128 9x9 (45) 1.14x, 96 -> 96 10x10 (46) 1.07x, 64 -> 96
+// 12x12 pool 3 (36) 1.10-1.14x, 32 -> 64 16x16 (37) 1.05x, 64 -> 64 12x12 (43) 1.03x, 24 -> 40
+// 5x5 pad 0 20x20 (41) 0.98-1.02x. Larger planes keep their bands: as one band, 32 -> 64 pad 0
+// 26x26 (80) 0.85x and 16 -> 32 32x32 pool 3 (65) 0.90x; in 48 KiB bands 0.92x and 0.96x.
+constexpr int64_t kWideOneBandBytes = 48 << 10;
 
 // Where each tap (kh, kw) of one output channel's weight rows starts, rows of `rowsize`
 // elements per kh and `pix` per kw (the offsets rows_at and from_rows_at take).
@@ -216,8 +227,8 @@ void wide_weight_sample(const T* xcl, const T* go, const uint8_t* am, const Conv
   constexpr int VW = WideVec<T>::VW;
   const int64_t rowsize = p.nv * VW;
   const int64_t row_bytes = std::max<int64_t>(1, g.psh * g.sh * wpc * int64_t{sizeof(T)});
-  const int64_t band =
-      std::clamp<int64_t>(kWideBandBytes / row_bytes, 1, std::max<int64_t>(g.ph, 1)) * g.pw;
+  const int64_t rows = row_bytes * g.ph <= kWideOneBandBytes ? g.ph : kWideBandBytes / row_bytes;
+  const int64_t band = std::clamp<int64_t>(rows, 1, std::max<int64_t>(g.ph, 1)) * g.pw;
   for (int64_t kh0 = 0; kh0 < g.kh; kh0 += p.rb) {
     const int64_t rb = std::min(p.rb, g.kh - kh0);
     for (int64_t v0 = 0; v0 < p.nv; v0 += p.tv) {
