@@ -109,7 +109,7 @@ CONV = {
     "wide_few_out": (2, 20, 8, 8, 10, 5, 5, 1, 0, 3, 2),
     "wide_deep": (2, 64, 6, 6, 128, 3, 3, 1, 1, 2, 2),
     "tall_kernel": (2, 2, 13, 6, 18, 9, 2, 1, 0, 2, 2),
-    # A sample whose rows are more than one band of the wide grad_w's windows (61 KiB in
+    # A sample whose rows are more than one band of the wide grad_w's windows (60 KiB in
     # float32, over kWideOneBandBytes; kWideBandBytes: 15 pooled rows in bands of 8 in float32,
     # of 4 in float64, the last one shorter). The wide rows above are one band each.
     "wide_bands": (1, 16, 33, 32, 8, 3, 3, 1, 0, 2, 2),
