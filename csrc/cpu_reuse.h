@@ -9,10 +9,14 @@
 // against 9.7-9.8 with glibc told to keep freed memory). Tensors of at least kReuseMinBytes
 // made by empty_reused take their memory from ReuseAllocator, which keeps a freed block for
 // the next request of the same rounded size: a step of the same shapes as the last one maps
-// no new memory. Smaller tensors go to the default CPU allocator as before. At most
-// kReuseMaxCached bytes are kept: past it the blocks kept longest go back to the system first,
-// when a block is freed as when a request finds none of its size, so that the sizes in use stay
-// and those of an earlier model, shape or batch size go (reuse_evict_oldest).
+// no new memory. Of several blocks of a size it hands out the one freed last, whose lines are
+// the likeliest still in cache: with the one kept longest, examples-fc1's backward (9216 -> 128,
+// batch 64) read 0.90x-0.97x stock's after benchmarks/bench_fuse.py (pytorch/examples' Net, the
+// same layer) in one process, and 1.07x with the one freed last (1.05x-1.09x in processes
+// without bench_fuse; Xeon VM). Smaller tensors go to the default CPU allocator as before. At
+// most kReuseMaxCached bytes are kept: past it the blocks kept longest go back to the system
+// first, when a block is freed as when a request finds none of its size, so that the sizes in
+// use stay and those of an earlier model, shape or batch size go (reuse_evict_oldest).
 // release_reused() frees the kept blocks (fastlenet.release_cached_buffers()).
 //
 // The storage is resizable, as at::empty's (a resize allocates through ReuseAllocator); the
@@ -30,6 +34,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -135,8 +140,10 @@ class ReuseAllocator final : public c10::Allocator {
     std::vector<void*> evicted;
     {
       const std::lock_guard<std::mutex> lock(p.mu);
-      const auto it = p.kept.find(size);
-      if (it != p.kept.end()) {
+      // The block of this size freed last (emplace puts it at the end of its size's range).
+      const auto [first, end] = p.kept.equal_range(size);
+      if (first != end) {
+        const auto it = std::prev(end);
         ptr = it->second.ptr;
         p.kept.erase(it);
         p.kept_bytes -= size;

@@ -54,6 +54,24 @@ def test_freed_output_memory_serves_the_next_call():
     assert rel_err(y, expected) < 1e-5
 
 
+def test_of_several_blocks_of_a_size_the_one_freed_last_serves_first():
+    # Its lines are the likeliest still in cache; the one kept longest is the coldest.
+    x, w, b = _inputs()
+    with torch.no_grad():
+        y0, y1, y2 = (conv_relu_pool2d(x, w, b, backend="cpu") for _ in range(3))
+        ptrs = [y0.data_ptr(), y1.data_ptr(), y2.data_ptr()]
+        assert len(set(ptrs)) == 3
+        del y0
+        del y1
+        del y2
+        y = conv_relu_pool2d(x, w, b, backend="cpu")
+        assert y.data_ptr() == ptrs[2]
+        z = conv_relu_pool2d(x, w, b, backend="cpu")
+        assert z.data_ptr() == ptrs[1]
+    expected = reference.conv_relu_pool2d(x.double(), w.double(), b.double(), 1, 0, 2, 2)
+    assert rel_err(z, expected) < 1e-5
+
+
 def test_small_tensors_take_the_default_allocator():
     x = torch.randn(4, 1, 32, 32)
     with torch.no_grad():
