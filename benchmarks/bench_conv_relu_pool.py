@@ -242,6 +242,8 @@ SWEEP = {
     "odd-13-29-nopool": ConvShape(13, 29, 11, 3, input_grad=True, **NO_POOL),
     "wide-out-32x32": ConvShape(1, 128, 32, 3, input_grad=False, padding=1),
     "wide-in-32x32": ConvShape(128, 6, 32, 3, input_grad=True, padding=1),
+    # few outputs from deep input over a mid-sized plane, off oneDNN's blocks of 16 outputs
+    "wide-in-16x16": ConvShape(64, 10, 16, 3, input_grad=True, padding=1),
     "pool3-16-32": ConvShape(16, 32, 32, 3, input_grad=True, padding=1, pool=3),
     "pool3-64-96": ConvShape(64, 96, 12, 3, input_grad=True, padding=1, pool=3),
     "nopool-6-16-k5": ConvShape(6, 16, 16, 5, input_grad=True, padding=2, **NO_POOL),
