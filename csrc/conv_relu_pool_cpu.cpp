@@ -10,8 +10,9 @@
 // backward; see forward_op) but for the tap GEMM's and flat_forward's (flat_suits), few outputs
 // from deep input (kAtenConvMinChannels), deep float32 patches over few conv outputs
 // (cl_conv_suits: channels-last operands), and one sample's at a time by the tap GEMM
-// (tap_gemm_suits). Kernels: conv_relu_pool_cpu_fwd.h (forward), conv_relu_pool_cpu_pool.h
-// (ReLU/pool pass after ATen's conv, tap GEMM), conv_relu_pool_cpu_bwd.h and
+// (tap_gemm_suits) and the flat kernel (flat_pool_suits). Kernels: conv_relu_pool_cpu_fwd.h
+// (forward), conv_relu_pool_cpu_pool.h (ReLU/pool pass after ATen's conv, tap GEMM),
+// conv_relu_pool_cpu_flat_pool.h (few outputs over large planes), conv_relu_pool_cpu_bwd.h and
 // conv_relu_pool_cpu_bwd_wide.h (backward), conv_relu_pool_cpu_nopool_fwd.h (forward without
 // pooling where oneDNN runs far from the peak), conv_relu_pool_cpu_nopool.h (weight gradient
 // without pooling, few input channels), conv_relu_pool_cpu_nopool_gi.h (input gradient without
@@ -27,6 +28,7 @@
 
 #include "checks.h"
 #include "conv_relu_pool_cpu_bwd.h"
+#include "conv_relu_pool_cpu_flat_pool.h"
 #include "conv_relu_pool_cpu_fwd.h"
 #include "conv_relu_pool_cpu_nopool.h"
 #include "conv_relu_pool_cpu_nopool_cl.h"
@@ -49,7 +51,8 @@ using namespace cpu;
 constexpr int64_t kAtenConvMinChannels = 32;
 
 // Layers whose forward takes the tap GEMM (tap_gemm_forward) instead of ATen's convolution:
-// stride 1, at most 8 output channels (and at least kAtenConvMinChannels inputs). Measured
+// stride 1, at most 8 output channels (and at least kAtenConvMinChannels inputs), where
+// flat_pool_suits does not take them first (pooled, large planes). Measured
 // (forward alone, batch 64, 2 threads, AVX-512, us, ATen conv -> tap GEMM, 3x3 pad 1 pool 2
 // unless noted): 128 -> 6 32x32 16629 -> 8913 (b256 26880 -> 14127), 64 -> 6 16x16 905 -> 437,
 // 128 -> 6 8x8 438 -> 195, 32 -> 8 24x24 1213 -> 715, 32 -> 8 14x14 546 -> 500, 32 -> 5 9x9
@@ -137,6 +140,9 @@ void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor
                                             bias.defined() ? bias : at::Tensor(), {g.sh, g.sw},
                                             {g.padh, g.padw}, {1, 1}, false, {0, 0}, 1);
     relu_pool_cl<T>(conv.contiguous(cl), g, out, argmax);
+  } else if (flat_pool_suits(g) && !windows_are_outputs(g) &&
+             span_finite(weight.const_data_ptr<T>(), weight.numel())) {
+    flat_pool_forward<T>(input, weight, bias, g, out, argmax);  // finite weight: see there
   } else if (tap_gemm_suits(g) && span_finite(weight.const_data_ptr<T>(), weight.numel())) {
     tap_gemm_forward<T>(input, weight, bias, g, out, argmax);        // finite weight: see there
   } else if (g.o <= kVecBytes / 4 && g.c >= kAtenConvMinChannels) {  // float lanes: same in F64

@@ -80,10 +80,14 @@ inline int64_t relu_pool_rowlen(const ConvPoolGeometry& g, int vw) {
   return blocks * vw * g.psw + g.poolw + 2 * vw;
 }
 
-// One output plane: y is the conv plane (OH, OW), out and am the pooled plane (PH, PW); rows is
-// poolh * relu_pool_rowlen values of scratch whose tails are zero.
+// One output plane: y is the conv plane (OH rows of OW, `pitch` apart; OW unless given), out and
+// am the pooled plane (PH, PW); rows is poolh * relu_pool_rowlen values of scratch, whose tails
+// past OW reach only lanes past the pooled row, which are not stored (zeros where the callers
+// allocate it per task).
 template <typename T>
-void relu_pool_plane(const T* y, const ConvPoolGeometry& g, T* outp, uint8_t* amp, T* rows) {
+void relu_pool_plane(const T* y, const ConvPoolGeometry& g, T* outp, uint8_t* amp, T* rows,
+                     int64_t pitch = -1) {
+  if (pitch < 0) pitch = g.ow;
   using Vec = VecOf<T, kVecBytes>;
   using V = typename Vec::type;
   constexpr int VW = Vec::kLanes;
@@ -95,7 +99,7 @@ void relu_pool_plane(const T* y, const ConvPoolGeometry& g, T* outp, uint8_t* am
   const int64_t rowlen = relu_pool_rowlen(g, VW);
   for (int64_t ph = 0; ph < g.ph; ++ph) {
     for (int64_t i = 0; i < g.poolh; ++i)
-      copy_row(rows + i * rowlen, y + (ph * g.psh + i) * g.ow, g.ow);
+      copy_row(rows + i * rowlen, y + (ph * g.psh + i) * pitch, g.ow);
     for (int64_t b = 0; b < blocks; ++b) {
       WindowMax<T> win;
       for (int64_t i = 0; i < g.poolh; ++i)

@@ -176,22 +176,32 @@ CONV = {
     # output channels: 23 = a vector and a tail of 7), with pool 3 stride 2 and with strides.
     "cl_conv": (2, 65, 7, 8, 23, 3, 3, 1, 1, 3, 2),
     "cl_conv_strides": (2, 64, 12, 11, 20, 3, 3, 2, 1, 2, (2, 1)),
-    # At least 32 input channels, at most 8 output channels, stride 1: the CPU forward's tap
-    # GEMM (shifted tap rows, taps on padding skipped); odd channel counts (row blocks of 6
-    # and fewer), samples of 930 pixels (rows padded to whole vectors) and of 1056 (66 float
-    # vectors: blocks of 4 and a shorter last one), a 3x2 kernel with padding on one axis,
-    # overlapping pools, a 5x5 kernel.
-    "tap_gemm": (2, 37, 30, 31, 7, 3, 3, 1, 1, 2, 2),
-    "tap_gemm_pool3": (2, 33, 32, 33, 5, 3, 2, 1, (1, 0), 3, 2),
+    # Pooled, at least 32 input channels, at most 16 output channels, stride 1, at least 144
+    # conv outputs a plane, 3x3 kernels or at most 8 outputs: the CPU forward's flat kernel
+    # (flat_pool_suits: the K - 1 positions past each conv row computed and dropped, the
+    # padding's zeros multiplied); blocks of 8 output channels over 7 and over 13 (two blocks),
+    # of 4 over 4 and of 6 over 5; planes of 930 and 1056 conv outputs, a 3x2 kernel with
+    # padding on one axis and overlapping pools, a 5x5 kernel over 144 conv outputs.
+    "flat_pool": (2, 37, 30, 31, 7, 3, 3, 1, 1, 2, 2),
+    "flat_pool3": (2, 33, 32, 33, 4, 3, 2, 1, (1, 0), 3, 2),
+    "flat_pool_5x5": (2, 32, 12, 12, 5, 5, 5, 1, 2, 2, 2),
+    "flat_pool_13": (2, 34, 16, 16, 13, 3, 3, 1, 1, 2, 2),
+    # At least 32 input channels, at most 8 output channels, stride 1, fewer than 144 conv
+    # outputs a plane where pooled: the CPU forward's tap GEMM (shifted tap rows, taps on padding
+    # skipped); odd channel counts (row blocks of 6 and fewer), samples rounded up to whole
+    # vectors (90 pixels: 6 vectors, blocks of 4 and a last one of 2), a 5x5 kernel. Without
+    # pooling it takes every plane: samples of 930 pixels (59 vectors: a last block of 3).
+    "tap_gemm": (2, 37, 9, 10, 7, 3, 3, 1, 1, 2, 2),
     "tap_gemm_5x5": (2, 40, 11, 12, 8, 5, 5, 1, 2, 2, 2),
     "tap_gemm_no_pool": (2, 35, 9, 10, 6, 3, 3, 1, 1, 1, 1),  # pool_size=1: ReLU/argmax per value
+    "tap_gemm_large": (2, 37, 30, 31, 7, 3, 3, 1, 1, 1, 1),
     # The GEMM's kernels are instantiated per rows (1-6) and vectors (1-4) of a block: the rows
-    # above end in blocks of 3, 6, 2, 6 and 3 rows over last blocks of 3, 2, 1, 2 and 4
-    # vectors; this one in 5 rows (125 = 5 x 5 x 5) over 1 vector (144 pixels).
-    "tap_gemm_rows5": (2, 32, 12, 12, 5, 5, 5, 1, 2, 2, 2),
+    # above end in blocks of 3, 2, 6 and 3 rows; this one in 5 rows (125 = 5 x 5 x 5) over 1
+    # vector (132 pixels: 9 vectors).
+    "tap_gemm_rows5": (2, 32, 11, 12, 5, 5, 5, 1, 2, 2, 2),
     # Planes of 256 pixels (1 KiB of float32, 2 KiB of float64): the tap GEMM copies each
     # block of columns into a panel and prefetches the next (kTapAliasBytes); 63 GEMM rows.
-    "tap_gemm_aliased": (2, 34, 16, 16, 7, 3, 3, 1, 1, 2, 2),
+    "tap_gemm_aliased": (2, 34, 16, 16, 7, 3, 3, 1, 1, 1, 1),
 }
 
 #: The rows Triton runs (see the module docstring).

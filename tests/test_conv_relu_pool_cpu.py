@@ -297,13 +297,16 @@ def test_infer_op_is_forward_output(name, dtype):
         (1, 3, 32, 32, 29, 3, 3, 1, 1, 1, 1),  # one sample: tasks of 5 channel blocks
         (3, 2, 9, 31, 14, 5, 5, 1, 2, 1, 1),  # 3 samples of 2 channel blocks
         (3, 37, 9, 10, 22, 5, 5, 1, 2, 1, 1),  # 37 input channels: 3 samples of 3 blocks
+        (3, 33, 14, 14, 13, 3, 3, 1, 1, 2, 2),  # pooled (flat_pool_forward): 3 samples of 2 blocks
+        (5, 32, 12, 13, 6, 3, 3, 1, 0, 3, 2),  # pooled, pool 3: 5 samples of one block
     ],
 )
 def test_flat_forward_threads(geometry, dtype):
     """The forward without pooling (flat_forward: few input channels, or counts off oneDNN's
-    blocks) splits (sample, channel block) tasks over the threads: on one thread and on two,
-    bitwise the same output and ReLU codes (each output one chain of multiply-adds in tap
-    order), and the reference's."""
+    blocks) and the pooled one of few outputs over large planes (flat_pool_forward) split
+    (sample, channel block) tasks over the threads, each thread prefetching its next sample:
+    on one thread and on two, bitwise the same output and codes (each conv output one chain
+    of multiply-adds in tap order), and the reference's."""
     x, weight, bias, conv = conv_inputs(geometry, dtype, requires_grad=False)
     fwd = torch.ops.fastlenet.conv_relu_pool_fwd.default
     conv = [list(v) for v in conv]
@@ -314,3 +317,37 @@ def test_flat_forward_threads(geometry, dtype):
     assert torch.equal(out[0], alone[0]) and torch.equal(out[1], alone[1])
     ref = reference.conv_relu_pool2d(x.double(), weight.double(), bias.double(), *conv)
     assert rel_err(out[0], ref) < TOL[dtype]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(32, 40),
+    o=st.integers(1, 16),
+    k=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    size=st.tuples(st.integers(12, 20), st.integers(12, 20)),
+    half_padding=st.booleans(),
+    pool=st.sampled_from([2, 3]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_random_flat_pool(n, c, o, k, size, half_padding, pool, dtype):
+    """Pooled layers of few outputs from deep inputs over planes of at least 144 conv outputs
+    (flat_pool_forward where flat_pool_suits in csrc/conv_relu_pool_cpu_flat_pool.h takes them:
+    3x3 kernels or at most 8 outputs; the tap GEMM and ATen's conv the others): output, argmax
+    through the gradients, against the reference."""
+    if not _ext.LOADED:
+        pytest.fail(_ext.LOAD_ERROR)
+    padding = (k[0] // 2, k[1] // 2) if half_padding else (0, 0)
+    geometry = (n, c, *size, o, *k, 1, padding, pool, 2)
+    x, weight, bias, conv = conv_inputs(geometry, dtype)
+    out = conv_relu_pool2d(x, weight, bias, *conv, backend="cpu")
+    ref = reference.conv_relu_pool2d(x.double(), weight.double(), bias.double(), *conv)
+    assert rel_err(out, ref) < TOL[dtype]
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, weight, bias), grad)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    want = torch.autograd.grad(
+        reference.conv_relu_pool2d(xd, wd, bd, *conv), (xd, wd, bd), grad.double()
+    )
+    for g1, g2 in zip(got, want, strict=True):
+        assert rel_err(g1, g2) < TOL[dtype]

@@ -181,6 +181,21 @@ def test_conv_nonfinite(which, index, value, c, o, padding, pool_size, backend):
     _compare(*_conv(backend, padding=padding, pool_size=pool_size), tensors)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("padding", [0, 1], ids=["pad0", "pad1"])
+@pytest.mark.parametrize(
+    ("which", "index", "value"),
+    [pytest.param(*c[1:], id=c[0]) for c in NONFINITE_CONV],
+)
+def test_conv_nonfinite_flat_pool(which, index, value, padding, backend):
+    """32 -> 6 over 12x12 and 14x14 conv outputs: the C++ CPU forward's flat kernel
+    (flat_pool_suits), which multiplies the padding's zeros, and ATen's conv for a non-finite
+    weight."""
+    tensors = _conv_tensors(c=32, o=6, h=14, w=14)
+    tensors[which] = _poison(tensors[which], index, value)
+    _compare(*_conv(backend, padding=padding), tensors)
+
+
 #: One input channel, at least 128 pooling windows a batch: the C++ CPU grad_w from stacked rows
 #: (csrc/conv_relu_pool_cpu_bwd_stacks.h), whose sparse sums need the dense fallback here.
 ONE_CHANNEL_NONFINITE = [

@@ -1,0 +1,75 @@
+// Forward of conv2d -> ReLU -> max_pool2d on the CPU by the flat conv kernel
+// (conv_relu_pool_cpu_nopool_fwd.h) for pooled layers with few output channels and deep inputs
+// over large planes (flat_pool_suits), where the fused kernels fill few lanes.
+// Math and saved state: fastlenet/reference.py (conv_relu_pool).
+// Computes: out and argmax (N, O, PH, PW): each conv plane of one sample (b, then every tap (c,
+// kh, kw) in that order, the padding's zeros among them) into flat_conv's stage, then
+// relu_pool_plane's max, argmax and ReLU from its rows. Accumulates in the data's own type.
+// Saves nothing itself: the caller's op returns argmax, one byte per pooled output, which the
+// backward reads.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "checks.h"
+#include "conv_relu_pool_cpu_nopool_fwd.h"
+#include "conv_relu_pool_cpu_pool.h"
+#include "cpu_vec.h"
+
+namespace fastlenet::cpu {
+
+// Pooled layers with at most a vector of float output channels (kVecBytes / 4) from at least
+// kFlatPoolMinChannels inputs (the layers the tap GEMM and ATen's convolution took) that take
+// flat_pool_forward: stride 1, at most kFlatMaxChannels inputs and kFlatMaxTaps taps, at least
+// kFlatPoolMinPixels conv outputs per plane, and 3x3 kernels or at most kFlatPoolWideMaxOut
+// outputs. Measured (forward alone under no_grad, 2 threads, Xeon VM (AVX-512), one process,
+// us, previous path -> flat, batch 64 / 256): tap GEMM: 64 -> 6 3x3 pad 1 16x16 552 -> 479 /
+// 2405 -> 2052, 32 -> 8 3x3 pad 1 24x24 916 -> 740 / 4023 -> 3098, 32 -> 8 3x3 pad 1 14x14 377 ->
+// 270 / 1684 -> 1168, 64 -> 6 5x5 20x20 1784 -> 1125 / 7195 -> 4416, 128 -> 6 3x3 pad 1 32x32
+// 3452 -> 3484 / 17372 -> 16170, 64 -> 6 3x3 pad 1 12x12 pool 3 362 -> 340 / 1366 -> 1301;
+// ATen's convolution: 64 -> 10 3x3 16x16 1166 -> 710 / 4030 -> 2950, 64 -> 16 3x3 pad 1 16x16
+// 1303 -> 1092 / 5082 -> 4416, 48 -> 16 3x3 pad 1 16x16 1165 -> 866 / 5256 -> 3448. Left: small
+// planes (the K - 1 positions past each conv row and the plane's last vector weigh more): 128
+// -> 6 3x3 pad 1 8x8 229 -> 311 / 1077 -> 1275, 128 -> 16 8x8 699 -> 670 / 2362 -> 2803, 32 ->
+// 5 3x3 pad 1 9x9 117 -> 112 / 422 -> 442; 5x5 kernels with more outputs: 32 -> 12 5x5 pad 2
+// 20x20 2116 -> 2829 / 8556 -> 7796, 32 -> 16 5x5 16x16 1147 -> 1072 / 3836 -> 4099.
+constexpr int64_t kFlatPoolMinChannels = 32;
+constexpr int64_t kFlatPoolMinPixels = 144;  // 12x12 conv outputs
+constexpr int64_t kFlatPoolWideMaxOut = 8;   // kernels past 3x3
+
+inline bool flat_pool_suits(const ConvPoolGeometry& g) {
+  return g.sh == 1 && g.sw == 1 && g.o <= kVecBytes / 4 && g.c >= kFlatPoolMinChannels &&
+         g.c <= kFlatMaxChannels && g.kh * g.kw <= kFlatMaxTaps &&
+         g.oh * g.ow >= kFlatPoolMinPixels && (g.kh * g.kw <= 9 || g.o <= kFlatPoolWideMaxOut);
+}
+
+// The caller requires a finite weight, as for flat_forward: the padding's zeros times Inf would
+// be NaN where stock's convolution, which skips the padding, has none.
+template <typename T>
+void flat_pool_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                       const ConvPoolGeometry& g, at::Tensor& out, at::Tensor& argmax) {
+  constexpr int VW = VecOf<T, kVecBytes>::kLanes;
+  const T* x = input.const_data_ptr<T>();
+  T* y = out.data_ptr<T>();
+  uint8_t* am = argmax.data_ptr<uint8_t>();
+  const int64_t inplane = g.c * g.h * g.w, outplane = g.ph * g.pw;
+  const int64_t wp = g.w + 2 * g.padw;
+  const int64_t rowlen = g.poolh * relu_pool_rowlen(g, VW);
+  flat_conv<T>(
+      g, weight.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr,
+      [&](int64_t n, T* xp) {
+        copy_padded(x + n * inplane, g.c, g.h, g.w, g.padh, g.padw, wp, xp);
+      },
+      [&](int64_t n, int64_t o, const T* st, int64_t pitch) {
+        // The thread's scratch rows (relu_pool_plane's tails only reach lanes it does not store).
+        thread_local std::vector<T> rows;
+        if (static_cast<int64_t>(rows.size()) < rowlen) rows.assign(rowlen, T(0));
+        const int64_t at = (n * g.o + o) * outplane;
+        relu_pool_plane(st, g, y + at, am + at, rows.data(), pitch);
+      },
+      x);
+}
+
+}  // namespace fastlenet::cpu
