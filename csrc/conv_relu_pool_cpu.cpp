@@ -314,17 +314,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
                                  {1, 1}, false, {0, 0}, 1, {aten_input, aten_weight, false});
     return {aten_input ? gi : grad_input, aten_weight ? gw : grad_weight, grad_bias};
   }
-  at::Tensor grad_input =
-      cpu::empty_reused(shape(input_grad, {g.n, g.c, g.h, g.w}), input.options());
+  // The input gradient of few outputs from deep inputs by the flat kernel, dense over the
+  // unpooled gradient; the sparse kernels do the rest.
+  bool flat_input = false;
+  at::Tensor grad_input;
+  if (input_grad && flat_pool_grad_input_suits(g))
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_bwd_cpu", [&] {
+      if (!span_finite(w.const_data_ptr<scalar_t>(), w.numel())) return;  // see flat_suits
+      grad_input = flat_grad_input<scalar_t>(go, am, w, g);
+      flat_input = true;
+    });
+  if (!flat_input)
+    grad_input = cpu::empty_reused(shape(input_grad, {g.n, g.c, g.h, g.w}), input.options());
   at::Tensor grad_weight =
       cpu::empty_reused(shape(weight_grad, {g.o, g.c, g.kh, g.kw}), weight.options());
   at::Tensor grad_bias = at::empty(shape(weight_grad, {g.o}), weight.options());
-  maybe_poison(grad_input);
+  if (!flat_input) maybe_poison(grad_input);
   maybe_poison(grad_weight);
   maybe_poison(grad_bias);
+  if (flat_input && !weight_grad) return {grad_input, grad_weight, grad_bias};
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_bwd_cpu", [&] {
-    const BwdFallback fallback = backward_kernel<scalar_t>(go, am, x, w, g, input_grad, weight_grad,
-                                                           grad_input, grad_weight, grad_bias);
+    const BwdFallback fallback =
+        backward_kernel<scalar_t>(go, am, x, w, g, input_grad && !flat_input, weight_grad,
+                                  grad_input, grad_weight, grad_bias);
     if (fallback.input)
       grad_input.copy_(std::get<0>(dense_backward(go, am, x, w, g, {true, false, false})));
     if (fallback.weight) {

@@ -1,12 +1,13 @@
 // Input gradient of conv2d -> ReLU without pooling (pool_size 1) on the CPU, by the flat conv
-// kernel of the forward (conv_relu_pool_cpu_nopool_fwd.h). Math and saved state:
+// kernel of the forward (conv_relu_pool_cpu_nopool_fwd.h), and of pooled layers with few output
+// channels from deep inputs (flat_pool_grad_input_suits). Math and saved state:
 // fastlenet/reference.py (conv_relu_pool).
 // Computes: grad_x[n][c][y][x] = sum over o, kh, kw of gm[n][o][y + padh - kh][x + padw - kw] *
 // w[o][c][kh][kw] (terms outside gm dropped), where gm is grad_out where the saved ReLU code
-// passes gradient, else 0: the stride-1 conv of gm, zero-padded by K - 1 - pad, with the weight
-// transposed (C outputs from O inputs) and flipped. Accumulates in the data's own type (float32
-// or float64): each value is the sum of its taps (o, then kh and kw descending) in that order,
-// whatever the threads.
+// passes gradient, else 0 (pooled: each window's gradient at its argmax, zeros elsewhere): the
+// stride-1 conv of gm, zero-padded by K - 1 - pad, with the weight transposed (C outputs from O
+// inputs) and flipped. Accumulates in the data's own type (float32 or float64): each value is
+// the sum of its taps (o, then kh and kw descending) in that order, whatever the threads.
 // Saves nothing: it reads what the forward saved (the ReLU codes) and the weight.
 //
 // Why: oneDNN's backward of the input (stock's, and what these layers took before) pads the
@@ -36,6 +37,7 @@ inline ConvPoolGeometry transposed_conv(const ConvPoolGeometry& g) {
   t.c = g.o, t.h = g.oh, t.w = g.ow;
   t.o = g.c, t.oh = g.h, t.ow = g.w;
   t.padh = g.kh - 1 - g.padh, t.padw = g.kw - 1 - g.padw;
+  t.poolh = t.poolw = t.psh = t.psw = 1;
   t.ph = t.oh, t.pw = t.ow;
   return t;
 }
@@ -79,6 +81,31 @@ inline bool flat_grad_input_suits(const ConvPoolGeometry& g) {
          g.h * g.w <= kFlatGradInputMaxWaste * g.oh * g.ow && flat_suits(transposed_conv(g));
 }
 
+// Pooled layers whose input gradient flat_grad_input computes from the unpooled gradient (the
+// caller also requires a finite weight) rather than the sparse backward's wide grad_x
+// (conv_relu_pool_cpu_bwd_wide.h), which visits only the argmax positions but, with few output
+// channels, adds few products per read-modify-write of a patch: pools of 2 at stride 2, stride-1
+// 3x3 kernels, at most kFlatGradPoolMaxOut outputs from at least kFlatGradPoolMinChannels inputs,
+// samples of at least kFlatGradPoolMinSample values. The dense conv does 4x the multiply-adds.
+// Measured (input gradient alone, 2 threads, Xeon VM, alternating in one process, us, sparse ->
+// flat, batch 64): 128 -> 6 pad 1 32x32 5596 -> 3935 (batch 256 27867 -> 21772), 64 -> 10 pad 1
+// 16x16 1020 -> 780 (batch 256 3789 -> 3330), 64 -> 6 pad 1 16x16 691 -> 555, 32 -> 8 pad 1 24x24
+// 1041 -> 873, 128 -> 6 pad 1 8x8 420 -> 348; not taken: 16 outputs (32 -> 16, 48 -> 16 and 64 ->
+// 16 pad 1 16x16 453 -> 644, 691 -> 851, 823 -> 1148), fewer inputs (10 -> 22 pad 1 20x20 345 ->
+// 669, 16 -> 16 pad 1 24x24 833 -> 1560, 6 -> 16 5x5 14x14 93 -> 256), small samples (32 -> 5 pad
+// 1 9x9 102 -> 113), 5x5 kernels (64 -> 6 20x20 1695 -> 1881), pools of 3 (64 -> 6 pad 1 12x12
+// 297 -> 349).
+constexpr int64_t kFlatGradPoolMaxOut = 10;
+constexpr int64_t kFlatGradPoolMinChannels = 32;
+constexpr int64_t kFlatGradPoolMinSample = 8192;  // 32 channels of 16x16
+
+inline bool flat_pool_grad_input_suits(const ConvPoolGeometry& g) {
+  return g.sh == 1 && g.sw == 1 && g.kh == 3 && g.kw == 3 && g.padh < g.kh && g.padw < g.kw &&
+         g.poolh == 2 && g.poolw == 2 && g.psh == 2 && g.psw == 2 && g.o <= kFlatGradPoolMaxOut &&
+         g.c >= kFlatGradPoolMinChannels && g.c * g.h * g.w >= kFlatGradPoolMinSample &&
+         flat_suits(transposed_conv(g));
+}
+
 // src where codes pass gradient, else 0 (NaN and Inf too, as masked_grad), into dst: n values.
 // Each vector a whole load and'ed with the lane mask: a select (or the and alone) compiles to a
 // load masked by the codes' compare, which then waits for the codes before it reads src; both
@@ -103,8 +130,24 @@ void copy_row_masked(T* dst, const T* src, const uint8_t* codes, int64_t n) {
   for (; i < n; ++i) dst[i] = keep_or_zero(codes[i] != kNoGrad, src[i]);
 }
 
-// grad_input (N, C, H, W) of a layer for which flat_grad_input_suits, from grad_out and the ReLU
-// codes (N, O, OH, OW) and the weight (O, C, KH, KW), all contiguous.
+// gm of one pooled plane into dst (OH rows of OW, `pitch` apart): zeros, and each window's
+// gradient (go, PH x PW) added at its argmax (am) unless its code stops it; overlapping windows
+// that chose the same position add both, as max_pool2d's backward does.
+template <typename T>
+void unpool_plane(T* dst, int64_t pitch, const T* go, const uint8_t* am,
+                  const ConvPoolGeometry& g) {
+  for (int64_t y = 0; y < g.oh; ++y) std::fill_n(dst + y * pitch, g.ow, T(0));
+  for (int64_t ph = 0; ph < g.ph; ++ph)
+    for (int64_t pw = 0; pw < g.pw; ++pw) {
+      const uint8_t q = am[ph * g.pw + pw];
+      if (q == kNoGrad) continue;
+      dst[(ph * g.psh + q / g.poolw) * pitch + pw * g.psw + q % g.poolw] += go[ph * g.pw + pw];
+    }
+}
+
+// grad_input (N, C, H, W) of a layer for which flat_grad_input_suits or
+// flat_pool_grad_input_suits, from grad_out and the argmax codes (N, O, PH, PW) and the weight
+// (O, C, KH, KW), all contiguous.
 template <typename T>
 at::Tensor flat_grad_input(const at::Tensor& grad_out, const at::Tensor& argmax,
                            const at::Tensor& weight, const ConvPoolGeometry& g) {
@@ -121,11 +164,19 @@ at::Tensor flat_grad_input(const at::Tensor& grad_out, const at::Tensor& argmax,
   const T* go = grad_out.const_data_ptr<T>();
   const uint8_t* am = argmax.const_data_ptr<uint8_t>();
   T* gi = grad_input.data_ptr<T>();
-  const int64_t gplane = g.oh * g.ow, iplane = g.h * g.w;
+  const bool pooled = !windows_are_outputs(g);
+  const int64_t gplane = g.ph * g.pw, iplane = g.h * g.w;
   const int64_t wp = t.w + 2 * t.padw, plane = (t.h + 2 * t.padh) * wp;
   flat_conv<T>(
       t, wt.data(), nullptr,
       [&](int64_t n, T* xp) {
+        if (pooled) {
+          for (int64_t o = 0; o < g.o; ++o) {
+            const int64_t at = (n * g.o + o) * gplane;
+            unpool_plane(xp + o * plane + t.padh * wp + t.padw, wp, go + at, am + at, g);
+          }
+          return;
+        }
         for (int64_t o = 0; o < g.o; ++o)
           for (int64_t y = 0; y < g.oh; ++y) {
             const int64_t at = (n * g.o + o) * gplane + y * g.ow;

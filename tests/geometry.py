@@ -181,8 +181,12 @@ CONV = {
     # (flat_pool_suits: the K - 1 positions past each conv row computed and dropped, the
     # padding's zeros multiplied); blocks of 8 output channels over 7 and over 13 (two blocks),
     # of 4 over 4 and of 6 over 5; planes of 930 and 1056 conv outputs, a 3x2 kernel with
-    # padding on one axis and overlapping pools, a 5x5 kernel over 144 conv outputs.
+    # padding on one axis and overlapping pools, a 5x5 kernel over 144 conv outputs. With 3x3
+    # kernels, at most 10 outputs and pools of 2 the input gradient is the flat kernel's too
+    # (flat_pool_grad_input_suits: a transposed conv of the unpooled gradient): flat_pool, and
+    # flat_pool_grad without padding (the transposed conv's padding 2) over odd rows.
     "flat_pool": (2, 37, 30, 31, 7, 3, 3, 1, 1, 2, 2),
+    "flat_pool_grad": (2, 32, 19, 18, 10, 3, 3, 1, 0, 2, 2),
     "flat_pool3": (2, 33, 32, 33, 4, 3, 2, 1, (1, 0), 3, 2),
     "flat_pool_5x5": (2, 32, 12, 12, 5, 5, 5, 1, 2, 2, 2),
     "flat_pool_13": (2, 34, 16, 16, 13, 3, 3, 1, 1, 2, 2),

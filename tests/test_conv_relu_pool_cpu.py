@@ -237,12 +237,14 @@ def test_random_no_pool_input_grad(n, c, o, k, size, padding, dtype):
         (16, 3, 20, 20, 12, 3, 3, 1, 1, 1, 1),  # tasks of samples
         (4, 8, 16, 16, 29, 3, 3, 1, 0, 1, 1),  # a block of 8 channels (no lane of it empty)
         (3, 2, 9, 31, 14, 5, 5, 1, 2, 1, 1),  # odd samples over two threads
+        (3, 33, 17, 16, 9, 3, 3, 1, 1, 2, 2),  # pooled, few outputs: the unpooled gradient
     ],
 )
 def test_flat_grad_input_threads(geometry, dtype):
-    """The input gradient without pooling of few input channels (flat_grad_input: one block of
-    channels, tasks of samples over the threads): on one thread and on two, bitwise the same,
-    with the weight's gradient asked for or not, and the reference's."""
+    """The input gradient without pooling of few input channels, and of pooled layers with few
+    outputs from deep inputs (flat_grad_input: blocks of channels, tasks of samples over the
+    threads): on one thread and on two, bitwise the same, with the weight's gradient asked for
+    or not, and the reference's."""
     x, weight, bias, conv = conv_inputs(geometry, dtype, requires_grad=False)
     conv = [list(v) for v in conv]
     out, codes = torch.ops.fastlenet.conv_relu_pool_fwd.default(x, weight, bias, *conv)

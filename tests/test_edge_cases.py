@@ -188,10 +188,11 @@ def test_conv_nonfinite(which, index, value, c, o, padding, pool_size, backend):
     [pytest.param(*c[1:], id=c[0]) for c in NONFINITE_CONV],
 )
 def test_conv_nonfinite_flat_pool(which, index, value, padding, backend):
-    """32 -> 6 over 12x12 and 14x14 conv outputs: the C++ CPU forward's flat kernel
-    (flat_pool_suits), which multiplies the padding's zeros, and ATen's conv for a non-finite
-    weight."""
-    tensors = _conv_tensors(c=32, o=6, h=14, w=14)
+    """32 -> 6 over 14x14 and 16x16 conv outputs: the C++ CPU forward's flat kernel
+    (flat_pool_suits) and its input gradient's (flat_pool_grad_input_suits), which multiply
+    the padding's and the unpooled gradient's zeros; ATen's conv and the sparse backward for a
+    non-finite weight."""
+    tensors = _conv_tensors(c=32, o=6, h=16, w=16)
     tensors[which] = _poison(tensors[which], index, value)
     _compare(*_conv(backend, padding=padding), tensors)
 
