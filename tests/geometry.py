@@ -180,7 +180,7 @@ CONV = {
     # conv outputs a plane, 3x3 kernels or at most 8 outputs: the CPU forward's flat kernel
     # (flat_pool_suits: the K - 1 positions past each conv row computed and dropped, the
     # padding's zeros multiplied); blocks of 8 output channels over 7 and over 13 (two blocks),
-    # of 4 over 4 and of 6 over 5; planes of 930 and 1056 conv outputs, a 3x2 kernel with
+    # of 4 over 4 and of 6 over 5; planes of 930 and 1024 conv outputs, a 3x2 kernel with
     # padding on one axis and overlapping pools, a 5x5 kernel over 144 conv outputs. With 3x3
     # kernels, at most 10 outputs and pools of 2 the input gradient is the flat kernel's too
     # (flat_pool_grad_input_suits: a transposed conv of the unpooled gradient): flat_pool, and
