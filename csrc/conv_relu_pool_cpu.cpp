@@ -140,8 +140,7 @@ void forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor
                                             bias.defined() ? bias : at::Tensor(), {g.sh, g.sw},
                                             {g.padh, g.padw}, {1, 1}, false, {0, 0}, 1);
     relu_pool_cl<T>(conv.contiguous(cl), g, out, argmax);
-  } else if (flat_pool_suits(g) && !windows_are_outputs(g) &&
-             span_finite(weight.const_data_ptr<T>(), weight.numel())) {
+  } else if (flat_pool_suits(g) && span_finite(weight.const_data_ptr<T>(), weight.numel())) {
     flat_pool_forward<T>(input, weight, bias, g, out, argmax);  // finite weight: see there
   } else if (tap_gemm_suits(g) && span_finite(weight.const_data_ptr<T>(), weight.numel())) {
     tap_gemm_forward<T>(input, weight, bias, g, out, argmax);        // finite weight: see there

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "conv_relu_pool_cpu_bwd.h"
 #include "conv_relu_pool_cpu_nopool_fwd.h"
 #include "conv_relu_pool_cpu_pool.h"
 #include "cpu_vec.h"
@@ -40,8 +41,8 @@ constexpr int64_t kFlatPoolMinPixels = 144;  // 12x12 conv outputs
 constexpr int64_t kFlatPoolWideMaxOut = 8;   // kernels past 3x3
 
 inline bool flat_pool_suits(const ConvPoolGeometry& g) {
-  return g.sh == 1 && g.sw == 1 && g.o <= kVecBytes / 4 && g.c >= kFlatPoolMinChannels &&
-         g.c <= kFlatMaxChannels && g.kh * g.kw <= kFlatMaxTaps &&
+  return !windows_are_outputs(g) && g.sh == 1 && g.sw == 1 && g.o <= kVecBytes / 4 &&
+         g.c >= kFlatPoolMinChannels && g.c <= kFlatMaxChannels && g.kh * g.kw <= kFlatMaxTaps &&
          g.oh * g.ow >= kFlatPoolMinPixels && (g.kh * g.kw <= 9 || g.o <= kFlatPoolWideMaxOut);
 }
 
