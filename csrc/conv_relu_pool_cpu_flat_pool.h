@@ -52,25 +52,17 @@ template <typename T>
 void flat_pool_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                        const ConvPoolGeometry& g, at::Tensor& out, at::Tensor& argmax) {
   constexpr int VW = VecOf<T, kVecBytes>::kLanes;
-  const T* x = input.const_data_ptr<T>();
   T* y = out.data_ptr<T>();
   uint8_t* am = argmax.data_ptr<uint8_t>();
-  const int64_t inplane = g.c * g.h * g.w, outplane = g.ph * g.pw;
-  const int64_t wp = g.w + 2 * g.padw;
+  const int64_t outplane = g.ph * g.pw;
   const int64_t rowlen = g.poolh * relu_pool_rowlen(g, VW);
-  flat_conv<T>(
-      g, weight.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr,
-      [&](int64_t n, T* xp) {
-        copy_padded(x + n * inplane, g.c, g.h, g.w, g.padh, g.padw, wp, xp);
-      },
-      [&](int64_t n, int64_t o, const T* st, int64_t pitch) {
-        // The thread's scratch rows (relu_pool_plane's tails only reach lanes it does not store).
-        thread_local std::vector<T> rows;
-        if (static_cast<int64_t>(rows.size()) < rowlen) rows.assign(rowlen, T(0));
-        const int64_t at = (n * g.o + o) * outplane;
-        relu_pool_plane(st, g, y + at, am + at, rows.data(), pitch);
-      },
-      x);
+  flat_conv_input<T>(input, weight, bias, g, [&](int64_t n, int64_t o, const T* st, int64_t pitch) {
+    // The thread's scratch rows (relu_pool_plane's tails only reach lanes it does not store).
+    thread_local std::vector<T> rows;
+    if (static_cast<int64_t>(rows.size()) < rowlen) rows.assign(rowlen, T(0));
+    const int64_t at = (n * g.o + o) * outplane;
+    relu_pool_plane(st, g, y + at, am + at, rows.data(), pitch);
+  });
 }
 
 }  // namespace fastlenet::cpu

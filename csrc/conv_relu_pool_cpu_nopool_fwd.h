@@ -266,25 +266,33 @@ inline bool flat_suits(const ConvPoolGeometry& g) {
          (g.c * g.kh * g.kw < kDnnDeepPatch && pixels > kFlatMinPixels);
 }
 
-// out, and the ReLU codes into *argmax unless null (inference).
-template <typename T>
-void flat_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
-                  const ConvPoolGeometry& g, at::Tensor& out, at::Tensor* argmax) {
+// flat_conv of the (N, C, H, W) input: each sample copied into the zero-padded buffer
+// (copy_padded), the thread's next one prefetched (Ahead); write as flat_conv's. The forwards'
+// conv: flat_forward below, flat_pool_forward (conv_relu_pool_cpu_flat_pool.h).
+template <typename T, typename Write>
+void flat_conv_input(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                     const ConvPoolGeometry& g, Write write) {
   const T* x = input.const_data_ptr<T>();
-  T* y = out.data_ptr<T>();
-  uint8_t* am = argmax ? argmax->data_ptr<uint8_t>() : nullptr;
-  const int64_t inplane = g.c * g.h * g.w, outplane = g.oh * g.ow;
-  const int64_t wp = g.w + 2 * g.padw;
+  const int64_t inplane = g.c * g.h * g.w, wp = g.w + 2 * g.padw;
   flat_conv<T>(
       g, weight.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr,
       [&](int64_t n, T* xp) {
         copy_padded(x + n * inplane, g.c, g.h, g.w, g.padh, g.padw, wp, xp);
       },
-      [&](int64_t n, int64_t o, const T* st, int64_t pitch) {
-        const int64_t at = (n * g.o + o) * outplane;
-        relu_codes_rows(st, pitch, g.oh, g.ow, y + at, am ? am + at : nullptr);
-      },
-      x);
+      write, x);
+}
+
+// out, and the ReLU codes into *argmax unless null (inference).
+template <typename T>
+void flat_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                  const ConvPoolGeometry& g, at::Tensor& out, at::Tensor* argmax) {
+  T* y = out.data_ptr<T>();
+  uint8_t* am = argmax ? argmax->data_ptr<uint8_t>() : nullptr;
+  const int64_t outplane = g.oh * g.ow;
+  flat_conv_input<T>(input, weight, bias, g, [&](int64_t n, int64_t o, const T* st, int64_t pitch) {
+    const int64_t at = (n * g.o + o) * outplane;
+    relu_codes_rows(st, pitch, g.oh, g.ow, y + at, am ? am + at : nullptr);
+  });
 }
 
 }  // namespace fastlenet::cpu
