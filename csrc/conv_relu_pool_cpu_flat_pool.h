@@ -61,7 +61,7 @@ void flat_pool_forward(const at::Tensor& input, const at::Tensor& weight, const 
     thread_local std::vector<T> rows;
     if (static_cast<int64_t>(rows.size()) < rowlen) rows.assign(rowlen, T(0));
     const int64_t at = (n * g.o + o) * outplane;
-    relu_pool_plane(st, g, y + at, am + at, rows.data(), pitch);
+    relu_pool_plane(st, pitch, g, y + at, am + at, rows.data());
   });
 }
 

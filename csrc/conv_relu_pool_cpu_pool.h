@@ -80,14 +80,13 @@ inline int64_t relu_pool_rowlen(const ConvPoolGeometry& g, int vw) {
   return blocks * vw * g.psw + g.poolw + 2 * vw;
 }
 
-// One output plane: y is the conv plane (OH rows of OW, `pitch` apart; OW unless given), out and
-// am the pooled plane (PH, PW); rows is poolh * relu_pool_rowlen values of scratch, whose tails
-// past OW reach only lanes past the pooled row, which are not stored (zeros where the callers
-// allocate it per task).
+// One output plane: y is the conv plane (OH rows of OW, `pitch` apart), out and am the pooled
+// plane (PH, PW); rows is poolh * relu_pool_rowlen values of scratch, whose tails past OW reach
+// only lanes past the pooled row, which are not stored (zeros where the callers allocate it per
+// task).
 template <typename T>
-void relu_pool_plane(const T* y, const ConvPoolGeometry& g, T* outp, uint8_t* amp, T* rows,
-                     int64_t pitch = -1) {
-  if (pitch < 0) pitch = g.ow;
+void relu_pool_plane(const T* y, int64_t pitch, const ConvPoolGeometry& g, T* outp, uint8_t* amp,
+                     T* rows) {
   using Vec = VecOf<T, kVecBytes>;
   using V = typename Vec::type;
   constexpr int VW = Vec::kLanes;
@@ -136,7 +135,8 @@ void relu_pool(const at::Tensor& conv, const ConvPoolGeometry& g, at::Tensor& ou
   cpu::parallel_for(0, g.n * g.o, kPoolGrain, [&](int64_t p0, int64_t p1) {
     std::vector<T> rows(g.poolh * relu_pool_rowlen(g, VW), T(0));
     for (int64_t p = p0; p < p1; ++p)
-      relu_pool_plane(y + p * plane_in, g, outp + p * plane_out, amp + p * plane_out, rows.data());
+      relu_pool_plane(y + p * plane_in, g.ow, g, outp + p * plane_out, amp + p * plane_out,
+                      rows.data());
   });
 }
 
@@ -339,7 +339,7 @@ void tap_gemm_forward(const at::Tensor& input, const at::Tensor& weight, const a
             }
           }
         const int64_t at = (n * g.o + o) * plane_out;
-        relu_pool_plane(conv.data(), g, outp + at, amp + at, rows.data());
+        relu_pool_plane(conv.data(), g.ow, g, outp + at, amp + at, rows.data());
       }
     }
   });
