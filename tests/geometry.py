@@ -83,9 +83,11 @@ CONV = {
     # other layers of more channels take ATen's.
     # Vectors per conv row (16 wide conv rows of 20 padded), 12 outputs in blocks of 6, 15 vectors
     # in blocks of 4 and a last one of 3 (float32; float64 30, 7 blocks and one of 2); flattened
-    # rows, 29 outputs in blocks of 6 (the last with 5), a block of 4 vectors and one of 1.
+    # rows, 29 outputs in blocks of 6 (the last with 5), a block of 4 vectors and one of 1; 10
+    # outputs in two blocks of 5 and an input gradient of 7 channels in a block of 7.
     "flat_rows": (2, 3, 15, 16, 12, 5, 5, 1, 2, 1, 1),
     "flat_blocks": (2, 1, 9, 10, 29, 3, 3, 1, 0, 1, 1),
+    "flat_blocks_5_7": (2, 7, 12, 13, 10, 3, 3, 1, 1, 1, 1),
     # pool_size=1 with a conv stride: 2 * 7 * 6 * 5 outputs, 26 vectors and a tail of 4
     "no_pool_strided": (2, 3, 11, 10, 7, 3, 3, 2, 1, 1, 1),
     "strides": (3, 2, 13, 10, 9, 4, 3, 2, 2, (2, 3), (3, 1)),  # strides everywhere
@@ -179,12 +181,13 @@ CONV = {
     # Pooled, at least 32 input channels, at most 16 output channels, stride 1, at least 144
     # conv outputs a plane, 3x3 kernels or at most 8 outputs: the CPU forward's flat kernel
     # (flat_pool_suits: the K - 1 positions past each conv row computed and dropped, the
-    # padding's zeros multiplied); blocks of 8 output channels over 7 and over 13 (two blocks),
-    # of 4 over 4 and of 6 over 5; planes of 930 and 1024 conv outputs, a 3x2 kernel with
-    # padding on one axis and overlapping pools, a 5x5 kernel over 144 conv outputs. With 3x3
-    # kernels, at most 10 outputs and pools of 2 the input gradient is the flat kernel's too
-    # (flat_pool_grad_input_suits: a transposed conv of the unpooled gradient): flat_pool, and
-    # flat_pool_grad without padding (the transposed conv's padding 2) over odd rows.
+    # padding's zeros multiplied); blocks of 7 output channels over 7 and over 13 (two, the
+    # last with 6), of 4 over 4, of 5 over 5 and over 10 (two); planes of 930 and 1024 conv
+    # outputs, a 3x2 kernel with padding on one axis and overlapping pools, a 5x5 kernel over
+    # 144 conv outputs. With 3x3 kernels, at most 10 outputs and pools of 2 the input gradient is
+    # the flat kernel's too (flat_pool_grad_input_suits: a transposed conv of the unpooled
+    # gradient): flat_pool, and flat_pool_grad without padding (the transposed conv's padding 2)
+    # over odd rows.
     "flat_pool": (2, 37, 30, 31, 7, 3, 3, 1, 1, 2, 2),
     "flat_pool_grad": (2, 32, 19, 18, 10, 3, 3, 1, 0, 2, 2),
     "flat_pool3": (2, 33, 32, 33, 4, 3, 2, 1, (1, 0), 3, 2),
