@@ -179,19 +179,20 @@ CONV = {
     "cl_conv": (2, 65, 7, 8, 23, 3, 3, 1, 1, 3, 2),
     "cl_conv_strides": (2, 64, 12, 11, 20, 3, 3, 2, 1, 2, (2, 1)),
     # Pooled, at least 32 input channels, at most 16 output channels, stride 1, at least 144
-    # conv outputs a plane, 3x3 kernels or at most 8 outputs: the CPU forward's flat kernel
+    # conv outputs a plane, 3x3 kernels or fewer than 16 outputs: the CPU forward's flat kernel
     # (flat_pool_suits: the K - 1 positions past each conv row computed and dropped, the
     # padding's zeros multiplied); blocks of 7 output channels over 7 and over 13 (two, the
-    # last with 6), of 4 over 4, of 5 over 5 and over 10 (two); planes of 930 and 1024 conv
-    # outputs, a 3x2 kernel with padding on one axis and overlapping pools, a 5x5 kernel over
-    # 144 conv outputs. With 3x3 kernels, at most 10 outputs and pools of 2 the input gradient is
-    # the flat kernel's too (flat_pool_grad_input_suits: a transposed conv of the unpooled
-    # gradient): flat_pool, and flat_pool_grad without padding (the transposed conv's padding 2)
-    # over odd rows.
+    # last with 6), of 4 over 4, of 5 over 5, over 9 (the last with 4) and over 10 (two);
+    # planes of 930 and 1024 conv outputs, a 3x2 kernel with padding on one axis and overlapping
+    # pools, 5x5 kernels over 144 and 182 conv outputs. With 3x3 kernels, at most 10 outputs
+    # and pools of 2 the input gradient is the flat kernel's too (flat_pool_grad_input_suits: a
+    # transposed conv of the unpooled gradient): flat_pool, and flat_pool_grad without padding
+    # (the transposed conv's padding 2) over odd rows.
     "flat_pool": (2, 37, 30, 31, 7, 3, 3, 1, 1, 2, 2),
     "flat_pool_grad": (2, 32, 19, 18, 10, 3, 3, 1, 0, 2, 2),
     "flat_pool3": (2, 33, 32, 33, 4, 3, 2, 1, (1, 0), 3, 2),
     "flat_pool_5x5": (2, 32, 12, 12, 5, 5, 5, 1, 2, 2, 2),
+    "flat_pool_5x5_9": (2, 32, 14, 13, 9, 5, 5, 1, 2, 2, 2),
     "flat_pool_13": (2, 34, 16, 16, 13, 3, 3, 1, 1, 2, 2),
     # At least 32 input channels, at most 8 output channels, stride 1, fewer than 144 conv
     # outputs a plane where pooled: the CPU forward's tap GEMM (shifted tap rows, taps on padding

@@ -335,7 +335,7 @@ def test_flat_forward_threads(geometry, dtype):
 def test_random_flat_pool(n, c, o, k, size, half_padding, pool, dtype):
     """Pooled layers of few outputs from deep inputs over planes of at least 144 conv outputs
     (flat_pool_forward where flat_pool_suits in csrc/conv_relu_pool_cpu_flat_pool.h takes them:
-    3x3 kernels or at most 8 outputs; the tap GEMM and ATen's conv the others; their input
+    3x3 kernels or fewer than 16 outputs; the tap GEMM and ATen's conv the others; their input
     gradient flat_grad_input's where flat_pool_grad_input_suits): the output against the
     reference, and the gradients against the reference's given the forward's own argmax (a
     near-tie of a window's values may pick another position in float64)."""
