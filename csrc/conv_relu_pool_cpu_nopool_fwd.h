@@ -218,10 +218,10 @@ template <typename T, typename Pad, typename Write>
 void flat_conv(const ConvPoolGeometry& g, const T* w, const T* bias, Pad pad, Write write,
                const T* x = nullptr) {
   const auto padded = [&](int64_t ob) { return (g.o + ob - 1) / ob * ob - g.o; };
-  int ob = 4;  // at most 4 outputs: one block of 4 (4 x 6 accumulators)
-  if (g.o > 4)
-    for (const int b : kFlatBlocks)
-      if (ob == 4 || padded(b) < padded(ob)) ob = b;
+  int ob = kFlatBlocks[0];
+  for (const int b : kFlatBlocks)
+    if (padded(b) < padded(ob)) ob = b;
+  if (g.o <= 4) ob = 4;  // one block of 4 (4 x 6 accumulators)
   switch (ob) {
     case 4:
       return flat_conv_ob<T, 4>(g, w, bias, pad, write, x);
