@@ -254,6 +254,21 @@ ConvPoolGeometry check_backward(const at::Tensor& grad_out, const at::Tensor& ar
   return g;
 }
 
+// The input gradient by the flat kernel's transposed conv (flat_grad_input) where the layer
+// suits it (flat_grad_input_suits without pooling, flat_pool_grad_input_suits with) and its
+// weight is finite (see flat_suits); else undefined.
+at::Tensor flat_input_grad(const at::Tensor& go, const at::Tensor& am, const at::Tensor& w,
+                           const ConvPoolGeometry& g) {
+  at::Tensor grad_input;
+  if (!(windows_are_outputs(g) ? flat_grad_input_suits(g) : flat_pool_grad_input_suits(g)))
+    return grad_input;
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "flat_input_grad", [&] {
+    if (span_finite(w.const_data_ptr<scalar_t>(), w.numel()))
+      grad_input = flat_grad_input<scalar_t>(go, am, w, g);
+  });
+  return grad_input;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& input,
     const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -290,14 +305,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
       });
     const bool aten_weight = weight_grad && !weight_done;
     const auto none = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
-    at::Tensor grad_input = none(input);
-    bool flat_input = false;
-    if (input_grad && flat_grad_input_suits(g))
-      AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_nopool_bwd_cpu", [&] {
-        if (!span_finite(w.const_data_ptr<scalar_t>(), w.numel())) return;  // see flat_suits
-        grad_input = flat_grad_input<scalar_t>(go, am, w, g);
-        flat_input = true;
-      });
+    at::Tensor grad_input = input_grad ? flat_input_grad(go, am, w, g) : at::Tensor();
+    const bool flat_input = grad_input.defined();
+    if (!flat_input) grad_input = none(input);
     const bool aten_input = input_grad && !flat_input;
     if (!aten_input && !aten_weight) return {grad_input, grad_weight, grad_bias};
 #if defined(__AVX512F__)
@@ -315,14 +325,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_bwd_cpu(
   }
   // The input gradient of few outputs from deep inputs by the flat kernel, dense over the
   // unpooled gradient; the sparse kernels do the rest.
-  bool flat_input = false;
-  at::Tensor grad_input;
-  if (input_grad && flat_pool_grad_input_suits(g))
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_relu_pool_bwd_cpu", [&] {
-      if (!span_finite(w.const_data_ptr<scalar_t>(), w.numel())) return;  // see flat_suits
-      grad_input = flat_grad_input<scalar_t>(go, am, w, g);
-      flat_input = true;
-    });
+  at::Tensor grad_input = input_grad ? flat_input_grad(go, am, w, g) : at::Tensor();
+  const bool flat_input = grad_input.defined();
   if (!flat_input)
     grad_input = cpu::empty_reused(shape(input_grad, {g.n, g.c, g.h, g.w}), input.options());
   at::Tensor grad_weight =
