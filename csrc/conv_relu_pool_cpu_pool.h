@@ -124,7 +124,7 @@ void relu_pool_plane_2x2(const T* y, int64_t pitch, const ConvPoolGeometry& g, T
 // One output plane: y is the conv plane (OH rows of OW, `pitch` apart), out and am the pooled
 // plane (PH, PW); rows is poolh * relu_pool_rowlen values of scratch, whose tails past OW reach
 // only lanes past the pooled row, which are not stored (zeros where the callers allocate it per
-// task).
+// task); pools of 2 with stride 2 leave it unused (relu_pool_plane_2x2).
 template <typename T>
 void relu_pool_plane(const T* y, int64_t pitch, const ConvPoolGeometry& g, T* outp, uint8_t* amp,
                      T* rows) {
@@ -135,7 +135,7 @@ void relu_pool_plane(const T* y, int64_t pitch, const ConvPoolGeometry& g, T* ou
     return relu_pool_plane_2x2(y, pitch, g, outp, amp, std::make_index_sequence<VW>{});
   const int64_t blocks = (g.pw + VW - 1) / VW;
   // A window row's inputs for VW pooled columns: contiguous loads every other element where the
-  // pool stride is 2 (the common case), lane by lane elsewhere.
+  // pool stride is 2 (pools of 3 with stride 2), lane by lane elsewhere.
   const bool pairs = g.psw == 2;
   // The pooled row's conv rows, copied with a tail so the last block's loads stay in bounds.
   const int64_t rowlen = relu_pool_rowlen(g, VW);
