@@ -195,7 +195,7 @@ CONV = {
     "flat_pool_5x5_9": (2, 32, 14, 13, 9, 5, 5, 1, 2, 2, 2),
     "flat_pool_13": (2, 34, 16, 16, 13, 3, 3, 1, 1, 2, 2),
     # Pools of 2 read in place (relu_pool_plane_2x2) over 17 pooled columns: a float32 block of
-    # 16 from whole vectors, then one column from 3 masked lanes (float64: blocks of 8 and 1).
+    # 16 from whole vectors, then one column from 3 masked lanes (float64: blocks of 8, 8, 1).
     "flat_pool_wide": (2, 32, 36, 35, 6, 3, 3, 1, 1, 2, 2),
     # At least 32 input channels, at most 8 output channels, stride 1, fewer than 144 conv
     # outputs a plane where pooled: the CPU forward's tap GEMM (shifted tap rows, taps on padding
