@@ -11,8 +11,6 @@
 
 #include <ATen/ATen.h>
 
-#include <vector>
-
 #include "checks.h"
 #include "conv_relu_pool_cpu_bwd.h"
 #include "conv_relu_pool_cpu_nopool_fwd.h"
@@ -59,17 +57,12 @@ inline bool flat_pool_suits(const ConvPoolGeometry& g) {
 template <typename T>
 void flat_pool_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                        const ConvPoolGeometry& g, at::Tensor& out, at::Tensor& argmax) {
-  constexpr int VW = VecOf<T, kVecBytes>::kLanes;
   T* y = out.data_ptr<T>();
   uint8_t* am = argmax.data_ptr<uint8_t>();
   const int64_t outplane = g.ph * g.pw;
-  const int64_t rowlen = g.poolh * relu_pool_rowlen(g, VW);
   flat_conv_input<T>(input, weight, bias, g, [&](int64_t n, int64_t o, const T* st, int64_t pitch) {
-    // The thread's scratch rows (relu_pool_plane's tails only reach lanes it does not store).
-    thread_local std::vector<T> rows;
-    if (static_cast<int64_t>(rows.size()) < rowlen) rows.assign(rowlen, T(0));
     const int64_t at = (n * g.o + o) * outplane;
-    relu_pool_plane(st, pitch, g, y + at, am + at, rows.data());
+    relu_pool_plane(st, pitch, g, y + at, am + at);
   });
 }
 

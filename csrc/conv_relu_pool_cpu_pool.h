@@ -122,12 +122,11 @@ void relu_pool_plane_2x2(const T* y, int64_t pitch, const ConvPoolGeometry& g, T
 }
 
 // One output plane: y is the conv plane (OH rows of OW, `pitch` apart), out and am the pooled
-// plane (PH, PW); rows is poolh * relu_pool_rowlen values of scratch, whose tails past OW reach
-// only lanes past the pooled row, which are not stored (zeros where the callers allocate it per
-// task); pools of 2 with stride 2 leave it unused (relu_pool_plane_2x2).
+// plane (PH, PW). Pools of 2 with stride 2 read y in place (relu_pool_plane_2x2); the others copy
+// each pooled row's conv rows into the thread's scratch (poolh * relu_pool_rowlen values), whose
+// tails past OW reach only lanes past the pooled row, which are not stored.
 template <typename T>
-void relu_pool_plane(const T* y, int64_t pitch, const ConvPoolGeometry& g, T* outp, uint8_t* amp,
-                     T* rows) {
+void relu_pool_plane(const T* y, int64_t pitch, const ConvPoolGeometry& g, T* outp, uint8_t* amp) {
   using Vec = VecOf<T, kVecBytes>;
   using V = typename Vec::type;
   constexpr int VW = Vec::kLanes;
@@ -139,6 +138,10 @@ void relu_pool_plane(const T* y, int64_t pitch, const ConvPoolGeometry& g, T* ou
   const bool pairs = g.psw == 2;
   // The pooled row's conv rows, copied with a tail so the last block's loads stay in bounds.
   const int64_t rowlen = relu_pool_rowlen(g, VW);
+  thread_local std::vector<T> scratch;
+  if (static_cast<int64_t>(scratch.size()) < g.poolh * rowlen)
+    scratch.assign(g.poolh * rowlen, T(0));
+  T* const rows = scratch.data();
   for (int64_t ph = 0; ph < g.ph; ++ph) {
     for (int64_t i = 0; i < g.poolh; ++i)
       copy_row(rows + i * rowlen, y + (ph * g.psh + i) * pitch, g.ow);
@@ -170,16 +173,13 @@ void relu_pool_plane(const T* y, int64_t pitch, const ConvPoolGeometry& g, T* ou
 template <typename T>
 void relu_pool(const at::Tensor& conv, const ConvPoolGeometry& g, at::Tensor& out,
                at::Tensor& argmax) {
-  constexpr int VW = VecOf<T, kVecBytes>::kLanes;
   const T* y = conv.const_data_ptr<T>();
   T* outp = out.data_ptr<T>();
   uint8_t* amp = argmax.data_ptr<uint8_t>();
   const int64_t plane_in = g.oh * g.ow, plane_out = g.ph * g.pw;
   cpu::parallel_for(0, g.n * g.o, kPoolGrain, [&](int64_t p0, int64_t p1) {
-    std::vector<T> rows(g.poolh * relu_pool_rowlen(g, VW), T(0));
     for (int64_t p = p0; p < p1; ++p)
-      relu_pool_plane(y + p * plane_in, g.ow, g, outp + p * plane_out, amp + p * plane_out,
-                      rows.data());
+      relu_pool_plane(y + p * plane_in, g.ow, g, outp + p * plane_out, amp + p * plane_out);
   });
 }
 
@@ -356,7 +356,7 @@ void tap_gemm_forward(const at::Tensor& input, const at::Tensor& weight, const a
   cpu::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
     AlignedVector<T> y(taps * g.o * ld), xpad(ld != hw ? g.c * ld : 0, T(0));
     AlignedVector<T> panel(g.c * kTapCols * VW);
-    std::vector<T> conv(plane), rows(g.poolh * relu_pool_rowlen(g, VW), T(0));
+    std::vector<T> conv(plane);
     for (int64_t n = n0; n < n1; ++n) {
       const T* xs = xp + n * g.c * hw;
       if (ld != hw) {  // rows of whole vectors, zero past the sample's pixels
@@ -382,7 +382,7 @@ void tap_gemm_forward(const at::Tensor& input, const at::Tensor& weight, const a
             }
           }
         const int64_t at = (n * g.o + o) * plane_out;
-        relu_pool_plane(conv.data(), g.ow, g, outp + at, amp + at, rows.data());
+        relu_pool_plane(conv.data(), g.ow, g, outp + at, amp + at);
       }
     }
   });
