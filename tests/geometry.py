@@ -190,10 +190,10 @@ CONV = {
     # smaller ones (float32; float64 doubles them) blocks of 5 (flat_pool_small_10: two), over
     # 11 one block of 12 (flat_pool_12); planes of 930 and 1024 conv outputs, a 3x2 kernel with
     # padding on one axis and overlapping pools, 5x5 kernels over 144 and 182 conv outputs.
-    # With 3x3 kernels, at most 10 outputs
-    # and pools of 2 the input gradient is the flat kernel's too (flat_pool_grad_input_suits: a
-    # transposed conv of the unpooled gradient): flat_pool, and flat_pool_grad without padding
-    # (the transposed conv's padding 2) over odd rows.
+    # With 3x3 kernels, at most 10 outputs and pools of 2 the input gradient is the flat
+    # kernel's too (flat_pool_grad_input_suits: a transposed conv of the unpooled gradient):
+    # flat_pool, and flat_pool_grad without padding (the transposed conv's padding 2) over odd
+    # rows.
     "flat_pool": (2, 37, 30, 31, 7, 3, 3, 1, 1, 2, 2),
     "flat_pool_grad": (2, 32, 19, 18, 10, 3, 3, 1, 0, 2, 2),
     "flat_pool3": (2, 33, 32, 33, 4, 3, 2, 1, (1, 0), 3, 2),
