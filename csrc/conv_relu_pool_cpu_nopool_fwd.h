@@ -35,8 +35,8 @@
 namespace fastlenet::cpu {
 
 // Register block: OB * XB accumulators, XB input vectors and one broadcast weight within the
-// vector registers (AVX-512: 12 x 2, 10 x 2, 8 x 3, 7 x 3, 6 x 4, 5 x 5 or 4 x 6 accumulators,
-// 23-31 registers).
+// vector registers (AVX-512: 14 x 2, 12 x 2, 10 x 2, 8 x 3, 7 x 3, 6 x 4, 5 x 5 or 4 x 6
+// accumulators, 23-31 registers).
 template <int OB>
 constexpr int flat_vectors() {
   return std::max(1, std::min(6, (kVecRegs - 2) / (OB + 1)));
@@ -226,28 +226,34 @@ void flat_conv_ob(const ConvPoolGeometry& g, const T* w, const T* bias, Pad pad,
 // Large samples consider kFlatWideBlocks (below) first.
 constexpr int kFlatBlocks[] = {8, 7, 6, 5};
 
-// Blocks of 12 and 10 outputs (12 x 2 and 10 x 2 accumulators: per tap two input vectors and 12 or
-// 10 broadcasts for 24 or 20 FMAs, where a block of 6 x 4 or 5 x 5 loads four or five vectors and
-// broadcasts 6 or 5) where one sample's zero-padded input has at least kFlatWideSampleBytes: each
-// block of outputs reads all of it, which then no longer stays in L1 from one block to the next,
-// and one block of 10 or 12 outputs reads it once where blocks of 5 or 6 read it twice. Considered
-// before kFlatBlocks (of equal padding the widest) for at most 12 outputs, one block for the layer:
-// wider layers in several (20 and 24 outputs, below) gained 0-7%, and flat_grad_input's transposed
-// conv (32 outputs and more) was not measured with them. AVX-512 only (32 vector registers; with 16
-// a block of 10 would hold one vector of positions). Forward alone, 2 threads, Xeon VM, one process
-// alternately, us, blocks of kFlatBlocks -> wide, batch 64 (/ 256): 10 outputs: 64 -> 10 3x3 pad 1
-// 16x16 pool 2 762-769 -> 716-744 (2986-3174 -> 2820-2957), 128 -> 10 pad 1 32x32 pool 2 6218-6344
-// -> 5879-6000, 32 -> 10 pad 1 24x24 pool 2 854-870 -> 842-845, 16 -> 10 pad 1 28x28 673-694 ->
-// 633-651 (2505-2572 -> 2452-2528); 9 (one block of 10 for two of 5): 64 -> 9 pad 1 16x16 pool 2
-// 709 -> 672-701 (2862-2918 -> 2612-2757); 11 and 12 (12 for 6 and 6): 64 -> 11 pad 1 16x16 pool 2
-// 880-900 -> 831-857, 64 -> 12 813-829 -> 776-794 (3335-3381 -> 3206-3443), 32 -> 12 pad 1 24x24
-// pool 2 982-1007 -> 926-967, 128 -> 12 pad 1 32x32 pool 2 6527-6739 -> 6562-6582; 20 and 24 (not
-// taken): 32 -> 20 pad 1 16x16 678-716 -> 643-668, 64 -> 20 1307-1363 -> 1300-1318, 32 -> 24 pad 1
-// 24x24 1853-1976 -> 1783-1967. Smaller samples lose or tie: 6 -> 12 3x3 32x32 (24 KB) 349-435 ->
-// 427-451, 3 -> 10 pad 1 32x32 241-248 -> 256-262, 5 -> 20 3x3 32x32 593-622 -> 585-607, 16 -> 20
-// pad 1 16x16 (21 KB) 361-362 -> 348-365, 8 -> 24 pad 1 28x28 (29 KB) 774-871 -> 776-829. The same
-// sums in the same order: the same bits.
-constexpr int kFlatWideBlocks[] = {12, 10};
+// Blocks of 14, 12 and 10 outputs (14 x 2, 12 x 2 and 10 x 2 accumulators: per tap two input
+// vectors and 14, 12 or 10 broadcasts for 28, 24 or 20 FMAs, where a block of 7 x 3, 6 x 4 or 5 x 5
+// loads three to five vectors and broadcasts 7, 6 or 5) where one sample's zero-padded input has at
+// least kFlatWideSampleBytes: each block of outputs reads all of it, which then no longer stays in
+// L1 from one block to the next, and one block of 10, 12 or 14 outputs reads it once where blocks
+// of 5, 6 or 7 read it twice. Considered before kFlatBlocks (of equal padding the widest) for at
+// most 14 outputs, one block for the layer: wider layers in several (20 and 24 outputs, below)
+// gained 0-7%, and flat_grad_input's transposed conv (32 outputs and more) was not measured with
+// them. A block of 16 x 1 (one input vector and 16 broadcasts for 16 FMAs) lost: 64 -> 16 pad 1
+// 16x16 pool 2 1194-1280 -> 1483-1624, 32 -> 16 pad 1 24x24 pool 2 1489-1513 -> 1645-1676, 64 -> 15
+// 1267-1393 -> 1554-1576. AVX-512 only (32 vector registers; with 16 a block of 10 would hold one
+// vector of positions). Forward alone, 2 threads, Xeon VM, one process alternately, us, blocks of
+// kFlatBlocks -> wide, batch 64 (/ 256): 10 outputs: 64 -> 10 3x3 pad 1 16x16 pool 2 762-769 ->
+// 716-744 (2986-3174 -> 2820-2957), 128 -> 10 pad 1 32x32 pool 2 6218-6344 -> 5879-6000, 32 -> 10
+// pad 1 24x24 pool 2 854-870 -> 842-845, 16 -> 10 pad 1 28x28 673-694 -> 633-651 (2505-2572 ->
+// 2452-2528); 9 (one block of 10 for two of 5): 64 -> 9 pad 1 16x16 pool 2 709 -> 672-701
+// (2862-2918 -> 2612-2757); 11 and 12 (12 for 6 and 6): 64 -> 11 pad 1 16x16 pool 2 880-900 ->
+// 831-857, 64 -> 12 813-829 -> 776-794 (3335-3381 -> 3206-3443), 32 -> 12 pad 1 24x24 pool 2
+// 982-1007 -> 926-967, 128 -> 12 pad 1 32x32 pool 2 6527-6739 -> 6562-6582; 13 and 14 (14 for 7 and
+// 7): 48 -> 13 pad 1 16x16 pool 2 801-956 -> 758-769 (3214-3433 -> 3066-3100), 64 -> 14 1141-1180
+// -> 882-1141 (4474-4562 -> 4132-4566), 32 -> 14 pad 1 24x24 pool 2 1344-1391 -> 1316-1345, 128 ->
+// 14 pad 1 32x32 pool 2 10125-10460 -> 9243-9625, 16 -> 14 pad 1 28x28 982-991 -> 928-981, 32 -> 14
+// pad 1 16x16 503-605 -> 525-530; 20 and 24 (not taken): 32 -> 20 pad 1 16x16 678-716 -> 643-668,
+// 64 -> 20 1307-1363 -> 1300-1318, 32 -> 24 pad 1 24x24 1853-1976 -> 1783-1967. Smaller samples
+// lose or tie: 6 -> 12 3x3 32x32 (24 KB) 349-435 -> 427-451, 3 -> 10 pad 1 32x32 241-248 ->
+// 256-262, 5 -> 20 3x3 32x32 593-622 -> 585-607, 16 -> 20 pad 1 16x16 (21 KB) 361-362 -> 348-365, 8
+// -> 24 pad 1 28x28 (29 KB) 774-871 -> 776-829. The same sums in the same order: the same bits.
+constexpr int kFlatWideBlocks[] = {14, 12, 10};
 constexpr int64_t kFlatWideSampleBytes = 32 << 10;
 
 inline bool flat_wide_suits(const ConvPoolGeometry& g, int64_t elem_bytes) {
@@ -268,6 +274,8 @@ void flat_conv(const ConvPoolGeometry& g, const T* w, const T* bias, Pad pad, Wr
   for (const int b : kFlatBlocks) consider(b);
   if (g.o <= 4) ob = 4;  // one block of 4 (4 x 6 accumulators)
   switch (ob) {
+    case 14:
+      return flat_conv_ob<T, 14>(g, w, bias, pad, write, x);
     case 12:
       return flat_conv_ob<T, 12>(g, w, bias, pad, write, x);
     case 10:

@@ -60,8 +60,9 @@ CONV = {
     # over 90; no_pool_cl_planes: 32 * 3 * 3), flat_forward otherwise (no_pool_nchw: depth 144
     # over 90 outputs; no_pool_dnn_large: depth 400 over 30x30); other channel counts take
     # flat_forward up to 128 input channels (flat_wide: 37 -> 22, 5x5 with padding, output
-    # channels in blocks of 8, the last one of 6); flat_wide_10 and flat_wide_12: samples of 32
-    # KiB and more, 10 outputs in one block of 10, 11 in one of 12 (kFlatWideBlocks).
+    # channels in blocks of 8, the last one of 6); flat_wide_10, flat_wide_12 and flat_wide_14:
+    # samples of 32 KiB and more, 10 outputs in one block of 10, 11 in one of 12, 14 in one of
+    # 14 (kFlatWideBlocks).
     "no_pool_dnn_deep": (2, 16, 10, 9, 16, 5, 5, 1, 2, 1, 1),
     "no_pool_dnn_large": (1, 16, 30, 30, 16, 5, 5, 1, 2, 1, 1),
     # the same over 32x32 planes (4 KB of float32): the weight gradient from oneDNN's
@@ -70,6 +71,7 @@ CONV = {
     "flat_wide": (2, 37, 9, 10, 22, 5, 5, 1, 2, 1, 1),
     "flat_wide_10": (2, 32, 14, 14, 10, 3, 3, 1, 1, 1, 1),
     "flat_wide_12": (2, 40, 14, 13, 11, 3, 3, 1, 1, 1, 1),
+    "flat_wide_14": (2, 32, 14, 14, 14, 3, 3, 1, 1, 1, 1),
     # pool_size=1, few input channels: the CPU backward's own weight gradient
     # (csrc/conv_relu_pool_cpu_nopool.h): conv rows of 33 = 16 + 16 + 1 lanes, 7 output channels
     # (blocks of 2 and one of 1); 5x5 with padding, 18 = 16 + 2 lanes.
@@ -184,11 +186,12 @@ CONV = {
     # Pooled, at least 32 input channels, at most 16 output channels, stride 1, at least 144
     # conv outputs a plane, 3x3 kernels or fewer than 16 outputs: the CPU forward's flat kernel
     # (flat_pool_suits: the K - 1 positions past each conv row computed and dropped, the
-    # padding's zeros multiplied); blocks of 7 output channels over 7 and over 13 (two, the
-    # last with 6), of 4 over 4, of 5 over 5; over 9 and over 10 outputs of samples of 32 KiB
-    # and more (kFlatWideSampleBytes) one block of 10 (flat_pool_grad, flat_pool_5x5_9), of
-    # smaller ones (float32; float64 doubles them) blocks of 5 (flat_pool_small_10: two), over
-    # 11 one block of 12 (flat_pool_12); planes of 930 and 1024 conv outputs, a 3x2 kernel with
+    # padding's zeros multiplied); blocks of 7 output channels over 7, of 4 over 4, of 5 over 5;
+    # over 9 and over 10 outputs of samples of 32 KiB and more (kFlatWideSampleBytes) one block
+    # of 10 (flat_pool_grad, flat_pool_5x5_9), of smaller ones (float32; float64 doubles them)
+    # blocks of 5 (flat_pool_small_10: two), over 11 one block of 12 (flat_pool_12), over 13
+    # one of 14 (flat_pool_13), or of smaller ones two of 7, the last with 6
+    # (flat_pool_small_13); planes of 930 and 1024 conv outputs, a 3x2 kernel with
     # padding on one axis and overlapping pools, 5x5 kernels over 144 and 182 conv outputs.
     # With 3x3 kernels, at most 10 outputs and pools of 2 the input gradient is the flat
     # kernel's too (flat_pool_grad_input_suits: a transposed conv of the unpooled gradient):
@@ -201,6 +204,7 @@ CONV = {
     "flat_pool_5x5_9": (2, 32, 14, 13, 9, 5, 5, 1, 2, 2, 2),
     "flat_pool_13": (2, 34, 16, 16, 13, 3, 3, 1, 1, 2, 2),
     "flat_pool_small_10": (2, 32, 15, 15, 10, 3, 3, 1, 0, 2, 2),
+    "flat_pool_small_13": (2, 32, 15, 15, 13, 3, 3, 1, 0, 2, 2),
     "flat_pool_12": (2, 32, 16, 16, 11, 3, 3, 1, 1, 2, 2),
     # Pools of 2 read in place (relu_pool_plane_2x2) over 17 pooled columns: a float32 block of
     # 16 from whole vectors, then one column from 3 masked lanes (float64: blocks of 8, 8, 1).
