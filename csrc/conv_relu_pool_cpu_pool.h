@@ -134,7 +134,8 @@ void relu_pool_plane(const T* y, int64_t pitch, const ConvPoolGeometry& g, T* ou
     return relu_pool_plane_2x2(y, pitch, g, outp, amp, std::make_index_sequence<VW>{});
   const int64_t blocks = (g.pw + VW - 1) / VW;
   // A window row's inputs for VW pooled columns: contiguous loads every other element where the
-  // pool stride is 2 (pools of 3 with stride 2), lane by lane elsewhere.
+  // pool's column stride is 2 (2 x 2 pools of stride 2 excepted: they read in place above), lane
+  // by lane elsewhere.
   const bool pairs = g.psw == 2;
   // The pooled row's conv rows, copied with a tail so the last block's loads stay in bounds.
   const int64_t rowlen = relu_pool_rowlen(g, VW);

@@ -183,20 +183,19 @@ CONV = {
     # output channels: 23 = a vector and a tail of 7), with pool 3 stride 2 and with strides.
     "cl_conv": (2, 65, 7, 8, 23, 3, 3, 1, 1, 3, 2),
     "cl_conv_strides": (2, 64, 12, 11, 20, 3, 3, 2, 1, 2, (2, 1)),
-    # Pooled, at least 32 input channels, at most 16 output channels, stride 1, at least 144
-    # conv outputs a plane, 3x3 kernels or fewer than 16 outputs: the CPU forward's flat kernel
-    # (flat_pool_suits: the K - 1 positions past each conv row computed and dropped, the
-    # padding's zeros multiplied); blocks of 7 output channels over 7, of 4 over 4, of 5 over 5;
-    # over 9 and over 10 outputs of samples of 32 KiB and more (kFlatWideSampleBytes) one block
-    # of 10 (flat_pool_grad, flat_pool_5x5_9), of smaller ones (float32; float64 doubles them)
-    # blocks of 5 (flat_pool_small_10: two), over 11 one block of 12 (flat_pool_12), over 13
-    # one of 14 (flat_pool_13), or of smaller ones two of 7, the last with 6
-    # (flat_pool_small_13); planes of 930 and 1024 conv outputs, a 3x2 kernel with
-    # padding on one axis and overlapping pools, 5x5 kernels over 144 and 182 conv outputs.
-    # With 3x3 kernels, at most 10 outputs and pools of 2 the input gradient is the flat
-    # kernel's too (flat_pool_grad_input_suits: a transposed conv of the unpooled gradient):
-    # flat_pool, and flat_pool_grad without padding (the transposed conv's padding 2) over odd
-    # rows.
+    # Pooled, at least 32 input channels, at most 16 output channels, stride 1, at least 144 conv
+    # outputs a plane, 3x3 kernels or fewer than 16 outputs: the CPU forward's flat kernel
+    # (flat_pool_suits: the K - 1 positions past each conv row computed and dropped, the padding's
+    # zeros multiplied); blocks of 7 output channels over 7, of 4 over 4, of 5 over 5; over 9 and
+    # over 10 outputs of samples of 32 KiB and more (kFlatWideSampleBytes) one block of 10
+    # (flat_pool_grad, flat_pool_5x5_9), of smaller ones (float32; float64 doubles them) blocks of 5
+    # (flat_pool_small_10: two), over 11 one block of 12 (flat_pool_12), over 13 one of 14
+    # (flat_pool_13), or of smaller ones two of 7, the last with 6 (flat_pool_small_13); planes of
+    # 930 and 1024 conv outputs, a 3x2 kernel with padding on one axis and overlapping pools, 5x5
+    # kernels over 144 and 182 conv outputs. With 3x3 kernels, at most 10 outputs and pools of 2 the
+    # input gradient is the flat kernel's too (flat_pool_grad_input_suits: a transposed conv of the
+    # unpooled gradient): flat_pool, and flat_pool_grad without padding (the transposed conv's
+    # padding 2) over odd rows.
     "flat_pool": (2, 37, 30, 31, 7, 3, 3, 1, 1, 2, 2),
     "flat_pool_grad": (2, 32, 19, 18, 10, 3, 3, 1, 0, 2, 2),
     "flat_pool3": (2, 33, 32, 33, 4, 3, 2, 1, (1, 0), 3, 2),
